@@ -1,0 +1,192 @@
+"""Placement: which rank holds which token ranges. Pure functions of (lengths, world size, block, cap).
+
+``place_fcp`` is the FCP bin-packer; ``place_ring``, ``place_allgather`` and ``place_packing`` are the
+baselines, sharing the output type (per rank, a list of ``(seq, start, end)`` spans in local order).
+
+How ``place_fcp`` balances compute and memory at once
+-----------------------------------------------------
+Every rank should end with the mean attention cost ``C`` (causal pairs) and the mean token count ``T``.
+Items are the blocks of every sequence (a short sequence is one partial block). An item's *density* is
+its cost per token (≈ its mean position); a rank's *need* is the density it still lacks,
+``(C - cost) / (T - tokens)``. Items go out densest first, each to the neediest rank — dense late blocks
+of long sequences pair with ranks that have room for them, light short sequences fill the rest, and the
+smallest come last and close the gaps. Two refinements make it exact and local:
+
+* **Split to fit.** When an item would push its rank past ``C`` (by more than a small slack) or past the
+  token cap, only the suffix that fits goes there (cut at a token, solving the quadratic cost for the
+  cut); the prefix goes on as a new, lighter item. So a block whose cost alone exceeds ``C`` — common at
+  256 ranks with 512K-token tails — is still balanced, and a batch that fills every rank exactly fits.
+* **Locality.** A block goes to the rank holding its sequence's next block while that rank's need is at
+  least ``locality`` × the neediest rank's need, so a long sequence becomes a few contiguous runs of
+  uneven length (early runs long, late runs short) rather than blocks scattered everywhere.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import numpy as np
+
+from .layout import Span, span_cost
+
+SLACK = 0.004  # fraction of the mean cost a rank may exceed it by before an item is split instead
+MIN_PIECE = 128  # never cut a piece shorter than this (or the block size, if smaller) for compute balance
+
+
+def _blocks(lens: np.ndarray, block: int):
+    nb = -(-lens // block)
+    seq = np.repeat(np.arange(len(lens)), nb)
+    j = np.arange(int(nb.sum())) - np.repeat(np.cumsum(nb) - nb, nb)
+    start = j * block
+    end = np.minimum(start + block, lens[seq])
+    return seq, start, end
+
+
+def _cost(a: int, b: int) -> float:
+    """Scalar ``span_cost`` in plain Python floats (the placement loop's hot path)."""
+    return (b * (b + 1.0) - a * (a + 1.0)) / 2
+
+
+class _Ranks:
+    """Per-rank loads and a max-heap on need with lazy invalidation."""
+
+    def __init__(self, world: int, cost_target: float, tok_target: float, cap: int):
+        self.cost = [0.0] * world
+        self.tok = [0] * world
+        self.c_goal, self.t_goal, self.cap = cost_target, tok_target, cap
+        self.version = [0] * world
+        self.heap = [(-self.need(r), r, 0) for r in range(world)]
+        heapq.heapify(self.heap)
+
+    def need(self, r: int) -> float:
+        room_t = self.t_goal - self.tok[r]
+        if room_t <= 0:
+            return -math.inf if self.tok[r] >= self.cap else -1e300 + (self.c_goal - self.cost[r])
+        return (self.c_goal - self.cost[r]) / room_t
+
+    def add(self, r: int, cost: float, tok: int) -> None:
+        self.cost[r] += cost
+        self.tok[r] += tok
+        self.version[r] += 1
+        if self.tok[r] < self.cap:
+            heapq.heappush(self.heap, (-self.need(r), r, self.version[r]))
+
+    def neediest(self, want_tokens: int, tries: int = 8) -> int:
+        """The neediest rank with room; among the first ``tries`` candidates prefer one with room for
+        ``want_tokens`` whole (so short sequences are not split when a near-equal rank can hold them)."""
+        popped, choice = [], None
+        while self.heap and len(popped) < tries:
+            neg, r, ver = heapq.heappop(self.heap)
+            if ver != self.version[r] or self.tok[r] >= self.cap:
+                continue
+            popped.append((neg, r, ver))
+            if self.cap - self.tok[r] >= want_tokens:
+                choice = r
+                break
+        for entry in popped:
+            heapq.heappush(self.heap, entry)
+        if choice is None:
+            if not popped:
+                raise RuntimeError("fcp placement ran out of rank capacity (tokens_per_rank check missed)")
+            choice = popped[0][1]
+        return choice
+
+
+def _cut_for_cost(a: int, b: int, room: float) -> int:
+    """Largest-suffix cut ``m`` in (a, b] with ``span_cost(m, b) <= room`` (returns b if none fits)."""
+    disc = 1 + 4 * (b * (b + 1) - 2 * room)
+    m = math.ceil((-1 + math.sqrt(max(disc, 0.0))) / 2)
+    return min(max(m, a), b)
+
+
+def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality: float = 0.5) -> list[list[Span]]:
+    arr = np.asarray(lens, dtype=np.int64)
+    total = int(arr.sum())
+    ranks = _Ranks(world, float(span_cost(0, arr).sum()) / world, total / world, cap)
+    soft_cap = min(cap, math.ceil(total / world * 1.01))
+    ranks.cap = soft_cap if soft_cap * world >= total else cap
+    seq, start, end = _blocks(arr, block)
+    order = np.lexsort((-start, seq, -(start + end)))  # densest first; ties by sequence, later first
+    min_piece = min(block, MIN_PIECE)
+    holder: dict[int, int] = {}  # seq -> rank holding its most recently placed (earliest) piece
+    out: list[list[Span]] = [[] for _ in range(world)]
+    slack = SLACK * ranks.c_goal
+    for s, a, b in zip(seq[order].tolist(), start[order].tolist(), end[order].tolist()):
+        while a < b:
+            r = ranks.neediest(b - a)
+            adj = holder.get(s)
+            if adj is not None and adj != r and ranks.tok[adj] < ranks.cap:
+                if ranks.need(adj) >= locality * ranks.need(r) and ranks.cost[adj] < ranks.c_goal:
+                    r = adj
+            m = max(a, b - int(ranks.cap - ranks.tok[r]))  # token room
+            room = ranks.c_goal - ranks.cost[r]
+            if _cost(m, b) > room + slack and b - m > min_piece:
+                m = max(m, min(_cut_for_cost(a, b, max(room, 0.0)), b - min_piece))
+            out[r].append((s, m, b))
+            ranks.add(r, _cost(m, b), b - m)
+            holder[s] = r
+            b = m
+    return [_merge_sorted(spans) for spans in out]
+
+
+def _merge_sorted(spans: list[Span]) -> list[Span]:
+    """Sort spans by (seq, start) and merge touching ranges of the same sequence."""
+    merged: list[Span] = []
+    for s, a, b in sorted(spans):
+        if merged and merged[-1][0] == s and merged[-1][2] == a:
+            merged[-1] = (s, merged[-1][1], b)
+        else:
+            merged.append((s, a, b))
+    return merged
+
+
+def _even_chunks(lens: tuple[int, ...], chunk_rank: np.ndarray, rotation: np.ndarray, world: int) -> list[list[Span]]:
+    """Cut every sequence into ``len(chunk_rank)`` near-equal chunks; chunk ``i`` goes to rank
+    ``chunk_rank[i]``. Remainder tokens go to chunks in the order ``rotation``, continuing across
+    sequences, so over the batch every rank gets the same number of extra tokens, plus or minus one."""
+    parts = len(chunk_rank)
+    out: list[list[Span]] = [[] for _ in range(world)]
+    pointer = 0
+    for s, length in enumerate(lens):
+        q, rem = divmod(length, parts)
+        extra = np.zeros(parts, dtype=np.int64)
+        extra[rotation[(pointer + np.arange(rem)) % parts]] = 1
+        pointer = (pointer + rem) % parts
+        bounds = np.concatenate([[0], np.cumsum(q + extra)]).tolist()
+        for i in range(parts):
+            if bounds[i + 1] > bounds[i]:
+                out[chunk_rank[i]].append((s, bounds[i], bounds[i + 1]))
+    return [sorted(spans) for spans in out]
+
+
+def place_ring(lens, world, block, cap, **_) -> list[list[Span]]:
+    """Megatron/TE zigzag: every sequence in 2W chunks; rank r holds chunks r and 2W-1-r."""
+    first, second = np.arange(world), 2 * world - 1 - np.arange(world)
+    chunk_rank = np.concatenate([np.arange(world), np.arange(world)[::-1]]).tolist()
+    return _even_chunks(lens, chunk_rank, np.concatenate([first, second]), world)
+
+
+def place_allgather(lens, world, block, cap, **_) -> list[list[Span]]:
+    """Llama-3 style: every sequence in W contiguous chunks, chunk r on rank r (KV all-gathered)."""
+    return _even_chunks(lens, list(range(world)), np.arange(world), world)
+
+
+def place_packing(lens, world, block, cap, **_) -> list[list[Span]]:
+    """Whole sequences per rank (no context parallelism), longest first onto the least-filled rank."""
+    tok = [(0, r) for r in range(world)]
+    out: list[list[Span]] = [[] for _ in range(world)]
+    for s in sorted(range(len(lens)), key=lambda i: (-lens[i], i)):
+        if lens[s] > cap:
+            raise ValueError(f"strategy 'packing' keeps sequences whole, but sequence {s} has {lens[s]} tokens, "
+                             f"more than tokens_per_rank={cap}; use strategy 'fcp' or raise tokens_per_rank")
+        used, r = heapq.heappop(tok)
+        if used + lens[s] > cap:
+            raise ValueError(f"strategy 'packing' could not fit sequence {s} ({lens[s]} tokens) on any rank "
+                             f"under tokens_per_rank={cap}; whole-sequence packing needs slack: use 'fcp'")
+        out[r].append((s, 0, lens[s]))
+        heapq.heappush(tok, (used + lens[s], r))
+    return [sorted(spans) for spans in out]
+
+
+PLACERS = {"fcp": place_fcp, "ring": place_ring, "allgather": place_allgather, "packing": place_packing}

@@ -1,0 +1,167 @@
+"""``plan_batch``: placement + communication plan of one global batch. Pure and deterministic.
+
+Communication. A rank holding query tokens of sequence ``s`` up to position ``e`` needs the K/V of
+``s``'s tokens ``[0, e)``; those it does not hold come from their owners. Every (owner, receiver) pair
+becomes ONE message carrying all the spans the receiver needs from that owner, so each KV token reaches
+each rank at most once. Messages are edges of a bipartite graph (senders × receivers); a proper edge
+colouring with Δ colours (Kőnig: Δ = the largest number of messages any rank sends or receives) gives Δ
+congestion-free rounds, found with alternating-path recolouring. ``ring`` and ``allgather`` move what
+their algorithms move (every rank receives every other rank's chunk of each shared sequence) in the
+cyclic schedule of a ring: in round k, rank r sends to r+k+1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+from .config import (PlanOptions, check_positive_int, check_seq_lens, check_strategy, make_options,
+                     resolve_tokens_per_rank)
+from .layout import FCPPlan, Span, Transfer
+from .placement import PLACERS
+
+
+def plan_batch(seq_lens: Sequence[int], *, world_size: int, block_size: int = 4096,
+               tokens_per_rank: int | None = None, strategy: str = "fcp", **options: Any) -> FCPPlan:
+    """Plan one global batch for ``world_size`` ranks.
+
+    Args:
+        seq_lens: lengths of the batch's sequences in input order (sequence ``i`` is the ``i``-th run of
+            the concatenated batch); integers ≥ 1.
+        world_size: number of ranks sharing the batch (data and context parallel together).
+        block_size: tokens per block; sequences are cut into blocks (the last may be partial).
+        tokens_per_rank: hard cap on tokens held per rank (default: ``ceil(total / world_size)``).
+        strategy: ``"fcp"`` (this library), ``"ring"`` (zigzag over all ranks), ``"allgather"``
+            (contiguous shards, KV all-gathered) or ``"packing"`` (whole sequences, no context parallel).
+        **options: see :class:`hf_fcp.config.PlanOptions` (``kv_heads``, ``head_dim``, ``kv_dtype``,
+            ``rounds_per_stage``, ``locality``).
+
+    Returns:
+        An :class:`FCPPlan`; ``plan.for_rank(r)`` is rank ``r``'s view, ``plan.stats()`` its figures.
+    """
+    t0 = time.perf_counter()
+    lens = check_seq_lens(seq_lens)
+    world = check_positive_int("world_size", world_size)
+    block = check_positive_int("block_size", block_size)
+    strategy = check_strategy(strategy)
+    opts = make_options(options)
+    cap = resolve_tokens_per_rank(tokens_per_rank, sum(lens), world)
+    if strategy == "fcp":
+        spans = PLACERS["fcp"](lens, world, block, cap, locality=float(opts.locality))
+    else:
+        spans = PLACERS[strategy](lens, world, block, cap)
+    comm = "collective" if strategy in ("ring", "allgather") else "p2p"
+    return make_plan(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
+                     comm=comm, options=opts, started=t0)
+
+
+def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size: int, block_size: int,
+              tokens_per_rank: int, strategy: str, comm: str = "p2p", options: PlanOptions | None = None,
+              started: float | None = None) -> FCPPlan:
+    """Build an :class:`FCPPlan` from any placement (used by the strategies of ``hf_fcp.simulate`` too).
+
+    ``spans[r]`` lists rank r's ``(seq, start, end)`` ranges in local order; together they must cover
+    every token once. ``comm="p2p"``: targeted sends of the causally needed KV in Δ coloured rounds;
+    ``comm="collective"``: ring / all-gather traffic (every shared sequence's chunks to every holder).
+    """
+    t0 = time.perf_counter() if started is None else started
+    if comm == "collective":
+        transfers, rounds = (), (world_size - 1 if any(len(_holders(spans).get(s, ())) > 1
+                                                       for s in range(len(seq_lens))) else 0)
+    elif comm == "p2p":
+        transfers, rounds = _colour_rounds(_needed_pieces(spans))
+    else:
+        raise ValueError(f"comm must be 'p2p' or 'collective', got {comm!r}")
+    plan = FCPPlan(seq_lens=tuple(seq_lens), world_size=world_size, block_size=block_size,
+                   tokens_per_rank=tokens_per_rank, strategy=strategy,
+                   rank_spans=tuple(tuple(s) for s in spans), transfers=transfers, num_rounds=rounds,
+                   options=options or PlanOptions(), collective=comm == "collective")
+    object.__setattr__(plan, "plan_ms", (time.perf_counter() - t0) * 1e3)
+    return plan
+
+
+def _holders(spans) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = defaultdict(set)
+    for r, rank_spans in enumerate(spans):
+        for s, _, _ in rank_spans:
+            out[s].add(r)
+    return out
+
+
+def _spans_by_seq(spans: list[list[Span]]) -> dict[int, list[tuple[int, int, int]]]:
+    """seq -> its spans over all ranks as (start, end, rank), sorted by start."""
+    by_seq: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    for r, rank_spans in enumerate(spans):
+        for s, a, b in rank_spans:
+            by_seq[s].append((a, b, r))
+    for lst in by_seq.values():
+        lst.sort()
+    return by_seq
+
+
+def _needed_pieces(spans) -> dict[tuple[int, int], list[Span]]:
+    """(src, dst) -> spans src holds that dst needs (causal prefix of dst's last held token, not held)."""
+    pairs: dict[tuple[int, int], list[Span]] = defaultdict(list)
+    for s, lst in sorted(_spans_by_seq(spans).items()):
+        if len({r for _, _, r in lst}) < 2:
+            continue
+        last_end: dict[int, int] = {}
+        for a, b, r in lst:
+            last_end[r] = b
+        for dst, e in sorted(last_end.items()):
+            for a, b, src in lst:
+                if a >= e:
+                    break
+                if src != dst:  # a < e and disjoint from dst's spans, so the whole span is needed
+                    pairs[(src, dst)].append((s, a, b))
+    return pairs
+
+
+def _colour_rounds(pairs) -> tuple[tuple[Transfer, ...], int]:
+    """Proper edge colouring of the bipartite message graph (senders × receivers) with Δ colours."""
+    at_src: dict[int, dict[int, int]] = defaultdict(dict)  # src -> colour -> dst
+    at_dst: dict[int, dict[int, int]] = defaultdict(dict)  # dst -> colour -> src
+    size = {k: sum(b - a for _, a, b in v) for k, v in pairs.items()}
+    for u, v in sorted(pairs, key=lambda k: (-size[k], k)):
+        a = _first_free(at_src[u])
+        b = _first_free(at_dst[v])
+        if a != b and a in at_dst[v]:
+            _flip_path(v, a, b, at_src, at_dst)
+        at_src[u][a] = v
+        at_dst[v][a] = u
+    transfers = [Transfer(u, v, c, tuple(pairs[(u, v)])) for u, cols in at_src.items() for c, v in cols.items()]
+    transfers.sort(key=lambda t: (t.round, t.src))
+    rounds = 1 + max((t.round for t in transfers), default=-1)
+    return tuple(transfers), rounds
+
+
+def _first_free(colours: dict[int, int]) -> int:
+    c = len(colours)  # colours in use are rarely sparse: try the dense guess first
+    if c not in colours and all(i in colours for i in range(c)):
+        return c
+    c = 0
+    while c in colours:
+        c += 1
+    return c
+
+
+def _flip_path(v: int, a: int, b: int, at_src, at_dst) -> None:
+    """Swap colours a and b along the alternating path that starts at receiver ``v`` with colour ``a``
+    (a is free at the new edge's sender, b free at ``v``; afterwards a is free at ``v``)."""
+    path = []  # (src, dst, colour) edges of the path
+    node, side, col = v, "dst", a
+    while True:
+        table = at_dst if side == "dst" else at_src
+        other = table[node].get(col)
+        if other is None:
+            break
+        path.append((other, node, col) if side == "dst" else (node, other, col))
+        node, side, col = other, ("src" if side == "dst" else "dst"), (b if col == a else a)
+    for u, w, c in path:
+        del at_src[u][c]
+        del at_dst[w][c]
+    for u, w, c in path:
+        nc = b if c == a else a
+        at_src[u][nc] = w
+        at_dst[w][nc] = u

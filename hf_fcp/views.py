@@ -1,0 +1,204 @@
+"""The per-rank view of a plan: what one worker needs to run attention and to cut its shard of the batch.
+
+A :class:`RankView` is picklable and moves with ``.to(device)``. Local token order is the order of
+``plan.spans(rank)``. Attention work is precomputed as varlen batches (:class:`TaskList`), so the engine
+only gathers rows and calls kernels:
+
+* ``local_tasks`` (causal, bottom-right aligned): one segment per held span ``[a, b)`` of sequence ``s``;
+  its keys are the rank's own earlier spans of ``s`` (in position order) followed by the span itself::
+
+      keys:    [ own earlier spans of s ........ | a ............ b )
+      queries:                                   [ a ............ b )   query i sees keys ≤ its own position
+
+* ``stages[k].tasks`` (not causal): keys are rows of the receive buffer that arrived in stage ``k``; every
+  received piece of ``s`` lies wholly before the span (pieces never overlap held tokens), so all pairs
+  are visible. Pieces that end after the span (sent by ``ring``/``allgather`` strategies) are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from .layout import FCPPlan
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` as int64, vectorised."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return shift + np.arange(total, dtype=np.int64)
+
+
+def _tensor(a) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a, dtype=np.int64))
+
+
+class _Movable:
+    """``.to(device)`` for dataclasses holding tensors, nested views and tuples of views."""
+
+    def to(self, device):
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                changes[f.name] = value.to(device)
+            elif isinstance(value, _Movable):
+                changes[f.name] = value.to(device)
+            elif isinstance(value, tuple) and value and isinstance(value[0], _Movable):
+                changes[f.name] = tuple(v.to(device) for v in value)
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TaskList(_Movable):
+    """A varlen batch of attention segments. Segment ``i`` has queries ``q[q_rows[cu_q[i]:cu_q[i+1]]]``
+    and keys/values ``kv[k_rows[cu_k[i]:cu_k[i+1]]]`` (``kv`` = local K/V or the receive buffer)."""
+
+    q_rows: torch.Tensor  # int64 (Nq,) local token rows
+    cu_q: torch.Tensor  # int64 (S+1,)
+    k_rows: torch.Tensor  # int64 (Nk,)
+    cu_k: torch.Tensor  # int64 (S+1,)
+    max_q: int
+    max_k: int
+    causal: bool  # bottom-right aligned causal mask when True
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.cu_q.numel()) - 1
+
+    @staticmethod
+    def build(q_runs: list[np.ndarray], k_runs: list[np.ndarray], causal: bool) -> "TaskList":
+        q_len = np.array([len(r) for r in q_runs], dtype=np.int64)
+        k_len = np.array([len(r) for r in k_runs], dtype=np.int64)
+        cat = lambda runs: np.concatenate(runs) if runs else np.zeros(0, np.int64)  # noqa: E731
+        return TaskList(q_rows=_tensor(cat(q_runs)), cu_q=_tensor(np.concatenate([[0], np.cumsum(q_len)])),
+                        k_rows=_tensor(cat(k_runs)), cu_k=_tensor(np.concatenate([[0], np.cumsum(k_len)])),
+                        max_q=int(q_len.max(initial=0)), max_k=int(k_len.max(initial=0)), causal=causal)
+
+
+@dataclass(frozen=True)
+class RoundView(_Movable):
+    """This rank's part of one congestion-free round (peer −1: nothing in that direction)."""
+
+    send_peer: int
+    send_rows: torch.Tensor  # int64 (n_send,) local rows whose K/V are sent, in message order
+    recv_peer: int
+    recv_start: int  # first row of the message in the receive buffer
+    recv_len: int
+
+
+@dataclass(frozen=True)
+class StageView(_Movable):
+    """Rounds run together as one communication stage, and the attention work their KV unlocks."""
+
+    rounds: tuple[RoundView, ...]
+    tasks: TaskList  # keys index the receive buffer; causal=False
+
+
+@dataclass(frozen=True)
+class RankView(_Movable):
+    """Everything rank ``rank`` needs for one batch. Tensors are int64 on CPU until ``.to(device)``."""
+
+    rank: int
+    world_size: int
+    num_tokens: int  # tokens in the global batch
+    fingerprint: str  # the plan's fingerprint (equal on every rank of a consistent plan)
+    seq_lens: torch.Tensor  # int64 (num_seqs,) the global batch
+    token_index: torch.Tensor  # int64 (n_local,) index of each local token in the concatenated batch
+    position_ids: torch.Tensor  # int64 (n_local,) position of each local token within its sequence
+    seq_index: torch.Tensor  # int64 (n_local,) sequence of each local token
+    spans: torch.Tensor  # int64 (n_spans, 3) rows (seq, start, end), local order
+    num_recv: int  # rows of the receive buffer (remote KV tokens)
+    local_tasks: TaskList
+    stages: tuple[StageView, ...]
+
+    @property
+    def num_local(self) -> int:
+        return int(self.token_index.numel())
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens.numel())
+
+
+def build_rank_view(plan: FCPPlan, rank: int) -> RankView:
+    spans = np.asarray(plan.rank_spans[rank], dtype=np.int64).reshape(-1, 3)
+    lens = spans[:, 2] - spans[:, 1]
+    local_off = np.concatenate([[0], np.cumsum(lens)])[:-1]
+    offsets = plan.offsets
+    by_seq: dict[int, list[tuple[int, int, int]]] = {}
+    for (s, a, b), o in zip(spans.tolist(), local_off.tolist()):
+        by_seq.setdefault(s, []).append((a, b, o))
+    for runs in by_seq.values():
+        runs.sort()
+    return RankView(
+        rank=rank, world_size=plan.world_size, num_tokens=plan.num_tokens, fingerprint=plan.fingerprint,
+        seq_lens=_tensor(plan.seq_lens),
+        token_index=_tensor(_ranges(offsets[spans[:, 0]] + spans[:, 1], lens)),
+        position_ids=_tensor(_ranges(spans[:, 1], lens)),
+        seq_index=_tensor(np.repeat(spans[:, 0], lens)),
+        spans=_tensor(spans),
+        num_recv=sum(t.tokens for t in plan.transfers_of(rank) if t.dst == rank),
+        local_tasks=_local_tasks(spans, local_off, by_seq),
+        stages=_stages(plan, rank, spans, local_off, by_seq),
+    )
+
+
+def _local_tasks(spans, local_off, by_seq) -> TaskList:
+    q_runs, k_runs = [], []
+    for (s, a, b), o in zip(spans.tolist(), local_off.tolist()):
+        earlier = [(o2, b2 - a2) for a2, b2, o2 in by_seq[s] if b2 <= a]
+        q = np.arange(o, o + b - a, dtype=np.int64)
+        keys = [np.arange(o2, o2 + n, dtype=np.int64) for o2, n in earlier]
+        q_runs.append(q)
+        k_runs.append(np.concatenate(keys + [q]))
+    return TaskList.build(q_runs, k_runs, causal=True)
+
+
+def _send_rows(pieces, by_seq) -> np.ndarray:
+    starts, lens = [], []
+    for s, c, d in pieces:
+        a, b, o = next(r for r in by_seq[s] if r[0] <= c and d <= r[1])
+        starts.append(o + c - a)
+        lens.append(d - c)
+    return _ranges(np.array(starts, np.int64), np.array(lens, np.int64))
+
+
+def _stages(plan: FCPPlan, rank, spans, local_off, by_seq) -> tuple[StageView, ...]:
+    mine = plan.transfers_of(rank)
+    sends = {t.round: t for t in mine if t.src == rank}
+    recvs = {t.round: t for t in mine if t.dst == rank}
+    out, buf = [], 0
+    for r0, r1 in plan.stages:
+        rounds, pieces = [], []  # pieces: (seq, start, end, buffer row)
+        for r in range(r0, r1):
+            snd, rcv = sends.get(r), recvs.get(r)
+            rounds.append(RoundView(
+                send_peer=snd.dst if snd else -1,
+                send_rows=_tensor(_send_rows(snd.pieces, by_seq) if snd else np.zeros(0, np.int64)),
+                recv_peer=rcv.src if rcv else -1, recv_start=buf, recv_len=rcv.tokens if rcv else 0))
+            for s, c, d in (rcv.pieces if rcv else ()):
+                pieces.append((s, c, d, buf))
+                buf += d - c
+        out.append(StageView(rounds=tuple(rounds), tasks=_remote_tasks(spans, local_off, pieces)))
+    return tuple(out)
+
+
+def _remote_tasks(spans, local_off, pieces) -> TaskList:
+    by_seq: dict[int, list[tuple[int, int, int]]] = {}
+    for s, c, d, row in pieces:
+        by_seq.setdefault(s, []).append((c, d, row))
+    q_runs, k_runs = [], []
+    for (s, a, b), o in zip(spans.tolist(), local_off.tolist()):
+        keys = [np.arange(row, row + d - c, dtype=np.int64) for c, d, row in sorted(by_seq.get(s, ())) if d <= a]
+        if keys:
+            q_runs.append(np.arange(o, o + b - a, dtype=np.int64))
+            k_runs.append(np.concatenate(keys))
+    return TaskList.build(q_runs, k_runs, causal=False)
