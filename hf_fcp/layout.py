@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 import numpy as np
 
 from .config import PlanOptions
@@ -33,8 +34,7 @@ def span_cost(start, end):
     return float(out) if out.ndim == 0 else out
 
 
-@dataclass(frozen=True)
-class Transfer:
+class Transfer(NamedTuple):
     """One message: ``src`` sends the K/V of ``pieces`` (held by ``src``) to ``dst`` in ``round``."""
 
     src: int

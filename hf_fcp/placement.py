@@ -31,7 +31,8 @@ import numpy as np
 from .layout import Span, span_cost
 
 SLACK = 0.004  # fraction of the mean cost a rank may exceed it by before an item is split instead
-MIN_PIECE = 128  # never cut a piece shorter than this (or the block size, if smaller) for compute balance
+REBALANCE_TARGET = 0.004  # the repair pass stops once no rank exceeds the mean cost by more than this
+MIN_CUT = 2 * SLACK  # a cut-off piece carries at least this fraction of the mean cost: no useless slivers
 
 
 def _blocks(lens: np.ndarray, block: int):
@@ -49,15 +50,17 @@ def _cost(a: int, b: int) -> float:
 
 
 class _Ranks:
-    """Per-rank loads and a max-heap on need with lazy invalidation."""
+    """Per-rank loads with two lazily invalidated max-heaps: on *need* (the density a rank still lacks)
+    and on *net room* (cost it can take beyond the light fill its free token room will bring)."""
 
-    def __init__(self, world: int, cost_target: float, tok_target: float, cap: int):
+    def __init__(self, world: int, cost_target: float, tok_target: float, cap: int, fill: float):
         self.cost = [0.0] * world
         self.tok = [0] * world
-        self.c_goal, self.t_goal, self.cap = cost_target, tok_target, cap
+        self.c_goal, self.t_goal, self.cap, self.fill = cost_target, tok_target, cap, fill
         self.version = [0] * world
-        self.heap = [(-self.need(r), r, 0) for r in range(world)]
-        heapq.heapify(self.heap)
+        self.heaps = {kind: [(-self.key(kind, r), r, 0) for r in range(world)] for kind in ("need",)}
+        for heap in self.heaps.values():
+            heapq.heapify(heap)
 
     def need(self, r: int) -> float:
         room_t = self.t_goal - self.tok[r]
@@ -65,19 +68,26 @@ class _Ranks:
             return -math.inf if self.tok[r] >= self.cap else -1e300 + (self.c_goal - self.cost[r])
         return (self.c_goal - self.cost[r]) / room_t
 
+    def net_room(self, r: int) -> float:
+        return self.c_goal - self.cost[r] - max(0.0, self.t_goal - self.tok[r]) * self.fill
+
+    def key(self, kind: str, r: int) -> float:
+        return self.need(r) if kind == "need" else self.net_room(r)
+
     def add(self, r: int, cost: float, tok: int) -> None:
         self.cost[r] += cost
         self.tok[r] += tok
         self.version[r] += 1
         if self.tok[r] < self.cap:
-            heapq.heappush(self.heap, (-self.need(r), r, self.version[r]))
+            for kind, heap in self.heaps.items():
+                heapq.heappush(heap, (-self.key(kind, r), r, self.version[r]))
 
-    def neediest(self, want_tokens: int, tries: int = 8) -> int:
-        """The neediest rank with room; among the first ``tries`` candidates prefer one with room for
-        ``want_tokens`` whole (so short sequences are not split when a near-equal rank can hold them)."""
-        popped, choice = [], None
-        while self.heap and len(popped) < tries:
-            neg, r, ver = heapq.heappop(self.heap)
+    def best(self, kind: str, want_tokens: int, tries: int = 8) -> int:
+        """The best rank by ``kind`` with token room; among the first ``tries`` candidates prefer one
+        with room for ``want_tokens`` whole (so short sequences are not split needlessly)."""
+        heap, popped, choice = self.heaps[kind], [], None
+        while heap and len(popped) < tries:
+            neg, r, ver = heapq.heappop(heap)
             if ver != self.version[r] or self.tok[r] >= self.cap:
                 continue
             popped.append((neg, r, ver))
@@ -85,7 +95,7 @@ class _Ranks:
                 choice = r
                 break
         for entry in popped:
-            heapq.heappush(self.heap, entry)
+            heapq.heappush(heap, entry)
         if choice is None:
             if not popped:
                 raise RuntimeError("fcp placement ran out of rank capacity (tokens_per_rank check missed)")
@@ -93,41 +103,88 @@ class _Ranks:
         return choice
 
 
-def _cut_for_cost(a: int, b: int, room: float) -> int:
-    """Largest-suffix cut ``m`` in (a, b] with ``span_cost(m, b) <= room`` (returns b if none fits)."""
-    disc = 1 + 4 * (b * (b + 1) - 2 * room)
-    m = math.ceil((-1 + math.sqrt(max(disc, 0.0))) / 2)
+def _cut_for_cost(a: int, b: int, room: float, fill: float) -> int:
+    """Smallest ``m`` in [a, b] with ``span_cost(m, b) - fill * (b - m) <= room``: the longest suffix
+    whose cost, net of the ``fill`` density its tokens displace, fits ``room`` (needs positions > fill)."""
+    lin = 1 - 2 * fill
+    disc = lin * lin + 4 * (b * b + lin * b - 2 * room)
+    m = math.ceil((-lin + math.sqrt(max(disc, 0.0))) / 2)
     return min(max(m, a), b)
+
+
+def _light_fill_density(start: np.ndarray, end: np.ndarray) -> float:
+    """Mean density (cost per token) of the lightest half of all tokens: what a rank's leftover token
+    room will be filled with at the end, when only light items remain."""
+    density = (start + end + 1) / 2.0
+    tokens = (end - start).astype(np.float64)
+    order = np.argsort(density, kind="stable")
+    cum = np.cumsum(tokens[order])
+    half = order[: int(np.searchsorted(cum, cum[-1] / 2)) + 1]
+    return float((density[half] * tokens[half]).sum() / tokens[half].sum())
 
 
 def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality: float = 0.5) -> list[list[Span]]:
     arr = np.asarray(lens, dtype=np.int64)
     total = int(arr.sum())
-    ranks = _Ranks(world, float(span_cost(0, arr).sum()) / world, total / world, cap)
+    seq, start, end = _blocks(arr, block)
+    fill = _light_fill_density(start, end)
+    ranks = _Ranks(world, float(span_cost(0, arr).sum()) / world, total / world, cap, fill)
     soft_cap = min(cap, math.ceil(total / world * 1.01))
     ranks.cap = soft_cap if soft_cap * world >= total else cap
-    seq, start, end = _blocks(arr, block)
     order = np.lexsort((-start, seq, -(start + end)))  # densest first; ties by sequence, later first
-    min_piece = min(block, MIN_PIECE)
     holder: dict[int, int] = {}  # seq -> rank holding its most recently placed (earliest) piece
     out: list[list[Span]] = [[] for _ in range(world)]
     slack = SLACK * ranks.c_goal
     for s, a, b in zip(seq[order].tolist(), start[order].tolist(), end[order].tolist()):
         while a < b:
-            r = ranks.neediest(b - a)
-            adj = holder.get(s)
-            if adj is not None and adj != r and ranks.tok[adj] < ranks.cap:
-                if ranks.need(adj) >= locality * ranks.need(r) and ranks.cost[adj] < ranks.c_goal:
-                    r = adj
+            r = _choose(ranks, holder.get(s), s, a, b, locality)
             m = max(a, b - int(ranks.cap - ranks.tok[r]))  # token room
-            room = ranks.c_goal - ranks.cost[r]
-            if _cost(m, b) > room + slack and b - m > min_piece:
-                m = max(m, min(_cut_for_cost(a, b, max(room, 0.0)), b - min_piece))
+            room = ranks.net_room(r)
+            cost = _cost(m, b)
+            if cost - fill * (b - m) > room + slack and (a + b) / 2 > fill:  # dense and too big: cut
+                m = max(m, min(_cut_for_cost(a, b, max(room, MIN_CUT * ranks.c_goal), fill), b - 1))
             out[r].append((s, m, b))
             ranks.add(r, _cost(m, b), b - m)
             holder[s] = r
             b = m
+    _rebalance(out, ranks)
     return [_merge_sorted(spans) for spans in out]
+
+
+def _rebalance(out: list[list[Span]], ranks: _Ranks, target: float = REBALANCE_TARGET) -> None:
+    """Repair pass: while the most loaded rank exceeds the mean cost by more than ``target``, swap k
+    tokens between it and the least loaded rank — the first k tokens of its latest-starting span for
+    the first k tokens of the other's earliest-starting span. Token counts stay; the cost moves by
+    exactly k × (difference of the two start positions), so k is solved for, not searched."""
+    cost = np.asarray(ranks.cost)
+    for _ in range(2 * len(out)):
+        hi, lo = int(np.argmax(cost)), int(np.argmin(cost))
+        excess = min(cost[hi] - ranks.c_goal, ranks.c_goal - cost[lo])
+        if cost[hi] <= ranks.c_goal * (1 + target) or excess <= 0:
+            return
+        x = max(range(len(out[hi])), key=lambda i: (out[hi][i][1], -i), default=None)
+        y = min(range(len(out[lo])), key=lambda i: (out[lo][i][1], i), default=None)
+        if x is None or y is None or out[hi][x][1] <= out[lo][y][1]:
+            return
+        (sx, x0, x1), (sy, y0, y1) = out[hi][x], out[lo][y]
+        k = min(math.ceil(excess / (x0 - y0)), x1 - x0, y1 - y0)
+        out[hi][x:x + 1] = [(sy, y0, y0 + k)] + ([(sx, x0 + k, x1)] if x0 + k < x1 else [])
+        out[lo][y:y + 1] = [(sx, x0, x0 + k)] + ([(sy, y0 + k, y1)] if y0 + k < y1 else [])
+        moved = k * (x0 - y0)
+        cost[hi] -= moved
+        cost[lo] += moved
+
+
+def _choose(ranks: _Ranks, adj: int | None, s: int, a: int, b: int, locality: float) -> int:
+    """Where the piece ``[a, b)`` goes. Light pieces (density below the fill): the neediest rank.
+    Dense pieces: ``adj`` (the rank holding the sequence's next piece) while it is needy enough and has
+    net room; else the rank with the most net room, so the piece stays whole where it can."""
+    r = ranks.best("need", b - a)
+    if adj is not None and adj != r and ranks.tok[adj] < ranks.cap:
+        slack = SLACK * ranks.c_goal
+        if ranks.net_room(adj) > slack and ranks.need(adj) >= locality * ranks.need(r):
+            return adj
+    return r
 
 
 def _merge_sorted(spans: list[Span]) -> list[Span]:

@@ -1,0 +1,206 @@
+"""Planner properties (one process, loop over ranks): coverage, caps, delivery, matchings, determinism."""
+
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hf_fcp import plan_batch, span_cost
+from hf_fcp.validate import PlanError, check_plan, check_view
+
+
+def lognormal_batch(world, tokens_per_rank, seed, mu=6.35, sigma=2.34, max_len=524288):
+    rng = np.random.default_rng(seed)
+    budget, lens = world * tokens_per_rank, []
+    while budget > 0:
+        n = int(min(max(1, round(rng.lognormal(mu, sigma))), max_len, budget))
+        lens.append(n)
+        budget -= n
+    return lens
+
+
+@st.composite
+def batches(draw):
+    lens = draw(st.lists(st.integers(1, 300), min_size=1, max_size=25))
+    world = draw(st.integers(1, 64))
+    block = draw(st.sampled_from([1, 2, 3, 7, 16, 64, 100, 4096]))
+    total = sum(lens)
+    even = -(-total // world)
+    cap = draw(st.one_of(st.none(), st.integers(even, even + 40)))
+    return lens, world, block, cap
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches(), st.sampled_from(["fcp", "ring", "allgather"]))
+def test_random_batches_are_valid_plans(batch, strategy):
+    lens, world, block, cap = batch
+    plan = plan_batch(lens, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy)
+    check_plan(plan)
+    assert plan.num_rounds <= max(world - 1, 0)
+    if strategy == "fcp":
+        assert max(sum(b - a for _, a, b in s) for s in plan.rank_spans) <= plan.tokens_per_rank
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches())
+def test_views_serve_exactly_the_causal_keys(batch):
+    lens, world, block, cap = batch
+    world = min(world, 6)
+    plan = plan_batch(lens, world_size=world, block_size=block, strategy="fcp", rounds_per_stage=2)
+    for r in range(world):
+        check_view(plan, r)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+def test_collective_views_serve_exactly_the_causal_keys(strategy):
+    plan = plan_batch([5, 17, 3, 40, 1, 9], world_size=3, block_size=4, strategy=strategy)
+    for r in range(3):
+        check_view(plan, r)
+
+
+def test_rounds_equal_max_degree_and_are_matchings():
+    lens = lognormal_batch(16, 4096, seed=3)
+    plan = plan_batch(lens, world_size=16, block_size=512)
+    out_deg = np.bincount([t.src for t in plan.transfers], minlength=16)
+    in_deg = np.bincount([t.dst for t in plan.transfers], minlength=16)
+    assert plan.num_rounds == max(out_deg.max(), in_deg.max())
+    pairs = [(t.src, t.dst) for t in plan.transfers]
+    assert len(pairs) == len(set(pairs)), "one message per (sender, receiver) pair"
+    check_plan(plan)
+
+
+def test_weak_scaling_fill_is_planned_and_balanced():
+    world, tpr = 32, 32768
+    lens = lognormal_batch(world, tpr, seed=0)
+    assert sum(lens) == world * tpr
+    plan = plan_batch(lens, world_size=world, tokens_per_rank=tpr)
+    check_plan(plan)
+    stats = plan.stats()
+    assert stats["memory_imbalance"] == 0.0
+    assert stats["compute_imbalance"] <= 0.02
+    ring = plan_batch(lens, world_size=world, tokens_per_rank=tpr, strategy="ring")
+    assert ring.stats()["comm_bytes"] > 3 * stats["comm_bytes"]
+
+
+def test_locality_short_sequences_stay_whole():
+    lens = [100] * 40 + [20000]
+    plan = plan_batch(lens, world_size=4, block_size=1024, tokens_per_rank=8000)
+    holders = {}
+    for r, spans in enumerate(plan.rank_spans):
+        for s, _, _ in spans:
+            holders.setdefault(s, set()).add(r)
+    split_short = [s for s in range(40) if len(holders[s]) > 1]
+    assert len(split_short) <= 1, f"short sequences split across ranks: {split_short}"
+    assert plan.stats()["compute_imbalance"] <= 0.02
+
+
+def test_causal_skew_of_a_long_sequence_is_balanced():
+    plan = plan_batch([65536], world_size=8, block_size=4096)
+    loads = plan.rank_loads()
+    assert loads["cost"].max() / loads["cost"].mean() - 1 <= 0.02
+    assert loads["tokens"].max() <= 8192
+    assert np.isclose(loads["cost"].sum(), span_cost(0, 65536))
+
+
+def test_plans_are_deterministic_and_views_picklable():
+    lens = lognormal_batch(8, 2048, seed=5)
+    a = plan_batch(lens, world_size=8, block_size=256)
+    b = plan_batch(list(lens), world_size=8, block_size=256)
+    assert a.rank_spans == b.rank_spans and a.transfers == b.transfers and a.fingerprint == b.fingerprint
+    view = pickle.loads(pickle.dumps(a.for_rank(3)))
+    assert view.fingerprint == a.fingerprint
+    assert view.to("cpu").token_index.dtype.is_floating_point is False
+    assert plan_batch(lens, world_size=8, block_size=512).fingerprint != a.fingerprint
+
+
+def test_view_token_index_and_positions():
+    lens = [5, 17, 3, 40, 1]
+    plan = plan_batch(lens, world_size=3, block_size=4)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    every = []
+    for r in range(3):
+        v = plan.for_rank(r)
+        idx, pos, seq = v.token_index.numpy(), v.position_ids.numpy(), v.seq_index.numpy()
+        assert np.array_equal(idx, offsets[seq] + pos)
+        spans = plan.spans(r)
+        assert v.spans.tolist() == [list(s) for s in spans]
+        every.extend(idx.tolist())
+    assert sorted(every) == list(range(sum(lens)))
+
+
+def test_packing_keeps_sequences_whole_or_refuses():
+    plan = plan_batch([10, 20, 30, 40], world_size=2, tokens_per_rank=60, strategy="packing")
+    assert plan.transfers == () and plan.num_rounds == 0
+    check_plan(plan)
+    with pytest.raises(ValueError, match="sequence 1 has 90 tokens, more than tokens_per_rank=60"):
+        plan_batch([10, 90, 20], world_size=2, tokens_per_rank=60, strategy="packing")
+
+
+def test_rounds_per_stage_coalesces():
+    lens = lognormal_batch(8, 4096, seed=1)
+    plan = plan_batch(lens, world_size=8, block_size=512, rounds_per_stage=3)
+    assert plan.stats()["stages"] == -(-plan.num_rounds // 3)
+    for r in range(8):
+        check_view(plan, r) if r < 2 else None
+
+
+def test_validator_catches_a_broken_plan():
+    plan = plan_batch([10, 30], world_size=2, block_size=8)
+    spans = list(plan.rank_spans)
+    spans[0] = spans[0][1:] if len(spans[0]) > 1 else ()
+    broken = type(plan)(**{**plan.__dict__, "rank_spans": tuple(spans)})
+    with pytest.raises(PlanError, match="not held exactly once"):
+        check_plan(broken)
+    if plan.transfers:
+        dropped = type(plan)(**{**plan.__dict__, "transfers": plan.transfers[1:]})
+        with pytest.raises(PlanError, match="never receives"):
+            check_plan(dropped)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seq_lens=[], world_size=2), "seq_lens is empty"),
+    (dict(seq_lens=[3, 0], world_size=2), r"seq_lens\[1\] must be >= 1"),
+    (dict(seq_lens=[3, -4], world_size=2), r"seq_lens\[1\] must be >= 1"),
+    (dict(seq_lens=[3, 2.5], world_size=2), r"seq_lens\[1\] must be a positive integer, got 2.5"),
+    (dict(seq_lens=[3, None], world_size=2), r"seq_lens\[1\] must be a positive integer, got None"),
+    (dict(seq_lens="123", world_size=2), "seq_lens must be a list"),
+    (dict(seq_lens=[3], world_size=0), r"world_size must be a positive integer \(>= 1\), got 0"),
+    (dict(seq_lens=[3], world_size=2.0), "world_size must be a positive integer, got 2.0"),
+    (dict(seq_lens=[3], world_size=2, block_size=-1), "block_size must be a positive integer"),
+    (dict(seq_lens=[3], world_size=2, strategy="zigzag"), "strategy must be one of"),
+    (dict(seq_lens=[100], world_size=2, tokens_per_rank=10), "tokens_per_rank=10 is too small"),
+    (dict(seq_lens=[3], world_size=2, bogus=1), r"unknown planner option\(s\) \['bogus'\]"),
+    (dict(seq_lens=[3], world_size=2, kv_dtype="int4"), "kv_dtype must be one of"),
+    (dict(seq_lens=[3], world_size=2, locality=2), r"locality must be a number in \[0, 1\]"),
+])
+def test_bad_input_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan_batch(kwargs.pop("seq_lens"), **kwargs)
+
+
+def test_rank_argument_is_checked():
+    plan = plan_batch([4, 4], world_size=2)
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[0, 2\), got 2"):
+        plan.for_rank(2)
+
+
+def test_edge_colouring_uses_max_degree_even_when_paths_must_flip(monkeypatch):
+    import hf_fcp.planning as planning
+
+    flips = []
+    real = planning._flip_path
+    monkeypatch.setattr(planning, "_flip_path", lambda *a: flips.append(1) or real(*a))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 9))
+        edges = {(int(u), int(v)) for u, v in rng.integers(0, n, size=(int(rng.integers(1, 3 * n)), 2)) if u != v}
+        pairs = {e: [(0, 0, 1)] for e in edges}
+        transfers, rounds = planning._colour_rounds(pairs)
+        deg = np.bincount([u for u, _ in edges] + [n + v for _, v in edges], minlength=2 * n)
+        assert rounds == deg.max()
+        assert len({(t.src, t.round) for t in transfers}) == len(transfers)
+        assert len({(t.dst, t.round) for t in transfers}) == len(transfers)
+        assert {(t.src, t.dst) for t in transfers} == edges
+    assert flips, "no random graph exercised the alternating-path recolouring"
