@@ -1,0 +1,155 @@
+"""``hf-fcp`` command line: ``plan`` (plan one batch and show it) and ``simulate`` (what-if at scale).
+
+Bad input prints one line ``hf-fcp: error: ...`` naming the value and what is allowed, and exits with
+status 2; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .config import STRATEGIES
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def read_lengths(path: str) -> list[int]:
+    """Read sequence lengths from ``path``: a JSON list of integers, or text with one integer per line
+    (blank lines and ``#`` comments ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--lengths file {path!r} does not exist (expected a JSON list or one length per line)")
+    text = p.read_text(encoding="utf-8", errors="replace").strip()
+    if not text:
+        raise CLIError(f"--lengths file {path!r} is empty: expected at least one sequence length")
+    if text.startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--lengths file {path!r} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        if not isinstance(values, list):
+            raise CLIError(f"--lengths file {path!r} must hold a JSON list of integers")
+        return values
+    values = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            values.append(int(line))
+        except ValueError:
+            raise CLIError(f"--lengths file {path!r} line {n}: {line!r} is not an integer length") from None
+    return values
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="plan one global batch and print its balance and communication",
+                       description="Plan one global batch: placement of every sequence's blocks over the "
+                                   "ranks and the congestion-free P2P rounds.")
+    p.add_argument("--lengths", required=True, metavar="FILE",
+                   help="sequence lengths: a JSON list of integers or one integer per line")
+    p.add_argument("--world-size", type=int, required=True, metavar="N", help="number of ranks")
+    p.add_argument("--block-size", type=int, default=4096, metavar="B", help="tokens per block (default 4096)")
+    p.add_argument("--tokens-per-rank", type=int, default=None, metavar="T",
+                   help="per-rank token cap (default: an even share of the batch)")
+    p.add_argument("--strategy", default="fcp", choices=STRATEGIES, help="placement strategy (default fcp)")
+    p.add_argument("--rounds-per-stage", type=int, default=1, metavar="K", help="coalesce K rounds per stage")
+    p.add_argument("--kv-heads", type=int, default=8, help="KV heads, for byte counts (default 8)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension, for byte counts (default 128)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--assignment", action="store_true",
+                   help="with --json: add 'ranks', each rank's [seq_index, start, end] spans in local order")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _table(plan) -> str:
+    loads = plan.rank_loads()
+    share = loads["cost"] / max(loads["cost"].sum(), 1.0)
+    per_tok = plan.options.kv_bytes_per_token
+    rows = [f"{'rank':>5} {'tokens':>10} {'spans':>6} {'attn share':>11} {'KV in':>11} {'KV out':>11}"]
+    for r in range(plan.world_size):
+        rows.append(f"{r:>5} {loads['tokens'][r]:>10} {loads['spans'][r]:>6} {share[r]:>10.2%} "
+                    f"{_human_bytes(loads['kv_in'][r] * per_tok):>11} {_human_bytes(loads['kv_out'][r] * per_tok):>11}")
+    st = plan.stats()
+    rows.append("")
+    rows.append(f"strategy {plan.strategy}: {plan.num_tokens} tokens in {len(plan.seq_lens)} sequences, "
+                f"world size {plan.world_size}, block {plan.block_size}, cap {plan.tokens_per_rank} tokens/rank")
+    rows.append(f"compute imbalance {st['compute_imbalance']:.2%}, memory imbalance {st['memory_imbalance']:.2%}, "
+                f"KV moved {_human_bytes(st['comm_bytes'])} (max per rank {_human_bytes(st['max_rank_comm_bytes'])}), "
+                f"{st['rounds']} rounds, planned in {st['plan_ms']:.1f} ms")
+    return "\n".join(rows)
+
+
+def run_plan(args) -> int:
+    from .planning import plan_batch
+
+    lengths = read_lengths(args.lengths)
+    plan = plan_batch(lengths, world_size=args.world_size, block_size=args.block_size,
+                      tokens_per_rank=args.tokens_per_rank, strategy=args.strategy,
+                      rounds_per_stage=args.rounds_per_stage, kv_heads=args.kv_heads, head_dim=args.head_dim)
+    if args.json:
+        print(json.dumps(plan.to_dict(assignment=args.assignment), default=_json_default))
+    else:
+        if args.assignment:
+            raise CLIError("--assignment needs --json (the table shows per-rank totals only)")
+        print(_table(plan))
+    return 0
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hf-fcp", description="Flexible context parallelism for Hugging Face training.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _plan_parser(sub)
+    try:
+        from .simulate.cli import add_simulate_parser
+    except ImportError:
+        add_simulate_parser = None
+    if add_simulate_parser is not None:
+        add_simulate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "plan":
+            return run_plan(args)
+        from .simulate.cli import run_simulate
+
+        return run_simulate(args)
+    except (CLIError, ValueError) as e:
+        print(f"hf-fcp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hf-fcp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
