@@ -1,0 +1,434 @@
+"""Block attention kernels with a varlen interface, plus the log-sum-exp (LSE) merge.
+
+Plain functions without autograd (the caller's autograd Function calls them). Tensors are packed:
+
+* ``q``: (Nq, Hq, D), ``k``/``v``: (Nk, Hkv, D), Hq % Hkv == 0 (GQA/MQA; KV heads are never repeated);
+* ``cu_q``/``cu_k``: int32/int64 (S+1,) cumulative offsets, any device; segment ``i`` owns queries
+  ``q[cu_q[i]:cu_q[i+1]]`` and keys ``k[cu_k[i]:cu_k[i+1]]``; lengths may differ and may be 0;
+* ``lse``: (Nq, Hq) float32, natural-log sum of ``exp(scale * q.k)`` over the visible keys (−inf: none).
+
+``causal=True`` is BOTTOM-RIGHT aligned (flash-attn ≥ 2.1): in a segment with lengths (Lq, Lk), query
+``i`` sees key ``j`` iff ``j <= i + (Lk - Lq)``. Rows that see no key give out 0 and lse −inf::
+
+    Lq=2, Lk=5 (queries at the end of a longer KV)     Lq=5, Lk=2 (the first 3 rows see nothing)
+        1 1 1 1 0                                           0 0
+        1 1 1 1 1                                           0 0
+                                                            0 0
+                                                            1 0
+                                                            1 1
+
+Backends: ``torch_cpu`` (aten's CPU flash kernel; its top-left causal flag is converted by splitting a
+segment into an unmasked prefix plus a square diagonal part, merged by LSE), ``flash_attn`` (FA2 ≥ 2.6
+or FA3 varlen on CUDA, imported lazily) and ``naive`` (plain torch, any dtype/device; the reference).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("torch_cpu", "flash_attn", "naive")
+TORCH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_ATTN_MIN_VERSION = (2, 6)  # packed (H, total_q) varlen LSE layout
+_GROUP_MAX_LEN = 512  # segments up to this length with equal (Lq, Lk) share one batched kernel call
+_GROUP_MAX_TOKENS = 1 << 16  # ... with at most this many (query or key) tokens per call
+_NAIVE_MAX_SCORES = 1 << 24  # naive backend: score elements materialised per query chunk
+_INF = float("inf")
+
+
+# ----------------------------------------------------------------------------- backend selection
+@functools.lru_cache(maxsize=1)
+def _flash_module():
+    """The flash-attn varlen module (FA3 ``flash_attn_interface`` first, then FA2), or None."""
+    try:
+        mod = importlib.import_module("flash_attn_interface")  # FA3 (hopper)
+        if hasattr(mod, "flash_attn_varlen_func"):
+            return mod
+    except ImportError:
+        pass
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_interface as mod
+    except ImportError:
+        return None
+    version = tuple(int(p) for p in flash_attn.__version__.split(".")[:2] if p.isdigit())
+    return mod if version >= FLASH_ATTN_MIN_VERSION else None
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends usable on ``device`` (a torch.device or string), best first."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return ["torch_cpu", "naive"]
+    return (["flash_attn"] if dev.type == "cuda" and _flash_module() is not None else []) + ["naive"]
+
+
+def select_backend(device: torch.device | str, dtype: torch.dtype, requested: str | None = None) -> str:
+    """Validate ``requested`` for (device, dtype), or pick the default: flash_attn on CUDA for fp16/bf16
+    when importable, torch_cpu on CPU for fp32/bf16/fp16/fp64, else naive."""
+    dev = torch.device(device)
+    if requested is None:
+        if dev.type == "cuda" and dtype in FLASH_DTYPES and _flash_module() is not None:
+            return "flash_attn"
+        return "torch_cpu" if dev.type == "cpu" and dtype in TORCH_CPU_DTYPES else "naive"
+    if requested not in BACKENDS:
+        raise ValueError(f"backend: got {requested!r}, expected one of {BACKENDS} or None (automatic)")
+    if requested == "flash_attn":
+        if _flash_module() is None:
+            raise ImportError(
+                "backend 'flash_attn' needs flash-attn >= 2.6 (or FA3's flash_attn_interface): "
+                "pip install 'hf-fcp[flash]' (or pip install flash-attn); on CPU use backend 'torch_cpu'")
+        _check_backend_fit(requested, dev, dtype, "cuda", FLASH_DTYPES)
+    elif requested == "torch_cpu":
+        _check_backend_fit(requested, dev, dtype, "cpu", TORCH_CPU_DTYPES)
+    elif not dtype.is_floating_point:
+        raise ValueError(f"backend 'naive': got dtype {dtype}, expected a floating dtype")
+    return requested
+
+
+def _check_backend_fit(name, dev, dtype, device_type, dtypes) -> None:
+    if dev.type != device_type:
+        raise ValueError(f"backend {name!r}: got device {dev}, expected a {device_type} device")
+    if dtype not in dtypes:
+        raise ValueError(f"backend {name!r}: got dtype {dtype}, expected one of {dtypes}")
+
+
+# ----------------------------------------------------------------------------- validation
+def _offsets(name: str, cu: Tensor, n_rows: int, n_segments: int | None) -> list[int]:
+    """Check a cumulative-offset tensor against the packed length ``n_rows``; return it as a list."""
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+        got = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+        raise ValueError(f"{name}: got {got}, expected a 1-D int32/int64 tensor of S+1 offsets")
+    offs = cu.tolist()
+    if n_segments is not None and len(offs) != n_segments + 1:
+        raise ValueError(f"{name}: got {len(offs)} offsets, expected {n_segments + 1} (as many as cu_q)")
+    if not offs or offs[0] != 0 or offs[-1] != n_rows:
+        raise ValueError(f"{name}: got first/last offsets {offs[:1]}/{offs[-1:]}, expected 0/{n_rows}")
+    if any(b < a for a, b in zip(offs, offs[1:])):
+        raise ValueError(f"{name}: offsets must be non-decreasing, got {offs}")
+    return offs
+
+
+def _check_inputs(q, k, v, cu_q, cu_k) -> tuple[list[int], list[int]]:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name}: got {got}, expected a floating (N, H, D) tensor")
+    if v.shape != k.shape:
+        raise ValueError(f"v: got shape {tuple(v.shape)}, expected {tuple(k.shape)} (the shape of k)")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k: got head dim {k.shape[2]}, expected {q.shape[2]} (the head dim of q)")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"k: got {k.shape[1]} heads, expected a divisor of the {q.shape[1]} heads of q")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name}: got {t.dtype} on {t.device}, expected {q.dtype} on {q.device} (as q)")
+    offs_q = _offsets("cu_q", cu_q, q.shape[0], None)
+    return offs_q, _offsets("cu_k", cu_k, k.shape[0], len(offs_q) - 1)
+
+
+def _check_like(name: str, t, shape: tuple, device: torch.device) -> None:
+    if not isinstance(t, Tensor) or tuple(t.shape) != tuple(shape) or not t.is_floating_point():
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name}: got {got}, expected a floating tensor of shape {tuple(shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: got device {t.device}, expected {device}")
+
+
+# ----------------------------------------------------------------------------- LSE merge
+def _lse_merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge two partial results: o (..., D), l (...). −inf on both sides stays −inf with o = 0."""
+    m = torch.maximum(l1, l2)
+    m = m.masked_fill(m == -_INF, 0.0)
+    w1, w2 = (l1 - m).exp(), (l2 - m).exp()
+    total = w1 + w2
+    inv = torch.where(total > 0, total.reciprocal(), torch.zeros_like(total))
+    out = o1 * (w1 * inv).unsqueeze(-1) + o2 * (w2 * inv).unsqueeze(-1)
+    return out, m + total.log()
+
+
+@torch.no_grad()
+def merge_partial(out_acc: Tensor, lse_acc: Tensor, rows: Tensor | None, out_part: Tensor,
+                  lse_part: Tensor) -> None:
+    """Merge a partial attention result into accumulator rows, in place (numerically stable LSE merge).
+
+    out_acc: (N, Hq, D) float32 accumulator (start: zeros). lse_acc: (N, Hq) float32 (start: −inf).
+    rows: int64 (n,) unique row indices into the accumulators, or None for all rows (n == N).
+    out_part: (n, Hq, D) any float dtype. lse_part: (n, Hq) float32, −inf where no key was visible.
+    """
+    if rows is not None and (rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"rows: got {rows.dtype} of shape {tuple(rows.shape)}, expected a 1-D int64 tensor")
+    n = out_acc.shape[0] if rows is None else rows.numel()
+    _check_like("lse_acc", lse_acc, out_acc.shape[:2], out_acc.device)
+    _check_like("out_part", out_part, (n, *out_acc.shape[1:]), out_acc.device)
+    _check_like("lse_part", lse_part, (n, out_acc.shape[1]), out_acc.device)
+    o_part, l_part = out_part.to(out_acc.dtype), lse_part.to(lse_acc.dtype)
+    if rows is None:
+        o, l = _lse_merge(out_acc, lse_acc, o_part, l_part)
+        out_acc.copy_(o)
+        lse_acc.copy_(l)
+        return
+    rows = rows.to(device=out_acc.device, dtype=torch.int64)
+    o, l = _lse_merge(out_acc.index_select(0, rows), lse_acc.index_select(0, rows), o_part, l_part)
+    out_acc.index_copy_(0, rows, o)
+    lse_acc.index_copy_(0, rows, l)
+
+
+# ----------------------------------------------------------------------------- segment grouping
+class _Rows(NamedTuple):
+    """``count`` segments of ``length`` packed rows each: rows [start, start + count*length) in order when
+    ``idx`` is None (gathered as a view), else the rows ``idx`` (count*length,) int64 (gathered by copy)."""
+
+    start: int
+    count: int
+    length: int
+    idx: Tensor | None
+
+    def covers(self, n: int) -> bool:
+        return self.idx is None and self.start == 0 and self.count * self.length == n
+
+
+def _rows(starts: list[int], length: int, device) -> _Rows:
+    if all(b - a == length for a, b in zip(starts, starts[1:])):
+        return _Rows(starts[0], len(starts), length, None)
+    idx = torch.tensor(starts, device=device).unsqueeze(1) + torch.arange(length, device=device)
+    return _Rows(starts[0], len(starts), length, idx.reshape(-1))
+
+
+def _batches(offs_q: list[int], offs_k: list[int], causal: bool, device) -> list[tuple[_Rows, _Rows]]:
+    """(query rows, key rows) per kernel call. Segments of equal (Lq, Lk) up to _GROUP_MAX_LEN share a
+    call. Causal segments with Lq > Lk drop their first Lq − Lk rows (they see nothing), so causal calls
+    have Lq <= Lk. Empty segments get no call."""
+    groups: dict[tuple[int, int], tuple[list, list]] = {}
+    for qa, qb, ka, kb in zip(offs_q, offs_q[1:], offs_k, offs_k[1:]):
+        lq, lk = qb - qa, kb - ka
+        if causal and lq > lk:
+            qa, lq = qa + lq - lk, lk
+        if lq and lk:
+            starts = groups.setdefault((lq, lk), ([], []))
+            starts[0].append(qa)
+            starts[1].append(ka)
+    out = []
+    for (lq, lk), (qs, ks) in groups.items():
+        step = 1 if max(lq, lk) > _GROUP_MAX_LEN else max(1, _GROUP_MAX_TOKENS // max(lq, lk))
+        for i in range(0, len(qs), step):
+            out.append((_rows(qs[i:i + step], lq, device), _rows(ks[i:i + step], lk, device)))
+    return out
+
+
+def _gather(x: Tensor, r: _Rows) -> Tensor:
+    """Packed (N, H, ...) → (B, H, L, ...)."""
+    rows = x[r.start:r.start + r.count * r.length] if r.idx is None else x.index_select(0, r.idx)
+    return rows.unflatten(0, (r.count, r.length)).transpose(1, 2)
+
+
+def _scatter(dst: Tensor, r: _Rows, val: Tensor) -> None:
+    """Inverse of ``_gather``: write val (B, H, L, ...) into the packed rows of dst (N, H, ...)."""
+    val = val.transpose(1, 2).flatten(0, 1)
+    if r.idx is None:
+        dst[r.start:r.start + val.shape[0]] = val
+    else:
+        dst.index_copy_(0, r.idx, val.to(dst.dtype))
+
+
+def _packed(val: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, H, L, ...) covering all rows in order → contiguous packed (B*L, H, ...)."""
+    return val.transpose(1, 2).flatten(0, 1).to(dtype).contiguous()
+
+
+def _run(block, batches, q_side, k_side, outs) -> tuple[Tensor, ...]:
+    """Run ``block(*q_side blocks, *k_side blocks)`` per batch and assemble its results into packed tensors.
+    outs: per result (like, side 0=q/1=k, fill for rows no call writes, dtype)."""
+    def call(rq, rk):
+        return block(*(_gather(t, rq) for t in q_side), *(_gather(t, rk) for t in k_side))
+
+    if len(batches) == 1 and all(batches[0][side].covers(like.shape[0]) for like, side, _, _ in outs):
+        return tuple(_packed(r, dtype) for r, (_, _, _, dtype) in zip(call(*batches[0]), outs))  # no copies
+    bufs = []
+    for like, side, fill, dtype in outs:
+        covered = sum(b[side].count * b[side].length for b in batches) == like.shape[0]
+        kw = dict(dtype=dtype, device=like.device)
+        bufs.append(torch.empty(like.shape, **kw) if covered else torch.full(like.shape, fill, **kw))
+    for rows in batches:
+        for buf, res, (_, side, _, _) in zip(bufs, call(*rows), outs):
+            _scatter(buf, rows[side], res)
+    return tuple(bufs)
+
+
+# ----------------------------------------------------------------------------- torch_cpu blocks
+# Blocks: q/do/o (B, Hq, Lq, D), l (B, Hq, Lq), k/v (B, Hkv, Lk, D); causal implies Lq <= Lk.
+_cpu_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _cpu_block_fwd(q, k, v, causal, scale):
+    off = k.shape[2] - q.shape[2]
+    if not causal or off == 0:
+        return _cpu_fwd(q, k, v, 0.0, causal, scale=scale)
+    o1, l1 = _cpu_fwd(q, k[:, :, :off], v[:, :, :off], 0.0, False, scale=scale)
+    o2, l2 = _cpu_fwd(q, k[:, :, off:], v[:, :, off:], 0.0, True, scale=scale)
+    ct = _compute_dtype(q.dtype)
+    o, l = _lse_merge(o1.to(ct), l1.to(ct), o2.to(ct), l2.to(ct))
+    return o.to(q.dtype), l
+
+
+def _cpu_block_bwd(do, q, o, l, k, v, causal, scale):
+    off = k.shape[2] - q.shape[2]
+    l = l.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if not causal or off == 0:
+        return _cpu_bwd(do, q, k, v, o, l, 0.0, causal, scale=scale)
+    dq1, dk1, dv1 = _cpu_bwd(do, q, k[:, :, :off], v[:, :, :off], o, l, 0.0, False, scale=scale)
+    dq2, dk2, dv2 = _cpu_bwd(do, q, k[:, :, off:], v[:, :, off:], o, l, 0.0, True, scale=scale)
+    dq = dq1.to(_compute_dtype(q.dtype)).add_(dq2)
+    return dq, torch.cat([dk1, dk2], dim=2), torch.cat([dv1, dv2], dim=2)
+
+
+# ----------------------------------------------------------------------------- naive blocks
+def _naive_chunks(q, k, causal):
+    """Yield (row slice, visibility mask or None) so one chunk's scores stay under _NAIVE_MAX_SCORES."""
+    lq, lk = q.shape[2], k.shape[2]
+    step = max(1, _NAIVE_MAX_SCORES // max(1, q.shape[0] * q.shape[1] * lk))
+    for i in range(0, lq, step):
+        rows = slice(i, min(lq, i + step))
+        mask = None
+        if causal:
+            pos = torch.arange(rows.start, rows.stop, device=q.device) + (lk - lq)
+            mask = torch.arange(lk, device=q.device) <= pos.unsqueeze(1)
+        yield rows, mask
+
+
+def _naive_scores(qc, k, mask, scale):
+    """qc (B, Hkv, G, r, D), k (B, Hkv, Lk, D) → scores (B, Hkv, G, r, Lk), masked with −inf."""
+    s = torch.matmul(qc, k.unsqueeze(2).transpose(-1, -2)) * scale
+    return s if mask is None else s.masked_fill(~mask, -_INF)
+
+
+def _compute_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _naive_block_fwd(q, k, v, causal, scale):
+    ct, hkv = _compute_dtype(q.dtype), k.shape[1]
+    qg, k, v = q.to(ct).unflatten(1, (hkv, -1)), k.to(ct), v.to(ct)
+    out = torch.empty(qg.shape, dtype=ct, device=q.device)
+    lse = torch.empty(qg.shape[:-1], dtype=ct, device=q.device)
+    for rows, mask in _naive_chunks(q, k, causal):
+        s = _naive_scores(qg[..., rows, :], k, mask, scale)
+        lse[..., rows] = s.logsumexp(-1)
+        out[..., rows, :] = torch.matmul((s - lse[..., rows, None]).exp(), v.unsqueeze(2))
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def _naive_block_bwd(do, q, o, l, k, v, causal, scale):
+    ct, hkv = _compute_dtype(q.dtype), k.shape[1]
+    qg, do, o = (t.to(ct).unflatten(1, (hkv, -1)) for t in (q, do, o))
+    k, v, l = k.to(ct), v.to(ct), l.to(ct).unflatten(1, (hkv, -1))
+    dq, dk, dv = torch.empty_like(qg), torch.zeros_like(k), torch.zeros_like(v)
+    for rows, mask in _naive_chunks(q, k, causal):
+        p = (_naive_scores(qg[..., rows, :], k, mask, scale) - l[..., rows, None]).exp()
+        dor = do[..., rows, :]
+        dv += torch.matmul(p.transpose(-1, -2), dor).sum(2)
+        dp = torch.matmul(dor, v.unsqueeze(2).transpose(-1, -2))
+        ds = p * (dp - (dor * o[..., rows, :]).sum(-1, keepdim=True))
+        dq[..., rows, :] = torch.matmul(ds, k.unsqueeze(2)) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qg[..., rows, :]).sum(2) * scale
+    return dq.flatten(1, 2), dk, dv
+
+
+# ----------------------------------------------------------------------------- flash_attn (CUDA)
+def _call_by_name(fn, values: dict):
+    """Call a flash-attn function with the keyword arguments its signature names (versions differ)."""
+    params = inspect.signature(getattr(fn, "_init_fn", fn)).parameters
+    missing = [n for n, p in params.items() if n not in values and p.default is inspect.Parameter.empty]
+    if missing:
+        name = getattr(fn, "__name__", repr(fn))
+        raise RuntimeError(f"unsupported flash-attn version: {name} needs arguments {missing}")
+    return fn(**{n: values[n] for n in params if n in values})
+
+
+def _flash_args(q, k, offs_q, offs_k, causal, scale) -> dict:
+    if q.shape[2] % 8 or q.shape[2] > 256:
+        raise ValueError(f"q: got head dim {q.shape[2]}, expected a multiple of 8 up to 256 for flash_attn")
+    lens_q = [b - a for a, b in zip(offs_q, offs_q[1:])]
+    lens_k = [b - a for a, b in zip(offs_k, offs_k[1:])]
+    return dict(
+        q=q, k=k, cu_seqlens_q=torch.tensor(offs_q, dtype=torch.int32, device=q.device),
+        cu_seqlens_k=torch.tensor(offs_k, dtype=torch.int32, device=q.device),
+        max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), dropout_p=0.0, softmax_scale=scale,
+        causal=causal, is_causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1,
+        softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None, return_attn_probs=True)
+
+
+def _flash_forward(q, k, v, offs_q, offs_k, causal, scale):
+    mod = _flash_module()
+    args = dict(_flash_args(q, k, offs_q, offs_k, causal, scale), v=v)
+    res = _call_by_name(mod.flash_attn_varlen_func, args)
+    if not isinstance(res, (tuple, list)):
+        raise RuntimeError("unsupported flash-attn version: flash_attn_varlen_func returned no LSE")
+    lse = res[1].float().transpose(0, 1)  # FA varlen LSE is (Hq, Nq); empty rows hold +inf
+    return res[0], lse.masked_fill(lse == _INF, -_INF).contiguous()
+
+
+def _flash_backward(dout, q, k, v, out, lse, offs_q, offs_k, causal, scale):
+    mod = _flash_module()
+    fn = getattr(mod, "_flash_attn_varlen_backward", None) or mod._flash_attn_backward
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    lse = lse.float().masked_fill(lse == -_INF, _INF).transpose(0, 1).contiguous()  # +inf: zero grads
+    _call_by_name(fn, dict(_flash_args(q, k, offs_q, offs_k, causal, scale), v=v, dout=dout.contiguous(),
+                           out=out.contiguous(), softmax_lse=lse, dq=dq, dk=dk, dv=dv, sm_margin=0))
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- public entry points
+_BLOCKS = {"torch_cpu": (_cpu_block_fwd, _cpu_block_bwd), "naive": (_naive_block_fwd, _naive_block_bwd)}
+
+
+@torch.no_grad()
+def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, *, causal: bool,
+                   scale: float, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of packed segments (see the module docstring for layouts and the causal mask).
+
+    q: (Nq, Hq, D); k, v: (Nk, Hkv, D), same dtype/device as q. cu_q, cu_k: int32/int64 (S+1,).
+    Returns out (Nq, Hq, D) in q's dtype (0 where no key is visible) and lse (Nq, Hq) float32 (−inf there).
+    """
+    offs_q, offs_k = _check_inputs(q, k, v, cu_q, cu_k)
+    backend = select_backend(q.device, q.dtype, backend)
+    q, k, v, scale = q.detach(), k.detach(), v.detach(), float(scale)
+    if backend == "flash_attn" and q.shape[0] and k.shape[0]:
+        return _flash_forward(q, k, v, offs_q, offs_k, causal, scale)
+    block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[0], causal=causal, scale=scale)
+    outs = ((q, 0, 0.0, q.dtype), (q[..., 0], 0, -_INF, torch.float32))
+    return _run(block, _batches(offs_q, offs_k, causal, q.device), (q,), (k, v), outs)
+
+
+@torch.no_grad()
+def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+                    cu_k: Tensor, *, causal: bool, scale: float,
+                    backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one varlen attention call, given the FINAL (merged over all key chunks) out and lse.
+
+    dout, out: (Nq, Hq, D) any float dtype (cast to q's); lse: (Nq, Hq) float32, −inf rows get zero grads.
+    q, k, v, cu_q, cu_k, causal, scale: as in ``varlen_forward``. Summing dk/dv (and dq) over calls on
+    disjoint key chunks gives the exact gradients of the merged attention.
+    Returns dq (Nq, Hq, D), dk (Nk, Hkv, D), dv (Nk, Hkv, D) in the dtypes of q, k, v.
+    """
+    offs_q, offs_k = _check_inputs(q, k, v, cu_q, cu_k)
+    for name, t in (("dout", dout), ("out", out)):
+        _check_like(name, t, q.shape, q.device)
+    _check_like("lse", lse, q.shape[:2], q.device)
+    backend = select_backend(q.device, q.dtype, backend)
+    q, k, v, scale = q.detach(), k.detach(), v.detach(), float(scale)
+    if backend != "naive":  # the kernels want one dtype; naive computes in >= float32 anyway
+        dout, out = dout.detach().to(q.dtype), out.detach().to(q.dtype)
+    if backend == "flash_attn" and q.shape[0] and k.shape[0]:
+        return _flash_backward(dout, q, k, v, out, lse.detach(), offs_q, offs_k, causal, scale)
+    lse = lse.detach().masked_fill(lse == -_INF, _INF)  # exp(s - inf) = 0: rows without keys get 0
+    block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[1], causal=causal, scale=scale)
+    outs = ((q, 0, 0.0, q.dtype), (k, 1, 0.0, k.dtype), (v, 1, 0.0, v.dtype))
+    return _run(block, _batches(offs_q, offs_k, causal, q.device), (dout, q, out, lse), (k, v), outs)
