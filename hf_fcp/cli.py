@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hf-fcp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `hf-fcp plan ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Sequence
 
 from .config import (PlanOptions, check_positive_int, check_seq_lens, check_strategy, make_options,
@@ -133,33 +133,37 @@ def _colour_rounds(pairs) -> tuple[tuple[Transfer, ...], int]:
     """Proper edge colouring of the bipartite message graph (senders × receivers) with Δ colours.
 
     Each edge takes the lowest colour free at both ends when one below Δ exists (almost always);
-    otherwise Kőnig's alternating-path swap frees one. Edges go in (src, dst) order: deterministic."""
-    at_src: dict[int, dict[int, int]] = defaultdict(dict)  # src -> colour -> dst
-    at_dst: dict[int, dict[int, int]] = defaultdict(dict)  # dst -> colour -> src
-    used_src: dict[int, int] = defaultdict(int)  # bitmask of colours in use at each sender
-    used_dst: dict[int, int] = defaultdict(int)
-    out_deg, in_deg = defaultdict(int), defaultdict(int)
-    for u, v in pairs:
-        out_deg[u] += 1
-        in_deg[v] += 1
-    delta = max([*out_deg.values(), *in_deg.values()], default=0)
-    colour = {}
-    for u, v in sorted(pairs):
+    otherwise Kőnig's alternating-path swap frees one (the colour -> peer maps that needs are built on
+    the first such swap only). Edges go in (src, dst) order: deterministic."""
+    edges = sorted(pairs)
+    if not edges:
+        return (), 0
+    n = 1 + max(max(u, v) for u, v in edges)
+    used_src, used_dst = [0] * n, [0] * n  # bitmask of colours in use at each sender / receiver
+    delta = max(max(Counter(u for u, _ in edges).values()), max(Counter(v for _, v in edges).values()))
+    colour: dict[tuple[int, int], int] = {}
+    maps = None  # (src -> colour -> dst, dst -> colour -> src), once a swap is needed
+    for u, v in edges:
         both = used_src[u] | used_dst[v]
         a = (~both & (both + 1)).bit_length() - 1
         if a >= delta:
+            if maps is None:
+                maps = (defaultdict(dict), defaultdict(dict))
+                for (x, y), c in colour.items():
+                    maps[0][x][c] = y
+                    maps[1][y][c] = x
             a = _lowest_zero_bit(used_src[u])
             b = _lowest_zero_bit(used_dst[v])
-            if a != b and a in at_dst[v]:
-                _flip_path(v, a, b, at_src, at_dst, used_src, used_dst, colour)
-        at_src[u][a] = v
-        at_dst[v][a] = u
+            if a != b and a in maps[1][v]:
+                _flip_path(v, a, b, *maps, used_src, used_dst, colour)
+        if maps is not None:
+            maps[0][u][a] = v
+            maps[1][v][a] = u
         used_src[u] |= 1 << a
         used_dst[v] |= 1 << a
         colour[(u, v)] = a
-    transfers = sorted(Transfer(u, v, c, tuple(pairs[(u, v)])) for (u, v), c in colour.items())
-    transfers.sort(key=lambda t: t.round)  # stable: (round, src, dst)
-    return tuple(transfers), delta
+    order = sorted((c, u, v) for (u, v), c in colour.items())
+    return tuple(Transfer(u, v, c, tuple(pairs[(u, v)])) for c, u, v in order), delta
 
 
 def _lowest_zero_bit(mask: int) -> int:
