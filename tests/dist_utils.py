@@ -1,0 +1,145 @@
+"""Helpers for tests that need several processes: spawn a gloo group, collect results, never hang.
+
+``run_workers(fn, world_size, *args, timeout=...)`` starts ``world_size`` spawned processes, each with a
+gloo process group (``file://`` store in a fresh temp dir, loopback only, one thread), calls
+``fn(rank, world_size, *args)`` in each and returns the per-rank results as a list. ``fn`` must be a
+module-level function (spawn pickles it by name); its result must be picklable (tensors are fine).
+A worker exception re-raises in the caller with the worker's traceback; a worker still running after
+``timeout`` seconds is killed and the call raises ``TimeoutError`` — a hang fails the test, it never
+stalls the run. Also ``packed_causal_attention`` and ``packed_causal_reference``: the float64
+single-process attention reference.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import shutil
+import tempfile
+import time
+import traceback
+
+import torch
+
+GRACE_S = 5.0  # after one worker failed, how long the others get to finish before they are killed
+
+
+def _worker(fn, rank: int, world_size: int, init: str, timeout: float, results, args) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout))
+        try:
+            payload = ("ok", pickle.dumps(fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 — everything goes back to the parent as text
+        payload = ("error", traceback.format_exc())
+    results.put((rank, *payload))
+
+
+def run_workers(fn, world_size: int, *args, timeout: float = 60.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return results by rank.
+
+    Raises RuntimeError with the first failing worker's traceback, or TimeoutError naming the ranks that
+    did not report within ``timeout`` seconds (those processes are killed).
+    """
+    ctx = mp.get_context("spawn")
+    tmp = tempfile.mkdtemp(prefix="hf_fcp_dist_")
+    results = ctx.Queue()
+    init = f"file://{os.path.join(tmp, 'store')}"
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init, timeout, results, args), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        return _collect(procs, results, world_size, timeout)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _collect(procs, results, world_size: int, timeout: float) -> list:
+    out: dict[int, object] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(out) + len(errors) < world_size:
+        left = deadline - time.monotonic()
+        if errors:
+            left = min(left, GRACE_S)
+        if left <= 0:
+            break
+        try:
+            rank, status, payload = results.get(timeout=min(left, 0.5))
+        except queue.Empty:
+            if not errors and not any(p.is_alive() for p in procs):
+                break  # every process died without reporting (e.g. killed by a signal)
+            continue
+        if status == "ok":
+            out[rank] = pickle.loads(payload)
+        else:
+            errors[rank] = payload
+    if errors:
+        rank = min(errors)
+        raise RuntimeError(f"worker rank {rank} of {world_size} failed:\n{errors[rank]}")
+    missing = [r for r in range(world_size) if r not in out]
+    if missing:
+        hung = [r for r in missing if procs[r].exitcode is None]
+        died = {r: procs[r].exitcode for r in missing if r not in hung}
+        raise TimeoutError(f"of {world_size} ranks, {hung} were still running after {timeout} s (killed) and "
+                           f"{sorted(died)} exited without a result (exit codes {died}); a worker must "
+                           f"be a module-level function and the launching script guarded by __main__")
+    return [out[r] for r in range(world_size)]
+
+
+def random_qkv(seq_lens, hq: int, hkv: int, d: int = 16, seed: int = 0):
+    """Seeded float64 q (N, Hq, D), k, v (N, Hkv, D) and dout (N, Hq, D) of a packed batch, N = sum(seq_lens)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(seq_lens)
+    q, dout = (torch.randn(n, hq, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(n, hkv, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    return q, k, v, dout
+
+
+def packed_causal_attention(q, k, v, seq_lens, scale=None):
+    """Differentiable dense attention of a packed batch: causal inside each sequence, none across.
+
+    q: (N, Hq, D), k/v: (N, Hkv, D) in global batch order, any float dtype (use float64 for a reference).
+    Returns out (N, Hq, D) and lse (N, Hq).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    outs, lses, start = [], [], 0
+    for n in seq_lens:
+        sl = slice(start, start + n)
+        ks, vs = (t[sl].repeat_interleave(group, 1) for t in (k, v))
+        s = torch.einsum("qhd,khd->hqk", q[sl], ks) * scale
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+        lses.append(s.logsumexp(-1).transpose(0, 1))
+        outs.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), vs))
+        start += n
+    return torch.cat(outs), torch.cat(lses)
+
+
+def packed_causal_reference(q, k, v, seq_lens, dout, scale=None, layers=1):
+    """Float64 reference: out, lse and dq, dk, dv of ``(out * dout).sum()``.
+
+    ``layers`` > 1 chains the attention (the output is the next call's q, same k and v); lse is the last
+    call's. Tensors as in :func:`packed_causal_attention`; everything returned is float64.
+    """
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = q
+    for _ in range(layers):
+        out, lse = packed_causal_attention(out, k, v, seq_lens, scale)
+    dq, dk, dv = torch.autograd.grad((out * dout.double()).sum(), (q, k, v))
+    return out.detach(), lse.detach(), dq, dk, dv

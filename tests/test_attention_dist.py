@@ -1,0 +1,192 @@
+"""fcp_attention and the ring-attention baseline on spawned gloo groups (W = 1..4) vs the float64 reference.
+
+One spawn per world size runs every case (spawning is the slow part); the tests then check each case's
+gathered forward output, LSE and dq/dk/dv, and the bytes that actually moved against the plan.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from dist_utils import packed_causal_reference, random_qkv, run_workers
+from hf_fcp import plan_batch
+
+TIMEOUT_S = 90.0
+TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
+WIRE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    lens: tuple[int, ...]
+    block: int
+    strategy: str = "fcp"
+    rounds_per_stage: int = 1
+    heads: tuple[int, int] = (8, 2)
+    dtype: torch.dtype = torch.float32
+    op: str = "fcp"  # "fcp": hf_fcp.fcp_attention, "ring": the ring-attention baseline
+    layers: int = 1  # > 1: chained calls on the same view (out is the next q), one backward through all
+    local: bool = False  # every rank runs the whole batch with a world-size-1 view inside the group
+    seed: int = 0
+
+
+def random_lens(world: int, block: int, seed: int) -> tuple[int, ...]:
+    """1-token sequences, a sequence spanning every rank, lengths off block multiples, shuffled."""
+    rng = np.random.default_rng(seed)
+    lens = [1, 1, block * world * 2 + 3, block + 1, 2 * block - 1]
+    lens += rng.integers(1, 3 * block + 2, size=4).tolist()
+    rng.shuffle(lens)
+    return tuple(int(n) for n in lens)
+
+
+def cases_for(world: int) -> list[Case]:
+    out = [
+        Case("fcp_b8_gqa4", random_lens(world, 8, 1), 8),
+        Case("fcp_b3_mqa8_rps2", random_lens(world, 3, 2), 3, rounds_per_stage=2, heads=(8, 1)),
+        Case("fcp_b16_mha_rps3", random_lens(world, 16, 3), 16, rounds_per_stage=3, heads=(4, 4)),
+        Case("fcp_b8_bf16", random_lens(world, 8, 4), 8, dtype=torch.bfloat16),
+        Case("fcp_b8_3layers", random_lens(world, 8, 9), 8, layers=3),
+        Case("tiny_batch_idle_ranks", (1, 2), 4, heads=(4, 1)),  # W >= 3: some ranks hold no token
+        Case("world1_view_inside_group", random_lens(world, 8, 11), 8, local=True),
+        Case("ring_placement", random_lens(world, 8, 5), 8, strategy="ring"),
+        Case("allgather_placement_rps2", random_lens(world, 8, 6), 8, strategy="allgather", rounds_per_stage=2),
+        Case("ring_baseline_gqa4", random_lens(world, 8, 7), 8, strategy="ring", op="ring"),
+        Case("ring_baseline_mqa8_bf16", random_lens(world, 8, 8), 8, strategy="ring", op="ring", heads=(8, 1),
+             dtype=torch.bfloat16),
+        Case("ring_baseline_2layers", random_lens(world, 8, 10), 8, strategy="ring", op="ring", layers=2),
+        Case("ring_baseline_tiny_batch", (1, 2), 4, strategy="ring", op="ring"),
+    ]
+    return out
+
+
+def plan_for(case: Case, world: int):
+    return plan_batch(case.lens, world_size=1 if case.local else world, block_size=case.block, strategy=case.strategy,
+                      rounds_per_stage=case.rounds_per_stage, kv_heads=case.heads[1], head_dim=16,
+                      kv_dtype=WIRE[case.dtype])
+
+
+# ----------------------------------------------------------------------------- worker side
+def _op(name):
+    from hf_fcp.attention import fcp_attention
+    from hf_fcp.baselines import ring_attention
+
+    return {"fcp": fcp_attention, "ring": ring_attention}[name]
+
+
+def _run_case(rank: int, world: int, case: Case) -> dict:
+    from hf_fcp import comm
+
+    view = plan_for(case, world).for_rank(0 if case.local else rank)
+    q, k, v, dout = random_qkv(case.lens, *case.heads, seed=case.seed)
+    idx = view.token_index
+    xs = [t[idx].to(case.dtype).requires_grad_() for t in (q, k, v)]
+    with comm.track_comm() as counter:
+        out = xs[0]
+        for _ in range(case.layers):
+            out, lse = _op(case.op)(out, xs[1], xs[2], view, return_lse=True)
+        (out.float() * dout[idx].float()).sum().backward()
+    return {"index": idx, "out": out.detach().double(), "lse": lse.double(),
+            "grads": [x.grad.double() for x in xs], "bytes": dict(counter.by_tag),
+            "recv_bytes": counter.recv_bytes, "dtype_ok": out.dtype == case.dtype}
+
+
+def _run_cases(rank: int, world: int, cases: list[Case]) -> list[dict]:
+    return [_run_case(rank, world, c) for c in cases]
+
+
+def _mismatch(rank: int, world: int, bad_rank: int, kind: str) -> str:
+    """One rank uses another plan (or bad inputs); returns the error each rank raised, or 'no error'."""
+    from hf_fcp.attention import fcp_attention
+
+    lens = (40, 3, 1, 17)
+    block = 5 if (kind == "plan" and rank == bad_rank) else 8
+    view = plan_batch(lens, world_size=world, block_size=block).for_rank(rank)
+    n = view.num_local - (1 if kind == "input" and rank == bad_rank else 0)
+    q, k, v = (torch.randn(n, h, 16) for h in (4, 2, 2))
+    try:
+        fcp_attention(q, k, v, view)
+    except Exception as exc:  # noqa: BLE001 — the test checks type and message
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+# ----------------------------------------------------------------------------- parent side
+@functools.lru_cache(maxsize=None)
+def results(world: int) -> list[list[dict]]:
+    """Per case, per rank results (one spawn per world size, cached for the module)."""
+    per_rank = run_workers(_run_cases, world, cases_for(world), timeout=TIMEOUT_S)
+    return [[per_rank[r][i] for r in range(world)] for i in range(len(cases_for(world)))]
+
+
+def gather(parts: list[dict], n: int, key: str, i: int | None = None) -> torch.Tensor:
+    """Scatter each rank's local rows into global batch order; every token exactly once."""
+    first = parts[0][key] if i is None else parts[0][key][i]
+    full = torch.full((n, *first.shape[1:]), float("nan"), dtype=torch.float64)
+    seen = torch.zeros(n, dtype=torch.int64)
+    for p in parts:
+        full[p["index"]] = p[key] if i is None else p[key][i]
+        seen[p["index"]] += 1
+    assert torch.equal(seen, torch.ones(n, dtype=torch.int64)), "token_index does not cover the batch once"
+    return full
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("index", range(len(cases_for(1))), ids=[c.name for c in cases_for(1)])
+def test_matches_float64_reference(world, index):
+    case = cases_for(world)[index]
+    parts = results(world)[index]
+    parts = parts[:1] if case.local else parts  # local: rank 0's copy (the others: test_local_views_agree)
+    n = sum(case.lens)
+    q, k, v, dout = random_qkv(case.lens, *case.heads, seed=case.seed)
+    ref = packed_causal_reference(q, k, v, case.lens, dout, layers=case.layers)
+    got = [gather(parts, n, "out"), gather(parts, n, "lse")] + [gather(parts, n, "grads", i) for i in range(3)]
+    assert all(p["dtype_ok"] for p in parts)
+    for name, g, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+        tol = max(TOL[case.dtype], 2e-6) if name == "lse" else TOL[case.dtype]
+        err = ((g - r).abs().max() / r.abs().max().clamp(min=1.0)).item()
+        assert err <= tol, f"W={world} {case.name} {name}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_local_views_agree_without_traffic(world):
+    index = [c.local for c in cases_for(world)].index(True)
+    parts = results(world)[index]
+    assert all(p["bytes"] == {} and p["recv_bytes"] == 0 for p in parts)
+    for p in parts[1:]:
+        assert torch.equal(p["out"], parts[0]["out"]) and torch.equal(p["grads"][0], parts[0]["grads"][0])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_bytes_moved_equal_plan_prediction(world):
+    for case, parts in zip(cases_for(world), results(world)):
+        kv = sum(p["bytes"].get("kv", 0) for p in parts) // case.layers
+        if case.op == "fcp":
+            predicted = plan_for(case, world).stats()["comm_bytes"]
+            assert kv == predicted, f"{case.name}: moved {kv} bytes, plan predicts {predicted}"
+            assert sum(p["bytes"].get("grad", 0) for p in parts) == predicted * case.layers, case.name
+        else:  # ring baseline: W-1 forward + W-1 backward rotations of every rank's whole K|V block
+            elem = 2 if case.dtype == torch.bfloat16 else 4
+            block = sum(case.lens) * 2 * case.heads[1] * 16 * elem
+            assert kv == 2 * (world - 1) * block, case.name
+            assert sum(p["bytes"]["grad"] for p in parts) == world * block * case.layers, case.name
+        sent = sum(sum(p["bytes"].values()) for p in parts)
+        assert sent == sum(p["recv_bytes"] for p in parts), f"{case.name}: bytes sent != bytes received"
+
+
+@pytest.mark.parametrize("kind", ["plan", "input"])
+def test_mismatch_raises_on_every_rank_without_hanging(kind):
+    messages = run_workers(_mismatch, 3, 1, kind, timeout=TIMEOUT_S)
+    for rank, msg in enumerate(messages):
+        if kind == "plan":
+            assert msg.startswith("PlanMismatchError: FCP plans differ"), f"rank {rank}: {msg}"
+            assert "one plan on ranks [0, 2]; one plan on ranks [1]" in msg, msg
+        elif rank == 1:  # the rank with bad inputs gets its own ValueError
+            assert msg.startswith("ValueError: q: got"), msg
+        else:
+            assert msg.startswith("PlanMismatchError") and "rank(s) [1] rejected their inputs" in msg, msg
