@@ -32,7 +32,7 @@ from .layout import Span, span_cost
 
 SLACK = 0.004  # fraction of the mean cost a rank may exceed it by before an item is split instead
 REBALANCE_TARGET = 0.004  # the repair pass stops once no rank exceeds the mean cost by more than this
-MIN_CUT = 2 * SLACK  # a cut-off piece carries at least this fraction of the mean cost: no useless slivers
+MIN_PIECE = 128  # cuts for compute balance leave no piece shorter than this (nor than the block)
 
 
 def _blocks(lens: np.ndarray, block: int):
@@ -132,6 +132,7 @@ def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality:
     soft_cap = min(cap, math.ceil(total / world * 1.01))
     ranks.cap = soft_cap if soft_cap * world >= total else cap
     order = np.lexsort((-start, seq, -(start + end)))  # densest first; ties by sequence, later first
+    min_piece = max(1, min(block, MIN_PIECE, total // (8 * world)))  # tiny batches may cut finer
     holder: dict[int, int] = {}  # seq -> rank holding its most recently placed (earliest) piece
     out: list[list[Span]] = [[] for _ in range(world)]
     slack = SLACK * ranks.c_goal
@@ -141,32 +142,44 @@ def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality:
             m = max(a, b - int(ranks.cap - ranks.tok[r]))  # token room
             room = ranks.net_room(r)
             cost = _cost(m, b)
-            if cost - fill * (b - m) > room + slack and (a + b) / 2 > fill:  # dense and too big: cut
-                m = max(m, min(_cut_for_cost(a, b, max(room, MIN_CUT * ranks.c_goal), fill), b - 1))
+            if cost - fill * (b - m) > room + slack and (a + b) / 2 > fill and room > slack:
+                m = max(m, _cut(a, b, _cut_for_cost(a, b, room, fill), min_piece))  # dense, too big: cut
             out[r].append((s, m, b))
             ranks.add(r, _cost(m, b), b - m)
             holder[s] = r
             b = m
-    _rebalance(out, ranks)
+    _rebalance(out, ranks, min_piece)
     return [_merge_sorted(spans) for spans in out]
 
 
-def _rebalance(out: list[list[Span]], ranks: _Ranks, target: float = REBALANCE_TARGET) -> None:
+def _cut(a: int, b: int, m: int, min_piece: int) -> int:
+    """Move the cut ``m`` of ``[a, b)`` so that neither side is shorter than ``min_piece`` (the kernels
+    run short query runs inefficiently); no cut (``a``) when the range is too short to cut."""
+    if b - a < 2 * min_piece:
+        return a
+    return min(max(m, a + min_piece), b - min_piece)
+
+
+def _rebalance(out: list[list[Span]], ranks: _Ranks, min_piece: int, target: float = REBALANCE_TARGET) -> None:
     """Repair pass: while the most loaded rank exceeds the mean cost by more than ``target``, swap k
     tokens between it and the least loaded rank — the first k tokens of its latest-starting span for
-    the first k tokens of the other's earliest-starting span. Token counts stay; the cost moves by
-    exactly k × (difference of the two start positions), so k is solved for, not searched."""
+    the first k tokens of one of the other's spans that starts earlier. Token counts stay; the cost
+    moves by exactly k × (difference of the two start positions), so k is solved for, not searched.
+    The partner span is the farthest one that still lets k be at least ``min_piece`` (else the farthest)."""
     cost = np.asarray(ranks.cost)
-    for _ in range(2 * len(out)):
+    for _ in range(4 * len(out)):
         hi, lo = int(np.argmax(cost)), int(np.argmin(cost))
         excess = min(cost[hi] - ranks.c_goal, ranks.c_goal - cost[lo])
-        if cost[hi] <= ranks.c_goal * (1 + target) or excess <= 0:
+        if cost[hi] <= ranks.c_goal * (1 + target) or excess <= 0 or not out[hi] or not out[lo]:
             return
-        x = max(range(len(out[hi])), key=lambda i: (out[hi][i][1], -i), default=None)
-        y = min(range(len(out[lo])), key=lambda i: (out[lo][i][1], i), default=None)
-        if x is None or y is None or out[hi][x][1] <= out[lo][y][1]:
+        x = max(range(len(out[hi])), key=lambda i: (out[hi][i][1], -i))
+        sx, x0, x1 = out[hi][x]
+        earlier = sorted((out[lo][i][1], i) for i in range(len(out[lo])) if out[lo][i][1] < x0)
+        if not earlier:
             return
-        (sx, x0, x1), (sy, y0, y1) = out[hi][x], out[lo][y]
+        roomy = [(y0, i) for y0, i in earlier if x0 - y0 <= excess / min_piece]
+        y = (roomy or earlier)[0][1]
+        sy, y0, y1 = out[lo][y]
         k = min(math.ceil(excess / (x0 - y0)), x1 - x0, y1 - y0)
         out[hi][x:x + 1] = [(sy, y0, y0 + k)] + ([(sx, x0 + k, x1)] if x0 + k < x1 else [])
         out[lo][y:y + 1] = [(sx, x0, x0 + k)] + ([(sy, y0 + k, y1)] if y0 + k < y1 else [])
