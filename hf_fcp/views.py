@@ -4,15 +4,17 @@ A :class:`RankView` is picklable and moves with ``.to(device)``. Local token ord
 ``plan.spans(rank)``. Attention work is precomputed as varlen batches (:class:`TaskList`), so the engine
 only gathers rows and calls kernels:
 
-* ``local_tasks`` (causal, bottom-right aligned): one segment per held span ``[a, b)`` of sequence ``s``;
-  its keys are the rank's own earlier spans of ``s`` (in position order) followed by the span itself::
+* ``local_tasks`` (causal, bottom-right aligned): one segment per held sequence; its held runs, joined
+  in position order, are both the queries and the keys. The positions between runs are not in the
+  segment, so "query i sees keys 0..i of the joined runs" is exactly the causal mask::
 
-      keys:    [ own earlier spans of s ........ | a ............ b )
-      queries:                                   [ a ............ b )   query i sees keys ≤ its own position
+      queries = keys:  [ a1 .. b1 | a2 ....... b2 ]     (tokens b1..a2 live on other ranks)
 
-* ``stages[k].tasks`` (not causal): keys are rows of the receive buffer that arrived in stage ``k``; every
-  received piece of ``s`` lies wholly before the span (pieces never overlap held tokens), so all pairs
-  are visible. Pieces that end after the span (sent by ``ring``/``allgather`` strategies) are skipped.
+* ``stages[k].tasks`` (not causal): keys are rows of the receive buffer that arrived in stage ``k``.
+  Received pieces never overlap held tokens, so a piece is either wholly before a held run (all pairs
+  visible) or wholly after it (none). Consecutive held runs of a sequence that see the same pieces
+  share one segment, so each query row appears once per stage. Pieces after every run (sent by
+  ``ring``/``allgather``) are skipped.
 """
 
 from __future__ import annotations
@@ -152,14 +154,16 @@ def build_rank_view(plan: FCPPlan, rank: int) -> RankView:
 
 
 def _local_tasks(spans, local_off, by_seq) -> TaskList:
-    q_runs, k_runs = [], []
-    for (s, a, b), o in zip(spans.tolist(), local_off.tolist()):
-        earlier = [(o2, b2 - a2) for a2, b2, o2 in by_seq[s] if b2 <= a]
-        q = np.arange(o, o + b - a, dtype=np.int64)
-        keys = [np.arange(o2, o2 + n, dtype=np.int64) for o2, n in earlier]
-        q_runs.append(q)
-        k_runs.append(np.concatenate(keys + [q]))
-    return TaskList.build(q_runs, k_runs, causal=True)
+    """One causal segment per sequence: its held spans, in position order (which is local order), are
+    both queries and keys; bottom-right causal over the joined runs is exactly the causal mask, because
+    the positions missing between runs are not in the segment."""
+    q_runs = [_rows(by_seq[s]) for s in dict.fromkeys(spans[:, 0].tolist())]
+    return TaskList.build(q_runs, q_runs, causal=True)
+
+
+def _rows(runs) -> np.ndarray:
+    """Local rows of ``runs`` ((start, end, local offset), in position order), concatenated."""
+    return _ranges(np.array([o for _, _, o in runs], np.int64), np.array([b - a for a, b, _ in runs], np.int64))
 
 
 def _send_rows(pieces, by_seq) -> np.ndarray:
@@ -192,13 +196,35 @@ def _stages(plan: FCPPlan, rank, spans, local_off, by_seq) -> tuple[StageView, .
 
 
 def _remote_tasks(spans, local_off, pieces) -> TaskList:
+    """Non-causal segments. For a sequence whose held runs start at a_1 < a_2 < ..., the received pieces
+    ending in (a_{j-1}, a_j] are seen by runs j, j+1, ...: one segment per such group, each piece once."""
     by_seq: dict[int, list[tuple[int, int, int]]] = {}
     for s, c, d, row in pieces:
         by_seq.setdefault(s, []).append((c, d, row))
-    q_runs, k_runs = [], []
+    runs: dict[int, list[tuple[int, int, int]]] = {}
     for (s, a, b), o in zip(spans.tolist(), local_off.tolist()):
-        keys = [np.arange(row, row + d - c, dtype=np.int64) for c, d, row in sorted(by_seq.get(s, ())) if d <= a]
-        if keys:
-            q_runs.append(np.arange(o, o + b - a, dtype=np.int64))
+        runs.setdefault(s, []).append((a, b, o))
+    for held in runs.values():
+        held.sort()
+    q_runs, k_runs = [], []
+    for s, got in by_seq.items():
+        held, keys, group = runs.get(s, []), [], []
+        got.sort()
+        i = 0
+        for j, (a, _, _) in enumerate(held):
+            new = []
+            while i < len(got) and got[i][1] <= a:
+                c, d, row = got[i]
+                new.append(np.arange(row, row + d - c, dtype=np.int64))
+                i += 1
+            if new and group:  # this run sees more keys than the runs before it: close their segment
+                q_runs.append(_rows(group))
+                k_runs.append(np.concatenate(keys))
+                group = []
+            keys += new
+            if keys:
+                group.append(held[j])
+        if group:
+            q_runs.append(_rows(group))
             k_runs.append(np.concatenate(keys))
     return TaskList.build(q_runs, k_runs, causal=False)
