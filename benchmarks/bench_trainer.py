@@ -1,0 +1,175 @@
+"""FCPTrainer vs standard DDP with DataCollatorWithFlattening: tokens/s and per-step imbalance.
+
+Both runs train the same tiny model on the same global batches (token-budget batches of Python
+standard-library files, byte tokens, long documents split at the budget) on the same processes:
+
+* ``fcp``: FCPTrainer; every document is cut into blocks placed over all ranks (plan stats per step);
+* ``ddp_flatten``: plain ``Trainer`` + DDP; each global batch's documents are dealt round-robin to the
+  ranks (whole sequences per rank, as a distributed sampler does) and packed by
+  ``DataCollatorWithFlattening``. A rank left without a document gets a 1-token dummy without labels.
+
+Both use ``attn_implementation="fcp"`` (the ``ddp_flatten`` run without a plan: exact varlen attention
+from ``position_ids``), so only the data layout differs. Run::
+
+    accelerate launch --config_file recipes/accelerate/cpu.yaml benchmarks/bench_trainer.py
+
+Prints a table on rank 0 and writes ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from transformers import (AutoModelForCausalLM, DataCollatorWithFlattening, Trainer, TrainerCallback,
+                          TrainingArguments)
+
+from hf_fcp.integrations import register
+from hf_fcp.integrations.accelerate import FCPPlugin, shutdown
+from hf_fcp.integrations.embedded import stdlib_corpus, tiny_config
+from hf_fcp.sampler import PieceDataset, TokenBudgetSampler, dataset_lengths
+from hf_fcp.trainer import FCPTrainer
+
+register()
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (data loading included)."""
+
+    def __init__(self):
+        self.ends = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.ends:
+            self.ends.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def seconds(self, warmup: int) -> np.ndarray:
+        return np.diff(self.ends)[warmup:]
+
+
+class RoundRobinBatches:
+    """This rank's share of each global batch: documents ``rank, rank + W, ...`` (a dummy if none)."""
+
+    def __init__(self, sampler: TokenBudgetSampler, rank: int, world: int):
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        for batch in self.sampler:
+            mine = batch[self.rank::self.world]
+            yield mine if mine else [(-1, 0, 1)]
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+
+class DummyAware(PieceDataset):
+    def __getitem__(self, piece):
+        if piece[0] < 0:
+            return {"input_ids": [0], "labels": [-100]}
+        return super().__getitem__(piece)
+
+
+class FlattenTrainer(Trainer):
+    """Standard Trainer whose loader deals the shared global batches round-robin (whole documents)."""
+
+    def __init__(self, *args, sampler: TokenBudgetSampler, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.global_sampler = sampler
+
+    def get_train_dataloader(self):
+        from accelerate.data_loader import prepare_data_loader
+
+        batches = RoundRobinBatches(self.global_sampler, self.args.process_index, self.args.world_size)
+        loader = DataLoader(DummyAware(self.train_dataset), batch_sampler=batches,
+                            collate_fn=DataCollatorWithFlattening(return_position_ids=True))
+        return prepare_data_loader(loader, device=self.args.device, num_processes=1, process_index=0,
+                                   put_on_device=True, use_seedable_sampler=False)
+
+
+def round_robin_imbalance(sampler: TokenBudgetSampler, steps: int, world: int) -> dict[str, float]:
+    """Mean over steps of max/mean − 1 of attention cost (causal pairs) and tokens per rank."""
+    cost, tokens = [], []
+    for batch in sampler.batches(0)[:steps]:
+        lens = [[b - a for _, a, b in batch[r::world]] for r in range(world)]
+        c = np.array([sum(n * (n + 1) / 2 for n in ls) for ls in lens])
+        t = np.array([sum(ls) for ls in lens], dtype=float)
+        cost.append(c.max() / c.mean() - 1)
+        tokens.append(t.max() / t.mean() - 1)
+    return {"compute_imbalance": float(np.mean(cost)), "memory_imbalance": float(np.mean(tokens))}
+
+
+def run(mode: str, opts, data, world: int) -> dict:
+    torch.manual_seed(0)
+    config = tiny_config("llama", hidden_size=opts.hidden_size, layers=opts.layers, heads=4, kv_heads=2)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="fcp")
+    args = TrainingArguments(output_dir=f"outputs/bench_trainer/{mode}", max_steps=opts.steps, learning_rate=1e-3,
+                             logging_steps=opts.steps, save_strategy="no", report_to=[], disable_tqdm=True,
+                             use_cpu=not torch.cuda.is_available(), seed=0)
+    timer = StepTimer()
+    sampler = TokenBudgetSampler(dataset_lengths(data), max_tokens=world * opts.tokens_per_rank, seed=0)
+    if mode == "fcp":
+        plugin = FCPPlugin(block_size=opts.block_size, tokens_per_rank=opts.tokens_per_rank)
+        trainer = FCPTrainer(model=model, args=args, train_dataset=data, fcp_plugin=plugin, callbacks=[timer])
+    else:
+        trainer = FlattenTrainer(model=model, args=args, train_dataset=data, sampler=sampler, callbacks=[timer])
+    trainer.train()
+    logs = next(h for h in trainer.state.log_history if "loss" in h)
+    seconds = timer.seconds(opts.warmup)
+    tokens = sum(b - a for batch in sampler.batches(0)[opts.warmup:opts.steps] for _, a, b in batch)
+    out = {"mode": mode, "steps_timed": len(seconds), "step_s": float(seconds.mean()),
+           "tokens_per_s": tokens / float(seconds.sum()), "loss": logs["loss"]}
+    if mode == "fcp":
+        out.update({k: logs[f"fcp/{k}"] for k in ("compute_imbalance", "memory_imbalance", "comm_bytes")})
+    else:
+        out.update(round_robin_imbalance(sampler, opts.steps, world))
+    trainer.accelerator.free_memory()
+    del trainer, model
+    return out
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tokens_per_rank", type=int, default=2048)
+    parser.add_argument("--block_size", type=int, default=512)
+    parser.add_argument("--hidden_size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--max_documents", type=int, default=300)
+    parser.add_argument("--modes", nargs="+", default=["fcp", "ddp_flatten"], choices=["fcp", "ddp_flatten"])
+    parser.add_argument("--out", default="outputs/bench_trainer.json")
+    opts = parser.parse_args(argv)
+    corpus = stdlib_corpus(opts.max_documents, seed=0)
+    data = corpus.map(lambda e: {"input_ids": list(e["text"].encode()) + [256]}, remove_columns=corpus.column_names)
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by accelerate launch / torchrun
+    results = [run(mode, opts, data, world) for mode in opts.modes]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"\nworld_size={world} tokens_per_rank={opts.tokens_per_rank} block_size={opts.block_size} "
+              f"model=llama h{opts.hidden_size}x{opts.layers} steps={opts.steps} (first {opts.warmup} untimed)")
+        print(f"{'mode':<12} {'tokens/s':>9} {'s/step':>7} {'compute imb':>11} {'memory imb':>10} {'loss':>6}")
+        for r in results:
+            print(f"{r['mode']:<12} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.3f} {r['compute_imbalance']:>11.3f} "
+                  f"{r['memory_imbalance']:>10.3f} {r['loss']:>6.3f}")
+        os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
+        with open(opts.out, "w") as f:
+            json.dump({"world_size": world, "options": vars(opts), "results": results}, f, indent=2)
+    shutdown()
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

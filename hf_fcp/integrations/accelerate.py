@@ -1,0 +1,204 @@
+"""``FCPPlugin``: the Accelerate side of FCP.
+
+From Accelerate's point of view FCP is plain data parallelism (DDP / FSDP2 wrap the model as usual) with
+a different dataloader: every rank iterates the SAME global batches (token-budget batches of whole
+documents) and keeps only its FCP shard. The plugin owns the fixed state, bound once at :meth:`setup`:
+the FCP process group (its own group, so FCP's P2P traffic never interleaves with DDP's all-reduces; NCCL
+on GPU, gloo on CPU), this rank and world size, and the settings, whose defaults come from ``FCP_*``
+environment variables like Accelerate's ``ParallelismConfig``::
+
+    plugin = FCPPlugin(tokens_per_rank=8192)        # or FCP_TOKENS_PER_RANK=8192 in the environment
+    plugin.setup(accelerator)
+    model = plugin.prepare_model(model)             # checks attn_implementation="fcp", binds the kernel
+    loader = plugin.prepare_dataloader(dataset, accelerator, model_config=model.config)
+    model = accelerator.prepare(model)
+    for batch in loader:                            # batch["fcp_plan"] is this rank's plan view
+        loss = model(**batch).loss
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from .. import comm
+from ..collator import FCPCollator
+from ..config import STRATEGIES, check_positive_int
+from ..kernels import BACKENDS, select_backend
+from ..sampler import LONG_SEQUENCE_POLICIES, PieceDataset, TokenBudgetSampler, dataset_lengths
+from .transformers import ATTN_IMPLEMENTATION, KERNEL_CONFIG_ATTR
+
+KERNELS = ("auto", *BACKENDS)
+_TRUE, _FALSE = ("1", "true", "yes", "on", "y", "t"), ("0", "false", "no", "off", "n", "f")
+
+
+@dataclass(kw_only=True)
+class FCPPlugin:
+    """FCP settings for Accelerate / Trainer. ``None`` fields take the ``FCP_<NAME>`` environment
+    variable, else the default shown."""
+
+    block_size: int | None = None
+    """Tokens per block (FCP_BLOCK_SIZE, default 4096)."""
+    tokens_per_rank: int | None = None
+    """Tokens each rank holds per step (FCP_TOKENS_PER_RANK, default 16384); a global batch holds up to
+    world_size × tokens_per_rank tokens."""
+    kernel: str | None = None
+    """Attention kernel backend: auto, torch_cpu, flash_attn or naive (FCP_KERNEL, default auto)."""
+    overlap: bool | None = None
+    """Pipeline communication with compute one congestion-free round at a time (FCP_OVERLAP, default
+    true); false sends all rounds as one stage, overlapped only with the local work."""
+    long_sequence_policy: str | None = None
+    """Documents longer than a global batch: split, truncate or error (FCP_LONG_SEQUENCE_POLICY, split)."""
+    strategy: str | None = None
+    """Placement strategy, for comparisons (FCP_STRATEGY, default fcp)."""
+    log_stats: bool = True
+    """Emit plan figures with each batch (FCPTrainer logs them)."""
+
+    world_size: int = field(default=1, init=False)
+    rank: int = field(default=0, init=False)
+    group: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.block_size = check_positive_int("block_size", _env("block_size", self.block_size, 4096, int))
+        self.tokens_per_rank = check_positive_int("tokens_per_rank",
+                                                  _env("tokens_per_rank", self.tokens_per_rank, 16384, int))
+        self.kernel = _choice("kernel", _env("kernel", self.kernel, "auto", str), KERNELS)
+        self.overlap = _env("overlap", self.overlap, True, _to_bool)
+        self.long_sequence_policy = _choice("long_sequence_policy", _env(
+            "long_sequence_policy", self.long_sequence_policy, "split", str), LONG_SEQUENCE_POLICIES)
+        self.strategy = _choice("strategy", _env("strategy", self.strategy, "fcp", str), STRATEGIES)
+        self._ready = False
+
+    # ---- fixed state ---------------------------------------------------------------------------------
+    def setup(self, accelerator=None) -> "FCPPlugin":
+        """Create the FCP process group (once) and bind it as FCP's default group. Idempotent.
+
+        Without torch.distributed (one process) there is no group and the world size is 1.
+        """
+        if self._ready:
+            return self
+        device = accelerator.device if accelerator is not None else torch.device("cpu")
+        if self.kernel != "auto":  # fail before training if, e.g., flash-attn is asked for but missing
+            select_backend(device, torch.bfloat16 if device.type == "cuda" else torch.float32, self.kernel)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            self.group = dist.new_group(backend=backend)
+            self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+            comm.set_default_group(self.group)
+        self._ready = True
+        return self
+
+    def teardown(self) -> None:
+        """Unbind and destroy the FCP group (call before ``destroy_process_group``)."""
+        if self.group is not None:
+            comm.set_default_group(None)
+            dist.destroy_process_group(self.group)
+            self.group = None
+        self._ready = False
+
+    def prepare_model(self, model):
+        """Check the model runs FCP attention and bind the kernel choice to its config. Returns ``model``."""
+        config = getattr(model, "config", None)
+        impl = getattr(config, "_attn_implementation", None)
+        if impl != ATTN_IMPLEMENTATION:
+            raise ValueError(f"model attention: got attn_implementation={impl!r}, expected 'fcp'; load the model "
+                             f"with from_pretrained(..., attn_implementation='fcp') (after import hf_fcp)")
+        if hasattr(model, "is_backend_compatible") and not model.is_backend_compatible():
+            raise ValueError(f"{type(model).__name__} does not call transformers' attention interface, so "
+                             f"attn_implementation='fcp' would be ignored; use a model that supports it "
+                             f"(Llama, Qwen2/3, Mistral, ...)")
+        if self.kernel != "auto":
+            setattr(config, KERNEL_CONFIG_ATTR, self.kernel)
+        return model
+
+    # ---- data ----------------------------------------------------------------------------------------
+    def collator(self, model_config=None) -> FCPCollator:
+        """This rank's :class:`FCPCollator`; ``model_config`` sizes the KV bytes in the plan stats."""
+        options: dict[str, Any] = {"rounds_per_stage": 1 if self.overlap else 1 << 30}
+        pad = getattr(model_config, "pad_token_id", None)
+        if model_config is not None:
+            heads = getattr(model_config, "num_attention_heads", None)
+            options["kv_heads"] = getattr(model_config, "num_key_value_heads", None) or heads or 8
+            options["head_dim"] = getattr(model_config, "head_dim", None) or (
+                model_config.hidden_size // heads if heads else 128)
+            options["kv_dtype"] = _kv_dtype(model_config)
+        return FCPCollator(world_size=self.world_size, rank=self.rank, block_size=self.block_size,
+                           tokens_per_rank=self.tokens_per_rank, strategy=self.strategy,
+                           return_stats=self.log_stats, plan_options=options,
+                           pad_token_id=pad if isinstance(pad, int) else 0)
+
+    def sampler(self, dataset, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        """The :class:`TokenBudgetSampler` over ``dataset`` (same order on every rank)."""
+        return TokenBudgetSampler(dataset_lengths(dataset), max_tokens=self.world_size * self.tokens_per_rank,
+                                  long_sequence_policy=self.long_sequence_policy, shuffle=shuffle, seed=seed,
+                                  drop_last=drop_last)
+
+    def prepare_dataloader(self, dataset, accelerator=None, *, shuffle: bool = True, seed: int = 0,
+                           model_config=None, drop_last: bool = False, **loader_kwargs) -> DataLoader:
+        """A dataloader yielding this rank's shard of every global batch (``FCPCollator`` output).
+
+        With an ``accelerator`` the loader is Accelerate's ``DataLoaderShard`` on its device (batches,
+        the plan view included, are moved there) but NOT sharded: every rank must see every global batch.
+        ``loader_kwargs`` go to ``DataLoader`` (num_workers, pin_memory, ...).
+        """
+        self.setup(accelerator)
+        loader = DataLoader(PieceDataset(dataset), batch_sampler=self.sampler(
+            dataset, shuffle=shuffle, seed=seed, drop_last=drop_last), collate_fn=self.collator(model_config),
+            **loader_kwargs)
+        if accelerator is None:
+            return loader
+        from accelerate.data_loader import prepare_data_loader
+
+        return prepare_data_loader(loader, device=accelerator.device, num_processes=1, process_index=0,
+                                   put_on_device=True, rng_types=None, non_blocking=accelerator.non_blocking,
+                                   use_seedable_sampler=False)
+
+
+def shutdown(destroy_process_group: bool = True) -> None:
+    """Clean end of a distributed run, after the caller dropped its model/trainer references: unbind
+    FCP's group, collect garbage (DDP's reducer must go before its group), then destroy the default
+    process group. Avoids gloo's abort at interpreter exit."""
+    comm.set_default_group(None)
+    gc.collect()
+    if destroy_process_group and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _env(name: str, value, default, parse):
+    if value is not None:
+        return value
+    raw = os.environ.get(f"FCP_{name.upper()}")
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse(raw)
+    except ValueError as err:
+        raise ValueError(f"FCP_{name.upper()}: got {raw!r}, which is not a valid {name} ({err})") from None
+
+
+def _to_bool(raw) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"expected one of {_TRUE + _FALSE}")
+
+
+def _choice(name: str, value, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name}: got {value!r}, expected one of {list(allowed)}")
+    return value
+
+
+def _kv_dtype(model_config) -> str:
+    dtype = str(getattr(model_config, "dtype", None) or "float32")
+    name = dtype.replace("torch.", "")
+    return name if name in ("bfloat16", "float16", "float32") else "float32"

@@ -1,0 +1,196 @@
+"""``attn_implementation="fcp"`` for transformers models that use the attention interface.
+
+:func:`register` (called by ``import hf_fcp``) adds ``"fcp"`` to transformers' ``AttentionInterface`` and,
+as its mask function, transformers' own ``flash_attention_mask``: a padding mask stays a cheap 2D boolean
+mask and no (T×T) or 4D mask is ever built. Then::
+
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="fcp")
+    out = model(**batch)  # batch from hf_fcp.FCPCollator: input_ids/position_ids (1, n_local), fcp_plan=...
+
+Every attention layer receives the batch's per-rank plan as the ``fcp_plan=`` keyword (a
+:class:`hf_fcp.RankView`) and runs :func:`hf_fcp.attention.fcp_attention` over the FCP process group.
+Without a plan (single process, ``generate()``, evaluation) the layer computes exact local attention:
+documents are read from ``position_ids`` restarts (packed batches), padding from the 2D mask, and a KV
+cache is attended bottom-right aligned (decoding), so a model trained with FCP evaluates and generates as is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..attention import fcp_attention
+from ..kernels import varlen_forward
+from ..planning import plan_batch
+from ..views import RankView
+
+ATTN_IMPLEMENTATION = "fcp"
+"""The name to pass as ``attn_implementation``."""
+KERNEL_CONFIG_ATTR = "fcp_kernel"
+"""Model config attribute naming the kernel backend (bound once by ``FCPPlugin.prepare_model``)."""
+
+
+def register() -> None:
+    """Register ``"fcp"`` with transformers' attention and mask interfaces. Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, fcp_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+
+
+def fcp_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                          attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          sliding_window: int | None = None, softcap: float | None = None,
+                          fcp_plan: RankView | None = None, position_ids: Tensor | None = None,
+                          **kwargs) -> tuple[Tensor, None]:
+    """The attention function transformers calls in every layer when ``attn_implementation="fcp"``.
+
+    Args:
+        module: the attention module (its ``config`` may name a kernel in ``fcp_kernel``).
+        query: (B, Hq, S, D); key, value: (B, Hkv, Sk, D) — GQA heads NOT repeated; Sk > S with a KV cache.
+        attention_mask: None, or a (B, Sk) boolean padding mask (True = real token).
+        dropout: must be 0 (attention dropout is not supported).
+        scaling: softmax scale (default D ** -0.5).
+        sliding_window: allowed only when no document is longer than the window (then it changes nothing).
+        softcap: not supported (must be None).
+        fcp_plan: this rank's plan view for the batch (``FCPCollator`` output); requires B == 1, S == n_local.
+        position_ids: (B, S) int64 document-relative positions; used only without a plan.
+        kwargs: other model keywords, ignored (``fcp_kernel`` overrides the kernel backend).
+
+    Returns:
+        (out, None) with out (B, S, Hq, D) in query's dtype.
+    """
+    _check_supported(module, dropout, softcap, kwargs)
+    backend = kwargs.get(KERNEL_CONFIG_ATTR) or getattr(getattr(module, "config", None), KERNEL_CONFIG_ATTR, None)
+    if fcp_plan is not None:
+        if getattr(module, "layer_idx", 0) == 0:  # once per forward
+            _check_positions(position_ids, fcp_plan)
+        out = _planned(query, key, value, attention_mask, fcp_plan, scaling, backend, sliding_window)
+    elif key.shape[2] != query.shape[2]:
+        out = _cached(query, key, value, attention_mask, scaling, backend, sliding_window)
+    else:
+        out = _local(query, key, value, attention_mask, position_ids, scaling, backend, sliding_window)
+    return out, None
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_supported(module, dropout, softcap, kwargs) -> None:
+    if dropout and module.training:
+        raise ValueError(f"attn_implementation='fcp': got attention dropout {dropout}, expected 0.0; set "
+                         f"config.attention_dropout=0.0")
+    if softcap is not None:
+        raise ValueError(f"attn_implementation='fcp': got attention softcap {softcap}, expected None (logit "
+                         f"soft-capping is not supported; use attn_implementation='eager' for this model)")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("attn_implementation='fcp': attention sinks (s_aux) are not supported")
+    if getattr(module, "is_causal", True) is False:
+        raise ValueError("attn_implementation='fcp' computes causal attention only; got a non-causal "
+                         f"attention module ({type(module).__name__})")
+
+
+def _check_window(sliding_window, longest: int) -> None:
+    if sliding_window is not None and longest > sliding_window:
+        raise ValueError(f"attn_implementation='fcp': got a document of {longest} tokens, longer than the "
+                         f"model's sliding_window={sliding_window}; sliding-window attention is not supported: "
+                         f"cut documents to at most {sliding_window} tokens (with FCPPlugin's default "
+                         f"long_sequence_policy='split', world_size × tokens_per_rank <= {sliding_window}) or set "
+                         f"config.sliding_window=None")
+
+
+def _check_positions(position_ids, view) -> None:
+    """RoPE needs the collator's document-relative positions; a missing position_ids silently breaks it."""
+    if not isinstance(view, RankView) or position_ids is None or position_ids.shape[-1] != view.num_local:
+        return  # shape problems are reported by _planned
+    want = view.position_ids.to(position_ids.device)
+    if not torch.equal(position_ids.reshape(-1, want.numel())[0], want):
+        raise ValueError("position_ids: got positions that differ from fcp_plan.position_ids, expected the "
+                         "collator's document-relative position_ids; pass the FCPCollator batch to the model as is")
+
+
+# ----------------------------------------------------------------------------- the three paths
+def _planned(q, k, v, attention_mask, view: RankView, scale, backend, sliding_window) -> Tensor:
+    """Plan path: q (1, Hq, n_local, D), k/v (1, Hkv, n_local, D) in the view's local order."""
+    if not isinstance(view, RankView):
+        raise TypeError(f"fcp_plan: got {type(view).__name__}, expected a RankView (plan.for_rank(rank), as "
+                        f"FCPCollator emits)")
+    placeholder = view.num_local == 0 and q.shape[2] == 1  # FCPCollator's token for a rank without tokens
+    if q.shape[0] != 1 or (q.shape[2] != view.num_local and not placeholder) or k.shape[2] != q.shape[2]:
+        raise ValueError(f"fcp_plan: got query of shape {tuple(q.shape)} and key of shape {tuple(k.shape)}, "
+                         f"expected batch 1 and {view.num_local} tokens (rank {view.rank}'s shard of the plan) "
+                         f"and no KV cache; feed the FCPCollator batch as is with use_cache=False")
+    if attention_mask is not None:
+        raise ValueError("fcp_plan: got a padding attention_mask, expected None (FCP batches are packed without "
+                         "padding; drop attention_mask from the batch)")
+    if sliding_window is not None:
+        _check_window(sliding_window, int(view.seq_lens.max()))
+    n = view.num_local
+    out = fcp_attention(q[0, :, :n].transpose(0, 1), k[0, :, :n].transpose(0, 1), v[0, :, :n].transpose(0, 1),
+                        view, scale=scale, backend=backend)
+    if placeholder:  # keep the (empty) FCP node in the graph: its backward takes part in the exchange
+        out = torch.cat([out, q.new_zeros((1,) + out.shape[1:])])
+    return out.unsqueeze(0)
+
+
+def _local(q, k, v, attention_mask, position_ids, scale, backend, sliding_window) -> Tensor:
+    """No plan, no cache: exact causal attention within the documents of each row.
+
+    q (B, Hq, S, D); k/v (B, Hkv, S, D); attention_mask None or (B, S) bool; position_ids None or (B|1, S).
+    Real tokens are gathered row-major, documents start where a position does not follow its predecessor
+    (or at a row start), and one world-size-1 plan covers them all. Padded rows get out 0.
+    """
+    b, hq, s, d = q.shape
+    keep = None if attention_mask is None else attention_mask.to(torch.bool).reshape(-1)
+    lens = _document_lengths(position_ids, attention_mask, b, s)
+    _check_window(sliding_window, max(lens))
+    view = plan_batch(lens, world_size=1, block_size=max(lens)).for_rank(0).to(q.device)
+    order = view.token_index
+    if keep is not None:
+        order = keep.nonzero().squeeze(1).index_select(0, order)
+    flat = lambda x: x.transpose(1, 2).reshape(b * s, x.shape[1], d).index_select(0, order)  # noqa: E731
+    out = fcp_attention(flat(q), flat(k), flat(v), view, scale=scale, backend=backend)  # no group needed
+    full = q.new_zeros((b * s, hq, d)).index_copy(0, order, out)
+    return full.view(b, s, hq, d)
+
+
+def _document_lengths(position_ids, attention_mask, b: int, s: int) -> list[int]:
+    """Lengths of the documents of the real tokens, in row-major order."""
+    pos = (torch.arange(s).expand(b, s) if position_ids is None else position_ids.expand(b, s)).cpu()
+    start = torch.ones((b, s), dtype=torch.bool)
+    start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if attention_mask is not None:
+        keep = attention_mask.to(torch.bool).cpu()
+        start[:, 1:] |= ~keep[:, :-1]  # a real token after padding starts a document
+        start, pos = start[keep], pos[keep]
+    starts = start.reshape(-1).nonzero().squeeze(1)
+    if starts.numel() == 0:
+        raise ValueError("attn_implementation='fcp': the attention_mask masks every token, expected at least one")
+    return torch.diff(starts, append=torch.tensor([int(start.numel())])).tolist()
+
+
+def _cached(q, k, v, attention_mask, scale, backend, sliding_window) -> Tensor:
+    """KV cache (decoding / generate): the S queries are the last S of the Sk keys of their row.
+
+    q (B, Hq, S, D); k/v (B, Hkv, Sk, D); attention_mask None or (B, Sk) bool. Inference only: no autograd.
+    Padded queries get out 0.
+    """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        raise ValueError("attn_implementation='fcp' with a KV cache is for inference only; for training pass "
+                         "use_cache=False (Trainer does) or run under torch.no_grad()")
+    b, hq, s, d = q.shape
+    sk = k.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] < sk:
+        raise ValueError(f"attn_implementation='fcp': got a {attention_mask.shape[-1]}-token mask for {sk} cached "
+                         f"keys, expected one mask entry per key; static caches are not supported, use the "
+                         f"default dynamic cache")
+    keep_k = torch.ones((b, sk), dtype=torch.bool, device=q.device) if attention_mask is None \
+        else attention_mask[:, -sk:].to(device=q.device, dtype=torch.bool)
+    keep_q = keep_k[:, -s:]
+    _check_window(sliding_window, int(keep_k.sum(1).max()))
+    rows_q, rows_k = keep_q.reshape(-1).nonzero().squeeze(1), keep_k.reshape(-1).nonzero().squeeze(1)
+    cu = lambda m: torch.nn.functional.pad(m.sum(1).cumsum(0), (1, 0))  # noqa: E731
+    flat = lambda x, n, rows: x.transpose(1, 2).reshape(b * n, x.shape[1], d).index_select(0, rows)  # noqa: E731
+    scale = d ** -0.5 if scale is None else float(scale)
+    out, _ = varlen_forward(flat(q, s, rows_q), flat(k, sk, rows_k), flat(v, sk, rows_k), cu(keep_q),
+                            cu(keep_k), causal=True, scale=scale, backend=backend)
+    return q.new_zeros((b * s, hq, d)).index_copy(0, rows_q, out).view(b, s, hq, d)

@@ -1,0 +1,117 @@
+"""``FCPTrainer``: ``transformers.Trainer`` with FCP dataloaders, exact token-level loss and plan stats.
+
+Changes from ``Trainer`` (nothing else):
+
+* train/eval dataloaders come from :meth:`FCPPlugin.prepare_dataloader`: every rank iterates the same
+  token-budget global batches and keeps its FCP shard (``per_device_*_batch_size`` is not used: a batch
+  holds up to ``world_size × tokens_per_rank`` tokens);
+* the loss is a token mean over the GLOBAL batch although ranks hold different token counts: Trainer's
+  ``num_items_in_batch`` counts ``shift_labels`` across ranks in training; evaluation gets the same;
+* plan figures (imbalance, comm bytes, planner time) are averaged over the logging interval and logged as
+  ``fcp/<name>``;
+* :meth:`close` ends a distributed run cleanly (gloo otherwise may abort at interpreter exit).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from .integrations.accelerate import FCPPlugin, shutdown
+
+LOGGED_STATS = ("compute_imbalance", "memory_imbalance", "comm_bytes", "max_rank_comm_bytes", "rounds",
+                "plan_ms", "tokens", "sequences")
+
+
+class FCPTrainer(Trainer):
+    """``Trainer`` for models loaded with ``attn_implementation="fcp"``.
+
+    Args:
+        *args, **kwargs: as for ``transformers.Trainer`` (``data_collator`` is ignored: FCP collates).
+        fcp_plugin: FCP settings (default ``FCPPlugin()``, i.e. ``FCP_*`` environment variables).
+    """
+
+    def __init__(self, *args, fcp_plugin: FCPPlugin | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        _check_args(self.args)
+        self.fcp = (fcp_plugin or FCPPlugin()).setup(self.accelerator)
+        if self.fcp.world_size != self.accelerator.num_processes:
+            raise ValueError(f"FCP group: got {self.fcp.world_size} ranks, expected {self.accelerator.num_processes}"
+                             f" (every process of the job takes part in FCP)")
+        self.fcp.prepare_model(self.model)
+        self._fcp_sums: dict[str, float] = defaultdict(float)
+        self._fcp_steps = 0
+
+    # ---- data ----------------------------------------------------------------------------------------
+    def get_train_dataloader(self):
+        if self.train_dataset is None:
+            raise ValueError("FCPTrainer: training requires a train_dataset.")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return self.fcp.prepare_dataloader(self.train_dataset, self.accelerator, shuffle=True, seed=seed,
+                                           model_config=self.model.config, **self._loader_kwargs())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("FCPTrainer: evaluation requires an eval_dataset.")
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        return self.fcp.prepare_dataloader(dataset, self.accelerator, shuffle=False,
+                                           model_config=self.model.config, **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict:
+        workers = self.args.dataloader_num_workers
+        return {"num_workers": workers, "pin_memory": self.args.dataloader_pin_memory,
+                **({"persistent_workers": self.args.dataloader_persistent_workers,
+                    "prefetch_factor": self.args.dataloader_prefetch_factor} if workers else {})}
+
+    # ---- loss ----------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        stats = inputs.pop("fcp_stats", None)
+        if stats is not None and model.training:
+            self._record(stats)
+        if num_items_in_batch is None and "shift_labels" in inputs and not model.training:
+            num_items_in_batch = self._global_label_count(inputs["shift_labels"])
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def _global_label_count(self, shift_labels: torch.Tensor) -> torch.Tensor:
+        """Label tokens of the whole global batch (evaluation: one batch, summed over ranks)."""
+        count = shift_labels.ne(-100).sum()
+        if self.args.world_size > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return count
+
+    # ---- logging -------------------------------------------------------------------------------------
+    def _record(self, stats: dict) -> None:
+        for name in LOGGED_STATS:
+            if name in stats:
+                self._fcp_sums[name] += float(stats[name])
+        self._fcp_steps += 1
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._fcp_steps and "loss" in logs:
+            logs.update({f"fcp/{k}": round(v / self._fcp_steps, 4) for k, v in self._fcp_sums.items()})
+            self._fcp_sums.clear()
+            self._fcp_steps = 0
+        super().log(logs, *args, **kwargs)
+
+    # ---- teardown ------------------------------------------------------------------------------------
+    def close(self, destroy_process_group: bool = True) -> None:
+        """End of a run: release the model and optimizer, destroy the FCP group and (by default) the
+        default process group, in the order that avoids gloo's abort at interpreter exit."""
+        self.accelerator.free_memory()
+        self.model_wrapped = self.model = self.optimizer = self.lr_scheduler = None
+        self.fcp.teardown()
+        shutdown(destroy_process_group=destroy_process_group)
+
+
+def _check_args(args) -> None:
+    if args.label_smoothing_factor:
+        raise ValueError(f"label_smoothing_factor: got {args.label_smoothing_factor}, expected 0 (the label "
+                         f"smoother re-shifts labels; FCP batches carry shift_labels computed before cutting)")
+    if args.world_size > 1 and not args.average_tokens_across_devices:
+        raise ValueError("average_tokens_across_devices: got False, expected True (ranks hold different token "
+                         "counts; the loss is exact only when the label count is summed over ranks)")
