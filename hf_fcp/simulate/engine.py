@@ -1,0 +1,269 @@
+"""The simulator: times one attention layer (forward + backward) of a plan on a modelled cluster.
+
+Per rank, compute is the sum of its segments' times: ``flops / (peak × efficiency(q, k))`` plus one
+kernel launch per time slot with work (see :mod:`.cluster`). Communication is timed per exchange: a
+message of ``bytes`` on a link takes ``latency + bytes / bandwidth`` (NVLink inside a node, InfiniBand
+between nodes); a rank sends and receives at once (full duplex); its messages of one exchange share its
+link, so a message ends when its sender has sent, and its receiver has received, everything of that
+exchange; a message starts once both ends posted it. Communication kernels hold ``comm_sms`` SMs, so a
+rank that communicates in a pass computes at ``(num_sms − comm_sms) / num_sms`` speed throughout it.
+
+Schedules (how far compute and communication overlap — as implemented, not idealised):
+
+* ``p2p`` (fcp, magi; :func:`hf_fcp.fcp_attention`): forward posts stage 0, runs local work, then
+  for each stage k waits for it, posts stage k+1 and runs stage k's work; backward runs stage k's work,
+  posts its dK/dV back to the owners, and ends with local work; owners wait for every dK/dV.
+* ``ring`` (TE, ByteScale, WLB-LLM): step i computes against the block held at step i while the next
+  block travels; step time = max(compute, transfer); backward moves K/V and dK/dV (2×) plus a last hop
+  that returns each dK/dV to its owner.
+* ``allgather`` (Llama 3): all-gather K/V (ring algorithm, exposed), compute; backward computes, then
+  reduce-scatters dK/dV (exposed).
+* ``local`` (packing): compute only.
+
+Layers repeat, and every layer's communication couples the ranks, so a layer's forward ends when the
+slowest rank's forward ends, likewise backward: ``step = max_r forward_r + max_r backward_r``.
+Attention MFU = useful causal FLOPs (forward + backward) / (ranks × peak × step).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..layout import span_cost
+from .cluster import Cluster
+from .models import BWD_FLOP_RATIO, AttentionModel
+from .segments import Messages, Segments, Spans, local_segments, p2p_segments, prefix_segments, ring_schedule
+from .strategies import FIXED_CP, Candidate, build, cp_sizes
+
+
+@dataclass(kw_only=True)
+class SimResult:
+    """Timing of one strategy on one batch."""
+
+    strategy: str
+    world_size: int
+    block_size: int
+    cp_size: int
+    """CP group size of fixed-group strategies (1 otherwise)."""
+    step_s: float
+    """Forward + backward time of one attention layer, seconds."""
+    fwd_s: float
+    bwd_s: float
+    attention_mfu: float
+    """Useful attention FLOPs / (ranks × peak × step)."""
+    compute_imbalance: float
+    """max / mean − 1 over ranks of busy compute time (forward + backward)."""
+    flop_imbalance: float
+    """max / mean − 1 over ranks of visible attention pairs (the plan's compute balance)."""
+    comm_imbalance: float
+    """max / mean − 1 over ranks of bytes sent + received (0 when nothing moves)."""
+    memory_imbalance: float
+    """max / mean − 1 over ranks of tokens held."""
+    comm_bytes: float
+    """Bytes moved by all ranks in forward and backward."""
+    exposed_comm_s: float
+    """Time the slowest rank of each pass waited for data (forward + backward), seconds."""
+    plan_ms: float
+    """Wall time to build the strategy's plan, milliseconds."""
+    useful_flops: float
+    """Causal attention FLOPs of the batch, forward + backward."""
+    rank_compute_s: np.ndarray = field(repr=False)
+    rank_finish_s: np.ndarray = field(repr=False)
+    """Per rank, forward end + backward end (its own critical path)."""
+    rank_comm_bytes: np.ndarray = field(repr=False)
+    rank_pairs: np.ndarray = field(repr=False)
+    trace: list[tuple[str, str, float, float, str]] = field(default_factory=list, repr=False)
+    """Events of the traced rank: (pass, "compute"|"comm", start s, end s, label)."""
+
+
+class _Run:
+    """State of one simulation: model, cluster, world size and the traced rank."""
+
+    def __init__(self, model: AttentionModel, cluster: Cluster, world: int, trace_rank: int | None):
+        self.model, self.cluster, self.w, self.trace_rank = model, cluster, world, trace_rank
+        self.trace: list = []
+        self.rank_bytes = np.zeros(world)
+
+    def slot_times(self, segs: Segments, nslots: int, backward: bool) -> np.ndarray:
+        """(W, nslots) compute seconds per rank and slot."""
+        flops = segs.pairs * self.model.fwd_flops_per_pair * (BWD_FLOP_RATIO if backward else 1.0)
+        t = flops / (self.cluster.peak_flops * self.cluster.efficiency(segs.q, segs.k, backward))
+        idx = segs.rank * nslots + segs.slot
+        size = self.w * nslots
+        out = np.bincount(idx, weights=t, minlength=size)
+        out += (np.bincount(idx, weights=segs.pairs > 0, minlength=size) > 0) * self.cluster.launch_s
+        return out.reshape(self.w, nslots)
+
+    def exchange(self, avail: np.ndarray, msgs: Messages, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(end, start) per rank of one exchange posted at ``avail``; uninvolved ranks: end = avail."""
+        w, src, dst = self.w, msgs.src, msgs.dst
+        if len(src) == 0:
+            return avail, np.full(w, np.inf)
+        nbytes = msgs.tokens * self.model.kv_bytes_per_token * scale
+        self.rank_bytes += np.bincount(src, weights=nbytes, minlength=w) + np.bincount(dst, weights=nbytes, minlength=w)
+        bw, lat = self.cluster.link(src, dst)
+        t = nbytes / bw
+        send, recv = np.bincount(src, weights=t, minlength=w), np.bincount(dst, weights=t, minlength=w)
+        start_m = np.maximum(avail[src], avail[dst])
+        end_m = start_m + lat + np.maximum(send[src], recv[dst])  # the sender's and receiver's queues
+        end, start = avail.copy(), np.full(w, np.inf)
+        for ends in (src, dst):
+            np.maximum.at(end, ends, end_m)
+            np.minimum.at(start, ends, start_m)
+        return end, start
+
+    def note(self, phase: str, kind: str, start, end, label: str) -> None:
+        r = self.trace_rank
+        if r is not None and np.isfinite(start[r]) and end[r] > start[r]:
+            self.trace.append((phase, kind, float(start[r]), float(end[r]), label))
+
+
+def _slowdown(run: _Run, msgs: list[Messages]) -> np.ndarray:
+    """Per-rank compute-time factor: 1 / compute share for ranks that communicate, else 1."""
+    talks = np.zeros(run.w, bool)
+    for m in msgs:
+        talks[m.src] = True
+        talks[m.dst] = True
+    return np.where(talks, 1.0 / run.cluster.compute_share_while_comm, 1.0)
+
+
+def _reverse(m: Messages) -> Messages:
+    return Messages(src=m.dst, dst=m.src, tokens=m.tokens)
+
+
+def _p2p(run: _Run, cand: Candidate, sp: Spans):
+    remote, msgs = p2p_segments(cand.plan, sp)
+    nslots = 1 + len(msgs)
+    segs = Segments.concat([local_segments(sp), remote])
+    slow = _slowdown(run, msgs)[:, None]
+    cf, cb = run.slot_times(segs, nslots, False) * slow, run.slot_times(segs, nslots, True) * slow
+    t, post = cf[:, 0].copy(), np.zeros(run.w)
+    run.note("fwd", "compute", post, t, "local")
+    for k, m in enumerate(msgs):
+        end, start = run.exchange(post, m)
+        run.note("fwd", "comm", start, end, f"stage {k}")
+        post = np.maximum(t, end)
+        t = post + cf[:, 1 + k]
+        run.note("fwd", "compute", post, t, f"stage {k}")
+    fwd = t
+    t, free = np.zeros(run.w), np.zeros(run.w)
+    for k, m in enumerate(msgs):
+        run.note("bwd", "compute", t, t + cb[:, 1 + k], f"stage {k}")
+        t = t + cb[:, 1 + k]
+        end, start = run.exchange(np.maximum(t, free), _reverse(m))
+        free = np.where(np.isfinite(start), end, free)
+        run.note("bwd", "comm", start, end, f"dKV {k}")
+    run.note("bwd", "compute", t, t + cb[:, 0], "local")
+    bwd = np.maximum(t + cb[:, 0], free)
+    return fwd, bwd, cf.sum(1), cb.sum(1), segs
+
+
+def _ring(run: _Run, cand: Candidate, sp: Spans):
+    sched = ring_schedule(cand.plan, sp, cand.cp_size)
+    nsteps = len(sched.steps) + 1
+    slow = _slowdown(run, sched.steps)[:, None]
+    cf = run.slot_times(sched.segments, nsteps, False) * slow
+    cb = run.slot_times(sched.segments, nsteps, True) * slow
+    out = []
+    for phase, c, scale in (("fwd", cf, 1.0), ("bwd", cb, 2.0)):
+        start = np.zeros(run.w)
+        for i in range(nsteps):
+            finish = start + c[:, i]
+            run.note(phase, "compute", start, finish, f"step {i}")
+            end = start
+            if i < nsteps - 1:
+                end, s0 = run.exchange(start, sched.steps[i], scale)
+                run.note(phase, "comm", s0, end, f"step {i}")
+            start = np.maximum(finish, end)
+        if phase == "bwd":
+            end, s0 = run.exchange(start, sched.final)
+            run.note(phase, "comm", s0, end, "dKV home")
+            start = np.maximum(start, end)
+        out.append(start)
+    return out[0], out[1], cf.sum(1), cb.sum(1), sched.segments
+
+
+def _allgather(run: _Run, cand: Candidate, sp: Spans):
+    segs = prefix_segments(sp)
+    cf, cb = run.slot_times(segs, 1, False)[:, 0], run.slot_times(segs, 1, True)[:, 0]
+    c, cl = cand.cp_size, run.cluster
+    held = np.bincount(sp.rank, weights=sp.b - sp.a, minlength=run.w)
+    group_max = held.reshape(-1, c).max(1).repeat(c)
+    group_sum = held.reshape(-1, c).sum(1).repeat(c)
+    bw, lat = (cl.ib_bw, cl.ib_latency) if c > cl.gpus_per_node else (cl.nvlink_bw, cl.nvlink_latency)
+    t_ag = (c - 1) * (lat + group_max * run.model.kv_bytes_per_token / bw) if c > 1 else np.zeros(run.w)
+    if c > 1:  # each rank receives the others' K/V, then sends its dK/dV share back: in + out, both passes
+        run.rank_bytes += 2 * 2 * (group_sum - held) * run.model.kv_bytes_per_token
+    zero = np.zeros(run.w)
+    run.note("fwd", "comm", zero, t_ag, "all-gather K/V")
+    run.note("fwd", "compute", t_ag, t_ag + cf, "attention")
+    run.note("bwd", "compute", zero, cb, "attention")
+    run.note("bwd", "comm", cb, cb + t_ag, "reduce-scatter dK/dV")
+    return t_ag + cf, cb + t_ag, cf, cb, segs
+
+
+def _local(run: _Run, cand: Candidate, sp: Spans):
+    segs = local_segments(sp)
+    cf, cb = run.slot_times(segs, 1, False)[:, 0], run.slot_times(segs, 1, True)[:, 0]
+    run.note("fwd", "compute", np.zeros(run.w), cf, "attention")
+    run.note("bwd", "compute", np.zeros(run.w), cb, "attention")
+    return cf, cb, cf, cb, segs
+
+
+SCHEDULES = {"p2p": _p2p, "ring": _ring, "allgather": _allgather, "local": _local}
+
+
+def simulate(cand: Candidate, model: AttentionModel, cluster: Cluster, *, trace_rank: int | None = None,
+             plan_ms: float | None = None) -> SimResult:
+    """Time one candidate plan (see the module docstring for the model)."""
+    plan, w = cand.plan, cand.plan.world_size
+    run = _Run(model, cluster, w, trace_rank)
+    sp = Spans.of(plan)
+    fwd, bwd, cf, cb, segs = SCHEDULES[cand.schedule](run, cand, sp)
+    fwd_s, bwd_s = float(fwd.max()), float(bwd.max())
+    step = fwd_s + bwd_s
+    useful = float(span_cost(0, np.asarray(plan.seq_lens)).sum()) * model.fwd_flops_per_pair * (1 + BWD_FLOP_RATIO)
+    rf, rb = int(fwd.argmax()), int(bwd.argmax())
+    pairs = np.bincount(segs.rank, weights=segs.pairs, minlength=w)
+    tokens = np.bincount(sp.rank, weights=sp.b - sp.a, minlength=w)
+    trace = [(p, k, s + (fwd_s if p == "bwd" else 0.0), e + (fwd_s if p == "bwd" else 0.0), lab)
+             for p, k, s, e, lab in run.trace]
+    return SimResult(
+        strategy=plan.strategy, world_size=w, block_size=plan.block_size, cp_size=cand.cp_size, step_s=step,
+        fwd_s=fwd_s, bwd_s=bwd_s, attention_mfu=useful / (w * cluster.peak_flops * step),
+        compute_imbalance=_imbalance(cf + cb), flop_imbalance=_imbalance(pairs),
+        comm_imbalance=_imbalance(run.rank_bytes), memory_imbalance=_imbalance(tokens),
+        comm_bytes=float(run.rank_bytes.sum() / 2), exposed_comm_s=max(0.0, float(fwd[rf] - cf[rf] + bwd[rb] - cb[rb])),
+        plan_ms=plan.plan_ms if plan_ms is None else plan_ms, useful_flops=useful, rank_compute_s=cf + cb,
+        rank_finish_s=fwd + bwd,
+        rank_comm_bytes=run.rank_bytes, rank_pairs=pairs, trace=trace)
+
+
+def _imbalance(x: np.ndarray) -> float:
+    mean = float(np.mean(x))
+    return 0.0 if mean <= 0 else float(np.max(x)) / mean - 1.0
+
+
+def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, tokens_per_rank: int,
+                      model: AttentionModel, cluster: Cluster, cp_size: str | int = "min", stages: int = 4,
+                      fcp_options: dict | None = None, trace_rank: int | None = None) -> SimResult:
+    """Build ``name``'s candidate plan(s) for one batch (:func:`.strategies.build`) and time them; the
+    fastest wins. ``cp_size="best"`` tries the fixed-CP strategies at growing CP sizes (powers of two from
+    the smallest that holds the longest sequence) until the step time gets worse. Raises
+    :class:`.strategies.NotApplicable` when the strategy cannot run the batch."""
+    sizes = cp_sizes(lens, world_size, tokens_per_rank, cp_size) if name in FIXED_CP else [cp_size]
+    best: SimResult | None = None
+    for c in sizes:
+        t0 = time.perf_counter()
+        cands = build(name, lens, world_size=world_size, block_size=block_size, tokens_per_rank=tokens_per_rank,
+                      cp_size=c, stages=stages, fcp_options=fcp_options)
+        plan_ms = (time.perf_counter() - t0) * 1e3 / len(cands)
+        result = min((simulate(cd, model, cluster, trace_rank=trace_rank, plan_ms=plan_ms) for cd in cands),
+                     key=lambda r: r.step_s)
+        if best is not None and result.step_s > best.step_s:
+            break
+        best = result
+    return best

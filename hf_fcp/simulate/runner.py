@@ -1,0 +1,185 @@
+"""Sweeps: every strategy (or every fcp block size) × world size × step on the same seeded batches,
+aggregated into report rows. Used by the CLI, the what-if notebook and ``benchmarks/simulate_report.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..config import make_options
+
+from .cluster import Cluster
+from .engine import SimResult, simulate, simulate_strategy
+from .models import AttentionModel
+from .strategies import STRATEGY_NAMES, NotApplicable, build
+from .workloads import Distribution, make_batches
+
+SWEEP_BLOCK_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+JSON_KEYS = ("strategy", "world_size", "attention_mfu", "step_ms", "compute_imbalance", "comm_imbalance",
+             "comm_bytes", "exposed_comm_ms", "plan_ms")
+
+
+@dataclass(kw_only=True)
+class SimSettings:
+    """What to simulate."""
+
+    distribution: Distribution
+    """Where sequence lengths come from (:func:`.workloads.parse_distribution`)."""
+    model: AttentionModel
+    """Attention shape (:data:`.models.MODELS`)."""
+    cluster: Cluster
+    """Hardware model (:func:`.cluster.load_cluster`)."""
+    world_sizes: tuple[int, ...] = (16, 64, 256)
+    """Ranks (GPUs) to simulate."""
+    tokens_per_rank: int = 32768
+    """Tokens per rank; a batch holds exactly world_size × tokens_per_rank tokens."""
+    block_size: int = 4096
+    """fcp block size (and magi's dispatch chunk)."""
+    block_sizes: tuple[int, ...] = ()
+    """Non-empty: sweep fcp over these block sizes instead of comparing strategies."""
+    strategies: tuple[str, ...] = STRATEGY_NAMES
+    """Strategies to compare."""
+    steps: int = 3
+    """Batches (training steps) per world size; results are aggregated over them."""
+    seed: int = 0
+    """Seed of the batches."""
+    cp_size: str | int = "min"
+    """CP group size of ring/allgather/wlb/magi: "min", "best" (fastest per batch) or an integer."""
+    stages: int = 4
+    """Communication stages of fcp and magi (rounds coalesced; 0 = one stage per round)."""
+    fcp_options: dict = field(default_factory=dict)
+    """Planner options for fcp (``hf_fcp.PlanOptions`` fields, e.g. ``{"locality": 1.0}``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_rank", "block_size", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.world_sizes or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.world_sizes):
+            raise ValueError(f"world_sizes must be positive integers, got {self.world_sizes!r}")
+        bad = [s for s in self.strategies if s not in STRATEGY_NAMES]
+        if bad or not self.strategies:
+            raise ValueError(f"strategies must be some of {list(STRATEGY_NAMES)}, got {list(self.strategies)}")
+        if not isinstance(self.stages, int) or self.stages < 0:
+            raise ValueError(f"stages must be an integer >= 0, got {self.stages!r}")
+        make_options(dict(self.fcp_options))  # raises on unknown names or bad values
+
+
+@dataclass(kw_only=True)
+class Row:
+    """One strategy at one world size (and block size), aggregated over the steps."""
+
+    strategy: str
+    world_size: int
+    block_size: int
+    attention_mfu: float
+    """Σ useful FLOPs / (ranks × peak × Σ step time)."""
+    step_ms: float
+    compute_imbalance: float
+    comm_imbalance: float
+    comm_bytes: float
+    """Mean per step, all ranks, forward + backward."""
+    exposed_comm_ms: float
+    plan_ms: float
+    flop_imbalance: float
+    memory_imbalance: float
+    kernel_efficiency: float
+    """Useful FLOPs / (peak × busy compute time), mean over ranks: how well the kernels run."""
+    cp_size: int
+    """CP group size used (the most frequent over the steps)."""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {**{k: d[k] for k in JSON_KEYS}, **{k: v for k, v in d.items() if k not in JSON_KEYS}}
+
+
+@dataclass(kw_only=True)
+class Example:
+    """One batch in detail, for plots: per-rank loads of each strategy and the trace of one fcp rank."""
+
+    world_size: int
+    rank_compute_s: dict[str, np.ndarray] = field(default_factory=dict)
+    trace_rank: int = 0
+    trace: list = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class Report:
+    settings: SimSettings
+    rows: list[Row]
+    not_applicable: list[dict]
+    example: Example | None = None
+
+    def to_json(self) -> dict:
+        return {"rows": [r.to_json() for r in self.rows], "not_applicable": self.not_applicable}
+
+
+def _aggregate(results: list[SimResult], cluster: Cluster) -> Row:
+    r0, w = results[0], results[0].world_size
+    useful = sum(r.useful_flops for r in results)
+    mean = lambda f: float(np.mean([getattr(r, f) for r in results]))  # noqa: E731
+    busy = sum(float(r.rank_compute_s.mean()) for r in results)
+    cps = [r.cp_size for r in results]
+    return Row(strategy=r0.strategy, world_size=w, block_size=r0.block_size,
+               attention_mfu=useful / (w * cluster.peak_flops * sum(r.step_s for r in results)),
+               step_ms=1e3 * mean("step_s"), compute_imbalance=mean("compute_imbalance"),
+               comm_imbalance=mean("comm_imbalance"), comm_bytes=mean("comm_bytes"),
+               exposed_comm_ms=1e3 * mean("exposed_comm_s"), plan_ms=mean("plan_ms"),
+               flop_imbalance=mean("flop_imbalance"), memory_imbalance=mean("memory_imbalance"),
+               kernel_efficiency=useful / (w * cluster.peak_flops * busy), cp_size=max(set(cps), key=cps.count))
+
+
+def run(settings: SimSettings, progress: bool | None = None) -> Report:
+    """Simulate every (world size, step, strategy or block size); ``progress`` shows a tqdm bar on stderr
+    (None: only when stderr is a terminal)."""
+    from tqdm.auto import tqdm
+
+    s = settings
+    jobs = [(b, name) for b in s.block_sizes for name in ("fcp",)] or [(s.block_size, n) for n in s.strategies]
+    bar = tqdm(total=len(s.world_sizes) * s.steps * len(jobs), desc="simulate", unit="plan",
+               disable=(None if progress is None else not progress), leave=False)
+    rows, skipped, example = [], [], None
+    for w in s.world_sizes:
+        batches = make_batches(s.distribution, world_size=w, tokens_per_rank=s.tokens_per_rank, steps=s.steps, seed=s.seed)
+        for block, name in jobs:
+            bar.set_postfix_str(f"W={w} {name} B={block}")
+            try:
+                results = [simulate_strategy(name, lens, world_size=w, block_size=block,
+                                             tokens_per_rank=s.tokens_per_rank, model=s.model, cluster=s.cluster,
+                                             cp_size=s.cp_size, stages=s.stages, fcp_options=s.fcp_options)
+                           for lens in _ticking(batches, bar)]
+            except NotApplicable as e:
+                skipped.append({"strategy": name, "world_size": w, "block_size": block, "reason": str(e)})
+                continue
+            rows.append(_aggregate(results, s.cluster))
+            if w == max(s.world_sizes) and not s.block_sizes:
+                example = example or Example(world_size=w)
+                example.rank_compute_s[name] = results[-1].rank_compute_s
+        if w == max(s.world_sizes) and example is not None and "fcp" in s.strategies:
+            _trace_fcp(example, batches[-1], s)
+    bar.close()
+    return Report(settings=s, rows=rows, not_applicable=skipped, example=example)
+
+
+def _ticking(items, bar):
+    for item in items:
+        yield item
+        bar.update(1)
+
+
+def _trace_fcp(example: Example, lens, s: SimSettings) -> None:
+    """Trace the fcp rank that finishes last in the example batch."""
+    cand = build("fcp", lens, world_size=example.world_size, block_size=s.block_size,
+                 tokens_per_rank=s.tokens_per_rank, stages=s.stages, fcp_options=s.fcp_options)[0]
+    first = simulate(cand, s.model, s.cluster)
+    example.trace_rank = int(np.argmax(first.rank_finish_s))
+    example.trace = simulate(cand, s.model, s.cluster, trace_rank=example.trace_rank).trace
+
+
+def speedups(rows: list[Row]) -> dict[tuple[int, str], float]:
+    """fcp's attention MFU over each strategy's, per (world size, strategy)."""
+    fcp = {(r.world_size, r.block_size): r.attention_mfu for r in rows if r.strategy == "fcp"}
+    return {(r.world_size, r.strategy): fcp[(r.world_size, r.block_size)] / r.attention_mfu
+            for r in rows if (r.world_size, r.block_size) in fcp and r.attention_mfu > 0}

@@ -1,0 +1,198 @@
+"""What each rank computes and sends, extracted from a plan as flat numpy arrays (vectorised: plans at
+256 ranks hold tens of thousands of spans).
+
+A **segment** is one attention kernel segment: ``q`` queries of one sequence against ``k`` keys, with
+``pairs`` visible (query, key) pairs, run by ``rank`` in time ``slot`` (0: work on local K/V; ``1 + i``:
+p2p stage i; ring step i). A **message** moves ``tokens`` K/V rows from ``src`` to ``dst``.
+
+Invariant (tested): over all segments of a plan, ``pairs`` sums to the causal pairs of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..layout import FCPPlan, span_cost
+from ..views import _ranges
+
+
+@dataclass(kw_only=True)
+class Segments:
+    """Flat arrays (n,) of attention segments."""
+
+    rank: np.ndarray
+    """int64: rank that runs the segment."""
+    slot: np.ndarray
+    """int64: 0 = local K/V; p2p: 1 + stage; ring: the step."""
+    q: np.ndarray
+    """float64: query tokens."""
+    k: np.ndarray
+    """float64: key tokens."""
+    pairs: np.ndarray
+    """float64: visible (query, key) pairs."""
+
+    @staticmethod
+    def concat(parts: list["Segments"]) -> "Segments":
+        return Segments(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("rank", "slot", "q", "k", "pairs")})
+
+
+@dataclass(kw_only=True)
+class Messages:
+    """Flat arrays (n,) of messages of one exchange."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    tokens: np.ndarray
+
+
+@dataclass(kw_only=True)
+class Spans:
+    """Every rank's spans flat, sorted by (rank, seq, start); ``key = rank * num_seqs + seq``."""
+
+    rank: np.ndarray
+    seq: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    key: np.ndarray
+    num_seqs: int
+
+    @staticmethod
+    def of(plan: FCPPlan) -> "Spans":
+        rows = [(r, s, a, b) for r, spans in enumerate(plan.rank_spans) for s, a, b in spans]
+        arr = np.asarray(rows, np.int64).reshape(-1, 4)
+        arr = arr[np.lexsort((arr[:, 2], arr[:, 1], arr[:, 0]))]
+        n = len(plan.seq_lens)
+        return Spans(rank=arr[:, 0], seq=arr[:, 1], a=arr[:, 2], b=arr[:, 3], key=arr[:, 0] * n + arr[:, 1], num_seqs=n)
+
+    def match(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All (i, j) with ``key[i] == self.key[j]`` (self.key is sorted)."""
+        lo = np.searchsorted(self.key, key, "left")
+        cnt = np.searchsorted(self.key, key, "right") - lo
+        return np.repeat(np.arange(len(key)), cnt), _ranges(lo, cnt)
+
+
+def _segs(rank, slot, q, k, pairs) -> Segments:
+    f = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    return Segments(rank=np.asarray(rank, np.int64), slot=np.broadcast_to(np.asarray(slot, np.int64), np.shape(rank)).copy(),
+                    q=f(q), k=f(k), pairs=f(pairs))
+
+
+def local_segments(sp: Spans) -> Segments:
+    """Slot 0: each span against the rank's own earlier spans of its sequence plus itself (causal)."""
+    n = sp.b - sp.a
+    cum = np.cumsum(n)
+    first = np.concatenate([[True], sp.key[1:] != sp.key[:-1]])
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(n)), 0))
+    earlier = cum - n - (cum[group_start] - n[group_start])  # own tokens of the sequence before this span
+    return _segs(sp.rank, 0, n, earlier + n, earlier * n + n * (n + 1) / 2)
+
+
+def prefix_segments(sp: Spans) -> Segments:
+    """Slot 0, all K/V present (all-gather): each span against its whole causal prefix."""
+    n = sp.b - sp.a
+    return _segs(sp.rank, 0, n, sp.b, span_cost(sp.a, sp.b))
+
+
+def p2p_segments(plan: FCPPlan, sp: Spans) -> tuple[Segments, list[Messages]]:
+    """Slot 1 + stage: each held span against the pieces of its sequence that arrived in that stage.
+    Also the messages of every stage (forward direction)."""
+    per = plan.options.rounds_per_stage
+    num_stages = len(plan.stages)
+    rows = [(t.src, t.dst, t.round // per, s, a, b) for t in plan.transfers for s, a, b in t.pieces]
+    p = np.asarray(rows, np.int64).reshape(-1, 6)
+    src, dst, stage, seq, c, d = p.T
+    i, j = sp.match(dst * sp.num_seqs + seq)
+    keep = sp.a[j] >= d[i]
+    i, j = i[keep], j[keep]
+    group = j * max(num_stages, 1) + stage[i]  # one segment per (held span, stage)
+    uniq, inv = np.unique(group, return_inverse=True)
+    k = np.bincount(inv, weights=(d - c)[i], minlength=len(uniq))
+    j_of, stage_of = uniq // max(num_stages, 1), uniq % max(num_stages, 1)
+    q = sp.b[j_of] - sp.a[j_of]
+    segs = _segs(sp.rank[j_of], 1 + stage_of, q, k, q * k)
+    msgs = []
+    for st in range(num_stages):
+        m = stage == st
+        msgs.append(_aggregate(src[m], dst[m], (d - c)[m], plan.world_size))
+    return segs, msgs
+
+
+@dataclass(kw_only=True)
+class RingSchedule:
+    """Per step i: the segments against the K/V block held at step i and the messages bringing the
+    next block; ``final`` returns each dK/dV accumulator to its owner after the last backward step."""
+
+    segments: Segments
+    steps: list[Messages]
+    final: Messages
+
+
+def ring_schedule(plan: FCPPlan, sp: Spans, cp_size: int) -> RingSchedule:
+    """Ring steps: with ``cp_size > 1`` one ring per fixed group of consecutive ranks carrying all the
+    source's K/V (TE); else one ring per sequence over its holders in rank order (ByteScale-style)."""
+    if cp_size > 1:
+        src_at, tok_at, succ_tok, nsteps = _group_ring(plan, sp, cp_size)
+    else:
+        src_at, tok_at, succ_tok, nsteps = _seq_rings(plan, sp)
+    parts, steps = [local_segments(sp)], []
+    for i in range(1, nsteps):
+        ent, src = src_at(i)
+        jj_i, jj = sp.match(src * sp.num_seqs + sp.seq[ent])
+        e = ent[jj_i]
+        keep = sp.b[jj] <= sp.a[e]
+        e, jj = e[keep], jj[keep]
+        q, k = sp.b[e] - sp.a[e], sp.b[jj] - sp.a[jj]
+        parts.append(_segs(sp.rank[e], i, q, k, q * k))
+    for i in range(nsteps - 1):
+        steps.append(tok_at(i))
+    return RingSchedule(segments=Segments.concat(parts), steps=steps, final=succ_tok())
+
+
+def _aggregate(src, dst, tokens, world) -> Messages:
+    keep = np.asarray(tokens) > 0
+    src, dst, tokens = np.asarray(src)[keep], np.asarray(dst)[keep], np.asarray(tokens, np.float64)[keep]
+    pair, inv = np.unique(src * world + dst, return_inverse=True)
+    return Messages(src=pair // world, dst=pair % world, tokens=np.bincount(inv, weights=tokens, minlength=len(pair)))
+
+
+def _group_ring(plan: FCPPlan, sp: Spans, c: int):
+    w = plan.world_size
+    held = np.bincount(sp.rank, weights=sp.b - sp.a, minlength=w)
+    ranks = np.arange(w)
+    at = lambda shift: (ranks // c) * c + (ranks % c + shift) % c  # noqa: E731  group neighbour
+    src_at = lambda i: (np.arange(len(sp.rank)), at(-i)[sp.rank])  # noqa: E731
+    tok_at = lambda i: _aggregate(at(-1), ranks, held[at(-i - 1)], w)  # noqa: E731  block for step i+1
+    final = lambda: _aggregate(ranks, at(1), held[at(1)], w)  # noqa: E731
+    return src_at, tok_at, final, c if len(sp.rank) and c > 1 else 1
+
+
+def _seq_rings(plan: FCPPlan, sp: Spans):
+    """Per (rank, seq) entry: its position among the sequence's holders and their count."""
+    w, n = plan.world_size, sp.num_seqs
+    ukey = np.unique(sp.key)  # one entry per (rank, seq), sorted by (rank, seq)
+    urank, useq = ukey // n, ukey % n
+    tok = np.bincount(np.searchsorted(ukey, sp.key), weights=sp.b - sp.a, minlength=len(ukey))
+    order = np.lexsort((urank, useq))  # entries by (seq, rank): holders of each seq in rank order
+    g = np.bincount(useq, minlength=n)
+    start = np.concatenate([[0], np.cumsum(g)])[:-1]
+    pos = np.empty(len(ukey), np.int64)
+    pos[order] = np.arange(len(ukey)) - start[useq[order]]
+    gs = g[useq]
+    holder = lambda e, shift: order[start[useq[e]] + (pos[e] + shift) % gs[e]]  # noqa: E731  entry index
+
+    def src_at(i):
+        span_entry = np.searchsorted(ukey, sp.key)
+        ent = np.nonzero(gs[span_entry] > i)[0]
+        return ent, urank[holder(span_entry[ent], -i)]
+
+    def tok_at(i):
+        e = np.nonzero(gs > i + 1)[0]
+        return _aggregate(urank[holder(e, -1)], urank[e], tok[holder(e, -i - 1)], w)
+
+    def final():
+        e = np.nonzero(gs > 1)[0]
+        return _aggregate(urank[e], urank[holder(e, 1)], tok[holder(e, 1)], w)
+
+    return src_at, tok_at, final, int(g.max(initial=1))

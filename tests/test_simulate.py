@@ -1,0 +1,242 @@
+"""Scale simulator: hand-computable timings, strategy placements, workloads, cluster files and the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from hf_fcp.layout import span_cost
+from hf_fcp.planning import make_plan
+from hf_fcp.simulate import cli as sim_cli
+from hf_fcp.simulate.cluster import PRESETS, Cluster, fit_efficiency, load_cluster
+from hf_fcp.simulate.engine import simulate, simulate_strategy
+from hf_fcp.simulate.models import AttentionModel, get_model
+from hf_fcp.simulate.runner import JSON_KEYS
+from hf_fcp.simulate.strategies import STRATEGY_NAMES, Candidate, NotApplicable, build
+from hf_fcp.simulate.workloads import make_batch, make_batches, parse_distribution, stdlib_lengths
+
+# One head of dimension 1: 4 FLOPs per (query, key) pair forward; K+V = 4 bytes per token.
+TINY = AttentionModel(name="tiny", num_q_heads=1, num_kv_heads=1, head_dim=1, num_layers=1)
+# g(n) = n / (n + 1); no launch cost worth counting; every rank its own node (inter-node links).
+FLAT = Cluster(name="flat", peak_flops=1e12, eff_fwd=0.5, eff_bwd=0.25, n_half=1.0, shape=1.0, launch_s=1e-15,
+               gpus_per_node=1, nvlink_bw=1e12, nvlink_latency=1e-6, ib_bw=1e9, ib_latency=1e-5, comm_sms=1)
+
+
+def _one_sequence_time(n: int) -> float:
+    """Forward + backward seconds of one causal sequence of n tokens on FLAT (by hand)."""
+    pairs, g = n * (n + 1) / 2, n / (n + 1)
+    return pairs * 4 / (1e12 * 0.5 * g) + pairs * 4 * 2.5 / (1e12 * 0.25 * g)
+
+
+def _run(name, lens, world, cap, **kw):
+    return simulate_strategy(name, lens, world_size=world, block_size=4096, tokens_per_rank=cap, model=TINY,
+                             cluster=FLAT, **kw)
+
+
+@pytest.mark.parametrize("name", ["fcp", "packing", "ring"])
+def test_one_rank_is_pure_compute(name):
+    r = _run(name, [1000], 1, 1000)
+    expected = _one_sequence_time(1000)
+    assert r.step_s == pytest.approx(expected, rel=1e-9)
+    assert r.attention_mfu == pytest.approx(1000 * 1001 / 2 * 4 * 3.5 / (1e12 * expected), rel=1e-9)
+    assert r.comm_bytes == 0 and r.exposed_comm_s == 0
+
+
+@pytest.mark.parametrize("name", ["packing", "ring", "fcp"])
+def test_two_equal_sequences_take_one_sequence_time(name):
+    r = _run(name, [2048, 2048], 2, 2048)
+    assert r.step_s == pytest.approx(_one_sequence_time(2048), rel=1e-6)
+    assert r.compute_imbalance == pytest.approx(0.0, abs=1e-9)
+
+
+def _split_plan(n: int) -> Candidate:
+    """One sequence of 2n tokens: rank 0 holds [0, n), rank 1 holds [n, 2n) and needs rank 0's K/V."""
+    plan = make_plan((2 * n,), [[(0, 0, n)], [(0, n, 2 * n)]], world_size=2, block_size=n, tokens_per_rank=n,
+                     strategy="split", comm="p2p")
+    return Candidate(plan=plan, schedule="p2p")
+
+
+def test_communication_bound_p2p():
+    n = 1_000_000
+    fast = replace(FLAT, peak_flops=1e30)  # compute ~0: the step is the transfer there and back
+    r = simulate(_split_plan(n), TINY, fast)
+    t = 1e-5 + 4 * n / 1e9  # latency + bytes / IB bandwidth
+    assert r.fwd_s == pytest.approx(t, rel=1e-6) and r.bwd_s == pytest.approx(t, rel=1e-6)
+    assert r.comm_bytes == pytest.approx(2 * 4 * n)  # K/V forward, dK/dV back
+    assert r.exposed_comm_s == pytest.approx(2 * t, rel=1e-6)
+    assert r.attention_mfu < 1e-9
+
+
+def test_communication_bound_ring():
+    n = 1_000_000
+    cand = replace(_split_plan(n), schedule="ring", cp_size=2)
+    r = simulate(cand, TINY, replace(FLAT, peak_flops=1e30))
+    t = 4 * n / 1e9
+    assert r.fwd_s == pytest.approx(1e-5 + t, rel=1e-6)  # one step of K/V
+    assert r.bwd_s == pytest.approx(2e-5 + 3 * t, rel=1e-6)  # K/V + dK/dV, then dK/dV home
+
+
+def test_overlap_hides_communication_behind_compute():
+    n = 4096
+    r = simulate(_split_plan(n), TINY, replace(FLAT, peak_flops=1e9))  # slow compute, same link
+    assert r.exposed_comm_s < 0.01 * r.step_s
+
+
+def _covers_once(plan) -> None:
+    for s, length in enumerate(plan.seq_lens):
+        pieces = sorted((a, b) for spans in plan.rank_spans for q, a, b in spans if q == s)
+        assert pieces[0][0] == 0 and pieces[-1][1] == length, (plan.strategy, s)
+        assert all(b0 == a1 for (_, b0), (a1, _) in zip(pieces, pieces[1:])), (plan.strategy, s)
+
+
+@pytest.mark.parametrize("name", [n for n in STRATEGY_NAMES if n != "packing"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_strategy_covers_every_token_once(name, seed):
+    lens = make_batch(parse_distribution("paper"), 8 * 8192, np.random.default_rng(seed))
+    cands = build(name, lens, world_size=8, block_size=1024, tokens_per_rank=8192, cp_size="best")
+    assert cands
+    for cand in cands:
+        _covers_once(cand.plan)
+        r = simulate(cand, TINY, FLAT)
+        assert r.rank_pairs.sum() == pytest.approx(float(span_cost(0, np.asarray(lens)).sum()))
+
+
+def test_packing_covers_or_is_not_applicable():
+    cand = build("packing", [100, 50, 50, 100, 60, 40], world_size=4, block_size=64, tokens_per_rank=100)[0]
+    _covers_once(cand.plan)
+    assert [sum(b - a for _, a, b in spans) for spans in cand.plan.rank_spans] == [100] * 4
+    with pytest.raises(NotApplicable):
+        build("packing", [300, 100], world_size=4, block_size=64, tokens_per_rank=100)
+
+
+def test_bytescale_gives_a_long_sequence_the_fewest_ranks():
+    plan = build("bytescale", [250, 50, 50, 50], world_size=4, block_size=64, tokens_per_rank=100)[0].plan
+    holders = {r for r, spans in enumerate(plan.rank_spans) for s, _, _ in spans if s == 0}
+    assert len(holders) == 3
+
+
+def test_fixed_cp_group_holds_the_longest_sequence():
+    cand = build("ring", [300, 100, 100, 100, 100, 100, 100, 100], world_size=8, block_size=64,
+                 tokens_per_rank=128)[0]
+    assert cand.cp_size == 4
+    with pytest.raises(NotApplicable):
+        build("ring", [300, 724], world_size=8, block_size=64, tokens_per_rank=128, cp_size=2)
+
+
+def test_fcp_beats_ring_on_a_long_tail():
+    lens = [56_000] + [500] * 8 + [1000] * 4  # one long document among short ones, 8 ranks of 8K
+    fcp = _run("fcp", lens, 8, 8192)
+    ring = simulate_strategy("ring", lens, world_size=8, block_size=4096, tokens_per_rank=8192, model=TINY,
+                             cluster=FLAT)
+    assert fcp.attention_mfu > ring.attention_mfu
+    assert fcp.flop_imbalance < 0.05
+
+
+# ---------------------------------------------------------------- workloads, models, cluster
+def test_batches_fill_the_budget_exactly_and_are_seeded():
+    dist = parse_distribution("lognormal")
+    a = make_batches(dist, world_size=4, tokens_per_rank=8192, steps=3, seed=5)
+    b = make_batches(dist, world_size=4, tokens_per_rank=8192, steps=3, seed=5)
+    assert a == b and all(sum(x) == 4 * 8192 and min(x) >= 1 for x in a)
+    assert a[0] != a[1]
+
+
+@pytest.mark.parametrize("spec, check", [
+    ("paper", lambda x: x.max() <= 512 * 1024),
+    ("lognormal:5,1,1000", lambda x: x.max() <= 1000),
+    ("bimodal:0", lambda x: x.min() >= 512 and x.max() <= 2048),
+    ("light", lambda x: np.median(x) < 2000),
+])
+def test_distributions(spec, check):
+    assert check(parse_distribution(spec).sample(np.random.default_rng(0), 5000))
+
+
+def test_stdlib_lengths_are_measured_here(tmp_path):
+    lens = stdlib_lengths()
+    assert len(lens) > 100 and min(lens) >= 1
+    f = tmp_path / "l.txt"
+    f.write_text("10\n# comment\n20\n")
+    assert parse_distribution(f"file:{f}").lengths == (10, 20)
+
+
+@pytest.mark.parametrize("spec", ["nope", "lognormal:1,2", "lognormal:a,b,c", "bimodal:2", "file:/no/such"])
+def test_bad_distribution_names_the_value(spec):
+    with pytest.raises(ValueError, match="got|does not exist"):
+        parse_distribution(spec)
+
+
+def test_efficiency_curve_follows_the_paper_shape():
+    c = PRESETS["h100"]
+    rel = lambda n: float(c.efficiency(n, n) / c.efficiency(16384, 16384))  # noqa: E731
+    assert 0.25 <= rel(512) <= 0.35  # 512-token blocks: ~25-30% of long-sequence efficiency
+    assert rel(2048) < 0.85 < rel(4096)  # falls below 2K
+    assert c.efficiency(16384, 16384, backward=True) < c.efficiency(16384, 16384)
+
+
+def test_fit_efficiency_recovers_a_known_curve():
+    n = np.array([256, 512, 1024, 2048, 4096, 8192, 16384])
+    eff_inf, n_half, shape = fit_efficiency(n, 0.6 / (1 + (900 / n) ** 1.4))
+    assert (eff_inf, n_half, shape) == pytest.approx((0.6, 900, 1.4), rel=1e-4)
+    with pytest.raises(ValueError, match="points"):
+        fit_efficiency([1, 2], [0.1, 0.2])
+
+
+def test_cluster_file_overrides_and_errors(tmp_path):
+    f = tmp_path / "slow_ib.json"
+    f.write_text(json.dumps({"base": "h200", "ib_bw": 25e9, "_measured": {"note": "ignored"}}))
+    c = load_cluster(str(f))
+    assert c.ib_bw == 25e9 and c.peak_flops == PRESETS["h200"].peak_flops and c.name == "slow_ib"
+    f.write_text(json.dumps({"ib_bandwidth": 1}))
+    with pytest.raises(ValueError, match="unknown field"):
+        load_cluster(str(f))
+    f.write_text(json.dumps({"eff_fwd": 1.5}))
+    with pytest.raises(ValueError, match="eff_fwd"):
+        load_cluster(str(f))
+    assert get_model("llama3-70b").kv_bytes_per_token == 2 * 8 * 128 * 2
+
+
+# ---------------------------------------------------------------- CLI
+SMALL = ["--world-sizes", "4,8", "--tokens-per-rank", "4096", "--steps", "1", "--distribution", "paper"]
+
+
+def test_cli_json_schema(capsys):
+    assert sim_cli.main([*SMALL, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["rows"]
+    assert {r["strategy"] for r in rows} >= {"fcp", "ring", "allgather", "bytescale", "wlb", "magi"}
+    assert {r["world_size"] for r in rows} == {4, 8}
+    for r in rows:
+        assert list(r)[: len(JSON_KEYS)] == list(JSON_KEYS)
+        assert 0 < r["attention_mfu"] < 1 and r["step_ms"] > 0 and r["comm_bytes"] >= 0
+    assert all(na["strategy"] == "packing" for na in out["not_applicable"])
+
+
+def test_cli_table_shows_speedups_and_writes_plots(capsys, tmp_path):
+    assert sim_cli.main([*SMALL, "--strategies", "fcp,ring", "--plot", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "fcp speedup" in out and "1.00x" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mfu_vs_world.png", "rank_loads.png", "timeline.png"]
+
+
+def test_cli_block_sweep(capsys, tmp_path):
+    assert sim_cli.main([*SMALL, "--sweep-block-size", "512,2048", "--json", "--plot", str(tmp_path)]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert {(r["strategy"], r["block_size"]) for r in rows} == {("fcp", 512), ("fcp", 2048)}
+    assert (tmp_path / "block_sweep.png").is_file()
+
+
+@pytest.mark.parametrize("bad", [
+    ["--world-sizes", "0"], ["--world-sizes", "x"], ["--distribution", "nope"], ["--cluster", "missing.json"],
+    ["--lengths", "/no/such/file"], ["--steps", "-1"], ["--fcp-option", "foo=1"], ["--stages", "-1"],
+    ["--strategies", "fcp,nope"], ["--cp-size", "huge"], ["--block-size", "64", "--sweep-block-size"],
+])
+def test_cli_bad_input_is_one_line_and_exit_2(capsys, bad):
+    with pytest.raises(SystemExit) as exc:
+        code = sim_cli.main(["--world-sizes", "4", "--tokens-per-rank", "1024", "--steps", "1", *bad])
+        raise SystemExit(code)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-fcp") and "error" in err and len(err.splitlines()) == 1 and "Traceback" not in err
