@@ -134,8 +134,8 @@ def _colour_rounds(pairs) -> tuple[tuple[Transfer, ...], int]:
 
     Each edge takes the lowest colour free at both ends when one below Δ exists (almost always);
     otherwise Kőnig's alternating-path swap frees one (the colour -> peer maps that needs are built on
-    the first such swap only). Edges go in (src, dst) order: deterministic."""
-    edges = sorted(pairs)
+    the first such swap only). Edges go in the (deterministic) order of ``pairs``."""
+    edges = list(pairs)  # _needed_pieces inserts in a deterministic order; no sort needed
     if not edges:
         return (), 0
     n = 1 + max(max(u, v) for u, v in edges)
@@ -162,8 +162,12 @@ def _colour_rounds(pairs) -> tuple[tuple[Transfer, ...], int]:
         used_src[u] |= 1 << a
         used_dst[v] |= 1 << a
         colour[(u, v)] = a
-    order = sorted((c, u, v) for (u, v), c in colour.items())
-    return tuple(Transfer(u, v, c, tuple(pairs[(u, v)])) for c, u, v in order), delta
+    by_round: list[list[tuple[int, int]]] = [[] for _ in range(delta)]
+    for edge, c in colour.items():
+        by_round[c].append(edge)
+    new = tuple.__new__  # Transfer(...) runs a Python-level __new__; this is hot at 10^4 messages
+    return tuple(new(Transfer, (u, v, c, tuple(pairs[(u, v)])))
+                 for c, edges_c in enumerate(by_round) for u, v in sorted(edges_c)), delta
 
 
 def _lowest_zero_bit(mask: int) -> int:
