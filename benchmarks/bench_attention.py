@@ -76,7 +76,8 @@ def _op(name):
 
 
 def _step(op, view, x, track=False):
-    """One fwd+bwd; returns (seconds, bytes sent by kind, peak KiB above the step's start)."""
+    """One fwd+bwd; returns (seconds, bytes sent by kind, peak KiB above the step's start, CPU seconds of
+    this process during the step)."""
     from hf_fcp import comm
 
     import torch.distributed as dist
@@ -87,10 +88,10 @@ def _step(op, view, x, track=False):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     with comm.track_comm() as counter:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         op(q, k, v, view).backward(dout)
-        dt = time.perf_counter() - t0
-    return dt, dict(counter.by_tag), _mem_kib("VmHWM") - rss0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return dt, dict(counter.by_tag), _mem_kib("VmHWM") - rss0, cpu
 
 
 def _worker(rank, world, batches, args):
@@ -109,7 +110,7 @@ def _worker(rank, world, batches, args):
             for name in METHODS:
                 steps[name].append(_step(*runs[name]))
         for name, res in steps.items():
-            out[name, b] = ([r[0] for r in res], res[0][1], max(r[2] for r in res))
+            out[name, b] = ([r[0] for r in res], res[0][1], max(r[2] for r in res), [r[3] for r in res])
     return out
 
 
@@ -124,13 +125,16 @@ def bench_world(world, args):
     for b, lens in enumerate(batches):
         print(f"batch {b}: {len(lens)} sequences, longest {max(lens)}, top-5 lengths {sorted(lens)[-5:]}")
     print(f"{'method':10} {'median ms':>10} {'vs fcp':>7} {'kv MB sent':>11} {'plan MB':>9} {'grad MB':>8} "
-          f"{'peak MiB/rank':>14} {'imbalance':>9}")
+          f"{'peak MiB/rank':>14} {'imbalance':>9} {'CPU ms (sum)':>12} {'CPU ms (max)':>12}")
     medians = {}
     for name, (strategy, _) in METHODS.items():
-        times, sent, plan_b, grad, peak, imb = [], 0, 0, 0, 0, 0.0
+        times, sent, plan_b, grad, peak, imb, cpu_sum, cpu_max = [], 0, 0, 0, 0, 0.0, [], []
         for b, lens in enumerate(batches):
             steps = [max(r[name, b][0][i] for r in per_rank) for i in range(args.iters)]
             times.append(statistics.median(steps))
+            cpu = [statistics.median(r[name, b][3]) for r in per_rank]  # per rank: median over steps
+            cpu_sum.append(sum(cpu))
+            cpu_max.append(max(cpu))
             sent += sum(r[name, b][1].get("kv", 0) for r in per_rank)
             grad += sum(r[name, b][1].get("grad", 0) for r in per_rank)
             peak = max(peak, max(r[name, b][2] for r in per_rank))
@@ -140,11 +144,14 @@ def bench_world(world, args):
         medians[name] = sum(times)
         ratio = medians[name] / medians["fcp"]
         print(f"{name:10} {1e3 * medians[name] / len(batches):10.1f} {ratio:6.2f}x {sent / 1e6:11.2f} "
-              f"{plan_b / 1e6:9.2f} {grad / 1e6:8.2f} {peak / 1024:14.1f} {imb:9.3f}")
+              f"{plan_b / 1e6:9.2f} {grad / 1e6:8.2f} {peak / 1024:14.1f} {imb:9.3f} "
+              f"{1e3 * statistics.mean(cpu_sum):12.1f} {1e3 * statistics.mean(cpu_max):12.1f}")
     print("median ms: mean over batches of the median (over steps) of the slowest rank's fwd+bwd; kv MB: "
           "K/V bytes sent by all ranks in one step (ring_attn re-rotates K/V in backward: 2(W-1) blocks); "
           "plan MB: plan.stats()['comm_bytes'] (forward K/V); grad MB: dK/dV bytes sent; imbalance: plan "
-          "compute imbalance (max/mean - 1)")
+          "compute imbalance (max/mean - 1); CPU ms: process CPU time of a fwd+bwd (median over steps), summed "
+          "over ranks (total work, independent of how the ranks share the cores) and of the busiest rank (its "
+          "work, what the step would take with a core per rank and no waits), mean over batches")
 
 
 def bench_world1(args):

@@ -191,23 +191,27 @@ FOOTER = """## Reading the results
   WLB-LLM and MagiAttention step at the group boundaries). WLB-LLM's cost-aware packing cannot help when one
   document alone outweighs a group's fair share. ByteScale gives a long sequence only the ranks that fit it, so
   those ranks carry its whole quadratic cost. fcp balances attention pairs over all GPUs (< 0.5%) and sends only
-  the K/V each block needs (2-4× fewer bytes than ring at 64-256 GPUs).
+  the K/V each block needs (2-4× fewer bytes than ring at 64-256 GPUs). Kernel segments follow the engine's
+  views: one causal segment per held sequence, and one per group of runs that see the same received pieces.
 * **Where fcp loses time: communication hot spots.** A rank holding an early run of a long sequence sends it to
   every rank holding a later piece (fan-out). The planner balances compute and memory but not communication, so
   the busiest rank moves up to several times the mean bytes (comm imbalance column) and everyone waits for it
-  (timeline: forward compute idles between stages; backward ends waiting for dK/dV).
+  (timeline: forward compute idles between stages; backward ends waiting for dK/dV). At 256 GPUs on the
+  lognormal workload this costs fcp the 2× target over ring (1.96×; exposed communication ≈ 0.6 s of a 2 s step).
 * **Sensitivity.** The main tables use the conventional fixed CP group. Given the best CP size per batch in
   hindsight, MagiAttention-style dispatch over (nearly) the whole world is the strongest bar — it is fcp's idea
-  without block splitting — and matches or beats fcp with default planner options; the `locality=1.0` option
-  (scatter blocks instead of keeping long runs together) spreads the fan-out and wins back the gap at 64-256
-  GPUs on the lognormal workload, not everywhere (see the lines under each sensitivity table).
-* **Compute imbalance** is < 0.5% in attention pairs everywhere. Measured in time it stays ≤ 2% on the
-  lognormal workload but not on the short-document stdlib workload: the planner balances pairs, not kernel time,
-  and ranks with many short segments run their kernels less efficiently.
+  without block splitting — and matches or beats fcp with default planner options (0.78-1.00× of it, worst at
+  256 GPUs on stdlib); the `locality=1.0` option (scatter blocks instead of keeping long runs together) spreads
+  the fan-out and brings fcp level with it (0.99-1.01×), ahead only at 256 GPUs on stdlib (1.10×) — so against
+  a hindsight-tuned MagiAttention fcp is at parity, not ahead (see the lines under each sensitivity table).
+* **Compute imbalance** is < 0.5% in attention pairs everywhere. Measured in time it is at the 2% limit on the
+  lognormal workload (2.0% at 64 GPUs, just over) and 4-5% on the short-document stdlib workload: the planner
+  balances pairs, not kernel time, and ranks with many short segments run their kernels less efficiently.
 * **Block size.** In this model the optimum is set by communication, not kernels: the planner merges a rank's
   adjacent blocks into runs, so kernel efficiency hardly moves with the block size, while smaller blocks spread
-  the early part of long sequences over more ranks and cut the fan-out hot spot. So 1-2K beats the paper's 4K here,
-  increasingly with scale; 16-32K blocks lose balance and overlap. A GPU calibration
+  the early part of long sequences over more ranks and cut the fan-out hot spot. So 0.5-2K beats the paper's 4K
+  here, increasingly with scale (optimum 1024 at 64 GPUs, 512 at 256, where 4096 reaches 84% of it); 8-32K
+  blocks lose overlap. A GPU calibration
   (`benchmarks/calibrate_attention.py`) and a communication-aware planner may move the optimum back up.
 
 Total generation time: {minutes:.1f} min on this machine.

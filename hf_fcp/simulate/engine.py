@@ -93,7 +93,7 @@ class _Run:
         t = flops / (self.cluster.peak_flops * self.cluster.efficiency(segs.q, segs.k, backward))
         idx = segs.rank * nslots + segs.slot
         size = self.w * nslots
-        out = np.bincount(idx, weights=t, minlength=size)
+        out = np.bincount(idx, weights=t, minlength=size).astype(np.float64)  # int64 when segs is empty
         out += (np.bincount(idx, weights=segs.pairs > 0, minlength=size) > 0) * self.cluster.launch_s
         return out.reshape(self.w, nslots)
 
@@ -163,10 +163,15 @@ def _p2p(run: _Run, cand: Candidate, sp: Spans):
 
 def _ring(run: _Run, cand: Candidate, sp: Spans):
     sched = ring_schedule(cand.plan, sp, cand.cp_size)
-    nsteps = len(sched.steps) + 1
+    nsteps = sched.nsteps
     slow = _slowdown(run, sched.steps)[:, None]
-    cf = run.slot_times(sched.segments, nsteps, False) * slow
-    cb = run.slot_times(sched.segments, nsteps, True) * slow
+    cf, cb, pairs = np.zeros((run.w, nsteps)), np.zeros((run.w, nsteps)), np.zeros(run.w)
+    for i in range(nsteps):  # one step's segments at a time: all of them at once need O(steps × spans) memory
+        seg = sched.step_segments(i)
+        cf += run.slot_times(seg, nsteps, False)
+        cb += run.slot_times(seg, nsteps, True)
+        pairs += np.bincount(seg.rank, weights=seg.pairs, minlength=run.w)
+    cf, cb = cf * slow, cb * slow
     out = []
     for phase, c, scale in (("fwd", cf, 1.0), ("bwd", cb, 2.0)):
         start = np.zeros(run.w)
@@ -183,7 +188,9 @@ def _ring(run: _Run, cand: Candidate, sp: Spans):
             run.note(phase, "comm", s0, end, "dKV home")
             start = np.maximum(start, end)
         out.append(start)
-    return out[0], out[1], cf.sum(1), cb.sum(1), sched.segments
+    per_rank = Segments(rank=np.arange(run.w), slot=np.zeros(run.w, np.int64), q=np.zeros(run.w), k=np.zeros(run.w),
+                        pairs=pairs)  # only the per-rank pair totals are used downstream
+    return out[0], out[1], cf.sum(1), cb.sum(1), per_rank
 
 
 def _allgather(run: _Run, cand: Candidate, sp: Spans):

@@ -11,6 +11,7 @@ Invariant (tested): over all segments of a plan, ``pairs`` sums to the causal pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -80,13 +81,19 @@ def _segs(rank, slot, q, k, pairs) -> Segments:
 
 
 def local_segments(sp: Spans) -> Segments:
-    """Slot 0: each span against the rank's own earlier spans of its sequence plus itself (causal)."""
+    """Slot 0: one causal segment per held sequence (``views._local_tasks``): the rank's spans of the
+    sequence, joined in position order, are both queries and keys; pairs = each span against the rank's
+    own earlier spans of its sequence plus itself."""
     n = sp.b - sp.a
     cum = np.cumsum(n)
     first = np.concatenate([[True], sp.key[1:] != sp.key[:-1]])
     group_start = np.maximum.accumulate(np.where(first, np.arange(len(n)), 0))
     earlier = cum - n - (cum[group_start] - n[group_start])  # own tokens of the sequence before this span
-    return _segs(sp.rank, 0, n, earlier + n, earlier * n + n * (n + 1) / 2)
+    pairs = earlier * n + n * (n + 1) / 2
+    g = np.cumsum(first) - 1  # segment index per span (spans are sorted by key)
+    rank = sp.rank[first]
+    held = np.bincount(g, weights=n, minlength=len(rank))
+    return _segs(rank, 0, held, held, np.bincount(g, weights=pairs, minlength=len(rank)))
 
 
 def prefix_segments(sp: Spans) -> Segments:
@@ -111,7 +118,15 @@ def p2p_segments(plan: FCPPlan, sp: Spans) -> tuple[Segments, list[Messages]]:
     k = np.bincount(inv, weights=(d - c)[i], minlength=len(uniq))
     j_of, stage_of = uniq // max(num_stages, 1), uniq % max(num_stages, 1)
     q = sp.b[j_of] - sp.a[j_of]
-    segs = _segs(sp.rank[j_of], 1 + stage_of, q, k, q * k)
+    # Consecutive held spans of a sequence that see the same pieces of a stage share one segment
+    # (``views._remote_tasks``); within a (rank, seq, stage) the keys seen only grow with the span's
+    # start, so equal key counts mean equal key sets.
+    seg_key = np.stack([sp.key[j_of], stage_of, k.astype(np.int64)])
+    _, first_idx, g = np.unique(seg_key, axis=1, return_index=True, return_inverse=True)
+    g = g.reshape(-1)
+    q = np.bincount(g, weights=q, minlength=len(first_idx))
+    k = k[first_idx]
+    segs = _segs(sp.rank[j_of][first_idx], 1 + stage_of[first_idx], q, k, q * k)
     msgs = []
     for st in range(num_stages):
         m = stage == st
@@ -121,12 +136,19 @@ def p2p_segments(plan: FCPPlan, sp: Spans) -> tuple[Segments, list[Messages]]:
 
 @dataclass(kw_only=True)
 class RingSchedule:
-    """Per step i: the segments against the K/V block held at step i and the messages bringing the
-    next block; ``final`` returns each dK/dV accumulator to its owner after the last backward step."""
+    """Per step i: the segments against the K/V block held at step i (``step_segments(i)``, built on
+    demand: at CP 256 all steps together hold hundreds of millions of segments) and the messages bringing
+    the next block; ``final`` returns each dK/dV accumulator to its owner after the last backward step."""
 
-    segments: Segments
+    nsteps: int
+    step_segments: Callable[[int], Segments]
     steps: list[Messages]
     final: Messages
+
+    @property
+    def segments(self) -> Segments:
+        """Every step's segments at once (small cases and tests only: memory grows as steps × spans)."""
+        return Segments.concat([self.step_segments(i) for i in range(self.nsteps)])
 
 
 def ring_schedule(plan: FCPPlan, sp: Spans, cp_size: int) -> RingSchedule:
@@ -136,18 +158,20 @@ def ring_schedule(plan: FCPPlan, sp: Spans, cp_size: int) -> RingSchedule:
         src_at, tok_at, succ_tok, nsteps = _group_ring(plan, sp, cp_size)
     else:
         src_at, tok_at, succ_tok, nsteps = _seq_rings(plan, sp)
-    parts, steps = [local_segments(sp)], []
-    for i in range(1, nsteps):
+
+    def step_segments(i: int) -> Segments:
+        if i == 0:
+            return local_segments(sp)
         ent, src = src_at(i)
         jj_i, jj = sp.match(src * sp.num_seqs + sp.seq[ent])
         e = ent[jj_i]
         keep = sp.b[jj] <= sp.a[e]
         e, jj = e[keep], jj[keep]
         q, k = sp.b[e] - sp.a[e], sp.b[jj] - sp.a[jj]
-        parts.append(_segs(sp.rank[e], i, q, k, q * k))
-    for i in range(nsteps - 1):
-        steps.append(tok_at(i))
-    return RingSchedule(segments=Segments.concat(parts), steps=steps, final=succ_tok())
+        return _segs(sp.rank[e], i, q, k, q * k)
+
+    return RingSchedule(nsteps=nsteps, step_segments=step_segments, steps=[tok_at(i) for i in range(nsteps - 1)],
+                        final=succ_tok())
 
 
 def _aggregate(src, dst, tokens, world) -> Messages:
