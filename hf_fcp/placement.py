@@ -10,15 +10,19 @@ Items are the blocks of every sequence (a short sequence is one partial block). 
 its cost per token (≈ its mean position); a rank's *need* is the density it still lacks,
 ``(C - cost) / (T - tokens)``. Items go out densest first, each to the neediest rank — dense late blocks
 of long sequences pair with ranks that have room for them, light short sequences fill the rest, and the
-smallest come last and close the gaps. Two refinements make it exact and local:
+smallest come last and close the gaps. Three refinements make it exact and local:
 
-* **Split to fit.** When an item would push its rank past ``C`` (by more than a small slack) or past the
-  token cap, only the suffix that fits goes there (cut at a token, solving the quadratic cost for the
-  cut); the prefix goes on as a new, lighter item. So a block whose cost alone exceeds ``C`` — common at
-  256 ranks with 512K-token tails — is still balanced, and a batch that fills every rank exactly fits.
-* **Locality.** A block goes to the rank holding its sequence's next block while that rank's need is at
-  least ``locality`` × the neediest rank's need, so a long sequence becomes a few contiguous runs of
-  uneven length (early runs long, late runs short) rather than blocks scattered everywhere.
+* **Split to fit.** When a dense item would push its rank past ``C`` (by more than a small slack), only
+  the suffix that fits goes there — "fits" net of the light fill (mean density of the lightest half of
+  all tokens) that the rank's remaining token room will still bring; the cut solves the quadratic cost
+  and leaves no piece under ``MIN_PIECE`` tokens. The prefix goes on as a new, lighter item. A piece
+  over the token cap is cut the same way, so a batch that fills every rank exactly is planned, and a
+  block whose cost alone exceeds ``C`` (common at 256 ranks with 512K-token tails) is still balanced.
+* **Locality.** A block goes to the rank holding its sequence's next block while that rank has net
+  room and its need is at least ``locality`` × the neediest rank's, so a long sequence becomes a few
+  contiguous runs of uneven length (early runs long, late runs short) rather than scattered blocks.
+* **Repair.** A final pass swaps k tokens between the most and the least loaded rank until no rank
+  exceeds ``C`` by more than ``REBALANCE_TARGET``; token counts are unchanged by construction.
 """
 
 from __future__ import annotations
@@ -50,17 +54,15 @@ def _cost(a: int, b: int) -> float:
 
 
 class _Ranks:
-    """Per-rank loads with two lazily invalidated max-heaps: on *need* (the density a rank still lacks)
-    and on *net room* (cost it can take beyond the light fill its free token room will bring)."""
+    """Per-rank loads and a lazily invalidated max-heap on *need*, the density a rank still lacks."""
 
     def __init__(self, world: int, cost_target: float, tok_target: float, cap: int, fill: float):
         self.cost = [0.0] * world
         self.tok = [0] * world
         self.c_goal, self.t_goal, self.cap, self.fill = cost_target, tok_target, cap, fill
         self.version = [0] * world
-        self.heaps = {kind: [(-self.key(kind, r), r, 0) for r in range(world)] for kind in ("need",)}
-        for heap in self.heaps.values():
-            heapq.heapify(heap)
+        self.heap = [(-self.need(r), r, 0) for r in range(world)]
+        heapq.heapify(self.heap)
 
     def need(self, r: int) -> float:
         room_t = self.t_goal - self.tok[r]
@@ -69,25 +71,22 @@ class _Ranks:
         return (self.c_goal - self.cost[r]) / room_t
 
     def net_room(self, r: int) -> float:
+        """Cost rank r can still take beyond the light fill its free token room will bring."""
         return self.c_goal - self.cost[r] - max(0.0, self.t_goal - self.tok[r]) * self.fill
-
-    def key(self, kind: str, r: int) -> float:
-        return self.need(r) if kind == "need" else self.net_room(r)
 
     def add(self, r: int, cost: float, tok: int) -> None:
         self.cost[r] += cost
         self.tok[r] += tok
         self.version[r] += 1
         if self.tok[r] < self.cap:
-            for kind, heap in self.heaps.items():
-                heapq.heappush(heap, (-self.key(kind, r), r, self.version[r]))
+            heapq.heappush(self.heap, (-self.need(r), r, self.version[r]))
 
-    def best(self, kind: str, want_tokens: int, tries: int = 8) -> int:
-        """The best rank by ``kind`` with token room; among the first ``tries`` candidates prefer one
-        with room for ``want_tokens`` whole (so short sequences are not split needlessly)."""
-        heap, popped, choice = self.heaps[kind], [], None
-        while heap and len(popped) < tries:
-            neg, r, ver = heapq.heappop(heap)
+    def neediest(self, want_tokens: int, tries: int = 8) -> int:
+        """The neediest rank with token room; among the first ``tries`` candidates prefer one with room
+        for ``want_tokens`` whole (so short sequences are not split needlessly)."""
+        popped, choice = [], None
+        while self.heap and len(popped) < tries:
+            neg, r, ver = heapq.heappop(self.heap)
             if ver != self.version[r] or self.tok[r] >= self.cap:
                 continue
             popped.append((neg, r, ver))
@@ -95,7 +94,7 @@ class _Ranks:
                 choice = r
                 break
         for entry in popped:
-            heapq.heappush(heap, entry)
+            heapq.heappush(self.heap, entry)
         if choice is None:
             if not popped:
                 raise RuntimeError("fcp placement ran out of rank capacity (tokens_per_rank check missed)")
@@ -138,7 +137,7 @@ def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality:
     slack = SLACK * ranks.c_goal
     for s, a, b in zip(seq[order].tolist(), start[order].tolist(), end[order].tolist()):
         while a < b:
-            r = _choose(ranks, holder.get(s), s, a, b, locality)
+            r = _choose(ranks, holder.get(s), a, b, locality)
             m = max(a, b - int(ranks.cap - ranks.tok[r]))  # token room
             room = ranks.net_room(r)
             cost = _cost(m, b)
@@ -188,14 +187,12 @@ def _rebalance(out: list[list[Span]], ranks: _Ranks, min_piece: int, target: flo
         cost[lo] += moved
 
 
-def _choose(ranks: _Ranks, adj: int | None, s: int, a: int, b: int, locality: float) -> int:
-    """Where the piece ``[a, b)`` goes. Light pieces (density below the fill): the neediest rank.
-    Dense pieces: ``adj`` (the rank holding the sequence's next piece) while it is needy enough and has
-    net room; else the rank with the most net room, so the piece stays whole where it can."""
-    r = ranks.best("need", b - a)
+def _choose(ranks: _Ranks, adj: int | None, a: int, b: int, locality: float) -> int:
+    """Where the piece ``[a, b)`` goes: the neediest rank, or ``adj`` (the rank holding the sequence's
+    next piece) while it has net room and is at least ``locality`` × as needy."""
+    r = ranks.neediest(b - a)
     if adj is not None and adj != r and ranks.tok[adj] < ranks.cap:
-        slack = SLACK * ranks.c_goal
-        if ranks.net_room(adj) > slack and ranks.need(adj) >= locality * ranks.need(r):
+        if ranks.net_room(adj) > SLACK * ranks.c_goal and ranks.need(adj) >= locality * ranks.need(r):
             return adj
     return r
 
