@@ -16,7 +16,7 @@ import numpy as np
 from .config import STRATEGIES
 
 
-class CLIError(Exception):
+class CLIError(ValueError):
     """A user error: printed as one line, exit status 2."""
 
 

@@ -148,7 +148,7 @@ def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality:
             holder[s] = r
             b = m
     _rebalance(out, ranks, min_piece)
-    return [_merge_sorted(spans) for spans in out]
+    return [merge_sorted(spans) for spans in out]
 
 
 def _cut(a: int, b: int, m: int, min_piece: int) -> int:
@@ -197,7 +197,7 @@ def _choose(ranks: _Ranks, adj: int | None, a: int, b: int, locality: float) -> 
     return r
 
 
-def _merge_sorted(spans: list[Span]) -> list[Span]:
+def merge_sorted(spans: list[Span]) -> list[Span]:
     """Sort spans by (seq, start) and merge touching ranges of the same sequence."""
     merged: list[Span] = []
     for s, a, b in sorted(spans):

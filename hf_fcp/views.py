@@ -27,7 +27,7 @@ import torch
 from .layout import FCPPlan
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` as int64, vectorised."""
     starts = np.asarray(starts, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -143,8 +143,8 @@ def build_rank_view(plan: FCPPlan, rank: int) -> RankView:
     return RankView(
         rank=rank, world_size=plan.world_size, num_tokens=plan.num_tokens, fingerprint=plan.fingerprint,
         seq_lens=_tensor(plan.seq_lens),
-        token_index=_tensor(_ranges(offsets[spans[:, 0]] + spans[:, 1], lens)),
-        position_ids=_tensor(_ranges(spans[:, 1], lens)),
+        token_index=_tensor(ranges(offsets[spans[:, 0]] + spans[:, 1], lens)),
+        position_ids=_tensor(ranges(spans[:, 1], lens)),
         seq_index=_tensor(np.repeat(spans[:, 0], lens)),
         spans=_tensor(spans),
         num_recv=sum(t.tokens for t in plan.transfers_of(rank) if t.dst == rank),
@@ -163,7 +163,7 @@ def _local_tasks(spans, local_off, by_seq) -> TaskList:
 
 def _rows(runs) -> np.ndarray:
     """Local rows of ``runs`` ((start, end, local offset), in position order), concatenated."""
-    return _ranges(np.array([o for _, _, o in runs], np.int64), np.array([b - a for a, b, _ in runs], np.int64))
+    return ranges(np.array([o for _, _, o in runs], np.int64), np.array([b - a for a, b, _ in runs], np.int64))
 
 
 def _send_rows(pieces, by_seq) -> np.ndarray:
@@ -172,7 +172,7 @@ def _send_rows(pieces, by_seq) -> np.ndarray:
         a, b, o = next(r for r in by_seq[s] if r[0] <= c and d <= r[1])
         starts.append(o + c - a)
         lens.append(d - c)
-    return _ranges(np.array(starts, np.int64), np.array(lens, np.int64))
+    return ranges(np.array(starts, np.int64), np.array(lens, np.int64))
 
 
 def _stages(plan: FCPPlan, rank, spans, local_off, by_seq) -> tuple[StageView, ...]:

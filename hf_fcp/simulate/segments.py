@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..layout import FCPPlan, span_cost
-from ..views import _ranges
+from ..views import ranges
 
 
 @dataclass(kw_only=True)
@@ -71,7 +71,7 @@ class Spans:
         """All (i, j) with ``key[i] == self.key[j]`` (self.key is sorted)."""
         lo = np.searchsorted(self.key, key, "left")
         cnt = np.searchsorted(self.key, key, "right") - lo
-        return np.repeat(np.arange(len(key)), cnt), _ranges(lo, cnt)
+        return np.repeat(np.arange(len(key)), cnt), ranges(lo, cnt)
 
 
 def _segs(rank, slot, q, k, pairs) -> Segments:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..layout import FCPPlan, Span, span_cost
-from ..placement import _merge_sorted
+from ..placement import merge_sorted
 from ..planning import make_plan, plan_batch
 
 STRATEGY_NAMES = ("fcp", "ring", "allgather", "bytescale", "wlb", "magi", "packing")
@@ -103,7 +103,7 @@ def _assign_to_groups(lens, groups: int, capacity: int, by_cost: bool) -> list[l
 
 
 def _finish(lens, spans, world, block, cap, name, schedule, cp=1, comm="collective", options=None) -> Candidate:
-    spans = [_merge_sorted(r) for r in spans]
+    spans = [merge_sorted(r) for r in spans]
     plan = make_plan(tuple(int(x) for x in lens), spans, world_size=world, block_size=block, tokens_per_rank=cap,
                      strategy=name, comm=comm, options=options)
     return Candidate(plan=plan, schedule=schedule, cp_size=cp)

@@ -19,7 +19,6 @@ is reached; the last sequence is cut to fit (never padded). Batches are seeded.
 
 from __future__ import annotations
 
-import json
 import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
@@ -100,18 +99,10 @@ def stdlib_lengths() -> tuple[int, ...]:
 
 def read_lengths_file(path: str) -> tuple[int, ...]:
     """Lengths from a JSON list or a text file with one integer per line (``#`` comments allowed)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"lengths file {path!r} does not exist, expected a JSON list or one length per line")
-    text = p.read_text(encoding="utf-8", errors="replace").strip()
-    try:
-        values = json.loads(text) if text.startswith("[") else \
-            [int(line.split("#", 1)[0]) for line in text.splitlines() if line.split("#", 1)[0].strip()]
-    except ValueError:
-        raise ValueError(f"lengths file {path!r} must hold integers (JSON list or one per line)") from None
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-        raise ValueError(f"lengths file {path!r} must hold at least one integer length >= 1, got {str(values)[:60]}")
-    return tuple(values)
+    from ..cli import read_lengths
+    from ..config import check_seq_lens
+
+    return check_seq_lens(read_lengths(path))
 
 
 def parse_distribution(spec: str) -> Distribution:
