@@ -164,12 +164,17 @@ def add_rows(acc: Tensor, rows: Tensor, val: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- forward / backward
+def _what(kind: str, i: int, stages) -> str:
+    """Names one exchange in error messages: kind, stage (0-based, as in ``view.stages``) and its rounds."""
+    return f"{kind} exchange of stage {i} (of {len(stages)}; {len(stages[i].rounds)} round(s))"
+
+
 def _forward(q, k, v, view: RankView, group, scale, backend) -> tuple[Tensor, Tensor, Tensor]:
     """Returns out (n, Hq, D) in q's dtype, lse (n, Hq) fp32 and the receive buffer (num_recv, 2*Hkv, D)."""
     hkv = k.shape[1]
     stages = view.stages if group is not None else ()
     recv = k.new_empty((view.num_recv, 2 * hkv, k.shape[2]))
-    pending = comm.post_kv(stages[0].rounds, k, v, recv, group) if stages else None
+    pending = comm.post_kv(stages[0].rounds, k, v, recv, group, _what("forward K/V", 0, stages)) if stages else None
     o, lse = run_tasks(view.local_tasks, q, k, v, scale, backend)
     remote = [s.tasks for s in stages if s.tasks.num_segments]
     if not remote and _is_identity(view.local_tasks.q_rows, q.shape[0]):
@@ -181,7 +186,8 @@ def _forward(q, k, v, view: RankView, group, scale, backend) -> tuple[Tensor, Te
         lse = lse_acc
     for i, stage in enumerate(stages):
         pending.wait()
-        pending = comm.post_kv(stages[i + 1].rounds, k, v, recv, group) if i + 1 < len(stages) else None
+        pending = (comm.post_kv(stages[i + 1].rounds, k, v, recv, group, _what("forward K/V", i + 1, stages))
+                   if i + 1 < len(stages) else None)
         if stage.tasks.num_segments:
             o_s, l_s = run_tasks(stage.tasks, q, recv[:, :hkv], recv[:, hkv:], scale, backend)
             merge_partial(out, lse, stage.tasks.q_rows, o_s, l_s)
@@ -198,14 +204,15 @@ def _backward(dout, q, k, v, recv, out, lse, view: RankView, group, scale, backe
     dk_buf = torch.zeros((recv.shape[0], hkv, k.shape[2]), dtype=dq.dtype, device=k.device)
     dv_buf = torch.zeros_like(dk_buf)
     flights = []
-    for stage in stages:
+    for i, stage in enumerate(stages):
         t = stage.tasks
         if t.num_segments:
             gq, gk, gv = run_tasks_backward(t, dout, q, recv[:, :hkv], recv[:, hkv:], out, lse, scale, backend)
             add_rows(dq, t.q_rows, gq)
             add_rows(dk_buf, t.k_rows, gk)
             add_rows(dv_buf, t.k_rows, gv)
-        flights.append(comm.post_grads(stage.rounds, dk_buf, dv_buf, group, k.dtype))
+        flights.append(comm.post_grads(stage.rounds, dk_buf, dv_buf, group, k.dtype,
+                                       _what("backward dK/dV", i, stages)))
     gq, gk, gv = run_tasks_backward(local, dout, q, k, v, out, lse, scale, backend)
     add_rows(dq, local.q_rows, gq)
     dk = torch.zeros(k.shape, dtype=dq.dtype, device=k.device)

@@ -9,12 +9,23 @@ dtype of K. Messages of one stage go out together with ``dist.batch_isend_irecv`
 :class:`Pending` is waited on later so that attention compute overlaps the transfer.
 
 Peers in a view are ranks of the FCP group (``group_peer``), never global ranks.
+
+No wait is unbounded: every P2P wait and the plan check are limited by the FCP timeout
+(:func:`get_timeout`: :func:`set_timeout` / ``FCPPlugin(timeout_s=...)``, else the ``FCP_TIMEOUT_S``
+environment variable, else ``min(300 s, the process group's timeout)``). When a wait expires or a peer's
+connection drops (its process died), :class:`PeerFailureError` names this rank, the stage and the peers.
+On NCCL the CPU thread is not blocked on transfers (that would stall the overlap); there the process
+group's own timeout and watchdog bound the wait, so create the group with the timeout you want.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
+import math
+import os
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -27,11 +38,59 @@ _DEFAULT_GROUP: dist.ProcessGroup | None = None
 _COUNTERS: list["CommCounter"] = []  # active byte counters (instrumentation only, see track_comm)
 _TAGS = {"kv": 1, "grad": 2}  # message tags per kind of traffic (gloo matches on them; NCCL ignores them)
 _CHECKED: dict[tuple[int, int], weakref.ref] = {}  # (id(view), id(group)) -> view whose plan was checked
+DEFAULT_TIMEOUT_S = 300.0  # FCP wait limit when neither set_timeout nor FCP_TIMEOUT_S says otherwise
+TIMEOUT_ENV = "FCP_TIMEOUT_S"
+_TIMEOUT_S: float | None = None  # set by set_timeout (FCPPlugin.setup)
 
 
 class PlanMismatchError(RuntimeError):
     """Raised on every rank when the ranks of a group hold views of different plans (or when one rank
     rejected its inputs), instead of letting mismatched P2P traffic hang."""
+
+
+class PeerFailureError(RuntimeError):
+    """An FCP exchange with a peer did not complete: the peer's process died (connection closed) or
+    nothing arrived within the FCP timeout. The process group is unusable afterwards: stop every rank
+    and restart from the last checkpoint."""
+
+
+# ----------------------------------------------------------------------------- timeout
+def check_timeout(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: got {value!r}, expected a positive finite number of seconds")
+    return float(value)
+
+
+def set_timeout(seconds: float | None) -> None:
+    """Bound every FCP wait by ``seconds`` (once, at setup); ``None`` restores the default
+    (``FCP_TIMEOUT_S``, else ``min(300 s, the process group's timeout)``)."""
+    global _TIMEOUT_S
+    _TIMEOUT_S = None if seconds is None else check_timeout(seconds, "timeout")
+
+
+def _group_timeout_s(group) -> float | None:
+    """The process group's own timeout in seconds, when torch exposes it (else None)."""
+    try:
+        device = torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        return group._get_backend(device).options._timeout.total_seconds()
+    except Exception:  # noqa: BLE001 — private API: absent in some torch builds, then use the default
+        return None
+
+
+def get_timeout(group=None) -> float:
+    """Seconds any single FCP wait on ``group`` may take: :func:`set_timeout`'s value, else the
+    ``FCP_TIMEOUT_S`` environment variable, else ``min(300, the group's timeout)``."""
+    if _TIMEOUT_S is not None:
+        return _TIMEOUT_S
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = raw
+        return check_timeout(value, TIMEOUT_ENV)
+    pg = _group_timeout_s(group) if group is not None else None
+    return min(DEFAULT_TIMEOUT_S, pg) if pg and pg > 0 else DEFAULT_TIMEOUT_S
 
 
 # ----------------------------------------------------------------------------- process group
@@ -101,23 +160,73 @@ def _count(tag: str, sends: Sequence[Tensor], recvs: Sequence[Tensor]) -> None:
 
 # ----------------------------------------------------------------------------- P2P primitives
 class Pending:
-    """Handles of posted P2P ops plus the tensors they use (kept alive until :meth:`wait`)."""
+    """Handles of posted P2P ops plus the tensors they use (kept alive until :meth:`wait`).
 
-    def __init__(self, works: list, tensors: list[Tensor]):
+    :meth:`wait` is bounded by the FCP timeout and turns a failed or expired transfer into
+    :class:`PeerFailureError` naming this rank, the stage (``what``) and the peers.
+    """
+
+    def __init__(self, works: list, tensors: list[Tensor], ops: Sequence[tuple[str, int]] = (),
+                 group=None, what: str = "FCP exchange"):
         self._works, self._tensors = works, tensors
+        self._ops, self._group, self._what = list(ops), group, what  # ops: ("send to"/"receive from", peer)
 
     def wait(self) -> None:
-        for w in self._works:
-            w.wait()
+        if not self._works:
+            return
+        timeout = get_timeout(self._group)
+        bounded = dist.get_backend(self._group) != "nccl"  # NCCL: the watchdog bounds it (module doc)
+        deadline = time.monotonic() + timeout
+        for i, w in enumerate(self._works):
+            try:
+                if bounded:
+                    left = max(deadline - time.monotonic(), 1e-3)
+                    done = w.wait(datetime.timedelta(seconds=left))
+                else:
+                    done = w.wait()
+            except RuntimeError as err:
+                raise PeerFailureError(self.describe(i, err, timeout)) from err
+            if done is False:
+                raise PeerFailureError(self.describe(i, None, timeout))
         self._works, self._tensors = [], []
+
+    def describe(self, index: int | None, err: BaseException | None, timeout: float) -> str:
+        """The message of a failed wait on op ``index`` (None: unknown op)."""
+        mapped = len(self._works) == len(self._ops)  # coalesced backends (NCCL) return one handle for all
+        return failure_message(self._group, self._what, self._ops, index if mapped else None, err, timeout)
+
+
+def failure_message(group, what: str, ops: Sequence[tuple[str, int]], index: int | None,
+                    err: BaseException | None, timeout: float) -> str:
+    size, rank = group_world_rank(group)
+    text = str(err) if err is not None else ""
+    if err is None or "timed out" in text.lower() or "timeout" in text.lower():
+        cause = f"no progress within the FCP timeout of {timeout:g} s"
+    elif "closed" in text.lower() or "connection" in text.lower() or "reset" in text.lower():
+        cause = "the connection was closed: the peer process probably died"
+    else:
+        cause = "the transfer failed"
+    if index is not None and index < len(ops):
+        op, peer = ops[index]
+        culprit, suspects = f"{op} rank {peer}", [peer]
+    else:
+        culprit, suspects = "the transfers", sorted({p for _, p in ops})
+    others = ", ".join(f"{o} rank {p}" for o, p in ops) or "none"
+    detail = f" [{text.splitlines()[0][:240]}]" if text else ""
+    return (f"FCP rank {rank} of {size}: {what}: {culprit} failed: {cause}{detail}. This stage's "
+            f"transfers: {others}. Check the log of rank(s) {suspects} (died, hung, or running a different "
+            f"step/plan). The FCP process group cannot be used after this: stop every rank and restart from "
+            f"the last checkpoint (FCPTrainer / Trainer: resume_from_checkpoint=True). If the stage is only "
+            f"slow, raise the limit ({TIMEOUT_ENV}=seconds or FCPPlugin(timeout_s=...), now {timeout:g} s).")
 
 
 def post(sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]],
-         group: dist.ProcessGroup, tag: str = "kv") -> Pending:
+         group: dist.ProcessGroup, tag: str = "kv", what: str | None = None) -> Pending:
     """Post async sends/receives: ``sends``/``recvs`` are (group rank of the peer, contiguous tensor).
 
     Empty tensors are skipped (both sides derive sizes from the same plan, so they skip together);
     with nothing left no op is posted at all (``batch_isend_irecv`` raises on an empty list).
+    ``what`` names the exchange in error messages (e.g. "forward K/V exchange, stage 2 of 5").
     """
     sends = [(p, t) for p, t in sends if t.numel()]
     recvs = [(p, t) for p, t in recvs if t.numel()]
@@ -127,11 +236,17 @@ def post(sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]
     _count(tag, [t for _, t in sends], [t for _, t in recvs])
     if not ops:
         return Pending([], [])
-    return Pending(dist.batch_isend_irecv(ops), [t for _, t in sends] + [t for _, t in recvs])
+    labels = [("send to", p) for p, _ in sends] + [("receive from", p) for p, _ in recvs]
+    what = what or f"{tag} exchange"
+    try:
+        works = dist.batch_isend_irecv(ops)
+    except RuntimeError as err:  # gloo posts sends eagerly: a dead peer fails here already
+        raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout(group))) from err
+    return Pending(works, [t for _, t in sends] + [t for _, t in recvs], labels, group, what)
 
 
-def post_kv(rounds, k: Tensor, v: Tensor, recv_buf: Tensor, group) -> Pending:
-    """Forward exchange of one stage.
+def post_kv(rounds, k: Tensor, v: Tensor, recv_buf: Tensor, group, what: str = "forward K/V exchange") -> Pending:
+    """Forward exchange of one stage (``what`` names it in error messages).
 
     rounds: the stage's ``RoundView``s. k, v: (n_local, Hkv, D) local keys/values. recv_buf:
     (num_recv, 2*Hkv, D), K|V; each round's message lands in rows ``[recv_start, recv_start + recv_len)``.
@@ -143,11 +258,11 @@ def post_kv(rounds, k: Tensor, v: Tensor, recv_buf: Tensor, group) -> Pending:
                                                    v.index_select(0, rd.send_rows)], dim=1)))
         if rd.recv_peer >= 0:
             recvs.append((rd.recv_peer, recv_buf[rd.recv_start:rd.recv_start + rd.recv_len]))
-    return post(sends, recvs, group, tag="kv")
+    return post(sends, recvs, group, tag="kv", what=what)
 
 
-def post_grads(rounds, dk_buf: Tensor, dv_buf: Tensor, group,
-               wire_dtype: torch.dtype) -> tuple[Pending, list[tuple[Tensor, Tensor]]]:
+def post_grads(rounds, dk_buf: Tensor, dv_buf: Tensor, group, wire_dtype: torch.dtype,
+               what: str = "backward dK/dV exchange") -> tuple[Pending, list[tuple[Tensor, Tensor]]]:
     """Backward exchange of one stage, along the reverse edges of its rounds.
 
     dk_buf, dv_buf: (num_recv, Hkv, D) gradients of the receive buffer rows (any float dtype); the rows
@@ -165,7 +280,7 @@ def post_grads(rounds, dk_buf: Tensor, dv_buf: Tensor, group,
                                    dtype=wire_dtype)
             recvs.append((rd.send_peer, buf))
             incoming.append((rd.send_rows, buf))
-    return post(sends, recvs, group, tag="grad"), incoming
+    return post(sends, recvs, group, tag="grad", what=what), incoming
 
 
 # ----------------------------------------------------------------------------- plan agreement
@@ -194,7 +309,14 @@ def agree_on_plan(view, group, local_error: str | None = None) -> None:
     code = torch.tensor([digest, int(local_error is not None)], dtype=torch.int64,
                         device=_exchange_device(group))
     parts = [torch.empty_like(code) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, code, group=group)
+    peers = [r for r in range(len(parts)) if r != dist.get_rank(group)]
+    what = "plan check (all-gather of plan fingerprints before the first exchange of a batch)"
+    labels = [("exchange with", p) for p in peers]
+    try:
+        work = dist.all_gather(parts, code, group=group, async_op=True)
+    except RuntimeError as err:
+        raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout(group))) from err
+    Pending([work], [], labels, group, what).wait()
     rows = [tuple(p.tolist()) for p in parts]
     failed = [r for r, row in enumerate(rows) if row[1]]
     if local_error:

@@ -6,7 +6,9 @@ gloo process group (``file://`` store in a fresh temp dir, loopback only, one th
 module-level function (spawn pickles it by name); its result must be picklable (tensors are fine).
 A worker exception re-raises in the caller with the worker's traceback; a worker still running after
 ``timeout`` seconds is killed and the call raises ``TimeoutError`` — a hang fails the test, it never
-stalls the run. Also ``packed_causal_attention`` and ``packed_causal_reference``: the float64
+stalls the run. With ``allow_missing=True`` a rank whose process exited without a result (e.g. killed by
+a signal on purpose) yields ``None`` instead of an error; a rank still running at the deadline is always
+an error. Also ``packed_causal_attention`` and ``packed_causal_reference``: the float64
 single-process attention reference.
 """
 
@@ -45,11 +47,11 @@ def _worker(fn, rank: int, world_size: int, init: str, timeout: float, results, 
     results.put((rank, *payload))
 
 
-def run_workers(fn, world_size: int, *args, timeout: float = 60.0) -> list:
+def run_workers(fn, world_size: int, *args, timeout: float = 60.0, allow_missing: bool = False) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return results by rank.
 
     Raises RuntimeError with the first failing worker's traceback, or TimeoutError naming the ranks that
-    did not report within ``timeout`` seconds (those processes are killed).
+    did not report within ``timeout`` seconds (those processes are killed). Every process is reaped.
     """
     ctx = mp.get_context("spawn")
     tmp = tempfile.mkdtemp(prefix="hf_fcp_dist_")
@@ -60,7 +62,7 @@ def run_workers(fn, world_size: int, *args, timeout: float = 60.0) -> list:
     for p in procs:
         p.start()
     try:
-        return _collect(procs, results, world_size, timeout)
+        return _collect(procs, results, world_size, timeout, allow_missing)
     finally:
         for p in procs:
             if p.is_alive():
@@ -69,10 +71,11 @@ def run_workers(fn, world_size: int, *args, timeout: float = 60.0) -> list:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _collect(procs, results, world_size: int, timeout: float) -> list:
+def _collect(procs, results, world_size: int, timeout: float, allow_missing: bool = False) -> list:
     out: dict[int, object] = {}
     errors: dict[int, str] = {}
     deadline = time.monotonic() + timeout
+    ended = False
     while len(out) + len(errors) < world_size:
         left = deadline - time.monotonic()
         if errors:
@@ -82,8 +85,10 @@ def _collect(procs, results, world_size: int, timeout: float) -> list:
         try:
             rank, status, payload = results.get(timeout=min(left, 0.5))
         except queue.Empty:
-            if not errors and not any(p.is_alive() for p in procs):
-                break  # every process died without reporting (e.g. killed by a signal)
+            if not any(p.is_alive() for p in procs):
+                if ended:
+                    break  # every process ended; those that did not report died (e.g. killed by a signal)
+                ended = True  # one more look: a result may still be in the pipe
             continue
         if status == "ok":
             out[rank] = pickle.loads(payload)
@@ -93,13 +98,15 @@ def _collect(procs, results, world_size: int, timeout: float) -> list:
         rank = min(errors)
         raise RuntimeError(f"worker rank {rank} of {world_size} failed:\n{errors[rank]}")
     missing = [r for r in range(world_size) if r not in out]
+    if allow_missing:
+        missing = [r for r in missing if procs[r].exitcode is None]  # only hung ranks are an error
     if missing:
         hung = [r for r in missing if procs[r].exitcode is None]
         died = {r: procs[r].exitcode for r in missing if r not in hung}
         raise TimeoutError(f"of {world_size} ranks, {hung} were still running after {timeout} s (killed) and "
                            f"{sorted(died)} exited without a result (exit codes {died}); a worker must "
                            f"be a module-level function and the launching script guarded by __main__")
-    return [out[r] for r in range(world_size)]
+    return [out.get(r) for r in range(world_size)]
 
 
 def random_qkv(seq_lens, hq: int, hkv: int, d: int = 16, seed: int = 0):

@@ -80,7 +80,8 @@ def _rotate(block: Tensor, size: int, ring, tag: str) -> tuple[comm.Pending, Ten
     """Send ``block`` to rank r+1 and receive a (size, ...) block from r−1 (``ring`` = (group, r, W))."""
     group, r, w = ring
     incoming = block.new_empty((size, *block.shape[1:]))
-    return comm.post([((r + 1) % w, block)], [((r - 1) % w, incoming)], group, tag=tag), incoming
+    return comm.post([((r + 1) % w, block)], [((r - 1) % w, incoming)], group, tag=tag,
+                     what=f"ring-attention {tag} rotation"), incoming
 
 
 def _forward(q, k, v, steps, sizes, ring, scale, backend):

@@ -59,6 +59,10 @@ class FCPPlugin:
     """Placement strategy, for comparisons (FCP_STRATEGY, default fcp)."""
     log_stats: bool = True
     """Emit plan figures with each batch (FCPTrainer logs them)."""
+    timeout_s: float | None = None
+    """Longest any FCP wait (one exchange stage, the plan check) may take before every surviving rank
+    raises ``hf_fcp.comm.PeerFailureError`` instead of hanging on a dead or stuck peer (FCP_TIMEOUT_S,
+    default min(300, the process group's timeout))."""
 
     world_size: int = field(default=1, init=False)
     rank: int = field(default=0, init=False)
@@ -73,6 +77,10 @@ class FCPPlugin:
         self.long_sequence_policy = _choice("long_sequence_policy", _env(
             "long_sequence_policy", self.long_sequence_policy, "split", str), LONG_SEQUENCE_POLICIES)
         self.strategy = _choice("strategy", _env("strategy", self.strategy, "fcp", str), STRATEGIES)
+        if self.timeout_s is not None:
+            self.timeout_s = comm.check_timeout(self.timeout_s, "timeout_s")
+        else:
+            comm.get_timeout()  # a bad FCP_TIMEOUT_S fails here, before any process group exists
         self._ready = False
 
     # ---- fixed state ---------------------------------------------------------------------------------
@@ -91,6 +99,8 @@ class FCPPlugin:
             self.group = dist.new_group(backend=backend)
             self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
             comm.set_default_group(self.group)
+        if self.timeout_s is not None:
+            comm.set_timeout(self.timeout_s)
         self._ready = True
         return self
 
@@ -100,6 +110,8 @@ class FCPPlugin:
             comm.set_default_group(None)
             dist.destroy_process_group(self.group)
             self.group = None
+        if self.timeout_s is not None:
+            comm.set_timeout(None)
         self._ready = False
 
     def prepare_model(self, model):
