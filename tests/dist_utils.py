@@ -150,3 +150,22 @@ def packed_causal_reference(q, k, v, seq_lens, dout, scale=None, layers=1):
         out, lse = packed_causal_attention(out, k, v, seq_lens, scale)
     dq, dk, dv = torch.autograd.grad((out * dout.double()).sum(), (q, k, v))
     return out.detach(), lse.detach(), dq, dk, dv
+
+
+def fcp_subgroups(rank: int, world: int):
+    """Inside a worker: for each size W = 2..world, create the subgroup of ranks 0..W-1 (a collective:
+    every rank creates every subgroup) and, on its members, yield ``(W, group)`` with the group bound as
+    FCP's default; unbound again afterwards. One spawn then serves every world size."""
+    import torch.distributed as dist
+
+    from hf_fcp import comm
+
+    for size in range(2, world + 1):
+        group = dist.new_group(list(range(size)))
+        if rank >= size:
+            continue
+        comm.set_default_group(group)
+        try:
+            yield size, group
+        finally:
+            comm.set_default_group(None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import run_workers
+from dist_utils import fcp_subgroups, run_workers
 from hf_fcp.collator import FCPCollator
 from test_integration_model import BLOCK, VOCAB, _fcp_step, assert_close_rel, grads, make_model
 
@@ -43,14 +43,8 @@ CASES = {
 def _worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    from hf_fcp import comm
-
     out = {}
-    for size in range(2, world + 1):
-        group = dist.new_group(list(range(size)))  # collective: every rank creates every subgroup
-        if rank >= size:
-            continue
-        comm.set_default_group(group)
+    for size, group in fcp_subgroups(rank, world):
         for name, batch in CASES.items():
             shard = FCPCollator(world_size=size, rank=rank, block_size=BLOCK)(batch)
             loss, g, n_local = _fcp_step("llama", rank, size, group, batch)
@@ -59,7 +53,6 @@ def _worker(rank: int, world: int) -> dict:
             parts = [torch.empty_like(stats) for _ in range(size)]
             dist.all_gather(parts, stats, group=group)
             out[size, name] = (loss, g, [tuple(p.tolist()) for p in parts])
-        comm.set_default_group(None)
     return out
 
 

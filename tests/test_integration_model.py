@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dist_utils import run_workers
+from dist_utils import fcp_subgroups, run_workers
 from hf_fcp.collator import FCPCollator
 from hf_fcp.integrations import register
 from hf_fcp.integrations.embedded import tiny_config
@@ -66,22 +66,13 @@ def fcp_step_worker(rank: int, world: int, model_types):
     """One FCP step per (group size W = 2..world, model type), each W on a subgroup of ranks 0..W-1
     bound as FCP's default group (one spawn serves every W). Returns {(W, model): (loss, grads, n_local)}
     with loss and grads summed over the subgroup (rank 0's copy)."""
-    import torch.distributed as dist
-
-    from hf_fcp import comm
-
     out = {}
-    for size in range(2, world + 1):
-        group = dist.new_group(list(range(size)))  # collective: every rank creates every subgroup
-        if rank >= size:
-            continue
-        comm.set_default_group(group)
+    for size, group in fcp_subgroups(rank, world):
         for model_type in model_types:
             out[size, model_type] = _fcp_step(model_type, rank, size, group, examples())
         out[size, "tiny"] = _fcp_step("llama", rank, size, group, examples(TINY))
         if size == 2:
             out["mismatch"] = _wrong_world_error(rank)
-        comm.set_default_group(None)
     return out
 
 
