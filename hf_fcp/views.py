@@ -140,6 +140,7 @@ def build_rank_view(plan: FCPPlan, rank: int) -> RankView:
         by_seq.setdefault(s, []).append((a, b, o))
     for runs in by_seq.values():
         runs.sort()
+    mine = plan.transfers_of(rank)  # built on demand for ring/allgather plans: once per view
     return RankView(
         rank=rank, world_size=plan.world_size, num_tokens=plan.num_tokens, fingerprint=plan.fingerprint,
         seq_lens=_tensor(plan.seq_lens),
@@ -147,9 +148,9 @@ def build_rank_view(plan: FCPPlan, rank: int) -> RankView:
         position_ids=_tensor(ranges(spans[:, 1], lens)),
         seq_index=_tensor(np.repeat(spans[:, 0], lens)),
         spans=_tensor(spans),
-        num_recv=sum(t.tokens for t in plan.transfers_of(rank) if t.dst == rank),
+        num_recv=sum(t.tokens for t in mine if t.dst == rank),
         local_tasks=_local_tasks(spans, local_off, by_seq),
-        stages=_stages(plan, rank, spans, local_off, by_seq),
+        stages=_stages(plan, rank, mine, spans, local_off, by_seq),
     )
 
 
@@ -175,8 +176,7 @@ def _send_rows(pieces, by_seq) -> np.ndarray:
     return ranges(np.array(starts, np.int64), np.array(lens, np.int64))
 
 
-def _stages(plan: FCPPlan, rank, spans, local_off, by_seq) -> tuple[StageView, ...]:
-    mine = plan.transfers_of(rank)
+def _stages(plan: FCPPlan, rank, mine, spans, local_off, by_seq) -> tuple[StageView, ...]:
     sends = {t.round: t for t in mine if t.src == rank}
     recvs = {t.round: t for t in mine if t.dst == rank}
     out, buf = [], 0
