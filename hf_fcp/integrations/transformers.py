@@ -16,6 +16,8 @@ cache is attended bottom-right aligned (decoding), so a model trained with FCP e
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -143,7 +145,7 @@ def _local(q, k, v, attention_mask, position_ids, scale, backend, sliding_window
     keep = None if attention_mask is None else attention_mask.to(torch.bool).reshape(-1)
     lens = _document_lengths(position_ids, attention_mask, b, s)
     _check_window(sliding_window, max(lens))
-    view = plan_batch(lens, world_size=1, block_size=max(lens)).for_rank(0).to(q.device)
+    view = _local_view(tuple(lens), str(q.device))
     order = view.token_index
     if keep is not None:
         order = keep.nonzero().squeeze(1).index_select(0, order)
@@ -151,6 +153,13 @@ def _local(q, k, v, attention_mask, position_ids, scale, backend, sliding_window
     out = fcp_attention(flat(q), flat(k), flat(v), view, scale=scale, backend=backend)  # no group needed
     full = q.new_zeros((b * s, hq, d)).index_copy(0, order, out)
     return full.view(b, s, hq, d)
+
+
+@functools.lru_cache(maxsize=16)
+def _local_view(lens: tuple[int, ...], device: str) -> RankView:
+    """The world-size-1 plan of one batch's documents. Every attention layer of a forward pass sees the
+    same documents: memoised (a pure function of its arguments) so only the first layer plans."""
+    return plan_batch(lens, world_size=1, block_size=max(lens)).for_rank(0).to(device)
 
 
 def _document_lengths(position_ids, attention_mask, b: int, s: int) -> list[int]:
