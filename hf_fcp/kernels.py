@@ -19,23 +19,24 @@ Plain functions without autograd (the caller's autograd Function calls them). Te
 
 Backends: ``torch_cpu`` (aten's CPU flash kernel; its top-left causal flag is converted by splitting a
 segment into an unmasked prefix plus a square diagonal part, merged by LSE), ``flash_attn`` (FA2 ≥ 2.6
-or FA3 varlen on CUDA, imported lazily) and ``naive`` (plain torch, any dtype/device; the reference).
+or FA3 varlen on CUDA, imported lazily), ``torch_cuda`` (PyTorch's built-in FlashAttention-2 varlen kernel,
+no extra install) — both in :mod:`hf_fcp.kernels_cuda` — and ``naive`` (plain torch, any dtype/device; the
+reference).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-BACKENDS = ("torch_cpu", "flash_attn", "naive")
+from . import kernels_cuda as _cuda
+
+BACKENDS = ("torch_cpu", "flash_attn", "torch_cuda", "naive")
 TORCH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
-FLASH_ATTN_MIN_VERSION = (2, 6)  # packed (H, total_q) varlen LSE layout
 _GROUP_MAX_LEN = 512  # segments up to this length with equal (Lq, Lk) share one batched kernel call
 _GROUP_MAX_TOKENS = 1 << 16  # ... with at most this many (query or key) tokens per call
 _NAIVE_MAX_SCORES = 1 << 24  # naive backend: score elements materialised per query chunk
@@ -43,48 +44,41 @@ _INF = float("inf")
 
 
 # ----------------------------------------------------------------------------- backend selection
-@functools.lru_cache(maxsize=1)
-def _flash_module():
-    """The flash-attn varlen module (FA3 ``flash_attn_interface`` first, then FA2), or None."""
-    try:
-        mod = importlib.import_module("flash_attn_interface")  # FA3 (hopper)
-        if hasattr(mod, "flash_attn_varlen_func"):
-            return mod
-    except ImportError:
-        pass
-    try:
-        import flash_attn
-        from flash_attn import flash_attn_interface as mod
-    except ImportError:
-        return None
-    version = tuple(int(p) for p in flash_attn.__version__.split(".")[:2] if p.isdigit())
-    return mod if version >= FLASH_ATTN_MIN_VERSION else None
-
-
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends usable on ``device`` (a torch.device or string), best first."""
     dev = torch.device(device)
     if dev.type == "cpu":
         return ["torch_cpu", "naive"]
-    return (["flash_attn"] if dev.type == "cuda" and _flash_module() is not None else []) + ["naive"]
+    if dev.type != "cuda":
+        return ["naive"]
+    fast = (["flash_attn"] if _cuda.flash_attn_available() else []) + (
+        ["torch_cuda"] if _cuda.torch_cuda_available(dev.index) else [])
+    return fast + ["naive"]
 
 
 def select_backend(device: torch.device | str, dtype: torch.dtype, requested: str | None = None) -> str:
-    """Validate ``requested`` for (device, dtype), or pick the default: flash_attn on CUDA for fp16/bf16
-    when importable, torch_cpu on CPU for fp32/bf16/fp16/fp64, else naive."""
+    """Validate ``requested`` for (device, dtype), or pick the default: on CUDA for fp16/bf16 flash_attn
+    when importable, else torch_cuda (PyTorch's own flash kernel, sm80+); on CPU torch_cpu for
+    fp32/bf16/fp16/fp64; naive otherwise."""
     dev = torch.device(device)
     if requested is None:
-        if dev.type == "cuda" and dtype in FLASH_DTYPES and _flash_module() is not None:
-            return "flash_attn"
+        if dev.type == "cuda" and dtype in FLASH_DTYPES:
+            return available_backends(dev)[0]
         return "torch_cpu" if dev.type == "cpu" and dtype in TORCH_CPU_DTYPES else "naive"
     if requested not in BACKENDS:
         raise ValueError(f"backend: got {requested!r}, expected one of {BACKENDS} or None (automatic)")
     if requested == "flash_attn":
-        if _flash_module() is None:
+        if not _cuda.flash_attn_available():
             raise ImportError(
                 "backend 'flash_attn' needs flash-attn >= 2.6 (or FA3's flash_attn_interface): "
-                "pip install 'hf-fcp[flash]' (or pip install flash-attn); on CPU use backend 'torch_cpu'")
+                "pip install 'hf-fcp[flash]' (or pip install flash-attn); on CUDA without it use backend "
+                "'torch_cuda', on CPU 'torch_cpu'")
         _check_backend_fit(requested, dev, dtype, "cuda", FLASH_DTYPES)
+    elif requested == "torch_cuda":
+        _check_backend_fit(requested, dev, dtype, "cuda", FLASH_DTYPES)
+        if not _cuda.torch_cuda_available(dev.index):
+            raise ValueError(f"backend 'torch_cuda': {dev} has no PyTorch flash kernel (needs a torch built "
+                             "with flash attention and an sm80+ GPU); use backend 'naive'")
     elif requested == "torch_cpu":
         _check_backend_fit(requested, dev, dtype, "cpu", TORCH_CPU_DTYPES)
     elif not dtype.is_floating_point:
@@ -341,52 +335,10 @@ def _naive_block_bwd(do, q, o, l, k, v, causal, scale):
     return dq.flatten(1, 2), dk, dv
 
 
-# ----------------------------------------------------------------------------- flash_attn (CUDA)
-def _call_by_name(fn, values: dict):
-    """Call a flash-attn function with the keyword arguments its signature names (versions differ)."""
-    params = inspect.signature(getattr(fn, "_init_fn", fn)).parameters
-    missing = [n for n, p in params.items() if n not in values and p.default is inspect.Parameter.empty]
-    if missing:
-        name = getattr(fn, "__name__", repr(fn))
-        raise RuntimeError(f"unsupported flash-attn version: {name} needs arguments {missing}")
-    return fn(**{n: values[n] for n in params if n in values})
-
-
-def _flash_args(q, k, offs_q, offs_k, causal, scale) -> dict:
-    if q.shape[2] % 8 or q.shape[2] > 256:
-        raise ValueError(f"q: got head dim {q.shape[2]}, expected a multiple of 8 up to 256 for flash_attn")
-    lens_q = [b - a for a, b in zip(offs_q, offs_q[1:])]
-    lens_k = [b - a for a, b in zip(offs_k, offs_k[1:])]
-    return dict(
-        q=q, k=k, cu_seqlens_q=torch.tensor(offs_q, dtype=torch.int32, device=q.device),
-        cu_seqlens_k=torch.tensor(offs_k, dtype=torch.int32, device=q.device),
-        max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), dropout_p=0.0, softmax_scale=scale,
-        causal=causal, is_causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1,
-        softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None, return_attn_probs=True)
-
-
-def _flash_forward(q, k, v, offs_q, offs_k, causal, scale):
-    mod = _flash_module()
-    args = dict(_flash_args(q, k, offs_q, offs_k, causal, scale), v=v)
-    res = _call_by_name(mod.flash_attn_varlen_func, args)
-    if not isinstance(res, (tuple, list)):
-        raise RuntimeError("unsupported flash-attn version: flash_attn_varlen_func returned no LSE")
-    lse = res[1].float().transpose(0, 1)  # FA varlen LSE is (Hq, Nq); empty rows hold +inf
-    return res[0], lse.masked_fill(lse == _INF, -_INF).contiguous()
-
-
-def _flash_backward(dout, q, k, v, out, lse, offs_q, offs_k, causal, scale):
-    mod = _flash_module()
-    fn = getattr(mod, "_flash_attn_varlen_backward", None) or mod._flash_attn_backward
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    lse = lse.float().masked_fill(lse == -_INF, _INF).transpose(0, 1).contiguous()  # +inf: zero grads
-    _call_by_name(fn, dict(_flash_args(q, k, offs_q, offs_k, causal, scale), v=v, dout=dout.contiguous(),
-                           out=out.contiguous(), softmax_lse=lse, dq=dq, dk=dk, dv=dv, sm_margin=0))
-    return dq, dk, dv
-
-
 # ----------------------------------------------------------------------------- public entry points
 _BLOCKS = {"torch_cpu": (_cpu_block_fwd, _cpu_block_bwd), "naive": (_naive_block_fwd, _naive_block_bwd)}
+_CUDA_BLOCKS = {"flash_attn": (_cuda.flash_forward, _cuda.flash_backward),
+                "torch_cuda": (_cuda.torch_cuda_forward, _cuda.torch_cuda_backward)}
 
 
 @torch.no_grad()
@@ -400,8 +352,8 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
     offs_q, offs_k = _check_inputs(q, k, v, cu_q, cu_k)
     backend = select_backend(q.device, q.dtype, backend)
     q, k, v, scale = q.detach(), k.detach(), v.detach(), float(scale)
-    if backend == "flash_attn" and q.shape[0] and k.shape[0]:
-        return _flash_forward(q, k, v, offs_q, offs_k, causal, scale)
+    if backend in _CUDA_BLOCKS and q.shape[0] and k.shape[0]:
+        return _CUDA_BLOCKS[backend][0](q, k, v, offs_q, offs_k, causal, scale)
     block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[0], causal=causal, scale=scale)
     outs = ((q, 0, 0.0, q.dtype), (q[..., 0], 0, -_INF, torch.float32))
     return _run(block, _batches(offs_q, offs_k, causal, q.device), (q,), (k, v), outs)
@@ -426,8 +378,8 @@ def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     q, k, v, scale = q.detach(), k.detach(), v.detach(), float(scale)
     if backend != "naive":  # the kernels want one dtype; naive computes in >= float32 anyway
         dout, out = dout.detach().to(q.dtype), out.detach().to(q.dtype)
-    if backend == "flash_attn" and q.shape[0] and k.shape[0]:
-        return _flash_backward(dout, q, k, v, out, lse.detach(), offs_q, offs_k, causal, scale)
+    if backend in _CUDA_BLOCKS and q.shape[0] and k.shape[0]:
+        return _CUDA_BLOCKS[backend][1](dout, q, k, v, out, lse.detach(), offs_q, offs_k, causal, scale)
     lse = lse.detach().masked_fill(lse == -_INF, _INF)  # exp(s - inf) = 0: rows without keys get 0
     block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[1], causal=causal, scale=scale)
     outs = ((q, 0, 0.0, q.dtype), (k, 1, 0.0, k.dtype), (v, 1, 0.0, v.dtype))

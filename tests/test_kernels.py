@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from hf_fcp import kernels
+from hf_fcp import kernels, kernels_cuda
 from hf_fcp.kernels import merge_partial, select_backend, varlen_backward, varlen_forward
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
-needs_flash = pytest.mark.skipif(not CUDA or kernels._flash_module() is None,
+needs_flash = pytest.mark.skipif(not CUDA or kernels_cuda._flash_module() is None,
                                  reason="needs CUDA and flash-attn >= 2.6 / FA3")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
@@ -221,7 +221,7 @@ def test_select_backend_defaults():
     assert select_backend("cpu", torch.float32) == "torch_cpu"
     assert select_backend("cpu", torch.bfloat16) == "torch_cpu"
     assert select_backend(torch.device("cpu"), torch.float64, "naive") == "naive"
-    if kernels._flash_module() is None:
+    if kernels_cuda._flash_module() is None:
         assert select_backend("cuda", torch.bfloat16) == "naive"
         assert kernels.available_backends("cuda") == ["naive"]
     assert kernels.available_backends("cpu") == ["torch_cpu", "naive"]
@@ -232,7 +232,7 @@ def test_error_messages():
     call = dict(causal=True, scale=0.5)
     with pytest.raises(ValueError, match="backend.*'bogus'.*torch_cpu"):
         varlen_forward(q, k, v, cu_q, cu_k, backend="bogus", **call)
-    if kernels._flash_module() is None:
+    if kernels_cuda._flash_module() is None:
         with pytest.raises(ImportError, match=r"pip install 'hf-fcp\[flash\]'.*torch_cpu"):
             select_backend("cuda", torch.bfloat16, "flash_attn")
     with pytest.raises(ValueError, match="torch_cpu.*device cuda"):
@@ -328,11 +328,11 @@ class FakeFA3:
 @pytest.mark.parametrize("fake", [FakeFA26, FakeFA27, FakeFA3])
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_adapter_with_fake_module(fake, causal, monkeypatch):
-    monkeypatch.setattr(kernels, "_flash_module", lambda: fake)
+    monkeypatch.setattr(kernels_cuda, "_flash_module", lambda: fake)
     q, k, v, dout, cu_q, cu_k = make_inputs(LAYOUT, 8, 2, d=16)
     offs_q, offs_k = cu_q.tolist(), cu_k.tolist()
-    out, lse = kernels._flash_forward(q, k, v, offs_q, offs_k, causal, 0.25)
-    grads = kernels._flash_backward(dout, q, k, v, out, lse, offs_q, offs_k, causal, 0.25)
+    out, lse = kernels_cuda.flash_forward(q, k, v, offs_q, offs_k, causal, 0.25)
+    grads = kernels_cuda.flash_backward(dout, q, k, v, out, lse, offs_q, offs_k, causal, 0.25)
     want = reference(q, k, v, dout, cu_q, cu_k, causal, 0.25)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert_close(g, w, 1e-5, name)
@@ -345,10 +345,10 @@ def test_flash_adapter_rejects_unknown_signature(monkeypatch):
         def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mystery):
             raise AssertionError("must not be called")
 
-    monkeypatch.setattr(kernels, "_flash_module", lambda: Odd)
+    monkeypatch.setattr(kernels_cuda, "_flash_module", lambda: Odd)
     q, k, v, _, cu_q, cu_k = make_inputs([(2, 2)], 2, 2, d=8)
     with pytest.raises(RuntimeError, match="unsupported flash-attn version.*mystery"):
-        kernels._flash_forward(q, k, v, cu_q.tolist(), cu_k.tolist(), True, 0.5)
+        kernels_cuda.flash_forward(q, k, v, cu_q.tolist(), cu_k.tolist(), True, 0.5)
 
 
 @gpu
