@@ -5,7 +5,8 @@ attention for its own queries. Keys it holds are used at once (``view.local_task
 arrive from their owners in the plan's congestion-free rounds, one communication stage at a
 time (``view.stages``), and the partial results are merged by log-sum-exp in fp32::
 
-    forward:  post stage 0 ─► local tasks ─► wait 0, post 1 ─► stage 0 tasks ─► wait 1, post 2 ─► ...
+    forward:  post stages 0..P-1 ─► local tasks ─► wait 0, post P ─► stage 0 tasks ─► wait 1, post P+1 ─► ...
+              (P = ``prefetch``, default all stages: the transfers run back to back behind the compute)
     backward: stage 0 tasks, post its dK/dV back ─► stage 1 tasks, post ... ─► local tasks ─► wait all,
               owners add the dK/dV they receive into their local dK/dV
 
@@ -17,6 +18,7 @@ this is plain exact varlen causal attention, without any torch.distributed call.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 from torch import Tensor
@@ -27,7 +29,7 @@ from .views import RankView, TaskList
 
 
 def fcp_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=None, scale: float | None = None,
-                  backend: str | None = None, return_lse: bool = False):
+                  backend: str | None = None, prefetch: int | None = None, return_lse: bool = False):
     """Causal attention within each sequence of the global batch, for this rank's tokens.
 
     Args:
@@ -40,6 +42,10 @@ def fcp_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=None
             default group (plain local attention, no torch.distributed call, also inside a distributed job).
         scale: softmax scale, default ``D ** -0.5``.
         backend: kernel backend (``hf_fcp.kernels.select_backend``), default automatic.
+        prefetch: forward K/V stages in flight ahead of the compute (``None``: all stages are posted at the
+            start, so the transfers run back to back while the kernels work; ``1``: the next stage is posted
+            when the previous one arrived). More stages ahead hide more latency and keep more send buffers
+            alive at once (at most this rank's outgoing K/V).
         return_lse: also return the log-sum-exp (n_local, Hq) float32 (not differentiable).
 
     Returns:
@@ -55,8 +61,10 @@ def fcp_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=None
     Every rank of the group must call this with its own view of the same plan, and must run the backward
     of every call it made (the backward exchanges dK/dV with peers).
     """
-    group, scale, backend, view = prepare(q, k, v, view, group, scale, backend)
-    out, lse = _FCPAttention.apply(q, k, v, view, group, scale, backend)
+    bad = prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1)
+    problem = f"prefetch: got {prefetch!r}, expected an integer >= 1 or None (all stages)" if bad else None
+    group, scale, backend, view = prepare(q, k, v, view, group, scale, backend, check=lambda _: problem)
+    out, lse = _FCPAttention.apply(q, k, v, view, group, scale, backend, prefetch)
     return (out, lse) if return_lse else out
 
 
@@ -169,12 +177,17 @@ def _what(kind: str, i: int, stages) -> str:
     return f"{kind} exchange of stage {i} (of {len(stages)}; {len(stages[i].rounds)} round(s))"
 
 
-def _forward(q, k, v, view: RankView, group, scale, backend) -> tuple[Tensor, Tensor, Tensor]:
+def _forward(q, k, v, view: RankView, group, scale, backend, prefetch=None) -> tuple[Tensor, Tensor, Tensor]:
     """Returns out (n, Hq, D) in q's dtype, lse (n, Hq) fp32 and the receive buffer (num_recv, 2*Hkv, D)."""
     hkv = k.shape[1]
     stages = view.stages if group is not None else ()
     recv = k.new_empty((view.num_recv, 2 * hkv, k.shape[2]))
-    pending = comm.post_kv(stages[0].rounds, k, v, recv, group, _what("forward K/V", 0, stages)) if stages else None
+    ahead = len(stages) if prefetch is None else prefetch
+
+    def post(i: int):
+        return comm.post_kv(stages[i].rounds, k, v, recv, group, _what("forward K/V", i, stages))
+
+    in_flight = deque(post(i) for i in range(min(ahead, len(stages))))  # every rank posts in stage order
     o, lse = run_tasks(view.local_tasks, q, k, v, scale, backend)
     remote = [s.tasks for s in stages if s.tasks.num_segments]
     if not remote and _is_identity(view.local_tasks.q_rows, q.shape[0]):
@@ -185,9 +198,9 @@ def _forward(q, k, v, view: RankView, group, scale, backend) -> tuple[Tensor, Te
         merge_partial(out, lse_acc, view.local_tasks.q_rows, o, lse)
         lse = lse_acc
     for i, stage in enumerate(stages):
-        pending.wait()
-        pending = (comm.post_kv(stages[i + 1].rounds, k, v, recv, group, _what("forward K/V", i + 1, stages))
-                   if i + 1 < len(stages) else None)
+        in_flight.popleft().wait()
+        if i + ahead < len(stages):
+            in_flight.append(post(i + ahead))
         if stage.tasks.num_segments:
             o_s, l_s = run_tasks(stage.tasks, q, recv[:, :hkv], recv[:, hkv:], scale, backend)
             merge_partial(out, lse, stage.tasks.q_rows, o_s, l_s)
@@ -231,9 +244,9 @@ class _FCPAttention(torch.autograd.Function):
     """Autograd node of one FCP attention call: (q, k, v) -> (out, lse); lse is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, view, group, scale, backend):
+    def forward(ctx, q, k, v, view, group, scale, backend, prefetch):
         q, k, v = q.detach(), k.detach(), v.detach()
-        out, lse, recv = _forward(q, k, v, view, group, scale, backend)
+        out, lse, recv = _forward(q, k, v, view, group, scale, backend, prefetch)
         ctx.save_for_backward(q, k, v, recv, out, lse)
         ctx.view, ctx.group, ctx.scale, ctx.backend = view, group, scale, backend
         ctx.mark_non_differentiable(lse)
@@ -244,4 +257,4 @@ class _FCPAttention(torch.autograd.Function):
         q, k, v, recv, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(dout.contiguous(), q, k, v, recv, out, lse, ctx.view, ctx.group, ctx.scale,
                                ctx.backend)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None

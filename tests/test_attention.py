@@ -100,6 +100,9 @@ def test_bad_scale_and_world_size_raise():
     for scale in (0.0, -1.0, float("nan"), "x"):
         with pytest.raises(ValueError, match="scale: got"):
             fcp_attention(q, k, v, view, scale=scale)
+    for prefetch in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=r"prefetch: got .*expected an integer >= 1 or None"):
+            fcp_attention(q, k, v, view, prefetch=prefetch)
     view2 = plan_batch([5, 3], world_size=2).for_rank(1)
     q2, k2, v2 = _args(n=view2.num_local)
     with pytest.raises(ValueError, match="view for world_size=2, expected a process group"):

@@ -34,6 +34,7 @@ class Case:
     layers: int = 1  # > 1: chained calls on the same view (out is the next q), one backward through all
     local: bool = False  # every rank runs the whole batch with a world-size-1 view inside the group
     seed: int = 0
+    prefetch: int | None = None  # fcp_attention's forward stages in flight (None: all)
 
 
 def random_lens(world: int, block: int, seed: int) -> tuple[int, ...]:
@@ -50,6 +51,8 @@ def cases_for(world: int) -> list[Case]:
         Case("fcp_b8_gqa4", random_lens(world, 8, 1), 8),
         Case("fcp_b3_mqa8_rps2", random_lens(world, 3, 2), 3, rounds_per_stage=2, heads=(8, 1)),
         Case("fcp_b16_mha_rps3", random_lens(world, 16, 3), 16, rounds_per_stage=3, heads=(4, 4)),
+        Case("fcp_b4_prefetch1", random_lens(world, 4, 12), 4, prefetch=1),
+        Case("fcp_b4_prefetch2", random_lens(world, 4, 13), 4, prefetch=2, heads=(4, 1)),
         Case("fcp_b8_bf16", random_lens(world, 8, 4), 8, dtype=torch.bfloat16),
         Case("fcp_b8_3layers", random_lens(world, 8, 9), 8, layers=3),
         Case("tiny_batch_idle_ranks", (1, 2), 4, heads=(4, 1)),  # W >= 3: some ranks hold no token
@@ -89,7 +92,8 @@ def _run_case(rank: int, world: int, case: Case) -> dict:
     with comm.track_comm() as counter:
         out = xs[0]
         for _ in range(case.layers):
-            out, lse = _op(case.op)(out, xs[1], xs[2], view, return_lse=True)
+            kw = {"prefetch": case.prefetch} if case.op == "fcp" else {}
+            out, lse = _op(case.op)(out, xs[1], xs[2], view, return_lse=True, **kw)
         (out.float() * dout[idx].float()).sum().backward()
     return {"index": idx, "out": out.detach().double(), "lse": lse.double(),
             "grads": [x.grad.double() for x in xs], "bytes": dict(counter.by_tag),

@@ -10,8 +10,9 @@ rank that communicates in a pass computes at ``(num_sms − comm_sms) / num_sms`
 
 Schedules (how far compute and communication overlap — as implemented, not idealised):
 
-* ``p2p`` (fcp, magi; :func:`hf_fcp.fcp_attention`): forward posts stage 0, runs local work, then
-  for each stage k waits for it, posts stage k+1 and runs stage k's work; backward runs stage k's work,
+* ``p2p`` (fcp, magi; :func:`hf_fcp.fcp_attention`): forward posts every stage at once (the engine's
+  default ``prefetch``), runs local work, then for each stage k waits for it and runs its work; a rank's
+  exchanges run one after another in stage order (stream order); backward runs stage k's work,
   posts its dK/dV back to the owners, and ends with local work; owners wait for every dK/dV.
 * ``ring`` (TE, ByteScale, WLB-LLM): step i computes against the block held at step i while the next
   block travels; step time = max(compute, transfer); backward moves K/V and dK/dV (2×) plus a last hop
@@ -86,6 +87,7 @@ class _Run:
         self.model, self.cluster, self.w, self.trace_rank = model, cluster, world, trace_rank
         self.trace: list = []
         self.rank_bytes = np.zeros(world)
+        self.prefetch = PREFETCH
 
     def slot_times(self, segs: Segments, nslots: int, backward: bool) -> np.ndarray:
         """(W, nslots) compute seconds per rank and slot."""
@@ -121,6 +123,9 @@ class _Run:
             self.trace.append((phase, kind, float(start[r]), float(end[r]), label))
 
 
+PREFETCH = 10**9  # forward stages posted ahead of compute: fcp_attention's default (prefetch=None: all)
+
+
 def _slowdown(run: _Run, msgs: list[Messages]) -> np.ndarray:
     """Per-rank compute-time factor: 1 / compute share for ranks that communicate, else 1."""
     talks = np.zeros(run.w, bool)
@@ -140,14 +145,19 @@ def _p2p(run: _Run, cand: Candidate, sp: Spans):
     segs = Segments.concat([local_segments(sp), remote])
     slow = _slowdown(run, msgs)[:, None]
     cf, cb = run.slot_times(segs, nslots, False) * slow, run.slot_times(segs, nslots, True) * slow
-    t, post = cf[:, 0].copy(), np.zeros(run.w)
-    run.note("fwd", "compute", post, t, "local")
+    t = cf[:, 0].copy()
+    run.note("fwd", "compute", np.zeros(run.w), t, "local")
+    posted = [np.zeros(run.w)] * min(run.prefetch, len(msgs))  # post time of each stage
+    link = np.zeros(run.w)  # a rank's exchanges run one after another (stream order)
     for k, m in enumerate(msgs):
-        end, start = run.exchange(post, m)
+        end, start = run.exchange(np.maximum(posted[k], link), m)
+        link = np.where(np.isfinite(start), end, link)
         run.note("fwd", "comm", start, end, f"stage {k}")
-        post = np.maximum(t, end)
-        t = post + cf[:, 1 + k]
-        run.note("fwd", "compute", post, t, f"stage {k}")
+        ready = np.maximum(t, end)  # waited for stage k; stage k + prefetch is posted now
+        if k + run.prefetch < len(msgs):
+            posted.append(ready)
+        t = ready + cf[:, 1 + k]
+        run.note("fwd", "compute", ready, t, f"stage {k}")
     fwd = t
     t, free = np.zeros(run.w), np.zeros(run.w)
     for k, m in enumerate(msgs):
