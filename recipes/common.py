@@ -3,19 +3,26 @@
 Defaults need no download: a tiny Llama-style model from scratch, the byte-level tokenizer and the
 Python standard library as corpus (``hf_fcp.integrations.embedded``). ``--model_name_or_path`` and
 ``--dataset_name`` switch to the Hugging Face Hub.
+
+Every argument is checked before any training or communication: a bad one raises
+:class:`RecipeArgumentError`, which :func:`cli` prints as one line ``<script>: error: --<setting>: got X,
+expected Y`` (exit status 2, no traceback).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
+import pathlib
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from hf_fcp.integrations import register
 from hf_fcp.integrations.accelerate import FCPPlugin
@@ -36,12 +43,141 @@ class ModelArguments:
     num_heads: int = field(default=4, metadata={"help": "From scratch: query heads."})
     num_kv_heads: int = field(default=2, metadata={"help": "From scratch: key/value heads (GQA)."})
 
+    def __post_init__(self) -> None:
+        check_model_source(self.model_name_or_path)
+        if self.model_type not in MODEL_TYPES:
+            raise RecipeArgumentError(f"--model_type: got {self.model_type!r}, expected one of {list(MODEL_TYPES)}")
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+            check_count(name, getattr(self, name), minimum=1)
+        if self.num_heads % self.num_kv_heads:
+            raise RecipeArgumentError(f"--num_kv_heads: got {self.num_kv_heads}, expected a divisor of "
+                                      f"--num_heads={self.num_heads}")
+        if self.hidden_size % (2 * self.num_heads):
+            raise RecipeArgumentError(f"--hidden_size: got {self.hidden_size}, expected a multiple of 2 × "
+                                      f"--num_heads = {2 * self.num_heads} (an even head dimension for RoPE)")
+
+
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+class RecipeArgumentError(ValueError):
+    """A bad recipe argument; :func:`cli` prints it as one line and exits 2."""
+
+
+def check_count(name: str, value, minimum: int, optional: bool = False) -> None:
+    """``--name`` must be an integer >= ``minimum`` (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RecipeArgumentError(f"--{name}: got {value!r}, expected an integer >= {minimum}")
+
+
+def check_model_source(path: str | None) -> None:
+    """A local model directory must hold config.json; anything else must at least look like a Hub id."""
+    if path is None:
+        return
+    local = pathlib.Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise RecipeArgumentError(f"--model_name_or_path: got {path!r}, a directory without config.json; "
+                                      f"expected a saved model (e.g. outputs/pretrain) or a Hub model id")
+        return
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or not path.strip():
+        raise RecipeArgumentError(f"--model_name_or_path: got {path!r}, which does not exist; expected a saved "
+                                  f"model directory (e.g. outputs/pretrain) or a Hub model id (org/name)")
+
+
+def check_world_env() -> None:
+    """The launcher's RANK / WORLD_SIZE / LOCAL_RANK must agree before any process group is created."""
+    values = {}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK"):
+        raw = os.environ.get(name)
+        if raw not in (None, ""):
+            if not raw.strip().isdigit():
+                raise RecipeArgumentError(f"{name}: got {raw!r}, expected a non-negative integer (set by "
+                                          f"accelerate launch / torchrun)")
+            values[name] = int(raw)
+    for size, index in (("WORLD_SIZE", "RANK"), ("LOCAL_WORLD_SIZE", "LOCAL_RANK"), ("WORLD_SIZE", "LOCAL_RANK")):
+        if size in values and (values[size] < 1 or values.get(index, 0) >= values[size]):
+            raise RecipeArgumentError(f"{size}: got {values[size]} with {index}={values.get(index, 0)}, expected "
+                                      f"{size} >= 1 and 0 <= {index} < {size}; launch with accelerate launch")
+
+
+def check_training_args(args: TrainingArguments) -> None:
+    """Settings transformers accepts but that break or silently distort an FCP run."""
+    if args.max_steps == 0 or args.max_steps < -1 or (args.max_steps == -1 and args.num_train_epochs <= 0):
+        raise RecipeArgumentError(f"--max_steps: got {args.max_steps} (--num_train_epochs {args.num_train_epochs})"
+                                  f", expected a positive number of steps, or -1 with --num_train_epochs > 0")
+    if not args.learning_rate > 0:
+        raise RecipeArgumentError(f"--learning_rate: got {args.learning_rate}, expected a positive number")
+    check_count("gradient_accumulation_steps", args.gradient_accumulation_steps, minimum=1)
+    if args.save_strategy == "steps" and not args.save_steps > 0:
+        raise RecipeArgumentError(f"--save_steps: got {args.save_steps}, expected a positive number with "
+                                  f"--save_strategy steps")
+    if pathlib.Path(args.output_dir).is_file():
+        raise RecipeArgumentError(f"--output_dir: got {args.output_dir!r}, an existing file; expected a directory")
+    if args.label_smoothing_factor:
+        raise RecipeArgumentError(f"--label_smoothing_factor: got {args.label_smoothing_factor}, expected 0 "
+                                  f"(FCP batches carry labels shifted before cutting)")
+    args.resume_from_checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+
+
+def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint``: a checkpoint directory, or ``last`` = the newest one in --output_dir."""
+    if value is None:
+        return None
+    if value == "last":
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise RecipeArgumentError(f"--resume_from_checkpoint: got 'last', but --output_dir {output_dir!r} "
+                                      f"holds no checkpoint-<step> directory; expected one to resume from")
+        return last
+    if not (pathlib.Path(value) / "trainer_state.json").is_file():
+        raise RecipeArgumentError(f"--resume_from_checkpoint: got {value!r}, expected a checkpoint directory "
+                                  f"holding trainer_state.json (e.g. {output_dir}/checkpoint-100) or 'last'")
+    return value
+
 
 def parse(data_cls, defaults: list[str]):
-    """(model_args, data_args, training_args, fcp_plugin) from the command line over recipe defaults."""
-    parser = HfArgumentParser((ModelArguments, data_cls, TrainingArguments, FCPPlugin))
+    """(model_args, data_args, training_args, fcp_plugin) from the command line over recipe defaults.
+
+    Every argument is validated here, before TrainingArguments (which may join a process group) exists.
+    """
+    parser = HfArgumentParser((ModelArguments, data_cls, FCPPlugin, TrainingArguments))
     cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    return parser.parse_args_into_dataclasses(args=[*defaults, *cpu, *sys.argv[1:]])
+    check_world_env()
+    try:
+        model_args, data_args, plugin, training_args, unknown = parser.parse_args_into_dataclasses(
+            args=[*env_over_defaults(defaults), *cpu, *sys.argv[1:]], return_remaining_strings=True)
+    except ValueError as err:  # FCPPlugin / TrainingArguments: one line
+        raise RecipeArgumentError(one_line(err)) from None
+    if unknown:
+        raise RecipeArgumentError(f"arguments: got unknown {unknown}, expected only the options listed by --help")
+    check_training_args(training_args)
+    return model_args, data_args, training_args, plugin
+
+
+def env_over_defaults(defaults: list[str]) -> list[str]:
+    """Recipe defaults (``--flag value`` pairs) minus the FCP settings given as ``FCP_<NAME>`` variables, so
+    the environment overrides a recipe default and the command line overrides both."""
+    fcp = {f.name for f in fields(FCPPlugin) if f.init}
+    pairs = zip(defaults[::2], defaults[1::2])
+    return [x for flag, value in pairs
+            if not (flag[2:] in fcp and os.environ.get(f"FCP_{flag[2:].upper()}")) for x in (flag, value)]
+
+
+def one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def cli(main) -> None:
+    """Run a recipe's ``main``; a :class:`RecipeArgumentError` becomes one stderr line and exit status 2."""
+    try:
+        main()
+    except RecipeArgumentError as err:
+        print(f"{pathlib.Path(sys.argv[0]).name}: error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def setup_logging(args: TrainingArguments) -> None:
@@ -53,29 +189,70 @@ def setup_logging(args: TrainingArguments) -> None:
 def load_tokenizer(model_args: ModelArguments):
     if model_args.model_name_or_path is None:
         return byte_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise RecipeArgumentError(f"--model_name_or_path: got {model_args.model_name_or_path!r}, expected a saved "
+                                  f"model directory or a reachable Hub model id ({one_line(err)})") from None
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer of {model_args.model_name_or_path}: got no eos_token, expected one "
-                         f"(documents are separated by EOS)")
+        raise RecipeArgumentError(f"tokenizer of {model_args.model_name_or_path}: got no eos_token, expected one "
+                                  f"(documents are separated by EOS)")
     return tokenizer
 
 
 def load_model(model_args: ModelArguments, tokenizer, max_positions: int):
     """The model with attn_implementation="fcp" (from scratch by default)."""
     if model_args.model_name_or_path is not None:
-        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, attn_implementation="fcp",
-                                                    dtype=torch.float32)
+        try:
+            return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, attn_implementation="fcp",
+                                                        dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise RecipeArgumentError(f"--model_name_or_path: got {model_args.model_name_or_path!r}, expected a "
+                                      f"causal LM checkpoint ({one_line(err)})") from None
     config = tiny_config(model_args.model_type, vocab_size=len(tokenizer), hidden_size=model_args.hidden_size,
                          layers=model_args.num_layers, heads=model_args.num_heads,
                          kv_heads=model_args.num_kv_heads, max_positions=max_positions)
     return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="fcp")
 
 
+def check_data_source(args) -> None:
+    """Shared data-argument checks (``args``: a recipe's data dataclass)."""
+    check_count("max_documents", args.max_documents, minimum=0, optional=True)
+    if args.dataset_name is None and args.dataset_config_name is not None:
+        raise RecipeArgumentError(f"--dataset_config_name: got {args.dataset_config_name!r} without --dataset_name"
+                                  f", expected it only together with a Hub dataset")
+    name = args.dataset_name
+    if name is not None and (not name.strip() or (name.startswith(("/", ".", "~")) and
+                                                  not pathlib.Path(name).expanduser().exists())):
+        raise RecipeArgumentError(f"--dataset_name: got {name!r}, which does not exist; expected a Hub dataset id "
+                                  f"(e.g. wikitext) or an existing local dataset path")
+
+
+def load_hub_dataset(args):
+    """``datasets.load_dataset`` of --dataset_name / --dataset_config_name / --dataset_split; a failure
+    (unknown name, configuration or split, no network) is a one-line :class:`RecipeArgumentError`."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
+    except Exception as err:  # noqa: BLE001 — datasets raises many types; the user sees one line
+        raise RecipeArgumentError(
+            f"--dataset_name/--dataset_config_name/--dataset_split: got {args.dataset_name!r}/"
+            f"{args.dataset_config_name!r}/{args.dataset_split!r}, expected a loadable Hub or local dataset "
+            f"({type(err).__name__}: {one_line(err)})") from None
+
+
 def run(model, tokenizer, train_dataset, training_args: TrainingArguments, plugin: FCPPlugin,
         eval_dataset=None) -> dict:
     """Train with FCPTrainer, save the model and tokenizer, end the process group cleanly."""
-    trainer = FCPTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=tokenizer, fcp_plugin=plugin)
+    if len(train_dataset) == 0:
+        raise RecipeArgumentError("training data: got 0 examples after filtering, expected at least one; check "
+                                  "--max_documents / --max_examples / --max_length / --tokens_per_rank")
+    try:  # FCP settings the trainer rejects (e.g. a kernel this machine lacks), before any FCP traffic
+        trainer = FCPTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=tokenizer, fcp_plugin=plugin)
+    except (ValueError, ImportError) as err:
+        raise RecipeArgumentError(one_line(err)) from None
     logger.info("FCP: world_size=%d block_size=%d tokens_per_rank=%d kernel=%s documents=%d",
                 plugin.world_size, plugin.block_size, plugin.tokens_per_rank, plugin.kernel, len(train_dataset))
     start = time.perf_counter()

@@ -15,7 +15,8 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass, field
 
-from common import load_model, load_tokenizer, logger, parse, run, setup_logging
+from common import (RecipeArgumentError, check_count, check_data_source, cli, load_hub_dataset, load_model,
+                    load_tokenizer, logger, parse, run, setup_logging)
 from transformers import set_seed
 
 from hf_fcp.integrations.embedded import stdlib_files
@@ -39,6 +40,11 @@ class SFTDataArguments:
     max_examples: int | None = field(default=None, metadata={"help": "Use at most this many examples."})
     max_length: int | None = field(default=None, metadata={
         "help": "Drop examples longer than this (default: --tokens_per_rank); SFT examples are never split."})
+
+    def __post_init__(self) -> None:
+        check_data_source(self)
+        check_count("max_examples", self.max_examples, minimum=1, optional=True)
+        check_count("max_length", self.max_length, minimum=1, optional=True)
 
 
 def stdlib_functions(max_files: int | None, seed: int = 0) -> dict[str, list[str]]:
@@ -66,18 +72,18 @@ def encode_sft(prompt_ids: list[int], response_ids: list[int], eos: int) -> dict
 
 
 def load_examples(data_args: SFTDataArguments, tokenizer, seed: int, max_length: int):
-    from datasets import Dataset, load_dataset
+    from datasets import Dataset
 
     if data_args.dataset_name is None:
         raw = Dataset.from_dict(stdlib_functions(data_args.max_documents or None, seed))
         prompt_col, response_col = "prompt", "completion"
     else:
-        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=data_args.dataset_split)
+        raw = load_hub_dataset(data_args)
         prompt_col, response_col = data_args.prompt_column, data_args.response_column
         missing = [c for c in (prompt_col, response_col) if c not in raw.column_names]
         if missing:
-            raise ValueError(f"--prompt_column/--response_column: got {missing}, expected columns among "
-                             f"{raw.column_names}")
+            raise RecipeArgumentError(f"--prompt_column/--response_column: got {missing}, expected columns "
+                                      f"among {raw.column_names}")
     if data_args.max_examples is not None and data_args.max_examples < len(raw):
         raw = raw.shuffle(seed=seed).select(range(data_args.max_examples))
     eos = tokenizer.eos_token_id
@@ -92,13 +98,22 @@ def load_examples(data_args: SFTDataArguments, tokenizer, seed: int, max_length:
     return data.filter(lambda e: len(e["input_ids"]) <= max_length, desc="drop long examples")
 
 
+def check_max_length(max_length: int | None, world_size: int, tokens_per_rank: int) -> int:
+    """Examples longer than a global batch can never be placed (SFT examples are never split)."""
+    limit = world_size * tokens_per_rank
+    if max_length is not None and max_length > limit:
+        raise RecipeArgumentError(f"--max_length: got {max_length}, expected at most world_size × --tokens_per_rank"
+                                  f" = {world_size} × {tokens_per_rank} = {limit} (a global batch)")
+    return max_length or tokens_per_rank
+
+
 def main() -> dict:
     model_args, data_args, training_args, plugin = parse(SFTDataArguments, DEFAULTS)
+    max_length = check_max_length(data_args.max_length, training_args.world_size, plugin.tokens_per_rank)
     setup_logging(training_args)
     tokenizer = load_tokenizer(model_args)
     with training_args.main_process_first(desc="load and tokenize"):
-        dataset = load_examples(data_args, tokenizer, training_args.seed,
-                                data_args.max_length or plugin.tokens_per_rank)
+        dataset = load_examples(data_args, tokenizer, training_args.seed, max_length)
     set_seed(training_args.seed)  # the same initial weights on every run
     model = load_model(model_args, tokenizer, max_positions=plugin.tokens_per_rank * 64)
     logger.info("SFT: %d examples, %s", len(dataset), type(model).__name__)
@@ -106,4 +121,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

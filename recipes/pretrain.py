@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common import load_model, load_tokenizer, logger, parse, run, setup_logging
+from common import (RecipeArgumentError, check_data_source, cli, load_hub_dataset, load_model, load_tokenizer,
+                    logger, parse, run, setup_logging)
 from transformers import set_seed
 
 from hf_fcp.integrations.embedded import stdlib_corpus
@@ -35,6 +36,9 @@ class DataArguments:
     max_documents: int | None = field(default=400, metadata={
         "help": "Use at most this many documents (a seeded sample); 0 = all."})
 
+    def __post_init__(self) -> None:
+        check_data_source(self)
+
 
 def load_documents(data_args: DataArguments, tokenizer, seed: int):
     """A dataset with one tokenized document per row (``input_ids``, EOS appended, empty ones dropped)."""
@@ -42,13 +46,11 @@ def load_documents(data_args: DataArguments, tokenizer, seed: int):
     if data_args.dataset_name is None:
         raw = stdlib_corpus(limit, seed=seed)
     else:
-        from datasets import load_dataset
-
-        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=data_args.dataset_split)
+        raw = load_hub_dataset(data_args)
         if limit is not None and limit < len(raw):
             raw = raw.shuffle(seed=seed).select(range(limit))
     if data_args.text_column not in raw.column_names:
-        raise ValueError(f"--text_column: got {data_args.text_column!r}, expected one of {raw.column_names}")
+        raise RecipeArgumentError(f"--text_column: got {data_args.text_column!r}, expected one of {raw.column_names}")
     raw = raw.filter(lambda e: len(e[data_args.text_column].strip()) > 0)
     eos = tokenizer.eos_token_id
     encode = _bytes_encode if data_args.dataset_name is None and len(tokenizer) == 258 else None
@@ -79,4 +81,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
