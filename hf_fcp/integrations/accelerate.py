@@ -49,7 +49,7 @@ class FCPPlugin:
     """Tokens each rank holds per step (FCP_TOKENS_PER_RANK, default 16384); a global batch holds up to
     world_size × tokens_per_rank tokens."""
     kernel: str | None = None
-    """Attention kernel backend: auto, torch_cpu, flash_attn or naive (FCP_KERNEL, default auto)."""
+    """Attention kernel backend: auto, torch_cpu, flash_attn, torch_cuda or naive (FCP_KERNEL, default auto)."""
     overlap: bool | None = None
     """Pipeline communication with compute one congestion-free round at a time (FCP_OVERLAP, default
     true); false sends all rounds as one stage, overlapped only with the local work."""

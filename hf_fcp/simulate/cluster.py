@@ -17,7 +17,9 @@ A segment of ``q`` queries attending to ``k`` keys runs at ``eff_pass × g(sqrt(
 relative to 16K tokens (Shah et al. 2024, arXiv 2407.08608, Fig. 5, read off the plot: ≈0.31 at 512, 0.53
 at 1K, 0.72 at 2K, 0.875 at 4K, 0.95 at 8K; the curve gives 0.32, 0.52, 0.72, 0.87, 0.95). This is the FCP
 paper's observation (Zhao et al., MLSys 2026): 512-token blocks reach only ~25–30% of long-sequence MFU and
-efficiency falls quickly below 2K. Not calibrated on a GPU here (no GPU on this machine). The geometric mean ``sqrt(q·k)`` makes a square causal block of n tokens count as n,
+efficiency falls quickly below 2K. The presets keep that published curve; the curve measured on an H200 for
+PyTorch's own FlashAttention-2 kernel (the ``torch_cuda`` backend: 0.36/0.33 of peak asymptotically, n_half
+567) is ``docs/measurements/h200_torch_flash.json`` — pass it as ``--cluster``. The geometric mean ``sqrt(q·k)`` makes a square causal block of n tokens count as n,
 a short query run against a long key run count as longer (long inner loop), and vice versa.
 """
 
