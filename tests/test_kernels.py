@@ -221,9 +221,11 @@ def test_select_backend_defaults():
     assert select_backend("cpu", torch.float32) == "torch_cpu"
     assert select_backend("cpu", torch.bfloat16) == "torch_cpu"
     assert select_backend(torch.device("cpu"), torch.float64, "naive") == "naive"
-    if kernels_cuda._flash_module() is None:
+    if not CUDA:  # no GPU: only the naive backend can serve a CUDA device (test_gpu.py covers the GPU case)
         assert select_backend("cuda", torch.bfloat16) == "naive"
         assert kernels.available_backends("cuda") == ["naive"]
+        with pytest.raises(ValueError, match="backend 'torch_cuda': got device cpu, expected a cuda device"):
+            select_backend("cpu", torch.bfloat16, "torch_cuda")
     assert kernels.available_backends("cpu") == ["torch_cpu", "naive"]
 
 
