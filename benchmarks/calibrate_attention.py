@@ -22,6 +22,7 @@ import sys
 import numpy as np
 import torch
 
+from gpu_replay import median_time  # benchmarks/ is the script directory, so on sys.path
 from hf_fcp.simulate.cluster import PRESETS, fit_efficiency
 
 SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -54,21 +55,6 @@ def _kernels():
     return "torch_cuda (aten._flash_attention_forward/backward)", fwd, bwd
 
 
-def _time(fn, reps: int = 10) -> float:
-    """Median seconds of ``fn`` over ``reps`` runs (CUDA events), after 3 warm-ups."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return float(np.median(times))
-
-
 def _efficiency(fwd, bwd, lq: int, lk: int, peak: float) -> tuple[float, float]:
     """(forward, backward) fraction of peak for TOTAL // lk segments of lq queries × lk keys (causal,
     bottom-right: the queries are the last lq tokens of an lk-token sequence)."""
@@ -78,10 +64,10 @@ def _efficiency(fwd, bwd, lq: int, lk: int, peak: float) -> tuple[float, float]:
     cu_q = torch.arange(0, segs * lq + 1, lq, device="cuda", dtype=torch.int32)
     cu_k = torch.arange(0, segs * lk + 1, lk, device="cuda", dtype=torch.int32)
     flops = 4 * D * HQ * segs * (lq * (lk - lq) + lq * (lq + 1) / 2)
-    t_fwd = _time(lambda: fwd(q, k, v, cu_q, cu_k, lq, lk))
+    t_fwd = median_time(lambda: fwd(q, k, v, cu_q, cu_k, lq, lk), 10, warmup=3)
     out, lse = fwd(q, k, v, cu_q, cu_k, lq, lk)
     dout = torch.randn_like(out)
-    t_bwd = _time(lambda: bwd(dout, q, k, v, out, lse, cu_q, cu_k, lq, lk))
+    t_bwd = median_time(lambda: bwd(dout, q, k, v, out, lse, cu_q, cu_k, lq, lk), 10, warmup=3)
     return flops / (t_fwd * peak), 2.5 * flops / (t_bwd * peak)
 
 

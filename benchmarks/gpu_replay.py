@@ -79,12 +79,14 @@ def replay(view, model, reps: int) -> float:
             out, lse = varlen_forward(qq, k, v, cq, ck, causal=causal, scale=d ** -0.5)
             varlen_backward(out, qq, k, v, out, lse, cq, ck, causal=causal, scale=d ** -0.5)
 
-    return _median_time(step, reps)
+    return median_time(step, reps)
 
 
-def _median_time(fn, reps: int) -> float:
-    """Median seconds of ``fn`` after one warm-up (CUDA events on a GPU, the wall clock on CPU)."""
-    fn()
+def median_time(fn, reps: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs after ``warmup`` runs (CUDA events on a GPU, the wall
+    clock on CPU). Also used by calibrate_attention.py."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         if DEVICE == "cpu":
@@ -119,7 +121,7 @@ def world1_overhead(lens, model, block: int, reps: int) -> tuple[float, float]:
     def bare():
         out, lse = varlen_forward(*x, cu, cu, causal=True, scale=d ** -0.5)
         varlen_backward(dout, *x, out, lse, cu, cu, causal=True, scale=d ** -0.5)
-    return _median_time(fcp, reps), _median_time(bare, reps)
+    return median_time(fcp, reps), median_time(bare, reps)
 
 
 def run_one(lens, world, strategy, args, model, cluster) -> dict:
