@@ -10,7 +10,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from .cost import KernelCost
+
 STRATEGIES = ("fcp", "ring", "allgather", "packing")
+BALANCE = ("kernel", "pairs")
 KV_DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "fp8": 1}
 
 
@@ -56,8 +59,21 @@ class PlanOptions:
     locality: float = 0.5
     """fcp only: keep a sequence's next block on the rank holding its neighbour while that rank still
     needs at least ``locality`` × the work of the neediest rank (0 = always, 1 = never prefer locality)."""
+    balance: str = "kernel"
+    """fcp only: what the placement equalises across ranks. ``"kernel"``: modelled attention-kernel work —
+    the causal pairs plus what a FlashAttention-style kernel spends beyond them (partial and diagonal
+    tiles, per-tile set-up; :mod:`hf_fcp.cost`); ``"pairs"``: causal (query, key) pairs only."""
+    kernel_cost: KernelCost | None = None
+    """The kernel model ``balance="kernel"`` uses: an :class:`hf_fcp.cost.KernelCost` (e.g. a calibrated
+    cluster's ``Cluster.kernel_cost()``); ``None``: :data:`hf_fcp.cost.FLASH`, PyTorch's FlashAttention-2
+    kernel measured on an H200."""
 
     def __post_init__(self) -> None:
+        if self.balance not in BALANCE:
+            raise ValueError(f"balance must be one of {list(BALANCE)}, got {self.balance!r}")
+        if self.kernel_cost is not None and not isinstance(self.kernel_cost, KernelCost):
+            raise ValueError(f"kernel_cost must be an hf_fcp.cost.KernelCost or None, got "
+                             f"{type(self.kernel_cost).__name__}")
         self.kv_heads = check_positive_int("kv_heads", self.kv_heads)
         self.head_dim = check_positive_int("head_dim", self.head_dim)
         self.rounds_per_stage = check_positive_int("rounds_per_stage", self.rounds_per_stage)

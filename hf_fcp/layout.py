@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import PlanOptions
+from .cost import kernel_for, rank_work
 
 Span = tuple[int, int, int]
 
@@ -139,25 +140,30 @@ class FCPPlan:
 
     # ---- accounting ------------------------------------------------------------------------------------
     def rank_loads(self) -> dict[str, np.ndarray]:
-        """Per-rank arrays (W,): ``tokens`` held, attention ``cost`` (causal pairs), ``kv_in`` and
-        ``kv_out`` (KV tokens received / sent), ``spans`` (number of held spans)."""
+        """Per-rank arrays (W,): ``tokens`` held, attention ``cost`` (causal pairs), ``work`` (modelled
+        kernel work in pairs, :func:`hf_fcp.cost.seq_cost` under the ``balance`` / ``kernel_cost``
+        options), ``kv_in`` and ``kv_out`` (KV tokens received / sent), ``spans`` (number of held spans)."""
         w = self.world_size
-        tokens, cost = np.zeros(w, np.int64), np.zeros(w, np.float64)
+        tokens, cost, work = np.zeros(w, np.int64), np.zeros(w, np.float64), np.zeros(w, np.float64)
         mat = self.comm_matrix()
         kv_in, kv_out = mat.sum(axis=0), mat.sum(axis=1)
         nspans = np.zeros(w, np.int64)
+        kernel = kernel_for(self.options.balance, self.options.kernel_cost)
         for r, spans in enumerate(self.rank_spans):
             if spans:
                 arr = np.asarray(spans, dtype=np.int64)
                 tokens[r] = int((arr[:, 2] - arr[:, 1]).sum())
                 cost[r] = float(span_cost(arr[:, 1], arr[:, 2]).sum())
+                work[r] = rank_work(spans, kernel)
             nspans[r] = len(spans)
-        return {"tokens": tokens, "cost": cost, "kv_in": kv_in, "kv_out": kv_out, "spans": nspans}
+        return {"tokens": tokens, "cost": cost, "work": work, "kv_in": kv_in, "kv_out": kv_out, "spans": nspans}
 
     def stats(self) -> dict[str, float | int]:
         """Summary figures of the plan.
 
-        ``compute_imbalance`` / ``memory_imbalance``: max/mean − 1 over ranks of attention cost / tokens held.
+        ``compute_imbalance``: max/mean − 1 over ranks of what the planner balances (``work`` under
+        ``balance="kernel"``, the default; causal pairs under ``"pairs"``); ``pairs_imbalance``: the same
+        of causal pairs alone; ``memory_imbalance``: of tokens held.
         ``comm_bytes``: total K+V bytes moved (``kv_heads``, ``head_dim``, ``kv_dtype`` options).
         ``max_rank_comm_bytes``: the largest per-rank traffic, max over ranks of max(bytes in, bytes out).
         ``rounds``: congestion-free rounds; ``stages``: after coalescing; ``plan_ms``: planner wall time.
@@ -165,7 +171,8 @@ class FCPPlan:
         loads = self.rank_loads()
         per_tok = self.options.kv_bytes_per_token
         return {
-            "compute_imbalance": _imbalance(loads["cost"]),
+            "compute_imbalance": _imbalance(loads["work" if self.options.balance == "kernel" else "cost"]),
+            "pairs_imbalance": _imbalance(loads["cost"]),
             "memory_imbalance": _imbalance(loads["tokens"]),
             "comm_bytes": int(loads["kv_in"].sum()) * per_tok,
             "max_rank_comm_bytes": int(np.maximum(loads["kv_in"], loads["kv_out"]).max()) * per_tok,

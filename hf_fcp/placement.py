@@ -32,11 +32,15 @@ import math
 
 import numpy as np
 
+from .cost import OVERHEADS, PAIRS, KernelCost, rank_work, seq_cost
 from .layout import Span, span_cost
 
 SLACK = 0.004  # fraction of the mean cost a rank may exceed it by before an item is split instead
 REBALANCE_TARGET = 0.004  # the repair pass stops once no rank exceeds the mean cost by more than this
+PARTNERS = 4  # under a kernel cost, the repair pass tries this many least loaded ranks for each swap
 MIN_PIECE = 128  # cuts for compute balance leave no piece shorter than this (nor than the block)
+ALIGN = 128  # cuts fall on multiples of this where they can: a FlashAttention tile, so that pieces of long
+# sequences (and the K/V runs they receive) fill whole tiles instead of paying for a partial one per segment
 
 
 def _blocks(lens: np.ndarray, block: int):
@@ -111,10 +115,10 @@ def _cut_for_cost(a: int, b: int, room: float, fill: float) -> int:
     return min(max(m, a), b)
 
 
-def _light_fill_density(start: np.ndarray, end: np.ndarray) -> float:
+def _light_fill_density(start: np.ndarray, end: np.ndarray, ratio: np.ndarray) -> float:
     """Mean density (cost per token) of the lightest half of all tokens: what a rank's leftover token
     room will be filled with at the end, when only light items remain."""
-    density = (start + end + 1) / 2.0
+    density = (start + end + 1) / 2.0 * ratio
     tokens = (end - start).astype(np.float64)
     order = np.argsort(density, kind="stable")
     cum = np.cumsum(tokens[order])
@@ -122,12 +126,16 @@ def _light_fill_density(start: np.ndarray, end: np.ndarray) -> float:
     return float((density[half] * tokens[half]).sum() / tokens[half].sum())
 
 
-def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality: float = 0.5) -> list[list[Span]]:
+def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality: float = 0.5,
+              kernel: KernelCost = PAIRS) -> list[list[Span]]:
     arr = np.asarray(lens, dtype=np.int64)
     total = int(arr.sum())
     seq, start, end = _blocks(arr, block)
-    fill = _light_fill_density(start, end)
-    ranks = _Ranks(world, float(span_cost(0, arr).sum()) / world, total / world, cap, fill)
+    held = _Held(kernel)
+    ratio = held.item_ratios(seq, start, end, arr)  # modelled cost / pairs of each item placed alone
+    fill = _light_fill_density(start, end, ratio)
+    goal = float((span_cost(start, end) * ratio).sum()) / world
+    ranks = _Ranks(world, goal, total / world, cap, fill)
     soft_cap = min(cap, math.ceil(total / world * 1.01))
     ranks.cap = soft_cap if soft_cap * world >= total else cap
     order = np.lexsort((-start, seq, -(start + end)))  # densest first; ties by sequence, later first
@@ -135,56 +143,138 @@ def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality:
     holder: dict[int, int] = {}  # seq -> rank holding its most recently placed (earliest) piece
     out: list[list[Span]] = [[] for _ in range(world)]
     slack = SLACK * ranks.c_goal
-    for s, a, b in zip(seq[order].tolist(), start[order].tolist(), end[order].tolist()):
+    for s, a, b, x in zip(seq[order].tolist(), start[order].tolist(), end[order].tolist(), ratio[order].tolist()):
         while a < b:
             r = _choose(ranks, holder.get(s), a, b, locality)
             m = max(a, b - int(ranks.cap - ranks.tok[r]))  # token room
-            room = ranks.net_room(r)
+            if m > a:
+                m = _align_up(m, b)
+            room = ranks.net_room(r) / x  # in pairs
             cost = _cost(m, b)
-            if cost - fill * (b - m) > room + slack and (a + b) / 2 > fill and room > slack:
-                m = max(m, _cut(a, b, _cut_for_cost(a, b, room, fill), min_piece))  # dense, too big: cut
+            if cost - fill / x * (b - m) > room + slack / x and (a + b) / 2 > fill / x and room > slack / x:
+                m = max(m, _cut(a, b, _cut_for_cost(a, b, room, fill / x), min_piece))  # dense, too big: cut
             out[r].append((s, m, b))
-            ranks.add(r, _cost(m, b), b - m)
+            ranks.add(r, held.add(r, s, m, b), b - m)
             holder[s] = r
             b = m
-    _rebalance(out, ranks, min_piece)
+    _rebalance(out, ranks.cost, min_piece, held)
     return [merge_sorted(spans) for spans in out]
+
+
+class _Held:
+    """The cost of what each rank holds under ``kernel`` (:mod:`.cost`): plain pair counts for
+    :data:`~hf_fcp.cost.PAIRS`, else per (rank, sequence) the modelled work of its runs."""
+
+    def __init__(self, kernel: KernelCost):
+        self.kernel = kernel
+        self.pairs = kernel.tile == 1 and not any(getattr(kernel, f) for f in OVERHEADS)  # cost = pairs
+        self.runs: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def item_ratios(self, seq, start, end, lens) -> np.ndarray:
+        """Modelled cost / pairs of each item placed alone (its prefix held elsewhere)."""
+        if self.pairs:
+            return np.ones(len(seq))
+        out = [seq_cost([(a, b)], self.kernel) / _cost(a, b) for a, b in zip(start.tolist(), end.tolist())]
+        return np.asarray(out)
+
+    def add(self, r: int, s: int, a: int, b: int) -> float:
+        """Rank r takes tokens [a, b) of sequence s: the increase of its cost."""
+        if self.pairs:
+            return _cost(a, b)
+        runs = self.runs.setdefault((r, s), [])
+        before = seq_cost(runs, self.kernel) if runs else 0.0
+        runs.append((a, b))
+        return seq_cost(runs, self.kernel) - before
+
+    def rank_cost(self, spans: list[Span]) -> float:
+        """Cost of one rank's whole span list."""
+        return rank_work(spans, self.kernel)
 
 
 def _cut(a: int, b: int, m: int, min_piece: int) -> int:
     """Move the cut ``m`` of ``[a, b)`` so that neither side is shorter than ``min_piece`` (the kernels
-    run short query runs inefficiently); no cut (``a``) when the range is too short to cut."""
+    run short query runs inefficiently) and onto a multiple of ``ALIGN`` when one lies in range; no cut
+    (``a``) when the range is too short to cut."""
     if b - a < 2 * min_piece:
         return a
-    return min(max(m, a + min_piece), b - min_piece)
+    m = min(max(m, a + min_piece), b - min_piece)
+    near = round(m / ALIGN) * ALIGN
+    return near if a + min_piece <= near <= b - min_piece else m
 
 
-def _rebalance(out: list[list[Span]], ranks: _Ranks, min_piece: int, target: float = REBALANCE_TARGET) -> None:
+def _align_up(m: int, b: int) -> int:
+    """``m`` rounded up to a multiple of ``ALIGN`` if that stays below ``b`` (a cut for token room)."""
+    up = -(-m // ALIGN) * ALIGN
+    return up if up < b else m
+
+
+def _rebalance(out: list[list[Span]], costs: list[float], min_piece: int, held: _Held,
+               target: float = REBALANCE_TARGET) -> None:
     """Repair pass: while the most loaded rank exceeds the mean cost by more than ``target``, swap k
-    tokens between it and the least loaded rank — the first k tokens of its latest-starting span for
-    the first k tokens of one of the other's spans that starts earlier. Token counts stay; the cost
-    moves by exactly k × (difference of the two start positions), so k is solved for, not searched.
-    The partner span is the farthest one that still lets k be at least ``min_piece`` (else the farthest)."""
-    cost = np.asarray(ranks.cost)
+    tokens between it and a less loaded rank (:func:`_swap`). Token counts stay. Under pair costs the
+    least loaded rank is the partner and the cost moves exactly as solved; under a kernel cost both ranks
+    are re-costed, a swap that does not lower their maximum is undone, and the next least loaded ranks
+    are tried (up to ``PARTNERS``) before the pass ends."""
+    cost = np.asarray(costs, np.float64)
     for _ in range(4 * len(out)):
-        hi, lo = int(np.argmax(cost)), int(np.argmin(cost))
-        excess = min(cost[hi] - ranks.c_goal, ranks.c_goal - cost[lo])
-        if cost[hi] <= ranks.c_goal * (1 + target) or excess <= 0 or not out[hi] or not out[lo]:
+        hi = int(np.argmax(cost))
+        goal = float(cost.mean())
+        if cost[hi] <= goal * (1 + target) or not out[hi]:
             return
-        x = max(range(len(out[hi])), key=lambda i: (out[hi][i][1], -i))
-        sx, x0, x1 = out[hi][x]
-        earlier = sorted((out[lo][i][1], i) for i in range(len(out[lo])) if out[lo][i][1] < x0)
-        if not earlier:
+        for lo in np.argsort(cost, kind="stable")[: 1 if held.pairs else PARTNERS].tolist():
+            excess = min(cost[hi] - goal, goal - cost[lo])
+            if held.pairs:
+                undo = _swap(out, hi, lo, excess, min_piece) if excess > 0 and out[lo] else None
+                if undo is not None:
+                    cost[hi] -= undo[2]
+                    cost[lo] += undo[2]
+                    break
+                continue
+            per_pair = cost[hi] / max(1.0, sum(_cost(a, b) for _, a, b in out[hi]))  # work per pair moved
+            if excess > 0 and out[lo] and _kernel_swap(out, hi, lo, excess / per_pair, min_piece, held, cost):
+                break
+        else:
             return
-        roomy = [(y0, i) for y0, i in earlier if x0 - y0 <= excess / min_piece]
-        y = (roomy or earlier)[0][1]
-        sy, y0, y1 = out[lo][y]
-        k = min(math.ceil(excess / (x0 - y0)), x1 - x0, y1 - y0)
-        out[hi][x:x + 1] = [(sy, y0, y0 + k)] + ([(sx, x0 + k, x1)] if x0 + k < x1 else [])
-        out[lo][y:y + 1] = [(sx, x0, x0 + k)] + ([(sy, y0 + k, y1)] if y0 + k < y1 else [])
-        moved = k * (x0 - y0)
-        cost[hi] -= moved
-        cost[lo] += moved
+
+
+def _kernel_swap(out: list[list[Span]], hi: int, lo: int, excess: float, min_piece: int, held: _Held,
+                 cost: np.ndarray) -> bool:
+    """:func:`_swap` under a kernel cost: re-cost both ranks and keep the swap only if it lowers their
+    maximum; a half-size swap is tried when the full one does not. Updates ``cost``."""
+    for part in (excess, excess / 2):
+        undo = _swap(out, hi, lo, part, min_piece)
+        if undo is None:
+            return False
+        new_hi, new_lo = held.rank_cost(out[hi]), held.rank_cost(out[lo])
+        if max(new_hi, new_lo) < cost[hi]:
+            cost[hi], cost[lo] = new_hi, new_lo
+            return True
+        out[hi], out[lo] = undo[0], undo[1]
+    return False
+
+
+def _swap(out: list[list[Span]], hi: int, lo: int, excess: float, min_piece: int):
+    """Swap the first k tokens of ``hi``'s latest-starting span for the first k tokens of one of ``lo``'s
+    spans that starts earlier; the pairs move by exactly k × (difference of the two start positions), so
+    k is solved for, not searched. The partner span is the farthest one that still lets k be at least
+    ``min_piece`` (else the farthest); k ends both moved runs on a tile boundary when that does not
+    overshoot. Returns ``(hi's old spans, lo's old spans, pairs moved)``, or None when no span fits."""
+    x = max(range(len(out[hi])), key=lambda i: (out[hi][i][1], -i))
+    sx, x0, x1 = out[hi][x]
+    earlier = sorted((out[lo][i][1], i) for i in range(len(out[lo])) if out[lo][i][1] < x0)
+    if not earlier:
+        return None
+    roomy = [(y0, i) for y0, i in earlier if x0 - y0 <= excess / min_piece]
+    y = (roomy or earlier)[0][1]
+    sy, y0, y1 = out[lo][y]
+    k = min(math.ceil(excess / (x0 - y0)), x1 - x0, y1 - y0)
+    aligned = -(-(x0 + k) // ALIGN) * ALIGN - x0
+    if x0 % ALIGN == y0 % ALIGN == 0 and aligned <= min(x1 - x0, y1 - y0) and aligned * (x0 - y0) <= 1.5 * excess:
+        k = aligned
+    undo = (list(out[hi]), list(out[lo]), k * (x0 - y0))
+    out[hi][x:x + 1] = [(sy, y0, y0 + k)] + ([(sx, x0 + k, x1)] if x0 + k < x1 else [])
+    out[lo][y:y + 1] = [(sx, x0, x0 + k)] + ([(sy, y0 + k, y1)] if y0 + k < y1 else [])
+    return undo
 
 
 def _choose(ranks: _Ranks, adj: int | None, a: int, b: int, locality: float) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from .config import (PlanOptions, check_positive_int, check_seq_lens, check_strategy, make_options,
                      resolve_tokens_per_rank)
+from .cost import kernel_for
 from .layout import FCPPlan, Span, Transfer
 from .placement import PLACERS
 
@@ -36,7 +37,7 @@ def plan_batch(seq_lens: Sequence[int], *, world_size: int, block_size: int = 40
         strategy: ``"fcp"`` (this library), ``"ring"`` (zigzag over all ranks), ``"allgather"``
             (contiguous shards, KV all-gathered) or ``"packing"`` (whole sequences, no context parallel).
         **options: see :class:`hf_fcp.config.PlanOptions` (``kv_heads``, ``head_dim``, ``kv_dtype``,
-            ``rounds_per_stage``, ``locality``).
+            ``rounds_per_stage``, ``locality``, ``balance``, ``kernel_cost``).
 
     Returns:
         An :class:`FCPPlan`; ``plan.for_rank(r)`` is rank ``r``'s view, ``plan.stats()`` its figures.
@@ -59,7 +60,7 @@ def _plan_batch(seq_lens, world_size, block_size, tokens_per_rank, strategy, opt
     opts = make_options(options)
     cap = resolve_tokens_per_rank(tokens_per_rank, sum(lens), world)
     if strategy == "fcp":
-        spans = PLACERS["fcp"](lens, world, block, cap, locality=float(opts.locality))
+        spans = PLACERS["fcp"](lens, world, block, cap, locality=float(opts.locality), kernel=kernel_for(opts.balance, opts.kernel_cost))
     else:
         spans = PLACERS[strategy](lens, world, block, cap)
     comm = "collective" if strategy in ("ring", "allgather") else "p2p"

@@ -97,11 +97,14 @@ def test_fuzz_smoke_two_ranks():
     """A few layouts on 2 ranks; and the comparison catches a corrupted gradient or a wrong byte count."""
     cases = layouts(2, 3, seed=7)
     per_rank = run_workers(_run_cases, 2, cases, timeout=TIMEOUT_S)
-    parts = [per_rank[r][0] for r in range(2)]
-    assert mismatches(cases[0], 2, parts) == []
-    parts[1] = {**parts[1], "grads": [g.clone() for g in parts[1]["grads"]], "bytes": {"kv": -1}}
-    parts[1]["grads"][1][-1] += 1e-3
-    assert [e.split(":")[0] for e in mismatches(cases[0], 2, parts)] == ["dk", "kv bytes", "grad bytes"]
+    for i, case in enumerate(cases):
+        assert mismatches(case, 2, [per_rank[r][i] for r in range(2)]) == []
+    i = next(i for i, c in enumerate(cases) if plan_for(c, 2).transfers)  # a layout that communicates
+    d = plan_for(cases[i], 2).transfers[0].dst  # a receiver: it sends dK/dV back
+    parts = [per_rank[r][i] for r in range(2)]
+    parts[d] = {**parts[d], "grads": [g.clone() for g in parts[d]["grads"]], "bytes": {"kv": -1}}
+    parts[d]["grads"][1][-1] += 1e-3
+    assert [e.split(":")[0] for e in mismatches(cases[i], 2, parts)] == ["dk", "kv bytes", "grad bytes"]
     assert all(mismatches(c, 2, [per_rank[r][i] for r in range(2)]) == [] for i, c in enumerate(cases))
 
 

@@ -96,10 +96,12 @@ def test_locality_short_sequences_stay_whole():
     assert plan.stats()["compute_imbalance"] <= 0.02
 
 
-def test_causal_skew_of_a_long_sequence_is_balanced():
-    plan = plan_batch([65536], world_size=8, block_size=4096)
+@pytest.mark.parametrize("balance, key", [("kernel", "work"), ("pairs", "cost")])
+def test_causal_skew_of_a_long_sequence_is_balanced(balance, key):
+    plan = plan_batch([65536], world_size=8, block_size=4096, balance=balance)
     loads = plan.rank_loads()
-    assert loads["cost"].max() / loads["cost"].mean() - 1 <= 0.02
+    assert loads[key].max() / loads[key].mean() - 1 <= 0.02
+    assert plan.stats()["compute_imbalance"] == pytest.approx(loads[key].max() / loads[key].mean() - 1)
     assert loads["tokens"].max() <= 8192
     assert np.isclose(loads["cost"].sum(), span_cost(0, 65536))
 

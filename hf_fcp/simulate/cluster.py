@@ -3,24 +3,28 @@
 Every number the simulator turns into time lives here, with its source. Presets ``h100`` and ``h200``;
 any field can be overridden from a JSON file (``load_cluster("my.json")`` with ``{"base": "h100",
 "ib_bw": 25e9}``; a file without ``base`` starts from ``h100``; keys starting with ``_`` are notes).
-``benchmarks/calibrate_attention.py`` measures the kernel curve on a GPU and writes such a file
-(:func:`fit_efficiency` fits it).
+``benchmarks/calibrate_attention.py`` measures the kernel on a GPU and writes such a file
+(:func:`.kernel_model.fit` fits it).
 
-Attention-kernel efficiency
----------------------------
-A segment of ``q`` queries attending to ``k`` keys runs at ``eff_pass × g(sqrt(q·k))`` of peak, with::
+Attention-kernel time
+---------------------
+A segment of ``q`` queries × ``k`` keys costs ``work`` full kernel tiles (:mod:`hf_fcp.cost`: tiles
+touched, extra for tiles the causal diagonal crosses, a fixed cost per query tile and per key tile), and
+a full tile runs at ``eff_fwd`` / ``eff_bwd`` of peak. So a causal square of 512 tokens spends most of its
+time outside full tiles, and a short query run against long keys is cheap forward (one thread block, a
+long loop) but not backward (many key-tile blocks, each looping over a few query rows).
 
-    g(n) = 1 / (1 + (n_half / n) ** shape)          # 0 for tiny segments, → 1 for long ones
-
-``eff_pass`` is the asymptotic efficiency of the forward or the backward kernel. ``n_half = 1026`` and
-``shape = 1.16`` are :func:`fit_efficiency` on FlashAttention-3's causal hdim-128 forward throughput on H100
-relative to 16K tokens (Shah et al. 2024, arXiv 2407.08608, Fig. 5, read off the plot: ≈0.31 at 512, 0.53
-at 1K, 0.72 at 2K, 0.875 at 4K, 0.95 at 8K; the curve gives 0.32, 0.52, 0.72, 0.87, 0.95). This is the FCP
-paper's observation (Zhao et al., MLSys 2026): 512-token blocks reach only ~25–30% of long-sequence MFU and
-efficiency falls quickly below 2K. The presets keep that published curve; the curve measured on an H200 for
-PyTorch's own FlashAttention-2 kernel (the ``torch_cuda`` backend: 0.36/0.33 of peak asymptotically, n_half
-567) is ``docs/measurements/h200_torch_flash.json`` — pass it as ``--cluster``. The geometric mean ``sqrt(q·k)`` makes a square causal block of n tokens count as n,
-a short query run against a long key run count as longer (long inner loop), and vice versa.
+Presets: ``h200`` is MEASURED — PyTorch's FlashAttention-2 varlen kernel (the ``torch_cuda`` backend fcp
+runs on a GPU without flash-attn) timed on an H200 by ``benchmarks/calibrate_attention.py``
+(``docs/measurements/h200_torch_flash.json``); the planner's default cost model (:data:`hf_fcp.cost.FLASH`)
+is the same fit. ``h100`` is the published FlashAttention-3 curve: its forward overhead is fitted to
+FlashAttention-3's causal hdim-128 forward throughput on H100 relative to 16K tokens (Shah et al. 2024, arXiv 2407.08608, Fig. 5, read off the plot: ≈0.31 at 512,
+0.53 at 1K, 0.72 at 2K, 0.875 at 4K, 0.95 at 8K; the fit is within 6% at every point), all of it charged
+per query tile; the backward mirrors it per key tile (an assumption: the figure read is forward only).
+This is the FCP paper's observation (Zhao et al., MLSys 2026): 512-token blocks reach only ~25–30% of
+long-sequence MFU and efficiency falls quickly below 2K. ``benchmarks/calibrate_attention.py`` measures all
+six overheads on any GPU from a grid of square and rectangular, causal and non-causal segments and writes a
+file to pass as ``--cluster``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import cost
+from ..cost import OVERHEADS, KernelCost
+from .models import BWD_FLOP_RATIO
+
+
 
 @dataclass(kw_only=True, frozen=True)
 class Cluster:
@@ -42,14 +51,23 @@ class Cluster:
     peak_flops: float
     """Dense bf16 tensor-core FLOP/s of one GPU (no sparsity)."""
     eff_fwd: float
-    """Fraction of ``peak_flops`` the forward attention kernel approaches on very long segments."""
+    """Fraction of ``peak_flops`` the forward attention kernel reaches on a full tile (long segments)."""
     eff_bwd: float
-    """Fraction of ``peak_flops`` the backward attention kernel approaches on very long segments."""
-    n_half: float = 1026.0
-    """Segment size (geometric mean of query and key lengths) at which the kernel reaches half its
-    long-sequence efficiency."""
-    shape: float = 1.16
-    """Steepness of the efficiency curve g(n) = 1 / (1 + (n_half / n) ** shape)."""
+    """Fraction of ``peak_flops`` the backward attention kernel reaches on a full tile."""
+    tile: int = 128
+    """Queries (and keys) per kernel tile; a partial tile at a segment's edge costs a whole one."""
+    fwd_diag: float = 0.0
+    """Forward: extra cost of a tile the causal diagonal crosses, in full tiles."""
+    fwd_q_tile: float = 4.26
+    """Forward: fixed cost per query tile of a segment (a thread block's set-up and epilogue), in tiles."""
+    fwd_k_tile: float = 0.0
+    """Forward: fixed cost per key tile of a segment, in tiles."""
+    bwd_diag: float = 0.0
+    """Backward: extra cost of a tile the causal diagonal crosses, in full tiles."""
+    bwd_q_tile: float = 0.0
+    """Backward: fixed cost per query tile of a segment, in tiles."""
+    bwd_k_tile: float = 4.26
+    """Backward: fixed cost per key tile of a segment (its thread block loads K/V, writes dK/dV), in tiles."""
     launch_s: float = 5e-6
     """Fixed cost of one attention-kernel launch, seconds."""
     gpus_per_node: int = 8
@@ -73,19 +91,41 @@ class Cluster:
             value = getattr(self, f.name)
             if f.name == "name":
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-                raise ValueError(f"cluster field {f.name} must be a positive number, got {value!r}")
+            ok_zero = f.name in OVERHEADS
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value >= 0 if ok_zero else value > 0):
+                raise ValueError(f"cluster field {f.name} must be a {'non-negative' if ok_zero else 'positive'} "
+                                 f"number, got {value!r}")
         for name in ("eff_fwd", "eff_bwd"):
             if getattr(self, name) > 1:
                 raise ValueError(f"cluster field {name} is a fraction of peak, got {getattr(self, name)}, expected <= 1")
         if self.comm_sms >= self.num_sms:
             raise ValueError(f"comm_sms must be below num_sms={self.num_sms}, got {self.comm_sms}")
 
-    def efficiency(self, q_len, k_len, backward: bool = False) -> np.ndarray:
-        """Fraction of peak a segment of ``q_len`` queries × ``k_len`` keys runs at (arrays broadcast)."""
-        n = np.sqrt(np.asarray(q_len, np.float64) * np.asarray(k_len, np.float64))
-        g = 1.0 / (1.0 + (self.n_half / np.maximum(n, 1e-9)) ** self.shape)
-        return (self.eff_bwd if backward else self.eff_fwd) * g
+    def work(self, q_len, k_len, causal, backward: bool = False) -> np.ndarray:
+        """Full-tile equivalents of segments of ``q_len`` queries × ``k_len`` keys (arrays broadcast;
+        causal ones bottom-right aligned); see :mod:`hf_fcp.cost`."""
+        p = "bwd" if backward else "fwd"
+        return cost.work(q_len, k_len, causal, self.tile, getattr(self, f"{p}_diag"),
+                                 getattr(self, f"{p}_q_tile"), getattr(self, f"{p}_k_tile"))
+
+    def kernel_seconds(self, q_len, k_len, causal, flops_per_pair: float, backward: bool = False) -> np.ndarray:
+        """Seconds of each segment's share of a kernel launch (launch cost not included); ``flops_per_pair``
+        is the pass's FLOPs per visible (query, key) pair."""
+        eff = self.eff_bwd if backward else self.eff_fwd
+        return self.work(q_len, k_len, causal, backward) * (self.tile ** 2 * flops_per_pair / (eff * self.peak_flops))
+
+    def kernel_cost(self) -> KernelCost:
+        """This kernel's tile costs for the planner (``plan_batch(..., kernel_cost=...)``)."""
+        return KernelCost(tile=self.tile, **{f: getattr(self, f) for f in OVERHEADS},
+                          bwd_weight=BWD_FLOP_RATIO * self.eff_fwd / self.eff_bwd)
+
+    def efficiency(self, q_len, k_len, causal=True, backward: bool = False) -> np.ndarray:
+        """Fraction of peak a segment runs at: its visible pairs over its work (reports, plots)."""
+        q, k = np.asarray(q_len, np.float64), np.asarray(k_len, np.float64)
+        qv = np.minimum(q, k)
+        pairs = np.where(causal, qv * (k - qv) + qv * (qv + 1) / 2, q * k)
+        eff = self.eff_bwd if backward else self.eff_fwd
+        return eff * pairs / np.maximum(self.work(q, k, causal, backward) * self.tile ** 2, 1e-300)
 
     def node(self, rank) -> np.ndarray:
         return np.asarray(rank) // self.gpus_per_node
@@ -108,10 +148,15 @@ class Cluster:
 # * Peak: NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989.4 TFLOP/s dense BF16 (1979 with sparsity);
 #   132 SMs (NVIDIA Hopper architecture whitepaper). H200 datasheet (SXM): the same 989 TFLOP/s dense BF16
 #   (same GH100 compute), 141 GB HBM3e at 4.8 TB/s (H100: 80 GB HBM3 at 3.35 TB/s).
-# * Kernel efficiency: FlashAttention-3 (Shah et al. 2024, arXiv 2407.08608): H100 BF16 hdim 128 causal
-#   forward ≈ 640 TFLOP/s at 16K (0.65 of peak → 0.676 asymptotic with g(16K) = 0.961); backward ≈ 500-550
-#   TFLOP/s at 16K (0.52 → 0.54). Long-sequence attention is compute bound, so H200's faster HBM changes
-#   little: we keep the same curve (not measured).
+# * Kernel: FlashAttention-3 (Shah et al. 2024, arXiv 2407.08608): H100 BF16 hdim 128 causal forward
+#   ≈ 640 TFLOP/s at 16K (0.65 of peak); backward ≈ 500-550 TFLOP/s at 16K (0.52). The relative curve
+#   of the module doc, fitted with kernel_model.fit (tile 128, overhead per query tile only): 4.26 tiles,
+#   0.722 of peak on a full tile (the fit's 16K point is 3% above 0.65); the backward takes the same
+#   shape per key tile, 0.577 = 0.52 × 0.722 / 0.65 (an assumption: only the forward curve was read).
+# * h200 kernel: MEASURED on an H200 (torch 2.11, PyTorch's FlashAttention-2 varlen op, the torch_cuda
+#   backend fcp runs when flash-attn is absent) by benchmarks/calibrate_attention.py: 55 timed shapes,
+#   docs/measurements/h200_torch_flash.json (fit rms error 6.1% forward, 2.8% backward). It checks out on
+#   real plans: gpu_replay.py predicts fcp's per-rank kernel time within 1.5-3.3% rms (docs/measurements).
 # * NVLink 4: 900 GB/s total bidirectional per GPU = 450 GB/s per direction; nccl-tests sendrecv reach
 #   ≈ 360-390 GB/s per direction between two GPUs of a DGX H100; we take 360 GB/s, ~10 µs per message.
 # * InfiniBand: DGX H100 / H200 have one ConnectX-7 NDR 400 Gb/s NIC per GPU = 50 GB/s per direction
@@ -119,10 +164,12 @@ class Cluster:
 # * comm_sms: NCCL point-to-point runs one CTA per channel; 8 SMs is a typical reservation for
 #   overlapped P2P (e.g. Megatron/TE CP with 2-4 channels per peer direction) — about 6% of 132 SMs.
 PRESETS: dict[str, Cluster] = {
-    "h100": Cluster(name="h100", peak_flops=989.4e12, eff_fwd=0.676, eff_bwd=0.54, nvlink_bw=360e9,
+    "h100": Cluster(name="h100", peak_flops=989.4e12, eff_fwd=0.722, eff_bwd=0.577, nvlink_bw=360e9,
                     nvlink_latency=10e-6, ib_bw=45e9, ib_latency=20e-6),
-    "h200": Cluster(name="h200", peak_flops=989.4e12, eff_fwd=0.676, eff_bwd=0.54, nvlink_bw=360e9,
-                    nvlink_latency=10e-6, ib_bw=45e9, ib_latency=20e-6),
+    "h200": Cluster(name="h200", peak_flops=989.4e12, eff_fwd=0.3566, eff_bwd=0.3311, tile=128,
+                    fwd_diag=0.6785, fwd_q_tile=0.5272, fwd_k_tile=0.0285, bwd_diag=0.0,
+                    bwd_q_tile=1.1339, bwd_k_tile=0.9039, nvlink_bw=360e9, nvlink_latency=10e-6,
+                    ib_bw=45e9, ib_latency=20e-6),
 }
 
 
@@ -150,20 +197,3 @@ def load_cluster(spec: str | Cluster) -> Cluster:
     if unknown:
         raise ValueError(f"cluster file {spec!r}: unknown field(s) {unknown}, expected some of {sorted(allowed)}")
     return replace(PRESETS[base], **{"name": path.stem, **data})
-
-
-def fit_efficiency(n, eff, iters: int = 50) -> tuple[float, float, float]:
-    """Fit ``eff(n) = eff_inf / (1 + (n_half / n) ** shape)`` to measured efficiencies (fractions of peak)
-    of square segments of ``n`` tokens; returns ``(eff_inf, n_half, shape)``. A line in
-    (log n, log(eff_inf / eff − 1)), alternated with re-estimating ``eff_inf`` from the largest segment."""
-    n, eff = np.asarray(n, np.float64), np.asarray(eff, np.float64)
-    if n.shape != eff.shape or n.size < 3 or (eff <= 0).any():
-        raise ValueError(f"need >= 3 positive (n, efficiency) points of equal count, got {n.size} and {eff.size}")
-    top = int(np.argmax(n))
-    eff_inf = float(eff.max()) * 1.02
-    for _ in range(iters):
-        odds = np.maximum(eff_inf / eff - 1.0, 1e-9)
-        slope, icpt = np.polyfit(np.log(n), np.log(odds), 1)
-        shape, n_half = -slope, float(np.exp(icpt / -slope))
-        eff_inf = float(eff[top] * (1.0 + (n_half / n[top]) ** shape))
-    return eff_inf, n_half, float(shape)

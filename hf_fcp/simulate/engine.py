@@ -1,6 +1,6 @@
 """The simulator: times one attention layer (forward + backward) of a plan on a modelled cluster.
 
-Per rank, compute is the sum of its segments' times: ``flops / (peak × efficiency(q, k))`` plus one
+Per rank, compute is the sum of its segments' kernel times (``Cluster.kernel_seconds``: a tile model) plus one
 kernel launch per time slot with work (see :mod:`.cluster`). Communication is timed per exchange: a
 message of ``bytes`` on a link takes ``latency + bytes / bandwidth`` (NVLink inside a node, InfiniBand
 between nodes); a rank sends and receives at once (full duplex); its messages of one exchange share its
@@ -91,8 +91,9 @@ class _Run:
 
     def slot_times(self, segs: Segments, nslots: int, backward: bool) -> np.ndarray:
         """(W, nslots) compute seconds per rank and slot."""
-        flops = segs.pairs * self.model.fwd_flops_per_pair * (BWD_FLOP_RATIO if backward else 1.0)
-        t = flops / (self.cluster.peak_flops * self.cluster.efficiency(segs.q, segs.k, backward))
+        fpp = self.model.fwd_flops_per_pair * (BWD_FLOP_RATIO if backward else 1.0)
+        causal = segs.pairs < segs.q * segs.k  # causal segments (local tasks, prefixes) see fewer than q·k pairs
+        t = self.cluster.kernel_seconds(segs.q, segs.k, causal, fpp, backward)
         idx = segs.rank * nslots + segs.slot
         size = self.w * nslots
         out = np.bincount(idx, weights=t, minlength=size).astype(np.float64)  # int64 when segs is empty
@@ -272,6 +273,7 @@ def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, toke
     the smallest that holds the longest sequence) until the step time gets worse. Raises
     :class:`.strategies.NotApplicable` when the strategy cannot run the batch."""
     sizes = cp_sizes(lens, world_size, tokens_per_rank, cp_size) if name in FIXED_CP else [cp_size]
+    fcp_options = {"kernel_cost": cluster.kernel_cost(), **(fcp_options or {})}  # fcp balances this kernel
     best: SimResult | None = None
     for c in sizes:
         t0 = time.perf_counter()

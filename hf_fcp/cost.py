@@ -1,0 +1,144 @@
+"""Cost model the fcp placement balances: attention-kernel work per rank, in units of causal pairs.
+
+A rank runs, per sequence it holds, one causal kernel segment over its held tokens (the local task) and,
+per held run, a non-causal segment of the run's queries against the K/V of earlier tokens it does not
+hold (the remote tasks). A FlashAttention-style kernel does not spend time in proportion to the visible
+pairs alone: it works in tiles of ``tile`` × ``tile``, pays a whole tile for a partial one, extra for
+tiles the causal diagonal crosses, and a fixed set-up per query tile (forward: one thread block per
+query tile) and per key tile (backward: one per key tile)::
+
+    work = touched tiles + diag · diagonal tiles + q_tile · ceil(q / tile) + k_tile · ceil(k / tile)
+
+So a 128-token piece at position 400K placed away from its prefix costs far more than its pairs (its
+backward runs 3K thread blocks of one query tile each), and a rank of many short documents pays a partial
+tile per document. :func:`seq_cost` gives a rank's forward + backward work for one sequence, in pairs.
+``balance="pairs"`` (:data:`PAIRS`: unit tiles, no overheads) makes it the plain causal pair count.
+
+The overheads of :data:`FLASH` were fitted to PyTorch's FlashAttention-2 varlen kernel (the
+``torch_cuda`` backend) on an H200 by ``benchmarks/calibrate_attention.py``; the simulator's
+cluster model (:mod:`hf_fcp.simulate.cluster`) carries the same fields to time segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(kw_only=True, frozen=True)
+class KernelCost:
+    """Relative cost of a kernel's tiles (no absolute speed is needed to balance ranks)."""
+
+    tile: int = 128
+    """Queries (and keys) per tile."""
+    fwd_diag: float = 0.0
+    """Forward: extra cost of a tile the causal diagonal crosses, in full tiles."""
+    fwd_q_tile: float = 0.0
+    """Forward: fixed cost per query tile of a segment, in full tiles."""
+    fwd_k_tile: float = 0.0
+    """Forward: fixed cost per key tile of a segment, in full tiles."""
+    bwd_diag: float = 0.0
+    """Backward: the same three, for the backward kernel."""
+    bwd_q_tile: float = 0.0
+    bwd_k_tile: float = 0.0
+    bwd_weight: float = 2.5
+    """Time of a full backward tile over a full forward tile (``2.5 × eff_fwd / eff_bwd``)."""
+
+
+OVERHEADS = ("fwd_diag", "fwd_q_tile", "fwd_k_tile", "bwd_diag", "bwd_q_tile", "bwd_k_tile")
+"""The overhead fields of :class:`KernelCost` (and of the simulator's ``Cluster``)."""
+
+PAIRS = KernelCost(tile=1)
+"""Visible (query, key) pairs only: the cost ``balance="pairs"`` equalises."""
+
+FLASH = KernelCost(tile=128, fwd_diag=0.6785, fwd_q_tile=0.5272, fwd_k_tile=0.0285, bwd_diag=0.0, bwd_q_tile=1.1339,
+                   bwd_k_tile=0.9039, bwd_weight=2.6925)
+"""PyTorch's FlashAttention-2 varlen kernel measured on an H200 (``docs/measurements/h200_torch_flash.json``; the
+``h200`` cluster preset of the simulator holds the same numbers)."""
+
+
+def tiles(q: int, k: int, causal: bool, tile: int) -> tuple[float, float, float, float]:
+    """``(touched, diagonal, query tiles, key tiles)`` of one segment (causal: bottom-right aligned).
+    ``diagonal``: touched tiles of a causal segment that need masking (crossed by the diagonal, or a
+    partial key tile at the segment's end).
+
+    Causal: with ``n = ceil(q / tile)`` query tiles and offset ``o = k - q``, query tile ``r < n - 1``
+    touches ``r + 1 + ceil(o / tile)`` key tiles and the last one ``ceil(k / tile)``; of these
+    ``r + floor((o + 1) / tile)`` are fully visible to every row of the tile."""
+    if causal:
+        q = min(q, k)
+    if q <= 0 or k <= 0:
+        return 0.0, 0.0, 0.0, 0.0
+    nq, nk = -(-q // tile), -(-k // tile)
+    if not causal:
+        return float(nq * nk), 0.0, float(nq), float(nk)
+    o = k - q
+    touched = (nq - 1) * nq // 2 + (nq - 1) * -(-o // tile) + nk
+    full = nq * (nq - 1) // 2 + nq * ((o + 1) // tile)
+    return float(touched), float(touched - full), float(nq), float(nk)
+
+
+def tile_counts(q, k, causal, tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`tiles` of many segments at once (arrays broadcast; float64) — the simulator's form."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    causal = np.asarray(causal, bool)
+    q = np.where(causal, np.minimum(q, k), q)  # rows before the first key see nothing: no tiles
+    nq, nk = np.ceil(q / tile), np.ceil(k / tile)
+    o = k - q
+    touched_c = (nq - 1) * nq / 2 + (nq - 1) * np.ceil(o / tile) + nk
+    full_c = nq * (nq - 1) / 2 + nq * np.floor((o + 1) / tile)
+    touched = np.where(causal, touched_c, nq * nk)
+    diagonal = np.where(causal, touched_c - full_c, 0.0)
+    empty = (q <= 0) | (k <= 0)
+    zero = lambda x: np.where(empty, 0.0, x)  # noqa: E731
+    return zero(touched), zero(diagonal), zero(nq), zero(nk)
+
+
+def work(q, k, causal, tile: int, diag_extra: float, q_overhead: float, k_overhead: float) -> np.ndarray:
+    """Cost of each segment in full-tile units (see the module doc)."""
+    touched, diagonal, nq, nk = tile_counts(q, k, causal, tile)
+    return touched + diag_extra * diagonal + q_overhead * nq + k_overhead * nk
+
+
+def segment_cost(q: int, k: int, causal: bool, kernel: KernelCost) -> float:
+    """Forward + backward work of one segment in pairs (a visible pair of a full tile costs 1)."""
+    touched, diag, nq, nk = tiles(q, k, causal, kernel.tile)
+    fwd = touched + kernel.fwd_diag * diag + kernel.fwd_q_tile * nq + kernel.fwd_k_tile * nk
+    bwd = touched + kernel.bwd_diag * diag + kernel.bwd_q_tile * nq + kernel.bwd_k_tile * nk
+    return (fwd + kernel.bwd_weight * bwd) * kernel.tile ** 2 / (1.0 + kernel.bwd_weight)
+
+
+def seq_cost(runs: list[tuple[int, int]], kernel: KernelCost) -> float:
+    """Work of one rank for one sequence it holds as the token ranges ``runs`` (``(start, end)``, any
+    order): a causal segment over all held tokens plus, per run, its queries against the earlier tokens
+    held elsewhere. With :data:`PAIRS` this is exactly the runs' causal pairs."""
+    merged: list[list[int]] = []
+    for a, b in sorted(runs):  # touching runs are one run (one remote segment)
+        if merged and merged[-1][1] == a:
+            merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    held = 0
+    total = 0.0
+    for a, b in merged:
+        if a > held:
+            total += segment_cost(b - a, a - held, False, kernel)
+        held += b - a
+    return total + segment_cost(held, held, True, kernel)
+
+
+def rank_work(spans, kernel: KernelCost) -> float:
+    """Work of one rank holding ``spans`` (``(seq, start, end)`` triples): :func:`seq_cost` per sequence."""
+    by_seq: dict[int, list[tuple[int, int]]] = {}
+    for s, a, b in spans:
+        by_seq.setdefault(s, []).append((a, b))
+    return sum(seq_cost(runs, kernel) for runs in by_seq.values())
+
+
+def kernel_for(balance: str, kernel_cost: KernelCost | None = None) -> KernelCost:
+    """The cost model of the ``balance`` and ``kernel_cost`` planner options."""
+    if balance == "pairs":
+        return PAIRS
+    return FLASH if kernel_cost is None else kernel_cost
+

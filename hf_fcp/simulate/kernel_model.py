@@ -1,0 +1,54 @@
+"""Fitting the tile model of :mod:`hf_fcp.cost` to timed kernel calls (``benchmarks/calibrate_attention.py``).
+
+A call's seconds are modelled as ``launch + s × Σ work`` over its segments, with ``work`` in full tiles
+(tiles touched + ``diag_extra`` × diagonal tiles + ``q_overhead`` × query tiles + ``k_overhead`` × key
+tiles); ``s`` gives the full-tile efficiency ``eff`` = tile FLOPs / (s × peak)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..cost import tile_counts
+
+
+def features(calls: Sequence[dict], tile: int) -> np.ndarray:
+    """(n_calls, 5) design matrix of timed calls: [touched, diagonal, query tiles, key tiles, 1 launch].
+
+    Each call is ``{"q": [...], "k": [...], "causal": bool, ...}``: the segments of one kernel launch."""
+    rows = []
+    for c in calls:
+        t, d, nq, nk = tile_counts(c["q"], c["k"], c["causal"], tile)
+        rows.append([t.sum(), d.sum(), nq.sum(), nk.sum(), 1.0])
+    return np.asarray(rows, np.float64)
+
+
+def fit(calls: Sequence[dict], seconds: Sequence[float], tile: int, tile_flops: float, peak: float) -> dict:
+    """Fit ``seconds ≈ launch + s · work`` (relative least squares, every coefficient ≥ 0).
+
+    ``tile_flops``: FLOPs of one full tile in the pass timed (``tile² × flops per pair``). Returns
+    ``{"eff", "diag_extra", "q_overhead", "k_overhead", "launch_s", "rms_rel_error"}``."""
+    x = features(calls, tile)
+    y = np.asarray(seconds, np.float64)
+    if len(y) != len(x) or len(y) < 5 or (y <= 0).any():
+        raise ValueError(f"need >= 5 timed calls with positive seconds, got {len(y)} calls for {len(x)} segment lists")
+    coef = _nnls(x / y[:, None], np.ones(len(y)))
+    if coef[0] <= 0:
+        raise ValueError("fit found no cost per tile: the timed calls do not grow with their work")
+    pred = x @ coef
+    s = coef[0]
+    return {"eff": float(tile_flops / (s * peak)), "diag_extra": float(coef[1] / s), "q_overhead": float(coef[2] / s),
+            "k_overhead": float(coef[3] / s), "launch_s": float(coef[4]),
+            "rms_rel_error": float(np.sqrt(np.mean((pred / y - 1) ** 2)))}
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with x ≥ 0 by dropping the most negative coefficient until none is (a few columns)."""
+    active = list(range(a.shape[1]))
+    while True:
+        x = np.zeros(a.shape[1])
+        x[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if (x >= 0).all():
+            return x
+        active.remove(int(np.argmin(x)))

@@ -1,0 +1,112 @@
+"""The kernel cost model the planner balances (hf_fcp.cost) and its fit to timed calls."""
+
+import numpy as np
+import pytest
+
+from hf_fcp import plan_batch
+from hf_fcp.cost import FLASH, PAIRS, KernelCost, seq_cost, segment_cost, tile_counts, tiles
+from hf_fcp.simulate.cluster import load_cluster
+from hf_fcp.simulate.kernel_model import fit
+from hf_fcp.simulate.segments import Segments, Spans, local_segments, p2p_segments
+from hf_fcp.simulate.workloads import make_batches, parse_distribution
+
+MEASURED = "docs/measurements/h200_torch_flash.json"
+
+
+def brute_tiles(q, k, causal, tile):
+    """Count tiles by looking at every (query, key) pair (bottom-right causal alignment)."""
+    qi, ki = np.meshgrid(np.arange(q), np.arange(k), indexing="ij")
+    vis = (ki <= qi + (k - q)) if causal else np.ones((q, k), bool)
+    touched = diagonal = 0
+    for r in range(0, q, tile):
+        for c in range(0, k, tile):
+            block = vis[r:r + tile, c:c + tile]
+            if block.any():
+                touched += 1
+                # causal: a tile needs masking unless it is a whole key tile visible to all its rows
+                diagonal += causal and not (block.all() and block.shape[1] == tile)
+    return touched, diagonal, -(-q // tile), -(-k // tile)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tile_counts_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        tile = int(rng.choice([1, 2, 4, 8]))
+        k = int(rng.integers(1, 40))
+        causal = bool(rng.integers(2))
+        q = int(rng.integers(1, k + 1)) if causal else int(rng.integers(1, 40))
+        touched, diagonal, nq, nk = brute_tiles(q, k, causal, tile)
+        got = tiles(q, k, causal, tile)
+        assert got == (touched, diagonal, nq, nk), (q, k, causal, tile)
+        vec = tile_counts(np.array([q]), np.array([k]), np.array([causal]), tile)
+        assert tuple(float(v[0]) for v in vec) == got
+
+
+def test_pairs_model_is_exactly_the_causal_pairs():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        cuts = np.sort(rng.choice(np.arange(1, 5000), size=6, replace=False))
+        runs = [(int(a), int(b)) for a, b in zip(cuts[::2], cuts[1::2])]
+        pairs = sum((b * (b + 1) - a * (a + 1)) / 2 for a, b in runs)
+        assert seq_cost(runs, PAIRS) == pairs
+    assert seq_cost([(0, 10), (10, 30)], PAIRS) == seq_cost([(0, 30)], PAIRS)
+
+
+def test_flash_model_charges_short_pieces_far_from_their_prefix():
+    # a 128-token piece at position 400K: its backward runs ~3K key-tile blocks of one query tile each
+    piece = seq_cost([(400_000, 400_128)], FLASH) / seq_cost([(400_000, 400_128)], PAIRS)
+    block = seq_cost([(400_000, 404_096)], FLASH) / seq_cost([(400_000, 404_096)], PAIRS)
+    assert piece > 1.3 and block < 1.05
+    # a 50-token document pays a whole (diagonal) tile
+    assert segment_cost(50, 50, True, FLASH) > 10 * segment_cost(50, 50, True, PAIRS)
+
+
+def test_fit_recovers_a_known_kernel():
+    true = dict(eff=0.4, diag_extra=0.8, q_overhead=1.5, k_overhead=0.3, launch_s=4e-6)
+    tile, flops, peak = 128, 128 * 128 * 4 * 128 * 64, 1e15
+    s = flops / (true["eff"] * peak)
+    calls = [{"q": [q] * n, "k": [k] * n, "causal": c} for q, k, c, n in
+             [(256, 256, True, 64), (1024, 1024, True, 16), (4096, 4096, True, 4), (512, 8192, False, 8),
+              (8192, 512, False, 8), (300, 5000, False, 12), (2048, 2048, False, 8), (128, 128, True, 256)]]
+    secs = []
+    for c in calls:
+        t, d, nq, nk = tile_counts(c["q"], c["k"], c["causal"], tile)
+        work = t + true["diag_extra"] * d + true["q_overhead"] * nq + true["k_overhead"] * nk
+        secs.append(true["launch_s"] + s * work.sum())
+    got = fit(calls, secs, tile, flops, peak)
+    for key, value in true.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
+    with pytest.raises(ValueError, match="timed calls"):
+        fit(calls[:3], secs[:3], tile, flops, peak)
+
+
+def _modelled_imbalance(plan, cluster) -> float:
+    """Forward + backward kernel time per rank of the plan's actual segments (stages included)."""
+    sp = Spans.of(plan)
+    segs = Segments.concat([local_segments(sp), p2p_segments(plan, sp)[0]])
+    causal = segs.pairs < segs.q * segs.k
+    t = cluster.kernel_seconds(segs.q, segs.k, causal, 1.0) + cluster.kernel_seconds(segs.q, segs.k, causal, 2.5, True)
+    per_rank = np.bincount(segs.rank, weights=t, minlength=plan.world_size)
+    return per_rank.max() / per_rank.mean() - 1
+
+
+@pytest.mark.parametrize("dist", ["lognormal", "stdlib"])
+def test_kernel_balance_evens_modelled_kernel_time(dist):
+    """On the kernel measured on an H200, balancing kernel work beats balancing pairs, within 2%."""
+    cluster = load_cluster(MEASURED)
+    lens = make_batches(parse_distribution(dist), world_size=16, tokens_per_rank=32768, steps=1, seed=1)[0]
+    opts = dict(world_size=16, block_size=4096, rounds_per_stage=4)
+    kernel = plan_batch(lens, **opts, kernel_cost=cluster.kernel_cost())
+    pairs = plan_batch(lens, **opts, balance="pairs")
+    assert _modelled_imbalance(kernel, cluster) <= 0.02
+    assert _modelled_imbalance(kernel, cluster) < _modelled_imbalance(pairs, cluster)
+    assert pairs.stats()["compute_imbalance"] <= 0.005  # pairs mode still balances pairs tightly
+
+
+def test_bad_balance_options_name_the_setting():
+    with pytest.raises(ValueError, match="balance must be one of"):
+        plan_batch([10], world_size=1, balance="flops")
+    with pytest.raises(ValueError, match="kernel_cost must be"):
+        plan_batch([10], world_size=1, kernel_cost={"tile": 64})
+    assert KernelCost().tile == 128
