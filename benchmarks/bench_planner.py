@@ -1,6 +1,7 @@
 """Planner benchmark (prints figures; not a test).
 
-For each workload and world size: fcp's compute and memory imbalance, KV bytes moved by fcp vs ``ring``
+For each workload and world size: fcp's compute imbalance (modelled kernel work, what the planner balances
+by default), its imbalance in causal pairs and in memory, KV bytes moved by fcp vs ``ring``
 and ``allgather`` (Llama-3-70B KV: 8 kv heads, head dim 128, bf16), rounds, and plan time (median of
 ``--repeats`` runs). Batches fill world_size × tokens_per_rank tokens exactly (the weak-scaling setting).
 
@@ -38,7 +39,7 @@ def measure(lens, world, tpr, block, repeats):
     st = plan.stats()
     ring = plan_batch(lens, world_size=world, block_size=block, tokens_per_rank=tpr, strategy="ring").stats()
     ag = plan_batch(lens, world_size=world, block_size=block, tokens_per_rank=tpr, strategy="allgather").stats()
-    return {"seqs": len(lens), "ci": st["compute_imbalance"], "mi": st["memory_imbalance"],
+    return {"seqs": len(lens), "ci": st["compute_imbalance"], "pi": st["pairs_imbalance"], "mi": st["memory_imbalance"],
             "gb": st["comm_bytes"] / 1e9, "ring_x": ring["comm_bytes"] / max(st["comm_bytes"], 1),
             "ag_x": ag["comm_bytes"] / max(st["comm_bytes"], 1), "rounds": st["rounds"],
             "ms": statistics.median(times), "ms_max": max(times)}
@@ -52,13 +53,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3, help="batches per (workload, world size)")
     args = ap.parse_args(argv)
-    print(f"{'workload':<27} {'W':>4} {'seqs':>5} {'comp.imb':>9} {'mem.imb':>8} {'fcp GB':>8} "
+    print(f"{'workload':<27} {'W':>4} {'seqs':>5} {'comp.imb':>9} {'pairs.imb':>9} {'mem.imb':>8} {'fcp GB':>8} "
           f"{'ring/fcp':>9} {'ag/fcp':>7} {'rounds':>6} {'plan ms':>8} {'(max)':>7}")
     for name, spec in WORKLOADS.items():
         for world in [int(w) for w in args.world_sizes.split(",")]:
             for lens in batches(spec, world, args.tokens_per_rank, args.seeds):
                 r = measure(lens, world, args.tokens_per_rank, args.block_size, args.repeats)
-                print(f"{name:<27} {world:>4} {r['seqs']:>5} {r['ci']:>8.2%} {r['mi']:>7.2%} {r['gb']:>8.2f} "
+                print(f"{name:<27} {world:>4} {r['seqs']:>5} {r['ci']:>8.2%} {r['pi']:>8.2%} {r['mi']:>7.2%} {r['gb']:>8.2f} "
                       f"{r['ring_x']:>8.1f}x {r['ag_x']:>6.1f}x {r['rounds']:>6} {r['ms']:>8.1f} {r['ms_max']:>7.1f}",
                       flush=True)
     return 0

@@ -22,6 +22,7 @@ cluster model (:mod:`hf_fcp.simulate.cluster`) carries the same fields to time s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -44,6 +45,14 @@ class KernelCost:
     bwd_k_tile: float = 0.0
     bwd_weight: float = 2.5
     """Time of a full backward tile over a full forward tile (``2.5 × eff_fwd / eff_bwd``)."""
+
+    @cached_property
+    def coefficients(self) -> tuple[float, float, float, float]:
+        """Pairs charged per (touched tile, diagonal tile, query tile, key tile), forward + backward."""
+        w, t2 = self.bwd_weight, float(self.tile ** 2)
+        per = lambda f, b: (f + w * b) * t2 / (1.0 + w)  # noqa: E731
+        return t2, per(self.fwd_diag, self.bwd_diag), per(self.fwd_q_tile, self.bwd_q_tile), per(self.fwd_k_tile,
+                                                                                                  self.bwd_k_tile)
 
 
 OVERHEADS = ("fwd_diag", "fwd_q_tile", "fwd_k_tile", "bwd_diag", "bwd_q_tile", "bwd_k_tile")
@@ -104,15 +113,33 @@ def work(q, k, causal, tile: int, diag_extra: float, q_overhead: float, k_overhe
 def segment_cost(q: int, k: int, causal: bool, kernel: KernelCost) -> float:
     """Forward + backward work of one segment in pairs (a visible pair of a full tile costs 1)."""
     touched, diag, nq, nk = tiles(q, k, causal, kernel.tile)
-    fwd = touched + kernel.fwd_diag * diag + kernel.fwd_q_tile * nq + kernel.fwd_k_tile * nk
-    bwd = touched + kernel.bwd_diag * diag + kernel.bwd_q_tile * nq + kernel.bwd_k_tile * nk
-    return (fwd + kernel.bwd_weight * bwd) * kernel.tile ** 2 / (1.0 + kernel.bwd_weight)
+    ct, cd, cq, ck = kernel.coefficients
+    return ct * touched + cd * diag + cq * nq + ck * nk
+
+
+def segment_costs(q, k, causal, kernel: KernelCost) -> np.ndarray:
+    """:func:`segment_cost` of many segments at once (arrays broadcast)."""
+    return _in_pairs(*tile_counts(q, k, causal, kernel.tile), kernel)
+
+
+def _in_pairs(touched, diag, nq, nk, kernel: KernelCost):
+    ct, cd, cq, ck = kernel.coefficients
+    return ct * touched + cd * diag + cq * nq + ck * nk
 
 
 def seq_cost(runs: list[tuple[int, int]], kernel: KernelCost) -> float:
     """Work of one rank for one sequence it holds as the token ranges ``runs`` (``(start, end)``, any
     order): a causal segment over all held tokens plus, per run, its queries against the earlier tokens
     held elsewhere. With :data:`PAIRS` this is exactly the runs' causal pairs."""
+    if len(runs) == 1:  # the common case, kept cheap (inlined tiles): the planner calls this per piece placed
+        a, b = runs[0]
+        t = kernel.tile
+        ct, cd, cq, ck = kernel.coefficients
+        nq = -(-(b - a) // t)
+        diag = nq if t > 1 else 0  # causal square: one masked tile per query tile
+        local = ct * (nq * (nq - 1) // 2 + nq) + cd * diag + (cq + ck) * nq
+        nk = -(-a // t)
+        return local + ct * nq * nk + cq * nq + ck * nk if a > 0 else local
     merged: list[list[int]] = []
     for a, b in sorted(runs):  # touching runs are one run (one remote segment)
         if merged and merged[-1][1] == a:

@@ -5,24 +5,31 @@ baselines, sharing the output type (per rank, a list of ``(seq, start, end)`` sp
 
 How ``place_fcp`` balances compute and memory at once
 -----------------------------------------------------
-Every rank should end with the mean attention cost ``C`` (causal pairs) and the mean token count ``T``.
+Every rank should end with the mean attention cost ``C`` and the mean token count ``T``. The cost is the
+modelled kernel work of :mod:`.cost` under the default ``balance="kernel"`` (causal pairs plus what a
+FlashAttention-style kernel spends on partial and diagonal tiles and per-tile set-up: a rank's runs are
+re-costed as pieces join them), or the causal pairs alone under ``balance="pairs"``.
 Items are the blocks of every sequence (a short sequence is one partial block). An item's *density* is
 its cost per token (≈ its mean position); a rank's *need* is the density it still lacks,
 ``(C - cost) / (T - tokens)``. Items go out densest first, each to the neediest rank — dense late blocks
 of long sequences pair with ranks that have room for them, light short sequences fill the rest, and the
-smallest come last and close the gaps. Three refinements make it exact and local:
+smallest come last and close the gaps. Four refinements make it exact and local:
 
 * **Split to fit.** When a dense item would push its rank past ``C`` (by more than a small slack), only
   the suffix that fits goes there — "fits" net of the light fill (mean density of the lightest half of
   all tokens) that the rank's remaining token room will still bring; the cut solves the quadratic cost
-  and leaves no piece under ``MIN_PIECE`` tokens. The prefix goes on as a new, lighter item. A piece
+  (under a kernel cost: scaled by the item's work per pair when placed alone) and leaves no piece under ``MIN_PIECE`` tokens. The prefix goes on as a new, lighter item. A piece
   over the token cap is cut the same way, so a batch that fills every rank exactly is planned, and a
   block whose cost alone exceeds ``C`` (common at 256 ranks with 512K-token tails) is still balanced.
 * **Locality.** A block goes to the rank holding its sequence's next block while that rank has net
   room and its need is at least ``locality`` × the neediest rank's, so a long sequence becomes a few
   contiguous runs of uneven length (early runs long, late runs short) rather than scattered blocks.
-* **Repair.** A final pass swaps k tokens between the most and the least loaded rank until no rank
-  exceeds ``C`` by more than ``REBALANCE_TARGET``; token counts are unchanged by construction.
+* **Repair.** A final pass swaps k tokens between the most and a less loaded rank until no rank
+  exceeds ``C`` by more than ``REBALANCE_TARGET``; token counts are unchanged by construction. Under a
+  kernel cost a swap is kept only if it lowers the pair's maximum (a swap also creates runs that need
+  remote K/V).
+* **Tile-aligned cuts.** Cuts fall on multiples of ``ALIGN`` (a kernel tile) where the piece bounds allow,
+  so pieces of long sequences, and the K/V runs they receive, fill whole tiles.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import math
 
 import numpy as np
 
-from .cost import OVERHEADS, PAIRS, KernelCost, rank_work, seq_cost
+from .cost import OVERHEADS, PAIRS, KernelCost, rank_work, segment_costs, seq_cost
 from .layout import Span, span_cost
 
 SLACK = 0.004  # fraction of the mean cost a rank may exceed it by before an item is split instead
@@ -168,23 +175,25 @@ class _Held:
     def __init__(self, kernel: KernelCost):
         self.kernel = kernel
         self.pairs = kernel.tile == 1 and not any(getattr(kernel, f) for f in OVERHEADS)  # cost = pairs
-        self.runs: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self.runs: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (rank, seq) -> runs held
+        self.cost: dict[tuple[int, int], float] = {}  # (rank, seq) -> seq_cost of those runs
 
     def item_ratios(self, seq, start, end, lens) -> np.ndarray:
         """Modelled cost / pairs of each item placed alone (its prefix held elsewhere)."""
         if self.pairs:
             return np.ones(len(seq))
-        out = [seq_cost([(a, b)], self.kernel) / _cost(a, b) for a, b in zip(start.tolist(), end.tolist())]
-        return np.asarray(out)
+        n = (end - start).astype(np.float64)
+        alone = segment_costs(n, start, False, self.kernel) + segment_costs(n, n, True, self.kernel)
+        return alone / span_cost(start, end)
 
     def add(self, r: int, s: int, a: int, b: int) -> float:
         """Rank r takes tokens [a, b) of sequence s: the increase of its cost."""
         if self.pairs:
             return _cost(a, b)
         runs = self.runs.setdefault((r, s), [])
-        before = seq_cost(runs, self.kernel) if runs else 0.0
         runs.append((a, b))
-        return seq_cost(runs, self.kernel) - before
+        before, self.cost[(r, s)] = self.cost.get((r, s), 0.0), seq_cost(runs, self.kernel)
+        return self.cost[(r, s)] - before
 
     def rank_cost(self, spans: list[Span]) -> float:
         """Cost of one rank's whole span list."""
@@ -221,7 +230,7 @@ def _rebalance(out: list[list[Span]], costs: list[float], min_piece: int, held: 
         goal = float(cost.mean())
         if cost[hi] <= goal * (1 + target) or not out[hi]:
             return
-        for lo in np.argsort(cost, kind="stable")[: 1 if held.pairs else PARTNERS].tolist():
+        for lo in _least(cost, 1 if held.pairs else PARTNERS):
             excess = min(cost[hi] - goal, goal - cost[lo])
             if held.pairs:
                 undo = _swap(out, hi, lo, excess, min_piece) if excess > 0 and out[lo] else None
@@ -235,6 +244,14 @@ def _rebalance(out: list[list[Span]], costs: list[float], min_piece: int, held: 
                 break
         else:
             return
+
+
+def _least(cost: np.ndarray, n: int) -> list[int]:
+    """Indices of the ``n`` smallest costs, smallest first (ties: lower index)."""
+    if n == 1:
+        return [int(np.argmin(cost))]
+    part = np.argpartition(cost, min(n, len(cost)) - 1)[:n]
+    return sorted(part.tolist(), key=lambda i: (cost[i], i))
 
 
 def _kernel_swap(out: list[list[Span]], hi: int, lo: int, excess: float, min_piece: int, held: _Held,

@@ -53,6 +53,17 @@ def test_pairs_model_is_exactly_the_causal_pairs():
     assert seq_cost([(0, 10), (10, 30)], PAIRS) == seq_cost([(0, 30)], PAIRS)
 
 
+@pytest.mark.parametrize("kernel", [FLASH, PAIRS, KernelCost(tile=8, fwd_diag=0.3, bwd_q_tile=0.7, bwd_k_tile=1.1)])
+def test_single_run_fast_path_equals_the_segments(kernel):
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        a = int(rng.choice([0, int(rng.integers(0, 5000))]))
+        b = a + int(rng.integers(1, 3000))
+        segments = (segment_cost(b - a, a, False, kernel) if a else 0.0) + segment_cost(b - a, b - a, True, kernel)
+        assert seq_cost([(a, b)], kernel) == pytest.approx(segments, rel=1e-12)
+        assert seq_cost([(a, b)], kernel) == pytest.approx(seq_cost([(a, (a + b) // 2), ((a + b) // 2, b)], kernel))
+
+
 def test_flash_model_charges_short_pieces_far_from_their_prefix():
     # a 128-token piece at position 400K: its backward runs ~3K key-tile blocks of one query tile each
     piece = seq_cost([(400_000, 400_128)], FLASH) / seq_cost([(400_000, 400_128)], PAIRS)
