@@ -21,6 +21,7 @@ cluster model (:mod:`hf_fcp.simulate.cluster`) carries the same fields to time s
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -54,6 +55,9 @@ class KernelCost:
         return t2, per(self.fwd_diag, self.bwd_diag), per(self.fwd_q_tile, self.bwd_q_tile), per(self.fwd_k_tile,
                                                                                                   self.bwd_k_tile)
 
+
+BWD_FLOP_RATIO = 2.5
+"""Backward / forward FLOPs of attention (FlashAttention's benchmark convention: 5 matmuls vs 2)."""
 
 OVERHEADS = ("fwd_diag", "fwd_q_tile", "fwd_k_tile", "bwd_diag", "bwd_q_tile", "bwd_k_tile")
 """The overhead fields of :class:`KernelCost` (and of the simulator's ``Cluster``)."""
@@ -161,6 +165,27 @@ def rank_work(spans, kernel: KernelCost) -> float:
     for s, a, b in spans:
         by_seq.setdefault(s, []).append((a, b))
     return sum(seq_cost(runs, kernel) for runs in by_seq.values())
+
+
+def load_kernel_cost(path: str) -> KernelCost:
+    """The :class:`KernelCost` of a calibration file written by ``benchmarks/calibrate_attention.py``
+    (a cluster JSON: ``tile``, the six overheads, ``eff_fwd`` and ``eff_bwd``)."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except OSError as e:
+        raise ValueError(f"kernel_cost: cannot read calibration file {path!r}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"kernel_cost: {path!r} is not JSON ({e.msg} at line {e.lineno})") from None
+    need = ("tile", *OVERHEADS, "eff_fwd", "eff_bwd")
+    missing = [k for k in need if not isinstance(data.get(k) if isinstance(data, dict) else None, (int, float))]
+    if missing:
+        raise ValueError(f"kernel_cost: {path!r} lacks numeric field(s) {missing}; expected a file written by "
+                         f"benchmarks/calibrate_attention.py")
+    if data["tile"] < 1 or data["eff_fwd"] <= 0 or data["eff_bwd"] <= 0 or min(data[k] for k in OVERHEADS) < 0:
+        raise ValueError(f"kernel_cost: {path!r} needs tile >= 1, positive efficiencies and overheads >= 0")
+    return KernelCost(tile=int(data["tile"]), **{k: float(data[k]) for k in OVERHEADS},
+                      bwd_weight=BWD_FLOP_RATIO * data["eff_fwd"] / data["eff_bwd"])
 
 
 def kernel_for(balance: str, kernel_cost: KernelCost | None = None) -> KernelCost:

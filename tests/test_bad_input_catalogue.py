@@ -38,14 +38,30 @@ from hf_fcp.integrations.accelerate import FCPPlugin
     ({}, {"FCP_OVERLAP": "maybe"}, ["FCP_OVERLAP: got 'maybe'", "'true'", "'false'"]),
     ({}, {"FCP_KERNEL": "triton"}, ["kernel: got 'triton'", "flash_attn"]),
     ({}, {"FCP_TOKENS_PER_RANK": "-1"}, ["tokens_per_rank", ">= 1", "-1"]),
+    (dict(balance="flops"), {}, ["balance: got 'flops'", "'kernel'", "'pairs'"]),
+    ({}, {"FCP_BALANCE": "time"}, ["balance: got 'time'", "'pairs'"]),
+    (dict(kernel_cost="/no/such.json"), {}, ["kernel_cost", "cannot read calibration file", "/no/such.json"]),
+    (dict(kernel_cost="setup.cfg"), {}, ["kernel_cost", "not JSON"]),
+    (dict(kernel_cost="docs/measurements/h200_replay.json"), {}, ["lacks numeric field", "calibrate_attention.py"]),
 ])
 def test_plugin_settings(monkeypatch, kwargs, env, words):
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parent.parent)  # the file rows name repository files
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError) as info:
         FCPPlugin(**kwargs)
     for word in words:
         assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+def test_plugin_passes_a_calibrated_kernel_to_the_planner(monkeypatch):
+    from hf_fcp.simulate.cluster import load_cluster
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "docs" / "measurements" / "h200_torch_flash.json"
+    monkeypatch.setenv("FCP_KERNEL_COST", str(path))
+    collator = FCPPlugin(balance="kernel").collator()
+    assert collator.plan_options["kernel_cost"] == load_cluster(str(path)).kernel_cost()
+    assert FCPPlugin(balance="pairs").collator().plan_options["balance"] == "pairs"
 
 
 @pytest.mark.parametrize("value, words", [

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 
 from .. import comm
 from ..collator import FCPCollator
-from ..config import STRATEGIES, check_positive_int
+from ..config import BALANCE, STRATEGIES, check_positive_int
+from ..cost import load_kernel_cost
 from ..kernels import BACKENDS, select_backend
 from ..sampler import LONG_SEQUENCE_POLICIES, PieceDataset, TokenBudgetSampler, dataset_lengths
 from .transformers import ATTN_IMPLEMENTATION, KERNEL_CONFIG_ATTR
@@ -57,6 +58,12 @@ class FCPPlugin:
     """Documents longer than a global batch: split, truncate or error (FCP_LONG_SEQUENCE_POLICY, split)."""
     strategy: str | None = None
     """Placement strategy, for comparisons (FCP_STRATEGY, default fcp)."""
+    balance: str | None = None
+    """What fcp equalises across ranks: kernel (modelled attention-kernel work) or pairs (FCP_BALANCE,
+    default kernel); see ``hf_fcp.PlanOptions.balance``."""
+    kernel_cost: str | None = None
+    """Calibration file of your GPU's attention kernel, written by ``benchmarks/calibrate_attention.py``
+    (FCP_KERNEL_COST; default: the kernel measured on an H200, ``hf_fcp.cost.FLASH``)."""
     log_stats: bool = True
     """Emit plan figures with each batch (FCPTrainer logs them)."""
     timeout_s: float | None = None
@@ -77,6 +84,9 @@ class FCPPlugin:
         self.long_sequence_policy = _choice("long_sequence_policy", _env(
             "long_sequence_policy", self.long_sequence_policy, "split", str), LONG_SEQUENCE_POLICIES)
         self.strategy = _choice("strategy", _env("strategy", self.strategy, "fcp", str), STRATEGIES)
+        self.balance = _choice("balance", _env("balance", self.balance, "kernel", str), BALANCE)
+        self.kernel_cost = _env("kernel_cost", self.kernel_cost, None, str)
+        self._kernel_cost = load_kernel_cost(self.kernel_cost) if self.kernel_cost else None
         if self.timeout_s is not None:
             self.timeout_s = comm.check_timeout(self.timeout_s, "timeout_s")
         else:
@@ -132,7 +142,8 @@ class FCPPlugin:
     # ---- data ----------------------------------------------------------------------------------------
     def collator(self, model_config=None) -> FCPCollator:
         """This rank's :class:`FCPCollator`; ``model_config`` sizes the KV bytes in the plan stats."""
-        options: dict[str, Any] = {"rounds_per_stage": 1 if self.overlap else 1 << 30}
+        options: dict[str, Any] = {"rounds_per_stage": 1 if self.overlap else 1 << 30, "balance": self.balance,
+                                   "kernel_cost": self._kernel_cost}
         pad = getattr(model_config, "pad_token_id", None)
         if model_config is not None:
             heads = getattr(model_config, "num_attention_heads", None)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BWD_FLOP_RATIO = 2.5
-"""Backward / forward FLOPs of attention (FlashAttention's benchmark convention: 5 matmuls vs 2)."""
+from ..cost import BWD_FLOP_RATIO
+
+__all__ = ["BWD_FLOP_RATIO", "AttentionModel", "MODELS", "get_model"]
 
 
 @dataclass(kw_only=True, frozen=True)
