@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.refit:
         old = json.load(open(args.refit))
-        measured, kernel_name = old["_measured"], None
+        measured = old["_measured"]
         calls, peak = measured["calls"], old["peak_flops"]
     elif not torch.cuda.is_available():
         print("calibrate_attention: error: needs a CUDA GPU (or --refit FILE)", file=sys.stderr)

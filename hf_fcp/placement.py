@@ -18,7 +18,8 @@ smallest come last and close the gaps. Four refinements make it exact and local:
 * **Split to fit.** When a dense item would push its rank past ``C`` (by more than a small slack), only
   the suffix that fits goes there — "fits" net of the light fill (mean density of the lightest half of
   all tokens) that the rank's remaining token room will still bring; the cut solves the quadratic cost
-  (under a kernel cost: scaled by the item's work per pair when placed alone) and leaves no piece under ``MIN_PIECE`` tokens. The prefix goes on as a new, lighter item. A piece
+  (under a kernel cost: scaled by the item's work per pair when placed alone) and leaves no piece under
+  ``MIN_PIECE`` tokens. The prefix goes on as a new, lighter item. A piece
   over the token cap is cut the same way, so a batch that fills every rank exactly is planned, and a
   block whose cost alone exceeds ``C`` (common at 256 ranks with 512K-token tails) is still balanced.
 * **Locality.** A block goes to the rank holding its sequence's next block while that rank has net
@@ -139,7 +140,7 @@ def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality:
     total = int(arr.sum())
     seq, start, end = _blocks(arr, block)
     held = _Held(kernel)
-    ratio = held.item_ratios(seq, start, end, arr)  # modelled cost / pairs of each item placed alone
+    ratio = held.item_ratios(start, end)  # modelled cost / pairs of each item placed alone
     fill = _light_fill_density(start, end, ratio)
     goal = float((span_cost(start, end) * ratio).sum()) / world
     ranks = _Ranks(world, goal, total / world, cap, fill)
@@ -178,10 +179,10 @@ class _Held:
         self.runs: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (rank, seq) -> runs held
         self.cost: dict[tuple[int, int], float] = {}  # (rank, seq) -> seq_cost of those runs
 
-    def item_ratios(self, seq, start, end, lens) -> np.ndarray:
+    def item_ratios(self, start: np.ndarray, end: np.ndarray) -> np.ndarray:
         """Modelled cost / pairs of each item placed alone (its prefix held elsewhere)."""
         if self.pairs:
-            return np.ones(len(seq))
+            return np.ones(len(start))
         n = (end - start).astype(np.float64)
         alone = segment_costs(n, start, False, self.kernel) + segment_costs(n, n, True, self.kernel)
         return alone / span_cost(start, end)

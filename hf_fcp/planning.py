@@ -60,7 +60,8 @@ def _plan_batch(seq_lens, world_size, block_size, tokens_per_rank, strategy, opt
     opts = make_options(options)
     cap = resolve_tokens_per_rank(tokens_per_rank, sum(lens), world)
     if strategy == "fcp":
-        spans = PLACERS["fcp"](lens, world, block, cap, locality=float(opts.locality), kernel=kernel_for(opts.balance, opts.kernel_cost))
+        spans = PLACERS["fcp"](lens, world, block, cap, locality=float(opts.locality),
+                               kernel=kernel_for(opts.balance, opts.kernel_cost))
     else:
         spans = PLACERS[strategy](lens, world, block, cap)
     comm = "collective" if strategy in ("ring", "allgather") else "p2p"

@@ -18,9 +18,10 @@ Presets: ``h200`` is MEASURED — PyTorch's FlashAttention-2 varlen kernel (the 
 runs on a GPU without flash-attn) timed on an H200 by ``benchmarks/calibrate_attention.py``
 (``docs/measurements/h200_torch_flash.json``); the planner's default cost model (:data:`hf_fcp.cost.FLASH`)
 is the same fit. ``h100`` is the published FlashAttention-3 curve: its forward overhead is fitted to
-FlashAttention-3's causal hdim-128 forward throughput on H100 relative to 16K tokens (Shah et al. 2024, arXiv 2407.08608, Fig. 5, read off the plot: ≈0.31 at 512,
-0.53 at 1K, 0.72 at 2K, 0.875 at 4K, 0.95 at 8K; the fit is within 6% at every point), all of it charged
-per query tile; the backward mirrors it per key tile (an assumption: the figure read is forward only).
+FlashAttention-3's causal hdim-128 forward throughput on H100 relative to 16K tokens (Shah et al. 2024,
+arXiv 2407.08608, Fig. 5, read off the plot: ≈0.31 at 512, 0.53 at 1K, 0.72 at 2K, 0.875 at 4K, 0.95 at
+8K; the fit is within 6% at every point), all of it charged per query tile; the backward mirrors it per
+key tile (an assumption: the figure read is forward only).
 This is the FCP paper's observation (Zhao et al., MLSys 2026): 512-token blocks reach only ~25–30% of
 long-sequence MFU and efficiency falls quickly below 2K. ``benchmarks/calibrate_attention.py`` measures all
 six overheads on any GPU from a grid of square and rectangular, causal and non-causal segments and writes a
@@ -92,7 +93,8 @@ class Cluster:
             if f.name == "name":
                 continue
             ok_zero = f.name in OVERHEADS
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value >= 0 if ok_zero else value > 0):
+            in_range = isinstance(value, numbers.Real) and (value >= 0 if ok_zero else value > 0)
+            if isinstance(value, bool) or not in_range:
                 raise ValueError(f"cluster field {f.name} must be a {'non-negative' if ok_zero else 'positive'} "
                                  f"number, got {value!r}")
         for name in ("eff_fwd", "eff_bwd"):
