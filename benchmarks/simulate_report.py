@@ -233,15 +233,19 @@ FOOTER = """## Reading the results
   planner balances the same tile model the simulator times (`hf_fcp/cost.py`; a cluster's model is passed to
   the planner). Balancing causal pairs instead (`--fcp-option balance=pairs`) leaves ranks with many short
   documents, or with short pieces far from their prefix, slower: on real H200 kernels that costs ~2% of the
-  slowest rank on stdlib (README, GPU section). Off the default block size the repair pass can stop early
-  (a swap that would lower the maximum is not found): up to 5.8% with 1K blocks and 8.4% with 32K blocks.
+  slowest rank on stdlib (README, GPU section). Off the default block size the kernel-cost greedy can
+  misjudge; when it ends more than 2% above the mean the planner also makes the pair-balanced placement and
+  keeps the one with the lower maximum (1K blocks at 256 GPUs: 5.6% → 1.1%, MFU 26.5% → 29.4%); 16-32K
+  blocks still end at 3.4-6.7%.
   On the `h100` model (FlashAttention-3's published forward curve with a backward overhead we assumed, not
-  measured) the per-tile overheads are ~4× larger, fcp's imbalance is 1.8-4.0% and fcp / ring at 256 GPUs
+  measured) the per-tile overheads are ~4× larger, fcp's imbalance is 1.8-3.8% and fcp / ring at 256 GPUs
   on lognormal is 1.79×: the measured `h200` model is the one these results stand on.
 * **Block size.** The optimum is set by communication, not kernels: the planner merges a rank's adjacent blocks
   into runs, so kernel efficiency hardly moves with the block size (30.9-31.3%), while smaller blocks spread
-  the early part of long sequences over more ranks and cut the fan-out hot spot. The optimum is 2-8K at 64 GPUs
-  (within 1%) and 512 at 256 GPUs, where 4096 reaches 96% of it; 16-32K blocks lose overlap.
+  the early part of long sequences over more ranks and cut the fan-out hot spot. The optimum is flat from 512
+  to 8K at 64 GPUs (within 1%) and at 0.5-1K at 256 GPUs, where 4096 reaches 91% of it; 16-32K blocks lose
+  overlap. Small blocks plan several times slower (1K at 256 GPUs: ~0.6 s per batch in these runs, twice
+  when the fallback above plans both ways), which is why 4096 stays the default.
 
 Total generation time: {minutes:.1f} min on this machine.
 """

@@ -31,6 +31,9 @@ smallest come last and close the gaps. Four refinements make it exact and local:
   remote K/V).
 * **Tile-aligned cuts.** Cuts fall on multiples of ``ALIGN`` (a kernel tile) where the piece bounds allow,
   so pieces of long sequences, and the K/V runs they receive, fill whole tiles.
+
+Under a kernel cost, a placement that ends more than ``FALLBACK`` above the mean is compared with the
+pair-balanced one (same kernel model) and the one with the lower maximum is kept.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from .layout import Span, span_cost
 
 SLACK = 0.004  # fraction of the mean cost a rank may exceed it by before an item is split instead
 REBALANCE_TARGET = 0.004  # the repair pass stops once no rank exceeds the mean cost by more than this
+FALLBACK = 0.02  # under a kernel cost, above this imbalance the pair-balanced placement is tried too
 PARTNERS = 4  # under a kernel cost, the repair pass tries this many least loaded ranks for each swap
 MIN_PIECE = 128  # cuts for compute balance leave no piece shorter than this (nor than the block)
 ALIGN = 128  # cuts fall on multiples of this where they can: a FlashAttention tile, so that pieces of long
@@ -136,6 +140,18 @@ def _light_fill_density(start: np.ndarray, end: np.ndarray, ratio: np.ndarray) -
 
 def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality: float = 0.5,
               kernel: KernelCost = PAIRS) -> list[list[Span]]:
+    """The FCP placement balancing ``kernel`` (module doc). Under a kernel cost, if the result is more than
+    ``FALLBACK`` above the mean, the pair-balanced placement is also made and kept when its maximum rank
+    work (under ``kernel``) is lower: the kernel-cost greedy misjudges some block sizes (e.g. 1K blocks)."""
+    spans, cost = _place(lens, world, block, cap, locality, kernel)
+    held = _Held(kernel)
+    if held.pairs or cost.max() <= cost.mean() * (1 + FALLBACK):
+        return spans
+    alt = _place(lens, world, block, cap, locality, PAIRS)[0]
+    return alt if max(held.rank_cost(r) for r in alt) < cost.max() else spans
+
+
+def _place(lens, world, block, cap, locality, kernel) -> tuple[list[list[Span]], np.ndarray]:
     arr = np.asarray(lens, dtype=np.int64)
     total = int(arr.sum())
     seq, start, end = _blocks(arr, block)
@@ -165,8 +181,8 @@ def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality:
             ranks.add(r, held.add(r, s, m, b), b - m)
             holder[s] = r
             b = m
-    _rebalance(out, ranks.cost, min_piece, held)
-    return [merge_sorted(spans) for spans in out]
+    cost = _rebalance(out, ranks.cost, min_piece, held)
+    return [merge_sorted(spans) for spans in out], cost
 
 
 class _Held:
@@ -219,18 +235,18 @@ def _align_up(m: int, b: int) -> int:
 
 
 def _rebalance(out: list[list[Span]], costs: list[float], min_piece: int, held: _Held,
-               target: float = REBALANCE_TARGET) -> None:
+               target: float = REBALANCE_TARGET) -> np.ndarray:
     """Repair pass: while the most loaded rank exceeds the mean cost by more than ``target``, swap k
     tokens between it and a less loaded rank (:func:`_swap`). Token counts stay. Under pair costs the
     least loaded rank is the partner and the cost moves exactly as solved; under a kernel cost both ranks
     are re-costed, a swap that does not lower their maximum is undone, and the next least loaded ranks
-    are tried (up to ``PARTNERS``) before the pass ends."""
+    are tried (up to ``PARTNERS``) before the pass ends. Returns the final cost of every rank."""
     cost = np.asarray(costs, np.float64)
     for _ in range(4 * len(out)):
         hi = int(np.argmax(cost))
         goal = float(cost.mean())
         if cost[hi] <= goal * (1 + target) or not out[hi]:
-            return
+            return cost
         for lo in _least(cost, 1 if held.pairs else PARTNERS):
             excess = min(cost[hi] - goal, goal - cost[lo])
             if held.pairs:
@@ -244,7 +260,8 @@ def _rebalance(out: list[list[Span]], costs: list[float], min_piece: int, held: 
             if excess > 0 and out[lo] and _kernel_swap(out, hi, lo, excess / per_pair, min_piece, held, cost):
                 break
         else:
-            return
+            return cost
+    return cost
 
 
 def _least(cost: np.ndarray, n: int) -> list[int]:
