@@ -1,5 +1,7 @@
 """The kernel cost model the planner balances (hf_fcp.cost) and its fit to timed calls."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from hf_fcp.simulate.kernel_model import fit
 from hf_fcp.simulate.segments import Segments, Spans, local_segments, p2p_segments
 from hf_fcp.simulate.workloads import make_batches, parse_distribution
 
-MEASURED = "docs/measurements/h200_torch_flash.json"
+MEASURED = str(pathlib.Path(__file__).resolve().parent.parent / "docs" / "measurements" / "h200_torch_flash.json")
 
 
 def brute_tiles(q, k, causal, tile):
