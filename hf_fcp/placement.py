@@ -168,6 +168,7 @@ def _place(lens, world, block, cap, locality, kernel) -> tuple[list[list[Span]],
     out: list[list[Span]] = [[] for _ in range(world)]
     slack = SLACK * ranks.c_goal
     for s, a, b, x in zip(seq[order].tolist(), start[order].tolist(), end[order].tolist(), ratio[order].tolist()):
+        whole_end = b
         while a < b:
             r = _choose(ranks, holder.get(s), a, b, locality)
             m = max(a, b - int(ranks.cap - ranks.tok[r]))  # token room
@@ -178,7 +179,7 @@ def _place(lens, world, block, cap, locality, kernel) -> tuple[list[list[Span]],
             if cost - fill / x * (b - m) > room + slack / x and (a + b) / 2 > fill / x and room > slack / x:
                 m = max(m, _cut(a, b, _cut_for_cost(a, b, room, fill / x), min_piece))  # dense, too big: cut
             out[r].append((s, m, b))
-            ranks.add(r, held.add(r, s, m, b), b - m)
+            ranks.add(r, held.add(r, s, m, b, x if m == a and b == whole_end else None), b - m)
             holder[s] = r
             b = m
     cost = _rebalance(out, ranks.cost, min_piece, held)
@@ -203,14 +204,22 @@ class _Held:
         alone = segment_costs(n, start, False, self.kernel) + segment_costs(n, n, True, self.kernel)
         return alone / span_cost(start, end)
 
-    def add(self, r: int, s: int, a: int, b: int) -> float:
-        """Rank r takes tokens [a, b) of sequence s: the increase of its cost."""
+    def add(self, r: int, s: int, a: int, b: int, ratio: float | None = None) -> float:
+        """Rank r takes tokens [a, b) of sequence s: the increase of its cost. ``ratio``: the item's
+        precomputed cost per pair when [a, b) is a whole item (its cost alone, if r holds nothing of s)."""
         if self.pairs:
             return _cost(a, b)
-        runs = self.runs.setdefault((r, s), [])
+        key = (r, s)
+        runs = self.runs.get(key)
+        if runs is None and ratio is not None:  # the common case: a whole item on a new (rank, sequence)
+            self.runs[key] = [(a, b)]
+            self.cost[key] = ratio * _cost(a, b)
+            return self.cost[key]
+        if runs is None:
+            runs = self.runs[key] = []
         runs.append((a, b))
-        before, self.cost[(r, s)] = self.cost.get((r, s), 0.0), seq_cost(runs, self.kernel)
-        return self.cost[(r, s)] - before
+        before, self.cost[key] = self.cost.get(key, 0.0), seq_cost(runs, self.kernel)
+        return self.cost[key] - before
 
     def rank_cost(self, spans: list[Span]) -> float:
         """Cost of one rank's whole span list."""
