@@ -229,7 +229,7 @@ FOOTER = """## Reading the results
   ahead at 256 (fcp 0.93×; 0.98× with `locality=1.0`, which scatters blocks and spreads the fan-out); on stdlib
   fcp stays ahead (1.03×, 1.02×, 1.16×). Against a hindsight-tuned MagiAttention fcp is at parity, not ahead, at
   256 GPUs with long tails.
-* **Compute imbalance** (in modelled kernel time) is ≤ 1.6% at 16-256 GPUs on both workloads, because the
+* **Compute imbalance** (in modelled kernel time) is ≤ 1.5% at 16-256 GPUs on both workloads, because the
   planner balances the same tile model the simulator times (`hf_fcp/cost.py`; a cluster's model is passed to
   the planner). Balancing causal pairs instead (`--fcp-option balance=pairs`) leaves ranks with many short
   documents, or with short pieces far from their prefix, slower: on real H200 kernels that costs ~2% of the
