@@ -47,6 +47,13 @@ class KernelCost:
     bwd_weight: float = 2.5
     """Time of a full backward tile over a full forward tile (``2.5 × eff_fwd / eff_bwd``)."""
 
+    @classmethod
+    def of_kernel(cls, tile: int, eff_fwd: float, eff_bwd: float, **overheads: float) -> "KernelCost":
+        """From a measured kernel: its tile, full-tile efficiencies (fractions of peak) and the six
+        :data:`OVERHEADS`; the backward weight follows from the FLOP ratio and the two efficiencies."""
+        return cls(tile=int(tile), **{k: float(overheads[k]) for k in OVERHEADS},
+                   bwd_weight=BWD_FLOP_RATIO * eff_fwd / eff_bwd)
+
     @cached_property
     def coefficients(self) -> tuple[float, float, float, float]:
         """Pairs charged per (touched tile, diagonal tile, query tile, key tile), forward + backward."""
@@ -116,9 +123,7 @@ def work(q, k, causal, tile: int, diag_extra: float, q_overhead: float, k_overhe
 
 def segment_cost(q: int, k: int, causal: bool, kernel: KernelCost) -> float:
     """Forward + backward work of one segment in pairs (a visible pair of a full tile costs 1)."""
-    touched, diag, nq, nk = tiles(q, k, causal, kernel.tile)
-    ct, cd, cq, ck = kernel.coefficients
-    return ct * touched + cd * diag + cq * nq + ck * nk
+    return _in_pairs(*tiles(q, k, causal, kernel.tile), kernel)
 
 
 def segment_costs(q, k, causal, kernel: KernelCost) -> np.ndarray:
@@ -184,8 +189,7 @@ def load_kernel_cost(path: str) -> KernelCost:
                          f"benchmarks/calibrate_attention.py")
     if data["tile"] < 1 or data["eff_fwd"] <= 0 or data["eff_bwd"] <= 0 or min(data[k] for k in OVERHEADS) < 0:
         raise ValueError(f"kernel_cost: {path!r} needs tile >= 1, positive efficiencies and overheads >= 0")
-    return KernelCost(tile=int(data["tile"]), **{k: float(data[k]) for k in OVERHEADS},
-                      bwd_weight=BWD_FLOP_RATIO * data["eff_fwd"] / data["eff_bwd"])
+    return KernelCost.of_kernel(data["tile"], data["eff_fwd"], data["eff_bwd"], **{k: data[k] for k in OVERHEADS})
 
 
 def kernel_for(balance: str, kernel_cost: KernelCost | None = None) -> KernelCost:

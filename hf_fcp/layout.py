@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import PlanOptions
-from .cost import kernel_for, rank_work
+from .cost import PAIRS, kernel_for, rank_work
 
 Span = tuple[int, int, int]
 
@@ -154,7 +154,7 @@ class FCPPlan:
                 arr = np.asarray(spans, dtype=np.int64)
                 tokens[r] = int((arr[:, 2] - arr[:, 1]).sum())
                 cost[r] = float(span_cost(arr[:, 1], arr[:, 2]).sum())
-                work[r] = rank_work(spans, kernel)
+                work[r] = cost[r] if kernel == PAIRS else rank_work(spans, kernel)
             nspans[r] = len(spans)
         return {"tokens": tokens, "cost": cost, "work": work, "kv_in": kv_in, "kv_out": kv_out, "spans": nspans}
 

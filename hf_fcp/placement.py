@@ -256,6 +256,7 @@ def _rebalance(out: list[list[Span]], costs: list[float], min_piece: int, held: 
         goal = float(cost.mean())
         if cost[hi] <= goal * (1 + target) or not out[hi]:
             return cost
+        per_pair = 1.0 if held.pairs else cost[hi] / max(1.0, sum(_cost(a, b) for _, a, b in out[hi]))
         for lo in _least(cost, 1 if held.pairs else PARTNERS):
             excess = min(cost[hi] - goal, goal - cost[lo])
             if held.pairs:
@@ -265,7 +266,6 @@ def _rebalance(out: list[list[Span]], costs: list[float], min_piece: int, held: 
                     cost[lo] += undo[2]
                     break
                 continue
-            per_pair = cost[hi] / max(1.0, sum(_cost(a, b) for _, a, b in out[hi]))  # work per pair moved
             if excess > 0 and out[lo] and _kernel_swap(out, hi, lo, excess / per_pair, min_piece, held, cost):
                 break
         else:

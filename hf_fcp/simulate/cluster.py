@@ -39,7 +39,6 @@ import numpy as np
 
 from .. import cost
 from ..cost import OVERHEADS, KernelCost
-from .models import BWD_FLOP_RATIO
 
 
 
@@ -118,8 +117,7 @@ class Cluster:
 
     def kernel_cost(self) -> KernelCost:
         """This kernel's tile costs for the planner (``plan_batch(..., kernel_cost=...)``)."""
-        return KernelCost(tile=self.tile, **{f: getattr(self, f) for f in OVERHEADS},
-                          bwd_weight=BWD_FLOP_RATIO * self.eff_fwd / self.eff_bwd)
+        return KernelCost.of_kernel(self.tile, self.eff_fwd, self.eff_bwd, **{f: getattr(self, f) for f in OVERHEADS})
 
     def efficiency(self, q_len, k_len, causal=True, backward: bool = False) -> np.ndarray:
         """Fraction of peak a segment runs at: its visible pairs over its work (reports, plots)."""
