@@ -9,7 +9,7 @@ batch, filled to W × tokens_per_rank), it runs forward+backward of
 * ``ring_p2p``   zigzag placement through hf_fcp.fcp_attention (ring traffic pattern, FCP engine)
 
 and reports the median step time (per step, the slowest rank), the K/V bytes actually sent (counted in
-hf_fcp.comm) against ``plan.stats()['comm_bytes']``, and the peak resident memory of a step per rank
+hf_fcp.engine.comm) against ``plan.stats()['comm_bytes']``, and the peak resident memory of a step per rank
 (Linux VmHWM after resetting it through /proc/self/clear_refs, minus VmRSS before the step: everything
 the step allocated, torch tensors included; glibc is told to mmap every block ≥ 64 KiB so that freed
 tensors leave RSS at once). Then W=1: fcp_attention against the bare varlen kernels on
@@ -24,31 +24,24 @@ import argparse
 import os
 import re
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from dist_utils import run_workers  # noqa: E402
-
-from hf_fcp import plan_batch  # noqa: E402
+from hf_fcp import plan_batch
+from hf_fcp.testing import run_workers
+from hf_fcp.workloads import Distribution, make_batch
 
 METHODS = {"fcp": ("fcp", "fcp"), "ring_attn": ("ring", "ring"), "allgather": ("allgather", "fcp"),
            "ring_p2p": ("ring", "fcp")}  # name -> (placement strategy, attention op)
 
 
 def lognormal_batch(budget: int, mu: float, sigma: float, seed: int, max_len: int) -> list[int]:
-    """Sequence lengths ~ lognormal(mu, sigma), clipped to [1, max_len], filled to exactly ``budget`` tokens
-    (the last one is cut to fit)."""
-    rng = np.random.default_rng(seed)
-    lens, total = [], 0
-    while total < budget:
-        n = int(min(max(1, round(rng.lognormal(mu, sigma))), max_len, budget - total))
-        lens.append(n)
-        total += n
-    return lens
+    """Sequence lengths ~ lognormal(mu, sigma) up to ``max_len`` (hf_fcp.workloads), filled to exactly
+    ``budget`` tokens (the last one is cut to fit)."""
+    dist = Distribution(name="bench", kind="lognormal", mu=mu, sigma=sigma, max_len=max_len)
+    return make_batch(dist, budget, np.random.default_rng(seed))
 
 
 def _mem_kib(field: str) -> int:
@@ -69,8 +62,8 @@ def _plan(lens, world, strategy, args):
 
 
 def _op(name):
-    from hf_fcp.attention import fcp_attention
     from hf_fcp.baselines import ring_attention
+    from hf_fcp.engine.attention import fcp_attention
 
     return fcp_attention if name == "fcp" else ring_attention
 
@@ -78,9 +71,9 @@ def _op(name):
 def _step(op, view, x, track=False):
     """One fwd+bwd; returns (seconds, bytes sent by kind, peak KiB above the step's start, CPU seconds of
     this process during the step)."""
-    from hf_fcp import comm
-
     import torch.distributed as dist
+
+    from hf_fcp.engine import comm
 
     q, k, v, dout = (t.clone().requires_grad_(i < 3) for i, t in enumerate(x))
     dist.barrier()
@@ -156,8 +149,8 @@ def bench_world(world, args):
 
 def bench_world1(args):
     """fcp_attention (W=1, no process group) vs varlen_forward + varlen_backward on one packed batch."""
-    from hf_fcp.attention import fcp_attention
-    from hf_fcp.kernels import varlen_backward, varlen_forward
+    from hf_fcp.engine.attention import fcp_attention
+    from hf_fcp.engine.kernels import varlen_backward, varlen_forward
 
     torch.set_num_threads(args.threads_w1)
     lens = lognormal_batch(args.tokens_w1, args.mu, args.sigma, seed=7, max_len=args.tokens_w1 // 2)

@@ -16,8 +16,7 @@ import statistics
 import sys
 
 from hf_fcp import plan_batch
-from hf_fcp.simulate.workloads import make_batches, parse_distribution
-
+from hf_fcp.workloads import make_batches, parse_distribution
 
 WORKLOADS = {  # hf_fcp.simulate.workloads specs (see its docstring)
     "lognormal(6.35,2.34,512K)": "paper",

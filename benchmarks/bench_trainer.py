@@ -29,14 +29,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from transformers import (AutoModelForCausalLM, DataCollatorWithFlattening, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorWithFlattening,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
-from hf_fcp.integrations import register
 from hf_fcp.integrations.accelerate import FCPPlugin, shutdown
 from hf_fcp.integrations.embedded import stdlib_corpus, tiny_config
-from hf_fcp.sampler import PieceDataset, TokenBudgetSampler, dataset_lengths
-from hf_fcp.trainer import FCPTrainer
+from hf_fcp.integrations.sampler import (
+    PieceDataset,
+    TokenBudgetSampler,
+    dataset_lengths,
+)
+from hf_fcp.integrations.trainer import FCPTrainer
+from hf_fcp.integrations.transformers import register
 
 register()
 

@@ -20,8 +20,10 @@ import json
 import sys
 
 import torch
+from gpu_replay import (
+    median_time,  # benchmarks/ is the script directory, so on sys.path
+)
 
-from gpu_replay import median_time  # benchmarks/ is the script directory, so on sys.path
 from hf_fcp.simulate import kernel_model
 from hf_fcp.simulate.cluster import PRESETS
 from hf_fcp.simulate.models import BWD_FLOP_RATIO
@@ -38,7 +40,7 @@ HQ, HKV, D = 64, 8, 128
 
 def _kernels():
     """(name, fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal) -> (out, lse), bwd(dout, q, k, v, out, lse, ...))."""
-    from hf_fcp import kernels_cuda
+    from hf_fcp.engine import kernels_cuda
 
     if kernels_cuda.flash_attn_available():
         def fwd(q, k, v, cu_q, cu_k, mq, mk, causal):

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from hf_fcp import plan_batch
-from hf_fcp.kernels import varlen_backward, varlen_forward
+from hf_fcp.engine.kernels import varlen_backward, varlen_forward
 from hf_fcp.simulate.cluster import load_cluster
 from hf_fcp.simulate.models import BWD_FLOP_RATIO, get_model
-from hf_fcp.simulate.workloads import make_batches, parse_distribution
+from hf_fcp.workloads import make_batches, parse_distribution
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run of the script with fp32
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -108,7 +108,7 @@ def median_time(fn, reps: int, warmup: int = 1) -> float:
 
 def world1_overhead(lens, model, block: int, reps: int) -> tuple[float, float]:
     """(fcp_attention fwd+bwd seconds, bare varlen kernel fwd+bwd seconds) at world size 1, one batch."""
-    from hf_fcp.attention import fcp_attention
+    from hf_fcp.engine.attention import fcp_attention
 
     n, d = sum(lens), model.head_dim
     view = plan_batch(lens, world_size=1, block_size=block).for_rank(0).to(DEVICE)

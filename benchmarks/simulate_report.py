@@ -14,7 +14,14 @@ import argparse
 import time
 from pathlib import Path
 
-from hf_fcp.simulate import SimSettings, get_model, load_cluster, parse_distribution, run, speedups
+from hf_fcp.simulate import (
+    SimSettings,
+    get_model,
+    load_cluster,
+    parse_distribution,
+    run,
+    speedups,
+)
 from hf_fcp.simulate.cli import format_report
 from hf_fcp.simulate.plots import write_plots
 from hf_fcp.simulate.runner import SWEEP_BLOCK_SIZES, Report

@@ -1,37 +1,48 @@
 """hf_fcp: flexible context parallelism for Hugging Face training.
 
-Main entry points: :func:`plan_batch` (plan a global batch: placement + P2P rounds), the per-rank view
-``plan.for_rank(rank)``, :func:`fcp_attention` (the exact distributed attention op), and for training
-``attn_implementation="fcp"`` (registered by importing this package), :class:`FCPCollator`,
-:class:`FCPPlugin` and :class:`FCPTrainer`.
+Main entry points: :func:`plan_batch` (plan a global batch: placement + P2P rounds) with
+:class:`PlanSettings`, the per-rank view ``plan.for_rank(rank)``, :func:`fcp_attention` (the exact
+distributed attention op), and for training ``attn_implementation="fcp"`` (registered by importing this
+package), :class:`FCPCollator`, :class:`FCPPlugin` and :class:`FCPTrainer`.
+
+Importing the package is cheap: every name below loads its layer on first use, and ``"fcp"`` is
+registered with transformers the moment transformers' attention and mask interfaces are loaded (at once
+if they already are), so planning and the ``hf-fcp`` command line never pay for importing transformers.
 """
 
-from .attention import fcp_attention
-from .collator import FCPCollator
-from .comm import PlanMismatchError, get_default_group, set_default_group
-from .config import STRATEGIES, PlanOptions
-from .integrations import ATTN_IMPLEMENTATION, register
-from .layout import FCPPlan, Transfer, span_cost
-from .planning import plan_batch
-from .sampler import PieceDataset, TokenBudgetSampler
-from .views import RankView
+from importlib import import_module
+
+from .integrations.registration import register_on_import
 
 __version__ = "0.1.0"
 
-register()  # attn_implementation="fcp" works from here on
+_EXPORTS = {  # name -> module that defines it
+    **dict.fromkeys(("FCPPlan", "PlanSettings", "PlanStats", "RankLoads", "STRATEGIES", "Transfer", "plan_batch",
+                     "span_cost"), "hf_fcp.plan"),
+    "RankView": "hf_fcp.plan.views",
+    "fcp_attention": "hf_fcp.engine.attention",
+    **dict.fromkeys(("PeerFailureError", "PlanMismatchError", "get_default_group", "set_default_group"),
+                    "hf_fcp.engine.comm"),
+    "FCPCollator": "hf_fcp.integrations.collator",
+    **dict.fromkeys(("PieceDataset", "TokenBudgetSampler"), "hf_fcp.integrations.sampler"),
+    "FCPPlugin": "hf_fcp.integrations.accelerate",
+    "FCPTrainer": "hf_fcp.integrations.trainer",
+    **dict.fromkeys(("ATTN_IMPLEMENTATION", "register"), "hf_fcp.integrations.transformers"),
+}
 
-_LAZY = {"FCPTrainer": ("trainer", "FCPTrainer"), "FCPPlugin": ("integrations.accelerate", "FCPPlugin")}
+register_on_import()  # attn_implementation="fcp" works from here on
 
 
-def __getattr__(name):  # FCPTrainer / FCPPlugin pull in transformers.Trainer and accelerate: load on use
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{module}", __name__), attr)
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'hf_fcp' has no attribute {name!r}")
 
 
-__all__ = ["ATTN_IMPLEMENTATION", "FCPCollator", "FCPPlan", "FCPPlugin", "FCPTrainer", "PieceDataset",
-           "PlanMismatchError", "PlanOptions", "RankView", "STRATEGIES", "TokenBudgetSampler", "Transfer",
-           "fcp_attention", "get_default_group", "plan_batch", "set_default_group", "span_cost"]
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)

@@ -9,44 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-import numpy as np
-
-from .config import STRATEGIES
+from .plan.settings import STRATEGIES
 
 
 class CLIError(ValueError):
     """A user error: printed as one line, exit status 2."""
-
-
-def read_lengths(path: str) -> list[int]:
-    """Read sequence lengths from ``path``: a JSON list of integers, or text with one integer per line
-    (blank lines and ``#`` comments ignored)."""
-    p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"--lengths file {path!r} does not exist (expected a JSON list or one length per line)")
-    text = p.read_text(encoding="utf-8", errors="replace").strip()
-    if not text:
-        raise CLIError(f"--lengths file {path!r} is empty: expected at least one sequence length")
-    if text.startswith("["):
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CLIError(f"--lengths file {path!r} is not valid JSON: {e.msg} at line {e.lineno}") from None
-        if not isinstance(values, list):
-            raise CLIError(f"--lengths file {path!r} must hold a JSON list of integers")
-        return values
-    values = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        try:
-            values.append(int(line))
-        except ValueError:
-            raise CLIError(f"--lengths file {path!r} line {n}: {line!r} is not an integer length") from None
-    return values
 
 
 def _plan_parser(sub) -> None:
@@ -79,7 +47,7 @@ def _human_bytes(n: float) -> str:
 def _table(plan) -> str:
     loads = plan.rank_loads()
     share = loads["cost"] / max(loads["cost"].sum(), 1.0)
-    per_tok = plan.options.kv_bytes_per_token
+    per_tok = plan.settings.kv_bytes_per_token
     rows = [f"{'rank':>5} {'tokens':>10} {'spans':>6} {'attn share':>11} {'KV in':>11} {'KV out':>11}"]
     for r in range(plan.world_size):
         rows.append(f"{r:>5} {loads['tokens'][r]:>10} {loads['spans'][r]:>6} {share[r]:>10.2%} "
@@ -95,9 +63,13 @@ def _table(plan) -> str:
 
 
 def run_plan(args) -> int:
-    from .planning import plan_batch
+    from .plan import plan_batch
+    from .workloads import read_lengths
 
-    lengths = read_lengths(args.lengths)
+    try:
+        lengths = read_lengths(args.lengths)
+    except ValueError as err:
+        raise CLIError(f"--lengths: {err}") from None
     plan = plan_batch(lengths, world_size=args.world_size, block_size=args.block_size,
                       tokens_per_rank=args.tokens_per_rank, strategy=args.strategy,
                       rounds_per_stage=args.rounds_per_stage, kv_heads=args.kv_heads, head_dim=args.head_dim)
@@ -111,7 +83,7 @@ def run_plan(args) -> int:
 
 
 def _json_default(o):
-    if isinstance(o, np.generic):
+    if hasattr(o, "item"):  # numpy scalars
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
@@ -125,12 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hf-fcp", description="Flexible context parallelism for Hugging Face training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _plan_parser(sub)
-    try:
-        from .simulate.cli import add_simulate_parser
-    except ImportError:
-        add_simulate_parser = None
-    if add_simulate_parser is not None:
-        add_simulate_parser(sub)
+    from .simulate.cli import add_simulate_parser
+
+    add_simulate_parser(sub)
     return parser
 
 

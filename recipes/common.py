@@ -21,13 +21,19 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    TrainingArguments,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_fcp.integrations import register
 from hf_fcp.integrations.accelerate import FCPPlugin
 from hf_fcp.integrations.embedded import byte_tokenizer, tiny_config
-from hf_fcp.trainer import FCPTrainer
+from hf_fcp.integrations.trainer import FCPTrainer, check_training_args
+from hf_fcp.integrations.transformers import register
+from hf_fcp.plan.checks import check_choice, check_int
 
 logger = logging.getLogger("hf_fcp.recipes")
 register()  # attn_implementation="fcp" (import hf_fcp does it too; idempotent)
@@ -45,10 +51,9 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         check_model_source(self.model_name_or_path)
-        if self.model_type not in MODEL_TYPES:
-            raise RecipeArgumentError(f"--model_type: got {self.model_type!r}, expected one of {list(MODEL_TYPES)}")
+        check_choice("--model_type", self.model_type, MODEL_TYPES)
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads"):
-            check_count(name, getattr(self, name), minimum=1)
+            check_int(f"--{name}", getattr(self, name))
         if self.num_heads % self.num_kv_heads:
             raise RecipeArgumentError(f"--num_kv_heads: got {self.num_kv_heads}, expected a divisor of "
                                       f"--num_heads={self.num_heads}")
@@ -62,14 +67,6 @@ MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 class RecipeArgumentError(ValueError):
     """A bad recipe argument; :func:`cli` prints it as one line and exits 2."""
-
-
-def check_count(name: str, value, minimum: int, optional: bool = False) -> None:
-    """``--name`` must be an integer >= ``minimum`` (or None when ``optional``)."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RecipeArgumentError(f"--{name}: got {value!r}, expected an integer >= {minimum}")
 
 
 def check_model_source(path: str | None) -> None:
@@ -103,25 +100,6 @@ def check_world_env() -> None:
                                       f"{size} >= 1 and 0 <= {index} < {size}; launch with accelerate launch")
 
 
-def check_training_args(args: TrainingArguments) -> None:
-    """Settings transformers accepts but that break or silently distort an FCP run."""
-    if args.max_steps == 0 or args.max_steps < -1 or (args.max_steps == -1 and args.num_train_epochs <= 0):
-        raise RecipeArgumentError(f"--max_steps: got {args.max_steps} (--num_train_epochs {args.num_train_epochs})"
-                                  f", expected a positive number of steps, or -1 with --num_train_epochs > 0")
-    if not args.learning_rate > 0:
-        raise RecipeArgumentError(f"--learning_rate: got {args.learning_rate}, expected a positive number")
-    check_count("gradient_accumulation_steps", args.gradient_accumulation_steps, minimum=1)
-    if args.save_strategy == "steps" and not args.save_steps > 0:
-        raise RecipeArgumentError(f"--save_steps: got {args.save_steps}, expected a positive number with "
-                                  f"--save_strategy steps")
-    if pathlib.Path(args.output_dir).is_file():
-        raise RecipeArgumentError(f"--output_dir: got {args.output_dir!r}, an existing file; expected a directory")
-    if args.label_smoothing_factor:
-        raise RecipeArgumentError(f"--label_smoothing_factor: got {args.label_smoothing_factor}, expected 0 "
-                                  f"(FCP batches carry labels shifted before cutting)")
-    args.resume_from_checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-
-
 def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
     """``--resume_from_checkpoint``: a checkpoint directory, or ``last`` = the newest one in --output_dir."""
     if value is None:
@@ -153,7 +131,12 @@ def parse(data_cls, defaults: list[str]):
         raise RecipeArgumentError(one_line(err)) from None
     if unknown:
         raise RecipeArgumentError(f"arguments: got unknown {unknown}, expected only the options listed by --help")
-    check_training_args(training_args)
+    try:
+        check_training_args(training_args, flag_prefix="--")
+    except ValueError as err:
+        raise RecipeArgumentError(one_line(err)) from None
+    training_args.resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint,
+                                                              training_args.output_dir)
     return model_args, data_args, training_args, plugin
 
 
@@ -217,7 +200,7 @@ def load_model(model_args: ModelArguments, tokenizer, max_positions: int):
 
 def check_data_source(args) -> None:
     """Shared data-argument checks (``args``: a recipe's data dataclass)."""
-    check_count("max_documents", args.max_documents, minimum=0, optional=True)
+    check_int("--max_documents", args.max_documents, minimum=0, optional=True)
     if args.dataset_name is None and args.dataset_config_name is not None:
         raise RecipeArgumentError(f"--dataset_config_name: got {args.dataset_config_name!r} without --dataset_name"
                                   f", expected it only together with a Hub dataset")

@@ -15,11 +15,22 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass, field
 
-from common import (RecipeArgumentError, check_count, check_data_source, cli, load_hub_dataset, load_model,
-                    load_tokenizer, logger, parse, run, setup_logging)
+from common import (
+    RecipeArgumentError,
+    check_data_source,
+    cli,
+    load_hub_dataset,
+    load_model,
+    load_tokenizer,
+    logger,
+    parse,
+    run,
+    setup_logging,
+)
 from transformers import set_seed
 
-from hf_fcp.integrations.embedded import stdlib_files
+from hf_fcp.plan.checks import check_int
+from hf_fcp.workloads import stdlib_files
 
 DEFAULTS = ["--output_dir", "outputs/finetune", "--max_steps", "60", "--learning_rate", "1e-3",
             "--warmup_steps", "5", "--lr_scheduler_type", "cosine", "--logging_steps", "10",
@@ -43,8 +54,8 @@ class SFTDataArguments:
 
     def __post_init__(self) -> None:
         check_data_source(self)
-        check_count("max_examples", self.max_examples, minimum=1, optional=True)
-        check_count("max_length", self.max_length, minimum=1, optional=True)
+        check_int("--max_examples", self.max_examples, optional=True)
+        check_int("--max_length", self.max_length, optional=True)
 
 
 def stdlib_functions(max_files: int | None, seed: int = 0) -> dict[str, list[str]]:

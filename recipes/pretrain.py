@@ -14,8 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common import (RecipeArgumentError, check_data_source, cli, load_hub_dataset, load_model, load_tokenizer,
-                    logger, parse, run, setup_logging)
+from common import (
+    RecipeArgumentError,
+    check_data_source,
+    cli,
+    load_hub_dataset,
+    load_model,
+    load_tokenizer,
+    logger,
+    parse,
+    run,
+    setup_logging,
+)
 from transformers import set_seed
 
 from hf_fcp.integrations.embedded import stdlib_corpus

@@ -6,22 +6,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import packed_causal_reference, random_qkv
 from hf_fcp import plan_batch
-from hf_fcp.attention import fcp_attention
 from hf_fcp.baselines import ring_attention
+from hf_fcp.engine.attention import fcp_attention
+from hf_fcp.testing import packed_causal_reference, random_qkv
+from hf_fcp.testing.cases import run_local
 
 LENS = [1, 7, 33, 2, 64, 1, 19]
-
-
-def run_local(op, view, q, k, v, dout, dtype, **kw):
-    """Run ``op`` on this view's rows (cast to dtype); returns float64 out, lse, dq, dk, dv (local rows)."""
-    idx = view.token_index
-    xs = [t[idx].to(dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = op(*xs, view, return_lse=True, **kw)
-    (out.float() * dout[idx].float()).sum().backward()
-    assert out.dtype == dtype and out.shape == xs[0].shape
-    return [t.detach().double() for t in (out, lse, *(x.grad for x in xs))]
 
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float64: 1e-6}  # float64: limited by the float32 lse

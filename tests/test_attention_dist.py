@@ -7,34 +7,17 @@ gathered forward output, LSE and dq/dk/dv, and the bytes that actually moved aga
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
-from dist_utils import packed_causal_reference, random_qkv, run_workers
 from hf_fcp import plan_batch
+from hf_fcp.testing import run_workers
+from hf_fcp.testing.cases import AttentionCase as Case
+from hf_fcp.testing.cases import compare_to_reference, plan_for, run_cases
 
 TIMEOUT_S = 90.0
-TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
-WIRE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    lens: tuple[int, ...]
-    block: int
-    strategy: str = "fcp"
-    rounds_per_stage: int = 1
-    heads: tuple[int, int] = (8, 2)
-    dtype: torch.dtype = torch.float32
-    op: str = "fcp"  # "fcp": hf_fcp.fcp_attention, "ring": the ring-attention baseline
-    layers: int = 1  # > 1: chained calls on the same view (out is the next q), one backward through all
-    local: bool = False  # every rank runs the whole batch with a world-size-1 view inside the group
-    seed: int = 0
-    prefetch: int | None = None  # fcp_attention's forward stages in flight (None: all)
 
 
 def random_lens(world: int, block: int, seed: int) -> tuple[int, ...]:
@@ -68,45 +51,10 @@ def cases_for(world: int) -> list[Case]:
     return out
 
 
-def plan_for(case: Case, world: int):
-    return plan_batch(case.lens, world_size=1 if case.local else world, block_size=case.block, strategy=case.strategy,
-                      rounds_per_stage=case.rounds_per_stage, kv_heads=case.heads[1], head_dim=16,
-                      kv_dtype=WIRE[case.dtype])
-
-
 # ----------------------------------------------------------------------------- worker side
-def _op(name):
-    from hf_fcp.attention import fcp_attention
-    from hf_fcp.baselines import ring_attention
-
-    return {"fcp": fcp_attention, "ring": ring_attention}[name]
-
-
-def _run_case(rank: int, world: int, case: Case) -> dict:
-    from hf_fcp import comm
-
-    view = plan_for(case, world).for_rank(0 if case.local else rank)
-    q, k, v, dout = random_qkv(case.lens, *case.heads, seed=case.seed)
-    idx = view.token_index
-    xs = [t[idx].to(case.dtype).requires_grad_() for t in (q, k, v)]
-    with comm.track_comm() as counter:
-        out = xs[0]
-        for _ in range(case.layers):
-            kw = {"prefetch": case.prefetch} if case.op == "fcp" else {}
-            out, lse = _op(case.op)(out, xs[1], xs[2], view, return_lse=True, **kw)
-        (out.float() * dout[idx].float()).sum().backward()
-    return {"index": idx, "out": out.detach().double(), "lse": lse.double(),
-            "grads": [x.grad.double() for x in xs], "bytes": dict(counter.by_tag),
-            "recv_bytes": counter.recv_bytes, "dtype_ok": out.dtype == case.dtype}
-
-
-def _run_cases(rank: int, world: int, cases: list[Case]) -> list[dict]:
-    return [_run_case(rank, world, c) for c in cases]
-
-
 def _mismatch(rank: int, world: int, bad_rank: int, kind: str) -> str:
     """One rank uses another plan (or bad inputs); returns the error each rank raised, or 'no error'."""
-    from hf_fcp.attention import fcp_attention
+    from hf_fcp.engine.attention import fcp_attention
 
     lens = (40, 3, 1, 17)
     block = 5 if (kind == "plan" and rank == bad_rank) else 8
@@ -124,20 +72,8 @@ def _mismatch(rank: int, world: int, bad_rank: int, kind: str) -> str:
 @functools.lru_cache(maxsize=None)
 def results(world: int) -> list[list[dict]]:
     """Per case, per rank results (one spawn per world size, cached for the module)."""
-    per_rank = run_workers(_run_cases, world, cases_for(world), timeout=TIMEOUT_S)
+    per_rank = run_workers(run_cases, world, cases_for(world), timeout=TIMEOUT_S)
     return [[per_rank[r][i] for r in range(world)] for i in range(len(cases_for(world)))]
-
-
-def gather(parts: list[dict], n: int, key: str, i: int | None = None) -> torch.Tensor:
-    """Scatter each rank's local rows into global batch order; every token exactly once."""
-    first = parts[0][key] if i is None else parts[0][key][i]
-    full = torch.full((n, *first.shape[1:]), float("nan"), dtype=torch.float64)
-    seen = torch.zeros(n, dtype=torch.int64)
-    for p in parts:
-        full[p["index"]] = p[key] if i is None else p[key][i]
-        seen[p["index"]] += 1
-    assert torch.equal(seen, torch.ones(n, dtype=torch.int64)), "token_index does not cover the batch once"
-    return full
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -146,15 +82,8 @@ def test_matches_float64_reference(world, index):
     case = cases_for(world)[index]
     parts = results(world)[index]
     parts = parts[:1] if case.local else parts  # local: rank 0's copy (the others: test_local_views_agree)
-    n = sum(case.lens)
-    q, k, v, dout = random_qkv(case.lens, *case.heads, seed=case.seed)
-    ref = packed_causal_reference(q, k, v, case.lens, dout, layers=case.layers)
-    got = [gather(parts, n, "out"), gather(parts, n, "lse")] + [gather(parts, n, "grads", i) for i in range(3)]
-    assert all(p["dtype_ok"] for p in parts)
-    for name, g, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
-        tol = max(TOL[case.dtype], 2e-6) if name == "lse" else TOL[case.dtype]
-        err = ((g - r).abs().max() / r.abs().max().clamp(min=1.0)).item()
-        assert err <= tol, f"W={world} {case.name} {name}: relative error {err:.2e} > {tol:.0e}"
+    errors = compare_to_reference(case, parts)
+    assert not errors, f"W={world} {case.name}: {errors}"
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -171,7 +100,7 @@ def test_bytes_moved_equal_plan_prediction(world):
     for case, parts in zip(cases_for(world), results(world)):
         kv = sum(p["bytes"].get("kv", 0) for p in parts) // case.layers
         if case.op == "fcp":
-            predicted = plan_for(case, world).stats()["comm_bytes"]
+            predicted = plan_for(case, world).stats().comm_bytes
             assert kv == predicted, f"{case.name}: moved {kv} bytes, plan predicts {predicted}"
             assert sum(p["bytes"].get("grad", 0) for p in parts) == predicted * case.layers, case.name
         else:  # ring baseline: W-1 forward + W-1 backward rotations of every rank's whole K|V block

@@ -1,7 +1,7 @@
 """Bad input catalogue: each row is (entry point, bad input, words the message must contain: what was wrong
 and what is allowed). Entry points already catalogued elsewhere are referenced, not repeated:
 
-* plan_batch / PlanOptions: tests/test_planning.py            * CLI ``hf-fcp plan``: tests/test_cli.py
+* plan_batch / PlanSettings: tests/test_planning.py            * CLI ``hf-fcp plan``: tests/test_cli.py
 * fcp_attention / kernels: tests/test_attention.py, test_kernels.py (plan mismatch: test_attention_dist.py)
 * FCPCollator: tests/test_collator.py                         * TokenBudgetSampler: tests/test_sampler.py
 * model forward with a plan: tests/test_integration_model.py  * FCPTrainer args: test_integration_trainer.py
@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from hf_fcp import comm
+from hf_fcp.engine import comm
 from hf_fcp.integrations.accelerate import FCPPlugin
 
 
@@ -60,8 +60,8 @@ def test_plugin_passes_a_calibrated_kernel_to_the_planner(monkeypatch):
     path = pathlib.Path(__file__).resolve().parent.parent / "docs" / "measurements" / "h200_torch_flash.json"
     monkeypatch.setenv("FCP_KERNEL_COST", str(path))
     collator = FCPPlugin(balance="kernel").collator()
-    assert collator.plan_options["kernel_cost"] == load_cluster(str(path)).kernel_cost()
-    assert FCPPlugin(balance="pairs").collator().plan_options["balance"] == "pairs"
+    assert collator.settings.kernel_cost == load_cluster(str(path)).kernel_cost()
+    assert FCPPlugin(balance="pairs").collator().settings.balance == "pairs"
 
 
 @pytest.mark.parametrize("value, words", [
@@ -180,5 +180,5 @@ def test_recipe_script_prints_one_line(tmp_path):
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and run.stderr.strip().splitlines()[-1] == (
-        "pretrain.py: error: tokens_per_rank must be a positive integer (>= 1), got 0"), run.stderr
+        "pretrain.py: error: tokens_per_rank: got 0, expected a positive integer (>= 1) or None"), run.stderr
     assert not (tmp_path / "out").exists()

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from hf_fcp.collator import FCPCollator
-from hf_fcp.views import RankView
+from hf_fcp import PlanSettings
+from hf_fcp.integrations.collator import FCPCollator
+from hf_fcp.plan.views import RankView
 
 
 def docs(lens, seed=0):
@@ -63,10 +64,10 @@ def test_tensor_and_numpy_examples_and_stats():
     examples = [{"input_ids": torch.arange(10)}, {"input_ids": np.arange(4), "labels": np.arange(4)},
                 {"input_ids": torch.arange(3)[None]}]
     batch = FCPCollator(world_size=2, rank=1, block_size=4, return_stats=True,
-                        plan_options={"kv_heads": 2, "head_dim": 8})(examples)
+                        settings=PlanSettings(kv_heads=2, head_dim=8))(examples)
     stats = batch["fcp_stats"]
-    assert stats["tokens"] == 17 and stats["sequences"] == 3
-    assert {"compute_imbalance", "memory_imbalance", "comm_bytes", "rounds", "plan_ms"} <= set(stats)
+    assert stats.tokens == 17 and stats.sequences == 3 and stats["tokens"] == 17
+    assert {"compute_imbalance", "memory_imbalance", "comm_bytes", "rounds", "plan_ms"} <= set(stats.keys())
 
 
 def test_tokens_per_rank_caps_the_shard():

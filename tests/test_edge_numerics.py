@@ -14,11 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import fcp_subgroups, run_workers
-from hf_fcp.collator import FCPCollator
-from test_integration_model import BLOCK, VOCAB, _fcp_step, assert_close_rel, grads, make_model
+from hf_fcp.integrations.collator import FCPCollator
+from hf_fcp.testing import fcp_subgroups, run_workers
+from hf_fcp.testing.models import assert_close_rel, fcp_step, reference_step, tiny_model
 
-PAD = 2
+BLOCK, VOCAB, PAD = 16, 97, 2
 
 
 def _doc(n: int, seed: int, masked: bool = False) -> dict:
@@ -47,7 +47,7 @@ def _worker(rank: int, world: int) -> dict:
     for size, group in fcp_subgroups(rank, world):
         for name, batch in CASES.items():
             shard = FCPCollator(world_size=size, rank=rank, block_size=BLOCK)(batch)
-            loss, g, n_local = _fcp_step("llama", rank, size, group, batch)
+            loss, g, n_local = fcp_step(tiny_model("llama", "fcp", vocab_size=VOCAB), rank, size, group, batch, BLOCK)
             labels = int(shard["shift_labels"].ne(-100).sum()) if shard["fcp_plan"].num_local else 0
             stats = torch.tensor([n_local, labels], dtype=torch.int64)
             parts = [torch.empty_like(stats) for _ in range(size)]
@@ -57,12 +57,7 @@ def _worker(rank: int, world: int) -> dict:
 
 
 def _reference(batch):
-    model = make_model("llama", "sdpa")
-    packed = FCPCollator(world_size=1, rank=0, block_size=10**6)(batch)
-    packed.pop("fcp_plan")
-    loss = model(**packed, use_cache=False).loss
-    loss.backward()
-    return loss.detach(), grads(model)
+    return reference_step(tiny_model("llama", "sdpa", vocab_size=VOCAB), batch)
 
 
 @pytest.fixture(scope="module")

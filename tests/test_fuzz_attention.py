@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from dist_utils import packed_causal_reference, random_qkv, run_workers
-from test_attention_dist import Case, _run_cases, gather, plan_for
+from hf_fcp.testing import run_workers
+from hf_fcp.testing.cases import AttentionCase as Case
+from hf_fcp.testing.cases import compare_to_reference, plan_for, run_cases
 
 LAYOUTS_PER_WORLD = 40  # slow suite: 3 world sizes × 40 = 120 layouts
 TIMEOUT_S = 240.0
@@ -52,16 +52,8 @@ def layouts(world: int, count: int, seed: int) -> list[Case]:
 
 def mismatches(case: Case, world: int, parts: list[dict]) -> list[str]:
     """What differs between one layout's per-rank results and the reference (empty: all match)."""
-    n = sum(case.lens)
-    q, k, v, dout = random_qkv(case.lens, *case.heads, seed=case.seed)
-    ref = packed_causal_reference(q, k, v, case.lens, dout)
-    got = [gather(parts, n, "out"), gather(parts, n, "lse")] + [gather(parts, n, "grads", i) for i in range(3)]
-    errors = []
-    for name, g, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
-        err = ((g - r).abs().max() / r.abs().max().clamp(min=1.0)).item()
-        if not err <= TOL:  # also catches NaN
-            errors.append(f"{name}: relative error {err:.2e} > {TOL:.0e}")
-    predicted = plan_for(case, world).stats()["comm_bytes"]
+    errors = compare_to_reference(case, parts, tol=TOL)
+    predicted = plan_for(case, world).stats().comm_bytes
     for tag in ("kv", "grad"):
         moved = sum(p["bytes"].get(tag, 0) for p in parts)
         if moved != predicted:
@@ -71,7 +63,7 @@ def mismatches(case: Case, world: int, parts: list[dict]) -> list[str]:
 
 def fuzz(world: int, cases: list[Case]) -> int:
     """Run every layout on one spawned group of ``world`` ranks; fail listing every mismatch."""
-    per_rank = run_workers(_run_cases, world, cases, timeout=TIMEOUT_S)
+    per_rank = run_workers(run_cases, world, cases, timeout=TIMEOUT_S)
     failures = []
     for i, case in enumerate(cases):
         errors = mismatches(case, world, [per_rank[r][i] for r in range(world)])
@@ -96,7 +88,7 @@ def test_layouts_cover_the_edges():
 def test_fuzz_smoke_two_ranks():
     """A few layouts on 2 ranks; and the comparison catches a corrupted gradient or a wrong byte count."""
     cases = layouts(2, 3, seed=7)
-    per_rank = run_workers(_run_cases, 2, cases, timeout=TIMEOUT_S)
+    per_rank = run_workers(run_cases, 2, cases, timeout=TIMEOUT_S)
     for i, case in enumerate(cases):
         assert mismatches(case, 2, [per_rank[r][i] for r in range(2)]) == []
     i = next(i for i, c in enumerate(cases) if plan_for(c, 2).transfers)  # a layout that communicates

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hf_fcp import plan_batch
-from hf_fcp.validate import check_plan, check_view
+from hf_fcp.plan.validate import check_plan, check_view
 
 FUZZ_BATCHES = 3000
 

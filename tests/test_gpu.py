@@ -10,12 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import packed_causal_reference, random_qkv
-from hf_fcp import kernels, kernels_cuda, plan_batch
-from hf_fcp.attention import fcp_attention
-from hf_fcp.kernels import varlen_backward, varlen_forward
-from test_attention import run_local
-from test_kernels import make_inputs, reference
+from hf_fcp import plan_batch
+from hf_fcp.engine import kernels, kernels_cuda
+from hf_fcp.engine.attention import fcp_attention
+from hf_fcp.engine.kernels import varlen_backward, varlen_forward
+from hf_fcp.testing import packed_causal_reference, random_qkv
+from hf_fcp.testing.cases import run_local
+from hf_fcp.testing.reference import segment_inputs, segment_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -42,11 +43,11 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (8, 2, 128), (8, 1, 64)])
 def test_cuda_backend_matches_reference(backend, causal, hq, hkv, d):
     _needs(backend)
-    q, k, v, dout, cu_q, cu_k = make_inputs(RECT, hq, hkv, d=d, dtype=torch.bfloat16, device="cuda", seed=d)
+    q, k, v, dout, cu_q, cu_k = segment_inputs(RECT, hq, hkv, d=d, dtype=torch.bfloat16, device="cuda", seed=d)
     scale = d ** -0.5
     out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=causal, scale=scale, backend=backend)
     grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, scale=scale, backend=backend)
-    want = reference(q, k, v, dout, cu_q, cu_k, causal, scale)
+    want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, scale)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert _rel(g, w) < 3e-2, name
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32 and lse.shape == q.shape[:2]
@@ -72,7 +73,8 @@ def test_fcp_attention_world1_on_cuda(block):
 
 def test_llama_fcp_matches_sdpa_on_cuda():
     from test_integration_model import assert_close_rel, examples, grads, make_model
-    from hf_fcp.collator import FCPCollator
+
+    from hf_fcp.integrations.collator import FCPCollator
 
     batch = FCPCollator(world_size=1, rank=0, block_size=16)(examples())
     plan = batch.pop("fcp_plan")

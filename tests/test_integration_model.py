@@ -8,17 +8,22 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dist_utils import fcp_subgroups, run_workers
-from hf_fcp.collator import FCPCollator
-from hf_fcp.integrations import register
+from hf_fcp.integrations.collator import FCPCollator
 from hf_fcp.integrations.embedded import tiny_config
-from hf_fcp.planning import plan_batch
+from hf_fcp.integrations.transformers import register
+from hf_fcp.plan import plan_batch
+from hf_fcp.testing import fcp_subgroups, run_workers
+from hf_fcp.testing.models import (
+    assert_close_rel,
+    fcp_step,
+    grads,
+    reference_step,
+    tiny_model,
+)
 
 register()
 MODELS = ("llama", "qwen2", "mistral")
@@ -29,10 +34,7 @@ VOCAB = 97
 
 
 def make_model(model_type: str, impl: str, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = tiny_config(model_type, vocab_size=VOCAB, hidden_size=32, layers=2, heads=4, kv_heads=2,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    return AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl)
+    return tiny_model(model_type, impl, seed, vocab_size=VOCAB)
 
 
 def examples(lens=LENS, seed: int = 0):
@@ -48,18 +50,9 @@ def examples(lens=LENS, seed: int = 0):
     return out
 
 
-def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def reference_step(model_type: str, lens=LENS):
+def sdpa_step(model_type: str, lens=LENS):
     """sdpa on the whole packed batch, one process: (loss, grads)."""
-    model = make_model(model_type, "sdpa")
-    batch = FCPCollator(world_size=1, rank=0, block_size=10**6)(examples(lens))
-    batch.pop("fcp_plan")
-    loss = model(**batch, use_cache=False).loss
-    loss.backward()
-    return loss.detach(), grads(model)
+    return reference_step(make_model(model_type, "sdpa"), examples(lens))
 
 
 def fcp_step_worker(rank: int, world: int, model_types):
@@ -69,8 +62,8 @@ def fcp_step_worker(rank: int, world: int, model_types):
     out = {}
     for size, group in fcp_subgroups(rank, world):
         for model_type in model_types:
-            out[size, model_type] = _fcp_step(model_type, rank, size, group, examples())
-        out[size, "tiny"] = _fcp_step("llama", rank, size, group, examples(TINY))
+            out[size, model_type] = fcp_step(make_model(model_type, "fcp"), rank, size, group, examples(), BLOCK)
+        out[size, "tiny"] = fcp_step(make_model("llama", "fcp"), rank, size, group, examples(TINY), BLOCK)
         if size == 2:
             out["mismatch"] = _wrong_world_error(rank)
     return out
@@ -87,37 +80,9 @@ def _wrong_world_error(rank: int) -> str:
     return "no error"
 
 
-def _fcp_step(model_type: str, rank: int, size: int, group, batch_examples):
-    import torch.distributed as dist
-
-    model = make_model(model_type, "fcp")
-    batch = FCPCollator(world_size=size, rank=rank, block_size=BLOCK)(batch_examples)
-    count = batch["shift_labels"].ne(-100).sum()
-    dist.all_reduce(count, group=group)
-    loss = model(**batch, num_items_in_batch=count, use_cache=False).loss
-    loss.backward()
-    g = grads(model)
-    flat = torch.cat([loss.detach().reshape(1)] + [t.reshape(-1) for t in g.values()])
-    dist.all_reduce(flat, group=group)
-    return flat[0], dict(zip(g, _split(flat[1:], g.values()))), batch["fcp_plan"].num_local
-
-
-def _split(flat, like):
-    parts, start = [], 0
-    for t in like:
-        parts.append(flat[start:start + t.numel()].view_as(t))
-        start += t.numel()
-    return parts
-
-
-def assert_close_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
-    err = (got - ref).norm() / ref.norm().clamp_min(1e-30)
-    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
-
-
 @pytest.fixture(scope="module")
 def references():
-    return {m: reference_step(m) for m in MODELS}
+    return {m: sdpa_step(m) for m in MODELS}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +105,7 @@ def test_fcp_training_step_matches_single_process(world, references, fcp_results
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_without_tokens_take_part(world, fcp_results):
-    ref_loss, ref_grads = reference_step("llama", TINY)
+    ref_loss, ref_grads = sdpa_step("llama", TINY)
     shards = [r[world, "tiny"][2] for r in fcp_results[:world]]
     assert sum(shards) == 3 and (world < 4 or 0 in shards)  # an empty rank ran on a placeholder token
     loss, g, _ = fcp_results[0][world, "tiny"]

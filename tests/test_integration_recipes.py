@@ -32,6 +32,7 @@ def test_main_job_two_processes(tmp_path):
 
 def test_sft_prompt_masking(tmp_path, monkeypatch):
     import finetune
+
     from hf_fcp.integrations.embedded import byte_tokenizer
 
     example = finetune.encode_sft([5, 6, 7], [8, 9], eos=256)

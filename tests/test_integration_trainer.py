@@ -12,11 +12,11 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, BloomConfig, TrainingArguments
 
-from dist_utils import run_workers
-from hf_fcp.integrations import register
 from hf_fcp.integrations.accelerate import FCPPlugin
 from hf_fcp.integrations.embedded import tiny_config
-from hf_fcp.trainer import FCPTrainer
+from hf_fcp.integrations.trainer import FCPTrainer
+from hf_fcp.integrations.transformers import register
+from hf_fcp.testing import run_workers
 
 register()
 VOCAB, TOKENS_PER_RANK = 97, 96

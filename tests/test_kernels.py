@@ -1,4 +1,4 @@
-"""Block attention kernels (hf_fcp.kernels) against a float64 dense per-segment reference."""
+"""Block attention kernels (hf_fcp.engine.kernels) against a float64 dense per-segment reference."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from hf_fcp import kernels, kernels_cuda
-from hf_fcp.kernels import merge_partial, select_backend, varlen_backward, varlen_forward
+from hf_fcp.engine import kernels, kernels_cuda
+from hf_fcp.engine.kernels import (
+    merge_partial,
+    select_backend,
+    varlen_backward,
+    varlen_forward,
+)
+from hf_fcp.testing.reference import offsets, segment_inputs, segment_reference
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -21,44 +27,6 @@ LAYOUT = [(1, 37), (5, 5), (7, 3), (0, 4), (3, 0), (16, 64), (0, 0), (9, 9), (1,
 HEADS = [(4, 4), (8, 2), (8, 1)]  # (Hq, Hkv): MHA, GQA 4:1, MQA 8:1
 
 
-def offsets(lengths, dtype=torch.int64):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=dtype)
-
-
-def make_inputs(layout, hq, hkv, d=16, dtype=torch.float32, seed=0, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    nq, nk = sum(a for a, _ in layout), sum(b for _, b in layout)
-    q, dout = (torch.randn(nq, hq, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    k, v = (torch.randn(nk, hkv, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    cu_q, cu_k = offsets([a for a, _ in layout]), offsets([b for _, b in layout])
-    cast = [t.to(dtype=dtype, device=device) for t in (q, k, v, dout)]
-    return (*cast, cu_q, cu_k)
-
-
-def reference(q, k, v, dout, cu_q, cu_k, causal, scale):
-    """Dense float64 attention per segment with a bottom-right causal mask; grads by autograd."""
-    q, k, v = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    outs, lses = [], []
-    for i in range(len(cu_q) - 1):
-        qs, ks = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]].repeat_interleave(group, 1)
-        vs = v[cu_k[i]:cu_k[i + 1]].repeat_interleave(group, 1)
-        lq, lk = qs.shape[0], ks.shape[0]
-        first = max(0, lq - lk) if causal else (lq if lk == 0 else 0)  # rows before `first` see nothing
-        s = torch.einsum("qhd,khd->hqk", qs[first:], ks) * scale
-        if causal:
-            mask = torch.arange(lk) <= torch.arange(first, lq).unsqueeze(1) + (lk - lq)
-            s = s.masked_fill(~mask, -math.inf)
-        lse = s.logsumexp(-1).transpose(0, 1)
-        out = torch.einsum("hqk,khd->qhd", s.softmax(-1), vs)
-        outs += [q.new_zeros(first, *q.shape[1:]), out]
-        lses += [q.new_full((first, q.shape[1]), -math.inf), lse]
-    out, lse = torch.cat(outs), torch.cat(lses)
-    dq, dk, dv = torch.autograd.grad((out * dout.cpu().double()).sum(), (q, k, v), allow_unused=True)
-    grads = [g if g is not None else torch.zeros_like(t) for g, t in zip((dq, dk, dv), (q, k, v))]
-    return out.detach(), lse.detach(), *grads
-
-
 def assert_close(got, want, tol, name):
     got = got.detach().cpu().double()
     assert not got.isnan().any(), f"{name} has NaN"
@@ -67,7 +35,7 @@ def assert_close(got, want, tol, name):
 
 def check_against_reference(layout, hq, hkv, causal, backend, dtype=torch.float32, tol=1e-5, cu_dtype=None,
                             head_major=False):
-    q, k, v, dout, cu_q, cu_k = make_inputs(layout, hq, hkv, dtype=dtype)
+    q, k, v, dout, cu_q, cu_k = segment_inputs(layout, hq, hkv, dtype=dtype)
     if head_major:  # non-contiguous inputs: (H, N, D) memory seen as (N, H, D)
         q, k, v = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v))
     if cu_dtype is not None:
@@ -77,7 +45,7 @@ def check_against_reference(layout, hq, hkv, causal, backend, dtype=torch.float3
     assert out.dtype == dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:2]
     grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, scale=scale, backend=backend)
-    want = reference(q, k, v, dout, cu_q, cu_k, causal, scale)
+    want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, scale)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert_close(g, w, tol, name)
     for g, t in zip(grads, (q, k, v)):
@@ -134,10 +102,10 @@ def test_single_call_paths(backend, layout):
 
 
 def test_empty_inputs():
-    q, k, v, dout, cu_q, cu_k = make_inputs([(0, 3), (0, 0)], 2, 1)
+    q, k, v, dout, cu_q, cu_k = segment_inputs([(0, 3), (0, 0)], 2, 1)
     out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=True, scale=0.5)
     assert out.shape == (0, 2, 16) and lse.shape == (0, 2)
-    q, k, v, dout, cu_q, cu_k = make_inputs([(3, 0), (2, 0)], 2, 1)
+    q, k, v, dout, cu_q, cu_k = segment_inputs([(3, 0), (2, 0)], 2, 1)
     out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=False, scale=0.5)
     assert (out == 0).all() and (lse == -math.inf).all()
     dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=False, scale=0.5)
@@ -151,7 +119,7 @@ def test_split_then_merge_is_exact(backend, dtype, tol):
     backward per chunk with the merged out/lse, summed, equals the reference gradients."""
     lq, prefix = [6, 1, 4], [10, 3, 0]  # diagonal chunk: Lq x Lq causal; prefix chunk: unmasked
     layout = [(a, a + p) for a, p in zip(lq, prefix)]
-    q, k, v, dout, cu_q, cu_k = make_inputs(layout, 8, 2, dtype=dtype)
+    q, k, v, dout, cu_q, cu_k = segment_inputs(layout, 8, 2, dtype=dtype)
     scale = 0.3
     pre_rows = torch.cat([torch.arange(cu_k[i], cu_k[i] + p) for i, p in enumerate(prefix)])
     diag_rows = torch.cat([torch.arange(cu_k[i] + p, cu_k[i + 1]) for i, p in enumerate(prefix)])
@@ -170,7 +138,7 @@ def test_split_then_merge_is_exact(backend, dtype, tol):
         dq += gq.double()
         dk[krows] += gk.double()
         dv[krows] += gv.double()
-    want = reference(q, k, v, dout, cu_q, cu_k, True, scale)
+    want = segment_reference(q, k, v, dout, cu_q, cu_k, True, scale)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out_acc, lse_acc, dq, dk, dv), want):
         assert_close(g, w, tol, name)
 
@@ -178,7 +146,7 @@ def test_split_then_merge_is_exact(backend, dtype, tol):
 @pytest.mark.parametrize("backend", ["torch_cpu", "naive"])
 def test_backward_rows_with_infinite_lse_get_zero_grads(backend):
     """A row whose (merged) lse is -inf contributes nothing, even where this call has visible keys."""
-    q, k, v, dout, cu_q, cu_k = make_inputs([(4, 6), (3, 3)], 4, 2)
+    q, k, v, dout, cu_q, cu_k = segment_inputs([(4, 6), (3, 3)], 4, 2)
     out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=True, scale=0.5, backend=backend)
     dead = torch.tensor([1, 5])
     out[dead], lse[dead] = 0.0, -math.inf
@@ -230,7 +198,7 @@ def test_select_backend_defaults():
 
 
 def test_error_messages():
-    q, k, v, dout, cu_q, cu_k = make_inputs([(3, 4), (2, 2)], 4, 2)
+    q, k, v, dout, cu_q, cu_k = segment_inputs([(3, 4), (2, 2)], 4, 2)
     call = dict(causal=True, scale=0.5)
     with pytest.raises(ValueError, match="backend.*'bogus'.*torch_cpu"):
         varlen_forward(q, k, v, cu_q, cu_k, backend="bogus", **call)
@@ -331,11 +299,11 @@ class FakeFA3:
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_adapter_with_fake_module(fake, causal, monkeypatch):
     monkeypatch.setattr(kernels_cuda, "_flash_module", lambda: fake)
-    q, k, v, dout, cu_q, cu_k = make_inputs(LAYOUT, 8, 2, d=16)
+    q, k, v, dout, cu_q, cu_k = segment_inputs(LAYOUT, 8, 2, d=16)
     offs_q, offs_k = cu_q.tolist(), cu_k.tolist()
     out, lse = kernels_cuda.flash_forward(q, k, v, offs_q, offs_k, causal, 0.25)
     grads = kernels_cuda.flash_backward(dout, q, k, v, out, lse, offs_q, offs_k, causal, 0.25)
-    want = reference(q, k, v, dout, cu_q, cu_k, causal, 0.25)
+    want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, 0.25)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert_close(g, w, 1e-5, name)
     assert lse.shape == q.shape[:2] and lse.is_contiguous()
@@ -348,7 +316,7 @@ def test_flash_adapter_rejects_unknown_signature(monkeypatch):
             raise AssertionError("must not be called")
 
     monkeypatch.setattr(kernels_cuda, "_flash_module", lambda: Odd)
-    q, k, v, _, cu_q, cu_k = make_inputs([(2, 2)], 2, 2, d=8)
+    q, k, v, _, cu_q, cu_k = segment_inputs([(2, 2)], 2, 2, d=8)
     with pytest.raises(RuntimeError, match="unsupported flash-attn version.*mystery"):
         kernels_cuda.flash_forward(q, k, v, cu_q.tolist(), cu_k.tolist(), True, 0.5)
 
@@ -357,10 +325,10 @@ def test_flash_adapter_rejects_unknown_signature(monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("causal", [True, False])
 def test_naive_on_cuda(causal):
-    q, k, v, dout, cu_q, cu_k = make_inputs(LAYOUT, 8, 2, device="cuda")
+    q, k, v, dout, cu_q, cu_k = segment_inputs(LAYOUT, 8, 2, device="cuda")
     out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=causal, scale=0.25, backend="naive")
     grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, scale=0.25, backend="naive")
-    want = reference(q, k, v, dout, cu_q, cu_k, causal, 0.25)
+    want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, 0.25)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert_close(g, w, 1e-4, name)
 
@@ -371,10 +339,10 @@ def test_naive_on_cuda(causal):
 @pytest.mark.parametrize("hq,hkv", HEADS)
 def test_flash_attn_matches_reference(causal, hq, hkv):
     layout = [(a, b) for a, b in LAYOUT if a or b]
-    q, k, v, dout, cu_q, cu_k = make_inputs(layout, hq, hkv, d=64, dtype=torch.bfloat16, device="cuda")
+    q, k, v, dout, cu_q, cu_k = segment_inputs(layout, hq, hkv, d=64, dtype=torch.bfloat16, device="cuda")
     assert select_backend(q.device, q.dtype) == "flash_attn"
     out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=causal, scale=0.125)
     grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, scale=0.125)
-    want = reference(q, k, v, dout, cu_q, cu_k, causal, 0.125)
+    want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, 0.125)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert_close(g, w, 6e-2, name)

@@ -28,12 +28,12 @@ TIMEOUT_S = 120.0
 # ----------------------------------------------------------------------------- the training script
 def train(out: str, log: str, kill_at: int | None, resume: bool) -> None:
     import torch
+    from test_integration_trainer import VOCAB, dataset
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
     from hf_fcp.integrations.accelerate import FCPPlugin
     from hf_fcp.integrations.embedded import tiny_config
-    from hf_fcp.trainer import FCPTrainer
-    from test_integration_trainer import VOCAB, dataset
+    from hf_fcp.integrations.trainer import FCPTrainer
 
     class StepLog(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from dist_utils import random_qkv, run_workers
 from hf_fcp import plan_batch
+from hf_fcp.testing import random_qkv, run_workers
 
 WORLD, VICTIM, FCP_TIMEOUT_S = 3, 2, 2.0
 HARD_TIMEOUT_S = 45.0  # the whole spawn; every process is killed and reaped after it
@@ -22,8 +22,8 @@ LENS, BLOCK = (90, 7, 20, 33), 8
 
 
 def _train_until_fault(rank: int, world: int, fault: str) -> dict:
-    from hf_fcp import comm
-    from hf_fcp.attention import fcp_attention
+    from hf_fcp.engine import comm
+    from hf_fcp.engine.attention import fcp_attention
 
     comm.set_timeout(FCP_TIMEOUT_S)
     view = plan_batch(LENS, world_size=world, block_size=BLOCK, kv_heads=2, head_dim=16).for_rank(rank)

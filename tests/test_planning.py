@@ -8,17 +8,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_fcp import plan_batch, span_cost
-from hf_fcp.validate import PlanError, check_plan, check_view
+from hf_fcp.plan.validate import PlanError, check_plan, check_view
+from hf_fcp.workloads import Distribution, make_batch
 
 
 def lognormal_batch(world, tokens_per_rank, seed, mu=6.35, sigma=2.34, max_len=524288):
-    rng = np.random.default_rng(seed)
-    budget, lens = world * tokens_per_rank, []
-    while budget > 0:
-        n = int(min(max(1, round(rng.lognormal(mu, sigma))), max_len, budget))
-        lens.append(n)
-        budget -= n
-    return lens
+    """Lognormal lengths (the workloads module's sampler) filling world × tokens_per_rank tokens exactly."""
+    dist = Distribution(name="test", kind="lognormal", mu=mu, sigma=sigma, max_len=max_len)
+    return make_batch(dist, world * tokens_per_rank, np.random.default_rng(seed))
 
 
 @st.composite
@@ -162,20 +159,20 @@ def test_validator_catches_a_broken_plan():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(seq_lens=[], world_size=2), "seq_lens is empty"),
-    (dict(seq_lens=[3, 0], world_size=2), r"seq_lens\[1\] must be >= 1"),
-    (dict(seq_lens=[3, -4], world_size=2), r"seq_lens\[1\] must be >= 1"),
-    (dict(seq_lens=[3, 2.5], world_size=2), r"seq_lens\[1\] must be a positive integer, got 2.5"),
-    (dict(seq_lens=[3, None], world_size=2), r"seq_lens\[1\] must be a positive integer, got None"),
-    (dict(seq_lens="123", world_size=2), "seq_lens must be a list"),
-    (dict(seq_lens=[3], world_size=0), r"world_size must be a positive integer \(>= 1\), got 0"),
-    (dict(seq_lens=[3], world_size=2.0), "world_size must be a positive integer, got 2.0"),
-    (dict(seq_lens=[3], world_size=2, block_size=-1), "block_size must be a positive integer"),
-    (dict(seq_lens=[3], world_size=2, strategy="zigzag"), "strategy must be one of"),
+    (dict(seq_lens=[], world_size=2), "seq_lens: got an empty list, expected at least one sequence"),
+    (dict(seq_lens=[3, 0], world_size=2), r"seq_lens\[1\]: got 0, expected a positive integer"),
+    (dict(seq_lens=[3, -4], world_size=2), r"seq_lens\[1\]: got -4, expected a positive integer"),
+    (dict(seq_lens=[3, 2.5], world_size=2), r"seq_lens\[1\]: got 2.5, expected a positive integer"),
+    (dict(seq_lens=[3, None], world_size=2), r"seq_lens\[1\]: got None, expected a positive integer"),
+    (dict(seq_lens="123", world_size=2), "seq_lens: got str, expected a list"),
+    (dict(seq_lens=[3], world_size=0), r"world_size: got 0, expected a positive integer \(>= 1\)"),
+    (dict(seq_lens=[3], world_size=2.0), "world_size: got 2.0, expected a positive integer"),
+    (dict(seq_lens=[3], world_size=2, block_size=-1), "block_size: got -1, expected a positive integer"),
+    (dict(seq_lens=[3], world_size=2, strategy="zigzag"), "strategy: got 'zigzag', expected one of"),
     (dict(seq_lens=[100], world_size=2, tokens_per_rank=10), "tokens_per_rank=10 is too small"),
-    (dict(seq_lens=[3], world_size=2, bogus=1), r"unknown planner option\(s\) \['bogus'\]"),
-    (dict(seq_lens=[3], world_size=2, kv_dtype="int4"), "kv_dtype must be one of"),
-    (dict(seq_lens=[3], world_size=2, locality=2), r"locality must be a number in \[0, 1\]"),
+    (dict(seq_lens=[3], world_size=2, bogus=1), r"unknown planner setting\(s\) \['bogus'\]"),
+    (dict(seq_lens=[3], world_size=2, kv_dtype="int4"), "kv_dtype: got 'int4', expected one of"),
+    (dict(seq_lens=[3], world_size=2, locality=2), r"locality: got 2, expected a number in \[0, 1\]"),
 ])
 def test_bad_input_is_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -189,19 +186,19 @@ def test_rank_argument_is_checked():
 
 
 def test_edge_colouring_uses_max_degree_even_when_paths_must_flip(monkeypatch):
-    import hf_fcp.planning as planning
+    import hf_fcp.plan.rounds as rounds
 
     flips = []
-    real = planning._flip_path
-    monkeypatch.setattr(planning, "_flip_path", lambda *a: flips.append(1) or real(*a))
+    real = rounds._flip_path
+    monkeypatch.setattr(rounds, "_flip_path", lambda *a: flips.append(1) or real(*a))
     rng = np.random.default_rng(0)
     for _ in range(200):
         n = int(rng.integers(2, 9))
         edges = {(int(u), int(v)) for u, v in rng.integers(0, n, size=(int(rng.integers(1, 3 * n)), 2)) if u != v}
         pairs = {e: [(0, 0, 1)] for e in edges}
-        transfers, rounds = planning._colour_rounds(pairs)
+        transfers, num = rounds.colour_rounds(pairs)
         deg = np.bincount([u for u, _ in edges] + [n + v for _, v in edges], minlength=2 * n)
-        assert rounds == deg.max()
+        assert num == deg.max()
         assert len({(t.src, t.round) for t in transfers}) == len(transfers)
         assert len({(t.dst, t.round) for t in transfers}) == len(transfers)
         assert {(t.src, t.dst) for t in transfers} == edges

@@ -8,8 +8,12 @@ import pytest
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from hf_fcp.collator import FCPCollator
-from hf_fcp.sampler import PieceDataset, TokenBudgetSampler, dataset_lengths
+from hf_fcp.integrations.collator import FCPCollator
+from hf_fcp.integrations.sampler import (
+    PieceDataset,
+    TokenBudgetSampler,
+    dataset_lengths,
+)
 
 LENS = np.random.default_rng(0).lognormal(4.0, 1.3, 300).astype(int).clip(1, 1000).tolist() + [5000, 1201]
 

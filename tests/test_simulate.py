@@ -8,15 +8,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hf_fcp.layout import span_cost
-from hf_fcp.planning import make_plan
-from hf_fcp.simulate import cli as sim_cli
+from hf_fcp.cli import main as hf_fcp_main
+from hf_fcp.plan import make_plan, span_cost
 from hf_fcp.simulate.cluster import PRESETS, Cluster, load_cluster
 from hf_fcp.simulate.engine import simulate, simulate_strategy
 from hf_fcp.simulate.models import AttentionModel, get_model
 from hf_fcp.simulate.runner import JSON_KEYS
 from hf_fcp.simulate.strategies import STRATEGY_NAMES, Candidate, NotApplicable, build
-from hf_fcp.simulate.workloads import make_batch, make_batches, parse_distribution, stdlib_lengths
+from hf_fcp.workloads import (
+    make_batch,
+    make_batches,
+    parse_distribution,
+    stdlib_lengths,
+)
 
 # One head of dimension 1: 4 FLOPs per (query, key) pair forward; K+V = 4 bytes per token.
 TINY = AttentionModel(name="tiny", num_q_heads=1, num_kv_heads=1, head_dim=1, num_layers=1)
@@ -199,7 +203,7 @@ SMALL = ["--world-sizes", "4,8", "--tokens-per-rank", "4096", "--steps", "1", "-
 
 
 def test_cli_json_schema(capsys):
-    assert sim_cli.main([*SMALL, "--json"]) == 0
+    assert hf_fcp_main(["simulate", *SMALL, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     rows = out["rows"]
     assert {r["strategy"] for r in rows} >= {"fcp", "ring", "allgather", "bytescale", "wlb", "magi"}
@@ -211,14 +215,14 @@ def test_cli_json_schema(capsys):
 
 
 def test_cli_table_shows_speedups_and_writes_plots(capsys, tmp_path):
-    assert sim_cli.main([*SMALL, "--strategies", "fcp,ring", "--plot", str(tmp_path)]) == 0
+    assert hf_fcp_main(["simulate", *SMALL, "--strategies", "fcp,ring", "--plot", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "fcp speedup" in out and "1.00x" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mfu_vs_world.png", "rank_loads.png", "timeline.png"]
 
 
 def test_cli_block_sweep(capsys, tmp_path):
-    assert sim_cli.main([*SMALL, "--sweep-block-size", "512,2048", "--json", "--plot", str(tmp_path)]) == 0
+    assert hf_fcp_main(["simulate", *SMALL, "--sweep-block-size", "512,2048", "--json", "--plot", str(tmp_path)]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert {(r["strategy"], r["block_size"]) for r in rows} == {("fcp", 512), ("fcp", 2048)}
     assert (tmp_path / "block_sweep.png").is_file()
@@ -231,7 +235,7 @@ def test_cli_block_sweep(capsys, tmp_path):
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(capsys, bad):
     with pytest.raises(SystemExit) as exc:
-        code = sim_cli.main(["--world-sizes", "4", "--tokens-per-rank", "1024", "--steps", "1", *bad])
+        code = hf_fcp_main(["simulate", "--world-sizes", "4", "--tokens-per-rank", "1024", "--steps", "1", *bad])
         raise SystemExit(code)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()

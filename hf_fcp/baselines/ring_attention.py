@@ -20,11 +20,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import comm
-from ..attention import acc_dtype, add_rows, prepare, run_tasks, run_tasks_backward
-from ..kernels import merge_partial
-from ..placement import place_ring
-from ..views import RankView, TaskList
+from ..engine import comm
+from ..engine.attention import (
+    acc_dtype,
+    add_rows,
+    prepare,
+    run_tasks,
+    run_tasks_backward,
+)
+from ..engine.kernels import merge_partial
+from ..plan.baseline_placements import place_ring
+from ..plan.views import RankView, TaskList
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=None, scale: float | None = None,
@@ -45,7 +51,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=Non
 
 def _zigzag_check(view: RankView, layout: list) -> str | None:
     """Recompute every rank's zigzag spans from the view's global batch; they must match the view's."""
-    spans = place_ring(tuple(view.seq_lens.tolist()), view.world_size, 1, 1)
+    spans = place_ring(tuple(view.seq_lens.tolist()), view.world_size, 1)
     mine = [tuple(s) for s in view.spans.tolist()]
     if mine != [tuple(s) for s in spans[view.rank]]:
         return (f"view: got spans {mine[:4]}..., expected the zigzag spans {spans[view.rank][:4]}... of "

@@ -1,5 +1,4 @@
-"""Integrations with the Hugging Face stack: transformers (``attn_implementation="fcp"``) and Accelerate."""
-
-from .transformers import ATTN_IMPLEMENTATION, fcp_attention_forward, register
-
-__all__ = ["ATTN_IMPLEMENTATION", "fcp_attention_forward", "register"]
+"""Integrations with the Hugging Face stack: transformers (``attn_implementation="fcp"``,
+:mod:`.transformers`), Accelerate (:mod:`.accelerate`: ``FCPPlugin``), ``Trainer`` (:mod:`.trainer`), the
+data path (:mod:`.collator`, :mod:`.sampler`) and the download-free defaults (:mod:`.embedded`). Each
+module imports the library it integrates with on its own, so importing one costs only what it needs."""

@@ -9,7 +9,7 @@ environment variables like Accelerate's ``ParallelismConfig``::
 
     plugin = FCPPlugin(tokens_per_rank=8192)        # or FCP_TOKENS_PER_RANK=8192 in the environment
     plugin.setup(accelerator)
-    model = plugin.prepare_model(model)             # checks attn_implementation="fcp", binds the kernel
+    model = plugin.prepare_model(model)             # checks that the model runs attn_implementation="fcp"
     loader = plugin.prepare_dataloader(dataset, accelerator, model_config=model.config)
     model = accelerator.prepare(model)
     for batch in loader:                            # batch["fcp_plan"] is this rank's plan view
@@ -20,22 +20,28 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .. import comm
-from ..collator import FCPCollator
-from ..config import BALANCE, STRATEGIES, check_positive_int
-from ..cost import load_kernel_cost
-from ..kernels import BACKENDS, select_backend
-from ..sampler import LONG_SEQUENCE_POLICIES, PieceDataset, TokenBudgetSampler, dataset_lengths
-from .transformers import ATTN_IMPLEMENTATION, KERNEL_CONFIG_ATTR
+from ..engine import comm
+from ..engine.kernels import select_backend
+from ..plan import KERNELS, PlanSettings
+from ..plan.checks import check_choice
+from ..plan.cost import load_kernel_cost
+from .collator import FCPCollator
+from .sampler import (
+    LONG_SEQUENCE_POLICIES,
+    PieceDataset,
+    TokenBudgetSampler,
+    dataset_lengths,
+)
+from .transformers import ATTN_IMPLEMENTATION
 
-KERNELS = ("auto", *BACKENDS)
+KERNEL_CHOICES = ("auto", *KERNELS)
 _TRUE, _FALSE = ("1", "true", "yes", "on", "y", "t"), ("0", "false", "no", "off", "n", "f")
 
 
@@ -50,7 +56,8 @@ class FCPPlugin:
     """Tokens each rank holds per step (FCP_TOKENS_PER_RANK, default 16384); a global batch holds up to
     world_size × tokens_per_rank tokens."""
     kernel: str | None = None
-    """Attention kernel backend: auto, torch_cpu, flash_attn, torch_cuda or naive (FCP_KERNEL, default auto)."""
+    """Attention kernel backend: auto, torch_cpu, flash_attn, torch_cuda or naive (FCP_KERNEL, default auto);
+    it reaches every attention layer with the batch's plan (``PlanSettings.kernel``)."""
     overlap: bool | None = None
     """Pipeline communication with compute one congestion-free round at a time (FCP_OVERLAP, default
     true); false sends all rounds as one stage, overlapped only with the local work."""
@@ -60,7 +67,7 @@ class FCPPlugin:
     """Placement strategy, for comparisons (FCP_STRATEGY, default fcp)."""
     balance: str | None = None
     """What fcp equalises across ranks: kernel (modelled attention-kernel work) or pairs (FCP_BALANCE,
-    default kernel); see ``hf_fcp.PlanOptions.balance``."""
+    default kernel); see ``hf_fcp.PlanSettings.balance``."""
     kernel_cost: str | None = None
     """Calibration file of your GPU's attention kernel, written by ``benchmarks/calibrate_attention.py``
     (FCP_KERNEL_COST; default: the kernel measured on an H200, ``hf_fcp.cost.FLASH``)."""
@@ -69,24 +76,29 @@ class FCPPlugin:
     timeout_s: float | None = None
     """Longest any FCP wait (one exchange stage, the plan check) may take before every surviving rank
     raises ``hf_fcp.comm.PeerFailureError`` instead of hanging on a dead or stuck peer (FCP_TIMEOUT_S,
-    default min(300, the process group's timeout))."""
+    default 300)."""
 
     world_size: int = field(default=1, init=False)
     rank: int = field(default=0, init=False)
     group: Any = field(default=None, init=False, repr=False)
+    plan_settings: PlanSettings = field(default=None, init=False)
+    """The planner settings these fields make (built and validated once, in ``__post_init__``)."""
 
     def __post_init__(self) -> None:
-        self.block_size = check_positive_int("block_size", _env("block_size", self.block_size, 4096, int))
-        self.tokens_per_rank = check_positive_int("tokens_per_rank",
-                                                  _env("tokens_per_rank", self.tokens_per_rank, 16384, int))
-        self.kernel = _choice("kernel", _env("kernel", self.kernel, "auto", str), KERNELS)
+        self.block_size = _env("block_size", self.block_size, 4096, int)
+        self.tokens_per_rank = _env("tokens_per_rank", self.tokens_per_rank, 16384, int)
+        self.kernel = check_choice("kernel", _env("kernel", self.kernel, "auto", str), KERNEL_CHOICES)
         self.overlap = _env("overlap", self.overlap, True, _to_bool)
-        self.long_sequence_policy = _choice("long_sequence_policy", _env(
+        self.long_sequence_policy = check_choice("long_sequence_policy", _env(
             "long_sequence_policy", self.long_sequence_policy, "split", str), LONG_SEQUENCE_POLICIES)
-        self.strategy = _choice("strategy", _env("strategy", self.strategy, "fcp", str), STRATEGIES)
-        self.balance = _choice("balance", _env("balance", self.balance, "kernel", str), BALANCE)
+        self.strategy = _env("strategy", self.strategy, "fcp", str)
+        self.balance = _env("balance", self.balance, "kernel", str)
         self.kernel_cost = _env("kernel_cost", self.kernel_cost, None, str)
-        self._kernel_cost = load_kernel_cost(self.kernel_cost) if self.kernel_cost else None
+        self.plan_settings = PlanSettings(  # every planner setting, validated once here
+            block_size=self.block_size, tokens_per_rank=self.tokens_per_rank, strategy=self.strategy,
+            balance=self.balance, rounds_per_stage=1 if self.overlap else 1 << 30,
+            kernel_cost=load_kernel_cost(self.kernel_cost) if self.kernel_cost else None,
+            kernel=None if self.kernel == "auto" else self.kernel)
         if self.timeout_s is not None:
             self.timeout_s = comm.check_timeout(self.timeout_s, "timeout_s")
         else:
@@ -125,7 +137,7 @@ class FCPPlugin:
         self._ready = False
 
     def prepare_model(self, model):
-        """Check the model runs FCP attention and bind the kernel choice to its config. Returns ``model``."""
+        """Check that the model runs FCP attention. Returns ``model``."""
         config = getattr(model, "config", None)
         impl = getattr(config, "_attn_implementation", None)
         if impl != ATTN_IMPLEMENTATION:
@@ -135,26 +147,21 @@ class FCPPlugin:
             raise ValueError(f"{type(model).__name__} does not call transformers' attention interface, so "
                              f"attn_implementation='fcp' would be ignored; use a model that supports it "
                              f"(Llama, Qwen2/3, Mistral, ...)")
-        if self.kernel != "auto":
-            setattr(config, KERNEL_CONFIG_ATTR, self.kernel)
         return model
 
     # ---- data ----------------------------------------------------------------------------------------
     def collator(self, model_config=None) -> FCPCollator:
         """This rank's :class:`FCPCollator`; ``model_config`` sizes the KV bytes in the plan stats."""
-        options: dict[str, Any] = {"rounds_per_stage": 1 if self.overlap else 1 << 30, "balance": self.balance,
-                                   "kernel_cost": self._kernel_cost}
-        pad = getattr(model_config, "pad_token_id", None)
+        settings = self.plan_settings
         if model_config is not None:
             heads = getattr(model_config, "num_attention_heads", None)
-            options["kv_heads"] = getattr(model_config, "num_key_value_heads", None) or heads or 8
-            options["head_dim"] = getattr(model_config, "head_dim", None) or (
-                model_config.hidden_size // heads if heads else 128)
-            options["kv_dtype"] = _kv_dtype(model_config)
-        return FCPCollator(world_size=self.world_size, rank=self.rank, block_size=self.block_size,
-                           tokens_per_rank=self.tokens_per_rank, strategy=self.strategy,
-                           return_stats=self.log_stats, plan_options=options,
-                           pad_token_id=pad if isinstance(pad, int) else 0)
+            settings = replace(settings, kv_heads=getattr(model_config, "num_key_value_heads", None) or heads or 8,
+                               head_dim=getattr(model_config, "head_dim", None) or (
+                                   model_config.hidden_size // heads if heads else 128),
+                               kv_dtype=_kv_dtype(model_config))
+        pad = getattr(model_config, "pad_token_id", None)
+        return FCPCollator(world_size=self.world_size, rank=self.rank, settings=settings,
+                           return_stats=self.log_stats, pad_token_id=pad if isinstance(pad, int) else 0)
 
     def sampler(self, dataset, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
         """The :class:`TokenBudgetSampler` over ``dataset`` (same order on every rank)."""
@@ -213,12 +220,6 @@ def _to_bool(raw) -> bool:
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
     raise ValueError(f"expected one of {_TRUE + _FALSE}")
-
-
-def _choice(name: str, value, allowed) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name}: got {value!r}, expected one of {list(allowed)}")
-    return value
 
 
 def _kv_dtype(model_config) -> str:

@@ -3,16 +3,13 @@
 * :func:`byte_tokenizer`: a byte-level ``PreTrainedTokenizerFast`` built in code (256 byte tokens plus
   ``<|endoftext|>`` and ``<|pad|>``), no vocabulary file;
 * :func:`stdlib_corpus`: the Python standard library's ``.py`` files as documents (present on every
-  machine that runs this package; real, long-tailed lengths);
+  machine that runs this package; real, long-tailed lengths; :func:`hf_fcp.workloads.stdlib_files`);
 * :func:`tiny_config`: a tiny Llama/Qwen2/Mistral-style config for training from scratch on a CPU.
 """
 
 from __future__ import annotations
 
-import pathlib
-import sysconfig
-
-import numpy as np
+from ..workloads import stdlib_files
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -35,16 +32,6 @@ def _bytes_to_unicode() -> dict[int, str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
-
-
-def stdlib_files(max_documents: int | None = None, seed: int = 0) -> list[pathlib.Path]:
-    """The standard library's ``.py`` files (no site-packages), a seeded sample of ``max_documents``."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.stat().st_size > 0)
-    if max_documents is not None and max_documents < len(files):
-        pick = np.random.default_rng(seed).choice(len(files), size=max_documents, replace=False)
-        files = [files[i] for i in sorted(pick.tolist())]
-    return files
 
 
 def stdlib_corpus(max_documents: int | None = None, seed: int = 0, max_bytes: int | None = None):

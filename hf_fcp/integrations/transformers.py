@@ -8,7 +8,8 @@ mask and no (T×T) or 4D mask is ever built. Then::
     out = model(**batch)  # batch from hf_fcp.FCPCollator: input_ids/position_ids (1, n_local), fcp_plan=...
 
 Every attention layer receives the batch's per-rank plan as the ``fcp_plan=`` keyword (a
-:class:`hf_fcp.RankView`) and runs :func:`hf_fcp.attention.fcp_attention` over the FCP process group.
+:class:`hf_fcp.RankView`) and runs :func:`hf_fcp.fcp_attention` over the FCP process group, with the
+kernel the plan names (``view.kernel``, from ``PlanSettings.kernel``).
 Without a plan (single process, ``generate()``, evaluation) the layer computes exact local attention:
 documents are read from ``position_ids`` restarts (packed batches), padding from the 2D mask, and a KV
 cache is attended bottom-right aligned (decoding), so a model trained with FCP evaluates and generates as is.
@@ -21,19 +22,17 @@ import functools
 import torch
 from torch import Tensor
 
-from ..attention import fcp_attention
-from ..kernels import varlen_forward
-from ..planning import plan_batch
-from ..views import RankView
+from ..engine.attention import fcp_attention
+from ..engine.kernels import varlen_forward
+from ..plan import plan_batch
+from ..plan.views import RankView
 
 ATTN_IMPLEMENTATION = "fcp"
 """The name to pass as ``attn_implementation``."""
-KERNEL_CONFIG_ATTR = "fcp_kernel"
-"""Model config attribute naming the kernel backend (bound once by ``FCPPlugin.prepare_model``)."""
 
 
 def register() -> None:
-    """Register ``"fcp"`` with transformers' attention and mask interfaces. Idempotent."""
+    """Register ``"fcp"`` with transformers' attention and mask interfaces now (importing them). Idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
@@ -49,7 +48,7 @@ def fcp_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, v
     """The attention function transformers calls in every layer when ``attn_implementation="fcp"``.
 
     Args:
-        module: the attention module (its ``config`` may name a kernel in ``fcp_kernel``).
+        module: the attention module.
         query: (B, Hq, S, D); key, value: (B, Hkv, Sk, D) — GQA heads NOT repeated; Sk > S with a KV cache.
         attention_mask: None, or a (B, Sk) boolean padding mask (True = real token).
         dropout: must be 0 (attention dropout is not supported).
@@ -58,21 +57,20 @@ def fcp_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, v
         softcap: not supported (must be None).
         fcp_plan: this rank's plan view for the batch (``FCPCollator`` output); requires B == 1, S == n_local.
         position_ids: (B, S) int64 document-relative positions; used only without a plan.
-        kwargs: other model keywords, ignored (``fcp_kernel`` overrides the kernel backend).
+        kwargs: other model keywords, ignored.
 
     Returns:
         (out, None) with out (B, S, Hq, D) in query's dtype.
     """
     _check_supported(module, dropout, softcap, kwargs)
-    backend = kwargs.get(KERNEL_CONFIG_ATTR) or getattr(getattr(module, "config", None), KERNEL_CONFIG_ATTR, None)
     if fcp_plan is not None:
         if getattr(module, "layer_idx", 0) == 0:  # once per forward
             _check_positions(position_ids, fcp_plan)
-        out = _planned(query, key, value, attention_mask, fcp_plan, scaling, backend, sliding_window)
+        out = _planned(query, key, value, attention_mask, fcp_plan, scaling, sliding_window)
     elif key.shape[2] != query.shape[2]:
-        out = _cached(query, key, value, attention_mask, scaling, backend, sliding_window)
+        out = _cached(query, key, value, attention_mask, scaling, sliding_window)
     else:
-        out = _local(query, key, value, attention_mask, position_ids, scaling, backend, sliding_window)
+        out = _local(query, key, value, attention_mask, position_ids, scaling, sliding_window)
     return out, None
 
 
@@ -111,7 +109,7 @@ def _check_positions(position_ids, view) -> None:
 
 
 # ----------------------------------------------------------------------------- the three paths
-def _planned(q, k, v, attention_mask, view: RankView, scale, backend, sliding_window) -> Tensor:
+def _planned(q, k, v, attention_mask, view: RankView, scale, sliding_window) -> Tensor:
     """Plan path: q (1, Hq, n_local, D), k/v (1, Hkv, n_local, D) in the view's local order."""
     if not isinstance(view, RankView):
         raise TypeError(f"fcp_plan: got {type(view).__name__}, expected a RankView (plan.for_rank(rank), as "
@@ -128,13 +126,13 @@ def _planned(q, k, v, attention_mask, view: RankView, scale, backend, sliding_wi
         _check_window(sliding_window, int(view.seq_lens.max()))
     n = view.num_local
     out = fcp_attention(q[0, :, :n].transpose(0, 1), k[0, :, :n].transpose(0, 1), v[0, :, :n].transpose(0, 1),
-                        view, scale=scale, backend=backend)
+                        view, scale=scale)
     if placeholder:  # keep the (empty) FCP node in the graph: its backward takes part in the exchange
         out = torch.cat([out, q.new_zeros((1,) + out.shape[1:])])
     return out.unsqueeze(0)
 
 
-def _local(q, k, v, attention_mask, position_ids, scale, backend, sliding_window) -> Tensor:
+def _local(q, k, v, attention_mask, position_ids, scale, sliding_window) -> Tensor:
     """No plan, no cache: exact causal attention within the documents of each row.
 
     q (B, Hq, S, D); k/v (B, Hkv, S, D); attention_mask None or (B, S) bool; position_ids None or (B|1, S).
@@ -150,7 +148,7 @@ def _local(q, k, v, attention_mask, position_ids, scale, backend, sliding_window
     if keep is not None:
         order = keep.nonzero().squeeze(1).index_select(0, order)
     flat = lambda x: x.transpose(1, 2).reshape(b * s, x.shape[1], d).index_select(0, order)  # noqa: E731
-    out = fcp_attention(flat(q), flat(k), flat(v), view, scale=scale, backend=backend)  # no group needed
+    out = fcp_attention(flat(q), flat(k), flat(v), view, scale=scale)  # no group needed
     full = q.new_zeros((b * s, hq, d)).index_copy(0, order, out)
     return full.view(b, s, hq, d)
 
@@ -177,7 +175,7 @@ def _document_lengths(position_ids, attention_mask, b: int, s: int) -> list[int]
     return torch.diff(starts, append=torch.tensor([int(start.numel())])).tolist()
 
 
-def _cached(q, k, v, attention_mask, scale, backend, sliding_window) -> Tensor:
+def _cached(q, k, v, attention_mask, scale, sliding_window) -> Tensor:
     """KV cache (decoding / generate): the S queries are the last S of the Sk keys of their row.
 
     q (B, Hq, S, D); k/v (B, Hkv, Sk, D); attention_mask None or (B, Sk) bool. Inference only: no autograd.
@@ -201,5 +199,5 @@ def _cached(q, k, v, attention_mask, scale, backend, sliding_window) -> Tensor:
     flat = lambda x, n, rows: x.transpose(1, 2).reshape(b * n, x.shape[1], d).index_select(0, rows)  # noqa: E731
     scale = d ** -0.5 if scale is None else float(scale)
     out, _ = varlen_forward(flat(q, s, rows_q), flat(k, sk, rows_k), flat(v, sk, rows_k), cu(keep_q),
-                            cu(keep_k), causal=True, scale=scale, backend=backend)
+                            cu(keep_k), causal=True, scale=scale)
     return q.new_zeros((b * s, hq, d)).index_copy(0, rows_q, out).view(b, s, hq, d)

@@ -8,8 +8,7 @@
 ``--json`` prints ``{"rows": [{"strategy", "world_size", "attention_mfu", "step_ms", "compute_imbalance",
 "comm_imbalance", "comm_bytes", "exposed_comm_ms", "plan_ms", ...}], "not_applicable": [...]}``; the
 default output is a table with fcp's speedup over each strategy. Bad input: one line, exit status 2.
-``hf_fcp.cli`` wires this in with :func:`add_simulate_parser` and :func:`run_simulate`; until then
-``python -m hf_fcp.simulate.cli ...`` runs it.
+``hf_fcp.cli`` wires this in with :func:`add_simulate_parser` and :func:`run_simulate`.
 """
 
 from __future__ import annotations
@@ -18,31 +17,29 @@ import argparse
 import json
 import sys
 
+from ..plan.checks import check_int
+from ..workloads import parse_distribution
 from .cluster import load_cluster
 from .models import MODELS, get_model
 from .runner import SWEEP_BLOCK_SIZES, Report, SimSettings, run, speedups
 from .strategies import STRATEGY_NAMES
-from .workloads import parse_distribution
 
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
+        values = tuple(check_int("value", int(x)) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) < 1:
+        values = ()
+    if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return values
 
 
 def _positive(text: str) -> int:
     try:
-        value = int(text)
+        return check_int("value", int(text))
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
 def _cp_size(text: str) -> str | int:
@@ -97,7 +94,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=4, metavar="N",
                    help="communication stages of fcp and magi (rounds coalesced; 0 = one per round; default 4)")
     p.add_argument("--fcp-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="fcp planner option (hf_fcp.PlanOptions), e.g. locality=1.0; repeatable")
+                   help="fcp planner option (hf_fcp.PlanSettings), e.g. locality=1.0; repeatable")
     p.add_argument("--seed", type=int, default=0, help="batch seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--plot", metavar="DIR", help="write PNG figures into DIR")
@@ -170,23 +167,3 @@ def _sweep_table(report: Report) -> list[str]:
                    f"{r.kernel_efficiency:>12.1%}{r.comm_bytes / 1e9:>10.1f}{r.exposed_comm_ms:>12.1f}"
                    f"{r.compute_imbalance:>10.1%}{r.plan_ms:>9.1f}")
     return out
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m hf_fcp.simulate.cli ...`` (same options as ``hf-fcp simulate``)."""
-    parser = _Parser(prog="hf-fcp")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    add_simulate_parser(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] != ["simulate"]:
-        argv = ["simulate", *argv]
-    return run_simulate(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

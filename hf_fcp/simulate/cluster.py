@@ -8,7 +8,7 @@ any field can be overridden from a JSON file (``load_cluster("my.json")`` with `
 
 Attention-kernel time
 ---------------------
-A segment of ``q`` queries × ``k`` keys costs ``work`` full kernel tiles (:mod:`hf_fcp.cost`: tiles
+A segment of ``q`` queries × ``k`` keys costs ``work`` full kernel tiles (:mod:`hf_fcp.plan.cost`: tiles
 touched, extra for tiles the causal diagonal crosses, a fixed cost per query tile and per key tile), and
 a full tile runs at ``eff_fwd`` / ``eff_bwd`` of peak. So a causal square of 512 tokens spends most of its
 time outside full tiles, and a short query run against long keys is cheap forward (one thread block, a
@@ -16,7 +16,7 @@ long loop) but not backward (many key-tile blocks, each looping over a few query
 
 Presets: ``h200`` is MEASURED — PyTorch's FlashAttention-2 varlen kernel (the ``torch_cuda`` backend fcp
 runs on a GPU without flash-attn) timed on an H200 by ``benchmarks/calibrate_attention.py``
-(``docs/measurements/h200_torch_flash.json``); the planner's default cost model (:data:`hf_fcp.cost.FLASH`)
+(``docs/measurements/h200_torch_flash.json``); the planner's default cost model (:data:`hf_fcp.plan.cost.FLASH`)
 is the same fit. ``h100`` is the published FlashAttention-3 curve: its forward overhead is fitted to
 FlashAttention-3's causal hdim-128 forward throughput on H100 relative to 16K tokens (Shah et al. 2024,
 arXiv 2407.08608, Fig. 5, read off the plot: ≈0.31 at 512, 0.53 at 1K, 0.72 at 2K, 0.875 at 4K, 0.95 at
@@ -37,14 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import cost
-from ..cost import OVERHEADS, KernelCost
-
+from ..plan import cost
+from ..plan.cost import FLASH, OVERHEADS, KernelCost, TileModel
 
 
 @dataclass(kw_only=True, frozen=True)
-class Cluster:
-    """A homogeneous GPU cluster: ``gpus_per_node`` GPUs per node on NVLink, nodes on InfiniBand."""
+class Cluster(TileModel):
+    """A homogeneous GPU cluster: ``gpus_per_node`` GPUs per node on NVLink, nodes on InfiniBand. The
+    attention kernel is a :class:`hf_fcp.plan.cost.TileModel` (``tile`` and the six overhead fields)
+    plus the full-tile efficiencies below."""
 
     name: str
     """Preset or file name, for reports."""
@@ -54,20 +55,6 @@ class Cluster:
     """Fraction of ``peak_flops`` the forward attention kernel reaches on a full tile (long segments)."""
     eff_bwd: float
     """Fraction of ``peak_flops`` the backward attention kernel reaches on a full tile."""
-    tile: int = 128
-    """Queries (and keys) per kernel tile; a partial tile at a segment's edge costs a whole one."""
-    fwd_diag: float = 0.0
-    """Forward: extra cost of a tile the causal diagonal crosses, in full tiles."""
-    fwd_q_tile: float = 4.26
-    """Forward: fixed cost per query tile of a segment (a thread block's set-up and epilogue), in tiles."""
-    fwd_k_tile: float = 0.0
-    """Forward: fixed cost per key tile of a segment, in tiles."""
-    bwd_diag: float = 0.0
-    """Backward: extra cost of a tile the causal diagonal crosses, in full tiles."""
-    bwd_q_tile: float = 0.0
-    """Backward: fixed cost per query tile of a segment, in tiles."""
-    bwd_k_tile: float = 4.26
-    """Backward: fixed cost per key tile of a segment (its thread block loads K/V, writes dK/dV), in tiles."""
     launch_s: float = 5e-6
     """Fixed cost of one attention-kernel launch, seconds."""
     gpus_per_node: int = 8
@@ -104,7 +91,7 @@ class Cluster:
 
     def work(self, q_len, k_len, causal, backward: bool = False) -> np.ndarray:
         """Full-tile equivalents of segments of ``q_len`` queries × ``k_len`` keys (arrays broadcast;
-        causal ones bottom-right aligned); see :mod:`hf_fcp.cost`."""
+        causal ones bottom-right aligned); see :mod:`hf_fcp.plan.cost`."""
         p = "bwd" if backward else "fwd"
         return cost.work(q_len, k_len, causal, self.tile, getattr(self, f"{p}_diag"),
                                  getattr(self, f"{p}_q_tile"), getattr(self, f"{p}_k_tile"))
@@ -117,7 +104,7 @@ class Cluster:
 
     def kernel_cost(self) -> KernelCost:
         """This kernel's tile costs for the planner (``plan_batch(..., kernel_cost=...)``)."""
-        return KernelCost.of_kernel(self.tile, self.eff_fwd, self.eff_bwd, **{f: getattr(self, f) for f in OVERHEADS})
+        return KernelCost.of_kernel(self.tile, self.eff_fwd, self.eff_bwd, **self.overheads())
 
     def efficiency(self, q_len, k_len, causal=True, backward: bool = False) -> np.ndarray:
         """Fraction of peak a segment runs at: its visible pairs over its work (reports, plots)."""
@@ -164,12 +151,10 @@ class Cluster:
 # * comm_sms: NCCL point-to-point runs one CTA per channel; 8 SMs is a typical reservation for
 #   overlapped P2P (e.g. Megatron/TE CP with 2-4 channels per peer direction) — about 6% of 132 SMs.
 PRESETS: dict[str, Cluster] = {
-    "h100": Cluster(name="h100", peak_flops=989.4e12, eff_fwd=0.722, eff_bwd=0.577, nvlink_bw=360e9,
-                    nvlink_latency=10e-6, ib_bw=45e9, ib_latency=20e-6),
-    "h200": Cluster(name="h200", peak_flops=989.4e12, eff_fwd=0.3566, eff_bwd=0.3311, tile=128,
-                    fwd_diag=0.6785, fwd_q_tile=0.5272, fwd_k_tile=0.0285, bwd_diag=0.0,
-                    bwd_q_tile=1.1339, bwd_k_tile=0.9039, nvlink_bw=360e9, nvlink_latency=10e-6,
-                    ib_bw=45e9, ib_latency=20e-6),
+    "h100": Cluster(name="h100", peak_flops=989.4e12, eff_fwd=0.722, eff_bwd=0.577, tile=128, fwd_q_tile=4.26,
+                    bwd_k_tile=4.26, nvlink_bw=360e9, nvlink_latency=10e-6, ib_bw=45e9, ib_latency=20e-6),
+    "h200": Cluster(name="h200", peak_flops=989.4e12, eff_fwd=0.3566, eff_bwd=0.3311, tile=FLASH.tile,
+                    **FLASH.overheads(), nvlink_bw=360e9, nvlink_latency=10e-6, ib_bw=45e9, ib_latency=20e-6),
 }
 
 

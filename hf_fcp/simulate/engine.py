@@ -33,10 +33,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..layout import span_cost
+from ..plan.fcp_plan import imbalance, span_cost
 from .cluster import Cluster
 from .models import BWD_FLOP_RATIO, AttentionModel
-from .segments import Messages, Segments, Spans, local_segments, p2p_segments, prefix_segments, ring_schedule
+from .segments import (
+    Messages,
+    Segments,
+    Spans,
+    local_segments,
+    p2p_segments,
+    prefix_segments,
+    ring_schedule,
+)
 from .strategies import FIXED_CP, Candidate, build, cp_sizes
 
 
@@ -252,17 +260,12 @@ def simulate(cand: Candidate, model: AttentionModel, cluster: Cluster, *, trace_
     return SimResult(
         strategy=plan.strategy, world_size=w, block_size=plan.block_size, cp_size=cand.cp_size, step_s=step,
         fwd_s=fwd_s, bwd_s=bwd_s, attention_mfu=useful / (w * cluster.peak_flops * step),
-        compute_imbalance=_imbalance(cf + cb), flop_imbalance=_imbalance(pairs),
-        comm_imbalance=_imbalance(run.rank_bytes), memory_imbalance=_imbalance(tokens),
+        compute_imbalance=imbalance(cf + cb), flop_imbalance=imbalance(pairs),
+        comm_imbalance=imbalance(run.rank_bytes), memory_imbalance=imbalance(tokens),
         comm_bytes=float(run.rank_bytes.sum() / 2), exposed_comm_s=max(0.0, float(fwd[rf] - cf[rf] + bwd[rb] - cb[rb])),
         plan_ms=plan.plan_ms if plan_ms is None else plan_ms, useful_flops=useful, rank_compute_s=cf + cb,
         rank_finish_s=fwd + bwd,
         rank_comm_bytes=run.rank_bytes, rank_pairs=pairs, trace=trace)
-
-
-def _imbalance(x: np.ndarray) -> float:
-    mean = float(np.mean(x))
-    return 0.0 if mean <= 0 else float(np.max(x)) / mean - 1.0
 
 
 def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, tokens_per_rank: int,

@@ -1,4 +1,4 @@
-"""Fitting the tile model of :mod:`hf_fcp.cost` to timed kernel calls (``benchmarks/calibrate_attention.py``).
+"""Fitting the tile model of :mod:`hf_fcp.plan.cost` to timed kernel calls (``benchmarks/calibrate_attention.py``).
 
 A call's seconds are modelled as ``launch + s × Σ work`` over its segments, with ``work`` in full tiles
 (tiles touched + ``diag_extra`` × diagonal tiles + ``q_overhead`` × query tiles + ``k_overhead`` × key
@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..cost import tile_counts
+from ..plan.cost import tile_counts
 
 
 def features(calls: Sequence[dict], tile: int) -> np.ndarray:
@@ -33,7 +33,11 @@ def fit(calls: Sequence[dict], seconds: Sequence[float], tile: int, tile_flops: 
     y = np.asarray(seconds, np.float64)
     if len(y) != len(x) or len(y) < 5 or (y <= 0).any():
         raise ValueError(f"need >= 5 timed calls with positive seconds, got {len(y)} calls for {len(x)} segment lists")
-    coef = _nnls(x / y[:, None], np.ones(len(y)))
+    from scipy.optimize import (
+        nnls,  # offline calibration only: pip install 'hf-fcp[calibrate]'
+    )
+
+    coef = nnls(x / y[:, None], np.ones(len(y)))[0]
     if coef[0] <= 0:
         raise ValueError("fit found no cost per tile: the timed calls do not grow with their work")
     pred = x @ coef
@@ -41,14 +45,3 @@ def fit(calls: Sequence[dict], seconds: Sequence[float], tile: int, tile_flops: 
     return {"eff": float(tile_flops / (s * peak)), "diag_extra": float(coef[1] / s), "q_overhead": float(coef[2] / s),
             "k_overhead": float(coef[3] / s), "launch_s": float(coef[4]),
             "rms_rel_error": float(np.sqrt(np.mean((pred / y - 1) ** 2)))}
-
-
-def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with x ≥ 0 by dropping the most negative coefficient until none is (a few columns)."""
-    active = list(range(a.shape[1]))
-    while True:
-        x = np.zeros(a.shape[1])
-        x[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
-        if (x >= 0).all():
-            return x
-        active.remove(int(np.argmin(x)))

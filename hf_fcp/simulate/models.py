@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cost import BWD_FLOP_RATIO
+from ..plan.cost import BWD_FLOP_RATIO
 
 __all__ = ["BWD_FLOP_RATIO", "AttentionModel", "MODELS", "get_model"]
 

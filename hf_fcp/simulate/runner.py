@@ -8,13 +8,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..config import make_options
-
+from ..plan.settings import settings_from
+from ..workloads import Distribution, make_batches
 from .cluster import Cluster
 from .engine import SimResult, simulate, simulate_strategy
 from .models import AttentionModel
 from .strategies import STRATEGY_NAMES, NotApplicable, build
-from .workloads import Distribution, make_batches
 
 SWEEP_BLOCK_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 JSON_KEYS = ("strategy", "world_size", "attention_mfu", "step_ms", "compute_imbalance", "comm_imbalance",
@@ -50,7 +49,7 @@ class SimSettings:
     stages: int = 4
     """Communication stages of fcp and magi (rounds coalesced; 0 = one stage per round)."""
     fcp_options: dict = field(default_factory=dict)
-    """Planner options for fcp (``hf_fcp.PlanOptions`` fields, e.g. ``{"locality": 1.0}``)."""
+    """Planner options for fcp (``hf_fcp.PlanSettings`` fields, e.g. ``{"locality": 1.0}``)."""
 
     def __post_init__(self) -> None:
         for name in ("tokens_per_rank", "block_size", "steps"):
@@ -64,7 +63,7 @@ class SimSettings:
             raise ValueError(f"strategies must be some of {list(STRATEGY_NAMES)}, got {list(self.strategies)}")
         if not isinstance(self.stages, int) or self.stages < 0:
             raise ValueError(f"stages must be an integer >= 0, got {self.stages!r}")
-        make_options(dict(self.fcp_options))  # raises on unknown names or bad values
+        settings_from(None, dict(self.fcp_options))  # raises on unknown names or bad values
 
 
 @dataclass(kw_only=True)

@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..layout import FCPPlan, span_cost
-from ..views import ranges
+from ..plan.fcp_plan import FCPPlan
+from ..plan.spans import ranges, span_cost
 
 
 @dataclass(kw_only=True)
@@ -105,7 +105,7 @@ def prefix_segments(sp: Spans) -> Segments:
 def p2p_segments(plan: FCPPlan, sp: Spans) -> tuple[Segments, list[Messages]]:
     """Slot 1 + stage: each held span against the pieces of its sequence that arrived in that stage.
     Also the messages of every stage (forward direction)."""
-    per = plan.options.rounds_per_stage
+    per = plan.settings.rounds_per_stage
     num_stages = len(plan.stages)
     rows = [(t.src, t.dst, t.round // per, s, a, b) for t in plan.transfers for s, a, b in t.pieces]
     p = np.asarray(rows, np.int64).reshape(-1, 6)

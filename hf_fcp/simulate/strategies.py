@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..layout import FCPPlan, Span, span_cost
-from ..placement import merge_sorted
-from ..planning import make_plan, plan_batch
+from ..plan import FCPPlan, make_plan, plan_batch, span_cost
+from ..plan.baseline_placements import merge_sorted, zigzag
+from ..plan.spans import Span
 
 STRATEGY_NAMES = ("fcp", "ring", "allgather", "bytescale", "wlb", "magi", "packing")
 FIXED_CP = ("ring", "allgather", "wlb", "magi")
@@ -68,19 +68,6 @@ def cp_sizes(lens, world: int, cap: int, cp_size: str | int) -> list[int]:
     raise ValueError(f"cp_size must be 'min', 'best' or a positive integer, got {cp_size!r}")
 
 
-def _zigzag(a: int, b: int, ranks: list[int], shift: int = 0) -> list[tuple[int, int, int]]:
-    """TE zigzag of tokens [a, b) over ``ranks`` as (rank, start, end) pieces: 2c near-equal chunks,
-    chunks i and 2c−1−i on ranks[i]. Remainder tokens go to chunks from ``shift`` on (rotate it per
-    sequence so no rank collects every remainder)."""
-    c = len(ranks)
-    q, rem = divmod(b - a, 2 * c)
-    sizes = np.full(2 * c, q)
-    sizes[(shift + np.arange(rem)) % (2 * c)] += 1
-    bounds = (a + np.concatenate([[0], np.cumsum(sizes)])).tolist()
-    return [(ranks[i if i < c else 2 * c - 1 - i], bounds[i], bounds[i + 1])
-            for i in range(2 * c) if bounds[i + 1] > bounds[i]]
-
-
 def _put(spans: list[list[Span]], s: int, pieces) -> None:
     for r, a, b in pieces:
         spans[r].append((s, a, b))
@@ -102,10 +89,10 @@ def _assign_to_groups(lens, groups: int, capacity: int, by_cost: bool) -> list[l
     return out
 
 
-def _finish(lens, spans, world, block, cap, name, schedule, cp=1, comm="collective", options=None) -> Candidate:
+def _finish(lens, spans, world, block, cap, name, schedule, cp=1, comm="collective") -> Candidate:
     spans = [merge_sorted(r) for r in spans]
     plan = make_plan(tuple(int(x) for x in lens), spans, world_size=world, block_size=block, tokens_per_rank=cap,
-                     strategy=name, comm=comm, options=options)
+                     strategy=name, comm=comm)
     return Candidate(plan=plan, schedule=schedule, cp_size=cp)
 
 
@@ -125,7 +112,7 @@ def ring(lens, world, block, cap, *, cp_size="min", **_) -> list[Candidate]:
         spans: list[list[Span]] = [[] for _ in range(world)]
         for ranks, seqs in groups:
             for i, s in enumerate(seqs):
-                _put(spans, s, _zigzag(0, int(lens[s]), ranks, shift=i))
+                _put(spans, s, zigzag(0, int(lens[s]), ranks, extra_from=i))
         out.append(_finish(lens, spans, world, block, cap, "ring", "ring", c))
     return out
 
@@ -151,7 +138,7 @@ def wlb(lens, world, block, cap, *, cp_size="min", **_) -> list[Candidate]:
         per_seq: list[list[Span]] = [[] for _ in range(world)]
         for ranks, seqs in groups:
             for i, s in enumerate(seqs):
-                _put(per_doc, s, _zigzag(0, int(lens[s]), ranks, shift=i))
+                _put(per_doc, s, zigzag(0, int(lens[s]), ranks, extra_from=i))
             _zigzag_concat([(s, int(lens[s])) for s in seqs], ranks, per_seq)
         out += [_finish(lens, per_doc, world, block, cap, "wlb", "ring", c),
                 _finish(lens, per_seq, world, block, cap, "wlb", "ring", c)]
@@ -200,7 +187,7 @@ def magi(lens, world, block, cap, *, cp_size="min", stages=4, **_) -> list[Candi
 def _with_stages(cand: Candidate, stages: int) -> Candidate:
     """Coalesce the plan's rounds into ``stages`` communication stages (0: one stage per round)."""
     per = max(1, math.ceil(cand.plan.num_rounds / stages)) if stages else 1
-    cand.plan = replace(cand.plan, options=replace(cand.plan.options, rounds_per_stage=per))
+    cand.plan = replace(cand.plan, settings=replace(cand.plan.settings, rounds_per_stage=per))
     return cand
 
 
@@ -240,7 +227,7 @@ def bytescale(lens, world, block, cap, **_) -> list[Candidate]:
             cost[r] += span_cost(0, n)
             continue
         ranks = _fewest_ranks(room, n)
-        pieces = _zigzag(0, n, ranks) if ranks else _contiguous(n, room)
+        pieces = zigzag(0, n, ranks) if ranks else _contiguous(n, room)
         _put(spans, s, pieces)
         for r, a, b in pieces:
             room[r] -= b - a
@@ -297,7 +284,7 @@ def build(name: str, lens, *, world_size: int, block_size: int, tokens_per_rank:
           stages: int = 4, fcp_options: dict | None = None) -> list[Candidate]:
     """Candidate plans of strategy ``name`` for one batch; the engine times them all and keeps the fastest
     (WLB-LLM's adaptive sharding; every CP size of ``cp_sizes``). ``stages``: communication stages of the
-    p2p strategies (fcp, magi); ``fcp_options``: planner options of fcp (``hf_fcp.PlanOptions``)."""
+    p2p strategies (fcp, magi); ``fcp_options``: planner options of fcp (``hf_fcp.PlanSettings``)."""
     if name not in BUILDERS:
         raise ValueError(f"strategy must be one of {list(STRATEGY_NAMES)}, got {name!r}")
     return BUILDERS[name](lens, world_size, block_size, tokens_per_rank, cp_size=cp_size, stages=stages,

@@ -12,8 +12,8 @@ Peers in a view are ranks of the FCP group (``group_peer``), never global ranks.
 
 No wait is unbounded: every P2P wait and the plan check are limited by the FCP timeout
 (:func:`get_timeout`: :func:`set_timeout` / ``FCPPlugin(timeout_s=...)``, else the ``FCP_TIMEOUT_S``
-environment variable, else ``min(300 s, the process group's timeout)``). When a wait expires or a peer's
-connection drops (its process died), :class:`PeerFailureError` names this rank, the stage and the peers.
+environment variable, else 300 s). When a wait expires or a peer's connection drops (its process died),
+:class:`PeerFailureError` names this rank, the stage and the peers.
 On NCCL the CPU thread is not blocked on transfers (that would stall the overlap); there the process
 group's own timeout and watchdog bound the wait, so create the group with the timeout you want.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import math
 import os
 import time
 import weakref
@@ -34,12 +33,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..plan.checks import check_number
+
 _DEFAULT_GROUP: dist.ProcessGroup | None = None
 _COUNTERS: list["CommCounter"] = []  # active byte counters (instrumentation only, see track_comm)
 _TAGS = {"kv": 1, "grad": 2}  # message tags per kind of traffic (gloo matches on them; NCCL ignores them)
 _CHECKED: dict[tuple[int, int], weakref.ref] = {}  # (id(view), id(group)) -> view whose plan was checked
 DEFAULT_TIMEOUT_S = 300.0  # FCP wait limit when neither set_timeout nor FCP_TIMEOUT_S says otherwise
 TIMEOUT_ENV = "FCP_TIMEOUT_S"
+_EXPIRY_SLACK_S = 0.05  # a wait that fails this close to its deadline failed because the deadline passed
 _TIMEOUT_S: float | None = None  # set by set_timeout (FCPPlugin.setup)
 
 
@@ -56,30 +58,19 @@ class PeerFailureError(RuntimeError):
 
 # ----------------------------------------------------------------------------- timeout
 def check_timeout(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: got {value!r}, expected a positive finite number of seconds")
-    return float(value)
+    return check_number(name, value, unit="seconds")
 
 
 def set_timeout(seconds: float | None) -> None:
     """Bound every FCP wait by ``seconds`` (once, at setup); ``None`` restores the default
-    (``FCP_TIMEOUT_S``, else ``min(300 s, the process group's timeout)``)."""
+    (``FCP_TIMEOUT_S``, else 300 s)."""
     global _TIMEOUT_S
     _TIMEOUT_S = None if seconds is None else check_timeout(seconds, "timeout")
 
 
-def _group_timeout_s(group) -> float | None:
-    """The process group's own timeout in seconds, when torch exposes it (else None)."""
-    try:
-        device = torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        return group._get_backend(device).options._timeout.total_seconds()
-    except Exception:  # noqa: BLE001 — private API: absent in some torch builds, then use the default
-        return None
-
-
-def get_timeout(group=None) -> float:
-    """Seconds any single FCP wait on ``group`` may take: :func:`set_timeout`'s value, else the
-    ``FCP_TIMEOUT_S`` environment variable, else ``min(300, the group's timeout)``."""
+def get_timeout() -> float:
+    """Seconds any single FCP wait may take: :func:`set_timeout`'s value (``FCPPlugin`` sets it, and
+    creates its group with it), else the ``FCP_TIMEOUT_S`` environment variable, else 300 s."""
     if _TIMEOUT_S is not None:
         return _TIMEOUT_S
     raw = os.environ.get(TIMEOUT_ENV, "").strip()
@@ -89,8 +80,7 @@ def get_timeout(group=None) -> float:
         except ValueError:
             value = raw
         return check_timeout(value, TIMEOUT_ENV)
-    pg = _group_timeout_s(group) if group is not None else None
-    return min(DEFAULT_TIMEOUT_S, pg) if pg and pg > 0 else DEFAULT_TIMEOUT_S
+    return DEFAULT_TIMEOUT_S
 
 
 # ----------------------------------------------------------------------------- process group
@@ -174,7 +164,7 @@ class Pending:
     def wait(self) -> None:
         if not self._works:
             return
-        timeout = get_timeout(self._group)
+        timeout = get_timeout()
         bounded = dist.get_backend(self._group) != "nccl"  # NCCL: the watchdog bounds it (module doc)
         deadline = time.monotonic() + timeout
         for i, w in enumerate(self._works):
@@ -185,27 +175,32 @@ class Pending:
                 else:
                     done = w.wait()
             except RuntimeError as err:
-                raise PeerFailureError(self.describe(i, err, timeout)) from err
+                expired = bounded and time.monotonic() >= deadline - _EXPIRY_SLACK_S
+                raise PeerFailureError(self.describe(i, err, timeout, expired)) from err
             if done is False:
-                raise PeerFailureError(self.describe(i, None, timeout))
+                raise PeerFailureError(self.describe(i, None, timeout, True))
         self._works, self._tensors = [], []
 
-    def describe(self, index: int | None, err: BaseException | None, timeout: float) -> str:
-        """The message of a failed wait on op ``index`` (None: unknown op)."""
+    def describe(self, index: int | None, err: BaseException | None, timeout: float, expired: bool) -> str:
+        """The message of a failed wait on op ``index`` (None: unknown op); ``expired``: the FCP timeout
+        ran out (else the transfer failed before it)."""
         mapped = len(self._works) == len(self._ops)  # coalesced backends (NCCL) return one handle for all
-        return failure_message(self._group, self._what, self._ops, index if mapped else None, err, timeout)
+        return failure_message(self._group, self._what, self._ops, index if mapped else None, err, timeout,
+                               expired)
 
 
 def failure_message(group, what: str, ops: Sequence[tuple[str, int]], index: int | None,
-                    err: BaseException | None, timeout: float) -> str:
+                    err: BaseException | None, timeout: float, expired: bool = False) -> str:
+    """The :class:`PeerFailureError` text. The cause is told by the clock, not by the backend's wording:
+    ``expired`` (the wait used up the FCP timeout) means the peer made no progress; a failure before that
+    means the transfer broke, on gloo because the peer's connection closed (its process died)."""
     size, rank = group_world_rank(group)
     text = str(err) if err is not None else ""
-    if err is None or "timed out" in text.lower() or "timeout" in text.lower():
+    if expired:
         cause = f"no progress within the FCP timeout of {timeout:g} s"
-    elif "closed" in text.lower() or "connection" in text.lower() or "reset" in text.lower():
-        cause = "the connection was closed: the peer process probably died"
     else:
-        cause = "the transfer failed"
+        cause = "the transfer failed before the FCP timeout: the connection was closed (the peer process " \
+                "probably died) or the backend reported an error"
     if index is not None and index < len(ops):
         op, peer = ops[index]
         culprit, suspects = f"{op} rank {peer}", [peer]
@@ -241,7 +236,7 @@ def post(sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]
     try:
         works = dist.batch_isend_irecv(ops)
     except RuntimeError as err:  # gloo posts sends eagerly: a dead peer fails here already
-        raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout(group))) from err
+        raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout())) from err
     return Pending(works, [t for _, t in sends] + [t for _, t in recvs], labels, group, what)
 
 
@@ -315,7 +310,7 @@ def agree_on_plan(view, group, local_error: str | None = None) -> None:
     try:
         work = dist.all_gather(parts, code, group=group, async_op=True)
     except RuntimeError as err:
-        raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout(group))) from err
+        raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout())) from err
     Pending([work], [], labels, group, what).wait()
     rows = [tuple(p.tolist()) for p in parts]
     failed = [r for r, row in enumerate(rows) if row[1]]

@@ -14,12 +14,14 @@ Changes from ``Trainer`` (nothing else):
 
 from __future__ import annotations
 
+import pathlib
 from collections import defaultdict
 
 import torch
 from transformers import Trainer
 
-from .integrations.accelerate import FCPPlugin, shutdown
+from ..plan.checks import check_int
+from .accelerate import FCPPlugin, shutdown
 
 LOGGED_STATS = ("compute_imbalance", "memory_imbalance", "comm_bytes", "max_rank_comm_bytes", "rounds",
                 "plan_ms", "tokens", "sequences")
@@ -35,7 +37,7 @@ class FCPTrainer(Trainer):
 
     def __init__(self, *args, fcp_plugin: FCPPlugin | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        _check_args(self.args)
+        check_training_args(self.args)
         self.fcp = (fcp_plugin or FCPPlugin()).setup(self.accelerator)
         if self.fcp.world_size != self.accelerator.num_processes:
             raise ValueError(f"FCP group: got {self.fcp.world_size} ranks, expected {self.accelerator.num_processes}"
@@ -85,10 +87,9 @@ class FCPTrainer(Trainer):
         return count
 
     # ---- logging -------------------------------------------------------------------------------------
-    def _record(self, stats: dict) -> None:
+    def _record(self, stats) -> None:  # a PlanStats
         for name in LOGGED_STATS:
-            if name in stats:
-                self._fcp_sums[name] += float(stats[name])
+            self._fcp_sums[name] += float(getattr(stats, name))
         self._fcp_steps += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -108,10 +109,25 @@ class FCPTrainer(Trainer):
         shutdown(destroy_process_group=destroy_process_group)
 
 
-def _check_args(args) -> None:
+def check_training_args(args, flag_prefix: str = "") -> None:
+    """``TrainingArguments`` that transformers accepts but that break or silently distort an FCP run raise
+    ``ValueError`` naming the setting (``flag_prefix + name``: the recipes pass ``"--"``)."""
+    name = lambda field: flag_prefix + field  # noqa: E731
+    if args.max_steps == 0 or args.max_steps < -1 or (args.max_steps == -1 and args.num_train_epochs <= 0):
+        raise ValueError(f"{name('max_steps')}: got {args.max_steps} ({name('num_train_epochs')} "
+                         f"{args.num_train_epochs}), expected a positive number of steps, or -1 with "
+                         f"{name('num_train_epochs')} > 0")
+    if not args.learning_rate > 0:
+        raise ValueError(f"{name('learning_rate')}: got {args.learning_rate}, expected a positive number")
+    check_int(name("gradient_accumulation_steps"), args.gradient_accumulation_steps)
+    if args.save_strategy == "steps" and not args.save_steps > 0:
+        raise ValueError(f"{name('save_steps')}: got {args.save_steps}, expected a positive number with "
+                         f"{name('save_strategy')} steps")
+    if args.output_dir and pathlib.Path(args.output_dir).is_file():
+        raise ValueError(f"{name('output_dir')}: got {args.output_dir!r}, an existing file; expected a directory")
     if args.label_smoothing_factor:
-        raise ValueError(f"label_smoothing_factor: got {args.label_smoothing_factor}, expected 0 (the label "
-                         f"smoother re-shifts labels; FCP batches carry shift_labels computed before cutting)")
+        raise ValueError(f"{name('label_smoothing_factor')}: got {args.label_smoothing_factor}, expected 0 (the "
+                         f"label smoother re-shifts labels; FCP batches carry shift_labels computed before cutting)")
     if args.world_size > 1 and not args.average_tokens_across_devices:
-        raise ValueError("average_tokens_across_devices: got False, expected True (ranks hold different token "
-                         "counts; the loss is exact only when the label count is summed over ranks)")
+        raise ValueError(f"{name('average_tokens_across_devices')}: got False, expected True (ranks hold "
+                         f"different token counts; the loss is exact only when the label count is summed over ranks)")

@@ -10,14 +10,14 @@ documents are cut into blocks, so a token whose successor lives on another rank 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .config import check_positive_int, check_strategy
-from .planning import plan_batch
+from ..plan import PlanSettings, plan_batch
+from ..plan.checks import check_int
 
 IGNORE_INDEX = -100
 
@@ -30,7 +30,8 @@ class FCPCollator:
     ``input_ids``; ``position_ids`` (document-relative, restart at 0); ``labels`` (the example's labels of
     these tokens, -100 = ignored); ``shift_labels`` (the label of each token's successor in its document,
     -100 at document ends); ``fcp_plan`` (the :class:`hf_fcp.RankView` to pass to the model); with
-    ``return_stats``, ``fcp_stats`` (``plan.stats()``, a dict of floats — pop it before ``model(**batch)``).
+    ``return_stats``, ``fcp_stats`` (``plan.stats()``, a :class:`hf_fcp.PlanStats` — pop it before
+    ``model(**batch)``).
     A rank the plan leaves without tokens gets one placeholder token (``pad_token_id``, label -100).
     """
 
@@ -38,34 +39,35 @@ class FCPCollator:
     """Ranks sharing the global batch (the FCP group's size)."""
     rank: int
     """This process's rank in the FCP group."""
-    block_size: int = 4096
-    """Tokens per block: documents are cut into blocks of this size before placement."""
+    settings: PlanSettings = field(default_factory=PlanSettings)
+    """How batches are planned (block size, token cap, strategy, cost model, kernel, ...)."""
+    block_size: int | None = None
+    """Shorthand for ``settings.block_size`` (applied once, at construction)."""
     tokens_per_rank: int | None = None
-    """Cap on tokens per rank; default an even share of each batch."""
-    strategy: str = "fcp"
-    """Placement strategy (``hf_fcp.STRATEGIES``); "fcp" unless comparing."""
+    """Shorthand for ``settings.tokens_per_rank``."""
+    strategy: str | None = None
+    """Shorthand for ``settings.strategy``."""
     return_stats: bool = False
     """Also return ``fcp_stats`` (plan figures for logging)."""
     pad_token_id: int = 0
     """Token id of the one placeholder token a rank gets when the plan leaves it no tokens (a batch
     smaller than the ranks' blocks); it has label -100 and attention ignores it."""
-    plan_options: dict[str, Any] = field(default_factory=dict)
-    """Extra planner options (``hf_fcp.PlanOptions``: kv_heads, head_dim, kv_dtype, rounds_per_stage, ...)."""
 
     def __post_init__(self) -> None:
-        self.world_size = check_positive_int("world_size", self.world_size)
-        self.block_size = check_positive_int("block_size", self.block_size)
-        if self.tokens_per_rank is not None:
-            self.tokens_per_rank = check_positive_int("tokens_per_rank", self.tokens_per_rank)
+        self.world_size = check_int("world_size", self.world_size)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank: got {self.rank!r}, expected an integer in [0, {self.world_size})")
-        check_strategy(self.strategy)
+        if not isinstance(self.settings, PlanSettings):
+            raise ValueError(f"settings: got {type(self.settings).__name__}, expected an hf_fcp.PlanSettings")
+        shorthand = {name: getattr(self, name) for name in ("block_size", "tokens_per_rank", "strategy")
+                     if getattr(self, name) is not None}
+        if shorthand:  # validated here, once; every batch then plans with the same settings object
+            self.settings = replace(self.settings, **shorthand)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ids, labels = _read_examples(examples)
         lens = [len(x) for x in ids]
-        plan = plan_batch(lens, world_size=self.world_size, block_size=self.block_size,
-                          tokens_per_rank=self.tokens_per_rank, strategy=self.strategy, **self.plan_options)
+        plan = plan_batch(lens, world_size=self.world_size, settings=self.settings)
         view = plan.for_rank(self.rank)
         index = view.token_index.numpy()
         all_ids = np.concatenate(ids)
@@ -79,7 +81,7 @@ class FCPCollator:
             batch.update(input_ids=one(self.pad_token_id), position_ids=one(0), labels=one(IGNORE_INDEX),
                          shift_labels=one(IGNORE_INDEX))
         if self.return_stats:
-            batch["fcp_stats"] = {**plan.stats(), "tokens": plan.num_tokens, "sequences": len(lens)}
+            batch["fcp_stats"] = plan.stats()
         return batch
 
 

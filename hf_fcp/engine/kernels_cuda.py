@@ -1,6 +1,6 @@
-"""CUDA varlen attention backends behind :mod:`hf_fcp.kernels`: ``flash_attn`` and ``torch_cuda``.
+"""CUDA varlen attention backends behind :mod:`hf_fcp.engine.kernels`: ``flash_attn`` and ``torch_cuda``.
 
-Both take packed tensors and Python offset lists (see :mod:`hf_fcp.kernels` for layouts):
+Both take packed tensors and Python offset lists (see :mod:`hf_fcp.engine.kernels` for layouts):
 
 * q: (Nq, Hq, D), k/v: (Nk, Hkv, D) fp16/bf16 on one CUDA device, D a multiple of 8 up to 256;
 * offs_q/offs_k: S+1 cumulative offsets (lists of int); causal is BOTTOM-RIGHT aligned per segment;

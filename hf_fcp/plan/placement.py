@@ -1,7 +1,6 @@
-"""Placement: which rank holds which token ranges. Pure functions of (lengths, world size, block, cap).
-
-``place_fcp`` is the FCP bin-packer; ``place_ring``, ``place_allgather`` and ``place_packing`` are the
-baselines, sharing the output type (per rank, a list of ``(seq, start, end)`` spans in local order).
+"""``place_fcp``: the FCP bin-packer — which rank holds which token ranges. A pure function of (lengths,
+world size, block, cap, kernel model); the output is, per rank, a list of ``(seq, start, end)`` spans in
+local order (the simple placements it is compared with live in :mod:`.baseline_placements`).
 
 How ``place_fcp`` balances compute and memory at once
 -----------------------------------------------------
@@ -43,8 +42,9 @@ import math
 
 import numpy as np
 
+from .baseline_placements import merge_sorted
 from .cost import OVERHEADS, PAIRS, KernelCost, rank_work, segment_costs, seq_cost
-from .layout import Span, span_cost
+from .spans import Span, span_cost
 
 SLACK = 0.004  # fraction of the mean cost a rank may exceed it by before an item is split instead
 REBALANCE_TARGET = 0.004  # the repair pass stops once no rank exceeds the mean cost by more than this
@@ -329,65 +329,3 @@ def _choose(ranks: _Ranks, adj: int | None, a: int, b: int, locality: float) -> 
         if ranks.net_room(adj) > SLACK * ranks.c_goal and ranks.need(adj) >= locality * ranks.need(r):
             return adj
     return r
-
-
-def merge_sorted(spans: list[Span]) -> list[Span]:
-    """Sort spans by (seq, start) and merge touching ranges of the same sequence."""
-    merged: list[Span] = []
-    for s, a, b in sorted(spans):
-        if merged and merged[-1][0] == s and merged[-1][2] == a:
-            merged[-1] = (s, merged[-1][1], b)
-        else:
-            merged.append((s, a, b))
-    return merged
-
-
-def _even_chunks(lens: tuple[int, ...], chunk_rank: np.ndarray, rotation: np.ndarray, world: int) -> list[list[Span]]:
-    """Cut every sequence into ``len(chunk_rank)`` near-equal chunks; chunk ``i`` goes to rank
-    ``chunk_rank[i]``. Remainder tokens go to chunks in the order ``rotation``, continuing across
-    sequences, so over the batch every rank gets the same number of extra tokens, plus or minus one."""
-    parts = len(chunk_rank)
-    out: list[list[Span]] = [[] for _ in range(world)]
-    pointer = 0
-    for s, length in enumerate(lens):
-        q, rem = divmod(length, parts)
-        extra = np.zeros(parts, dtype=np.int64)
-        extra[rotation[(pointer + np.arange(rem)) % parts]] = 1
-        pointer = (pointer + rem) % parts
-        bounds = np.concatenate([[0], np.cumsum(q + extra)]).tolist()
-        for i in range(parts):
-            if bounds[i + 1] > bounds[i]:
-                out[chunk_rank[i]].append((s, bounds[i], bounds[i + 1]))
-    return [sorted(spans) for spans in out]
-
-
-def place_ring(lens, world, block, cap, **_) -> list[list[Span]]:
-    """Megatron/TE zigzag: every sequence in 2W chunks; rank r holds chunks r and 2W-1-r."""
-    first, second = np.arange(world), 2 * world - 1 - np.arange(world)
-    chunk_rank = np.concatenate([np.arange(world), np.arange(world)[::-1]]).tolist()
-    return _even_chunks(lens, chunk_rank, np.concatenate([first, second]), world)
-
-
-def place_allgather(lens, world, block, cap, **_) -> list[list[Span]]:
-    """Llama-3 style: every sequence in W contiguous chunks, chunk r on rank r (KV all-gathered)."""
-    return _even_chunks(lens, list(range(world)), np.arange(world), world)
-
-
-def place_packing(lens, world, block, cap, **_) -> list[list[Span]]:
-    """Whole sequences per rank (no context parallelism), longest first onto the least-filled rank."""
-    tok = [(0, r) for r in range(world)]
-    out: list[list[Span]] = [[] for _ in range(world)]
-    for s in sorted(range(len(lens)), key=lambda i: (-lens[i], i)):
-        if lens[s] > cap:
-            raise ValueError(f"strategy 'packing' keeps sequences whole, but sequence {s} has {lens[s]} tokens, "
-                             f"more than tokens_per_rank={cap}; use strategy 'fcp' or raise tokens_per_rank")
-        used, r = heapq.heappop(tok)
-        if used + lens[s] > cap:
-            raise ValueError(f"strategy 'packing' could not fit sequence {s} ({lens[s]} tokens) on any rank "
-                             f"under tokens_per_rank={cap}; whole-sequence packing needs slack: use 'fcp'")
-        out[r].append((s, 0, lens[s]))
-        heapq.heappush(tok, (used + lens[s], r))
-    return [sorted(spans) for spans in out]
-
-
-PLACERS = {"fcp": place_fcp, "ring": place_ring, "allgather": place_allgather, "packing": place_packing}

@@ -1,4 +1,4 @@
-"""Helpers for tests that need several processes: spawn a gloo group, collect results, never hang.
+"""Spawn gloo process groups on loopback for multi-process tests and benchmarks; collect results, never hang.
 
 ``run_workers(fn, world_size, *args, timeout=...)`` starts ``world_size`` spawned processes, each with a
 gloo process group (``file://`` store in a fresh temp dir, loopback only, one thread), calls
@@ -8,14 +8,12 @@ A worker exception re-raises in the caller with the worker's traceback; a worker
 ``timeout`` seconds is killed and the call raises ``TimeoutError`` — a hang fails the test, it never
 stalls the run. With ``allow_missing=True`` a rank whose process exited without a result (e.g. killed by
 a signal on purpose) yields ``None`` instead of an error; a rank still running at the deadline is always
-an error. Also ``packed_causal_attention`` and ``packed_causal_reference``: the float64
-single-process attention reference.
+an error. :func:`fcp_subgroups` serves every world size 2..W from one spawn.
 """
 
 from __future__ import annotations
 
 import datetime
-import math
 import multiprocessing as mp
 import os
 import pickle
@@ -109,56 +107,13 @@ def _collect(procs, results, world_size: int, timeout: float, allow_missing: boo
     return [out.get(r) for r in range(world_size)]
 
 
-def random_qkv(seq_lens, hq: int, hkv: int, d: int = 16, seed: int = 0):
-    """Seeded float64 q (N, Hq, D), k, v (N, Hkv, D) and dout (N, Hq, D) of a packed batch, N = sum(seq_lens)."""
-    gen = torch.Generator().manual_seed(seed)
-    n = sum(seq_lens)
-    q, dout = (torch.randn(n, hq, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    k, v = (torch.randn(n, hkv, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    return q, k, v, dout
-
-
-def packed_causal_attention(q, k, v, seq_lens, scale=None):
-    """Differentiable dense attention of a packed batch: causal inside each sequence, none across.
-
-    q: (N, Hq, D), k/v: (N, Hkv, D) in global batch order, any float dtype (use float64 for a reference).
-    Returns out (N, Hq, D) and lse (N, Hq).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    group = q.shape[1] // k.shape[1]
-    outs, lses, start = [], [], 0
-    for n in seq_lens:
-        sl = slice(start, start + n)
-        ks, vs = (t[sl].repeat_interleave(group, 1) for t in (k, v))
-        s = torch.einsum("qhd,khd->hqk", q[sl], ks) * scale
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
-        lses.append(s.logsumexp(-1).transpose(0, 1))
-        outs.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), vs))
-        start += n
-    return torch.cat(outs), torch.cat(lses)
-
-
-def packed_causal_reference(q, k, v, seq_lens, dout, scale=None, layers=1):
-    """Float64 reference: out, lse and dq, dk, dv of ``(out * dout).sum()``.
-
-    ``layers`` > 1 chains the attention (the output is the next call's q, same k and v); lse is the last
-    call's. Tensors as in :func:`packed_causal_attention`; everything returned is float64.
-    """
-    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = q
-    for _ in range(layers):
-        out, lse = packed_causal_attention(out, k, v, seq_lens, scale)
-    dq, dk, dv = torch.autograd.grad((out * dout.double()).sum(), (q, k, v))
-    return out.detach(), lse.detach(), dq, dk, dv
-
-
 def fcp_subgroups(rank: int, world: int):
     """Inside a worker: for each size W = 2..world, create the subgroup of ranks 0..W-1 (a collective:
     every rank creates every subgroup) and, on its members, yield ``(W, group)`` with the group bound as
     FCP's default; unbound again afterwards. One spawn then serves every world size."""
     import torch.distributed as dist
 
-    from hf_fcp import comm
+    from ..engine import comm
 
     for size in range(2, world + 1):
         group = dist.new_group(list(range(size)))

@@ -29,21 +29,34 @@ import numpy as np
 
 
 @dataclass(kw_only=True, frozen=True)
-class KernelCost:
-    """Relative cost of a kernel's tiles (no absolute speed is needed to balance ranks)."""
+class TileModel:
+    """A FlashAttention-style kernel's tile and what it spends beyond full tiles (module doc), forward and
+    backward. Shared by the planner's :class:`KernelCost` and the simulator's ``Cluster``."""
 
     tile: int = 128
-    """Queries (and keys) per tile."""
+    """Queries (and keys) per tile; a partial tile at a segment's edge costs a whole one."""
     fwd_diag: float = 0.0
     """Forward: extra cost of a tile the causal diagonal crosses, in full tiles."""
     fwd_q_tile: float = 0.0
-    """Forward: fixed cost per query tile of a segment, in full tiles."""
+    """Forward: fixed cost per query tile of a segment (a thread block's set-up and epilogue), in tiles."""
     fwd_k_tile: float = 0.0
-    """Forward: fixed cost per key tile of a segment, in full tiles."""
+    """Forward: fixed cost per key tile of a segment, in tiles."""
     bwd_diag: float = 0.0
-    """Backward: the same three, for the backward kernel."""
+    """Backward: extra cost of a tile the causal diagonal crosses, in full tiles."""
     bwd_q_tile: float = 0.0
+    """Backward: fixed cost per query tile of a segment, in tiles."""
     bwd_k_tile: float = 0.0
+    """Backward: fixed cost per key tile of a segment (its thread block loads K/V, writes dK/dV), in tiles."""
+
+    def overheads(self) -> dict[str, float]:
+        """The six overhead fields (:data:`OVERHEADS`) by name."""
+        return {k: getattr(self, k) for k in OVERHEADS}
+
+
+@dataclass(kw_only=True, frozen=True)
+class KernelCost(TileModel):
+    """Relative cost of a kernel's tiles (no absolute speed is needed to balance ranks)."""
+
     bwd_weight: float = 2.5
     """Time of a full backward tile over a full forward tile (``2.5 × eff_fwd / eff_bwd``)."""
 
@@ -67,7 +80,7 @@ BWD_FLOP_RATIO = 2.5
 """Backward / forward FLOPs of attention (FlashAttention's benchmark convention: 5 matmuls vs 2)."""
 
 OVERHEADS = ("fwd_diag", "fwd_q_tile", "fwd_k_tile", "bwd_diag", "bwd_q_tile", "bwd_k_tile")
-"""The overhead fields of :class:`KernelCost` (and of the simulator's ``Cluster``)."""
+"""The overhead fields of :class:`TileModel`."""
 
 PAIRS = KernelCost(tile=1)
 """Visible (query, key) pairs only: the cost ``balance="pairs"`` equalises."""

@@ -24,18 +24,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from .layout import FCPPlan
-
-
-def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` as int64, vectorised."""
-    starts = np.asarray(starts, dtype=np.int64)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    return shift + np.arange(total, dtype=np.int64)
+from .spans import ranges
 
 
 def _tensor(a) -> torch.Tensor:
@@ -120,6 +109,7 @@ class RankView(_Movable):
     num_recv: int  # rows of the receive buffer (remote KV tokens)
     local_tasks: TaskList
     stages: tuple[StageView, ...]
+    kernel: str | None = None  # attention kernel backend (the plan's ``settings.kernel``; None: automatic)
 
     @property
     def num_local(self) -> int:
@@ -130,7 +120,8 @@ class RankView(_Movable):
         return int(self.seq_lens.numel())
 
 
-def build_rank_view(plan: FCPPlan, rank: int) -> RankView:
+def build_rank_view(plan, rank: int) -> RankView:
+    """Rank ``rank``'s view of ``plan`` (an :class:`hf_fcp.plan.fcp_plan.FCPPlan`; use ``plan.for_rank``)."""
     spans = np.asarray(plan.rank_spans[rank], dtype=np.int64).reshape(-1, 3)
     lens = spans[:, 2] - spans[:, 1]
     local_off = np.concatenate([[0], np.cumsum(lens)])[:-1]
@@ -151,6 +142,7 @@ def build_rank_view(plan: FCPPlan, rank: int) -> RankView:
         num_recv=sum(t.tokens for t in mine if t.dst == rank),
         local_tasks=_local_tasks(spans, local_off, by_seq),
         stages=_stages(plan, rank, mine, spans, local_off, by_seq),
+        kernel=plan.settings.kernel,
     )
 
 
@@ -176,7 +168,7 @@ def _send_rows(pieces, by_seq) -> np.ndarray:
     return ranges(np.array(starts, np.int64), np.array(lens, np.int64))
 
 
-def _stages(plan: FCPPlan, rank, mine, spans, local_off, by_seq) -> tuple[StageView, ...]:
+def _stages(plan, rank, mine, spans, local_off, by_seq) -> tuple[StageView, ...]:
     sends = {t.round: t for t in mine if t.src == rank}
     recvs = {t.round: t for t in mine if t.dst == rank}
     out, buf = [], 0

@@ -23,9 +23,9 @@ from collections import deque
 import torch
 from torch import Tensor
 
+from ..plan.views import RankView, TaskList
 from . import comm
 from .kernels import merge_partial, select_backend, varlen_backward, varlen_forward
-from .views import RankView, TaskList
 
 
 def fcp_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=None, scale: float | None = None,
@@ -41,7 +41,8 @@ def fcp_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=None
             group bound at setup, else WORLD). A view with ``world_size == 1`` needs none and ignores the
             default group (plain local attention, no torch.distributed call, also inside a distributed job).
         scale: softmax scale, default ``D ** -0.5``.
-        backend: kernel backend (``hf_fcp.kernels.select_backend``), default automatic.
+        backend: kernel backend (:func:`hf_fcp.engine.kernels.select_backend`); default the view's
+            ``kernel`` (the plan's ``PlanSettings.kernel``), else automatic for q's device and dtype.
         prefetch: forward K/V stages in flight ahead of the compute (``None``: all stages are posted at the
             start, so the transfers run back to back while the kernels work; ``1``: the next stage is posted
             when the previous one arrived). More stages ahead hide more latency and keep more send buffers
@@ -90,7 +91,7 @@ def prepare(q, k, v, view, group, scale, backend, check=None):
     if error:
         raise ValueError(error)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = select_backend(q.device, q.dtype, backend)
+    backend = select_backend(q.device, q.dtype, backend or view.kernel)
     if view.token_index.device != q.device:
         view = view.to(q.device)
     return (group if world > 1 else None), scale, backend, view

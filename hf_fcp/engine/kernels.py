@@ -32,9 +32,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..plan.settings import KERNELS as BACKENDS
 from . import kernels_cuda as _cuda
 
-BACKENDS = ("torch_cpu", "flash_attn", "torch_cuda", "naive")
 TORCH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _GROUP_MAX_LEN = 512  # segments up to this length with equal (Lq, Lk) share one batched kernel call

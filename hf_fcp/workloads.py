@@ -1,4 +1,6 @@
-"""Sequence-length workloads (DESIGN.md §4) and global batches filled to a token budget.
+"""Sequence-length workloads (DESIGN.md §4), global batches filled to a token budget, and the files of this
+machine's Python standard library (the embedded corpus and the ``stdlib`` workload). Used by the simulator,
+the benchmarks, the tests and the embedded training defaults; numpy only.
 
 Distributions (``parse_distribution(spec)``):
 
@@ -11,7 +13,7 @@ Distributions (``parse_distribution(spec)``):
   0.006, about half the tokens), long ones log-uniform in 64K–512K.
 * ``stdlib`` — real lengths measured on this machine: the Python standard library's ``.py`` files as
   documents, tokens ≈ bytes / 4 (BPE tokenizers average ~4 bytes per token on English and code).
-* ``file:PATH`` — empirical lengths from a file (JSON list or one integer per line).
+* ``file:PATH`` — empirical lengths from a file (JSON list or one integer per line, :func:`read_lengths`).
 
 A batch is filled to exactly ``world_size × tokens_per_rank`` tokens by drawing lengths until the budget
 is reached; the last sequence is cut to fit (never padded). Batches are seeded.
@@ -19,12 +21,15 @@ is reached; the last sequence is cut to fit (never padded). Batches are seeded.
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from .plan.checks import check_seq_lens
 
 K = 1024
 M = 1024 * 1024
@@ -86,30 +91,66 @@ def make_batches(dist: Distribution, *, world_size: int, tokens_per_rank: int, s
             for step in range(steps)]
 
 
+def stdlib_files(max_documents: int | None = None, seed: int = 0) -> list[Path]:
+    """The standard library's non-empty ``.py`` files (no site-packages), sorted; a seeded sample of
+    ``max_documents`` of them when given."""
+    files = _stdlib_files()
+    if max_documents is not None and max_documents < len(files):
+        pick = np.random.default_rng(seed).choice(len(files), size=max_documents, replace=False)
+        files = tuple(files[i] for i in sorted(pick.tolist()))
+    return list(files)
+
+
+@lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[Path, ...]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = tuple(sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file()
+                         and p.stat().st_size > 0))
+    if not files:
+        raise ValueError(f"no .py files found under the standard library at {root}")
+    return files
+
+
 @lru_cache(maxsize=1)
 def stdlib_lengths() -> tuple[int, ...]:
     """Token counts (bytes / 4, at least 1) of every ``.py`` file of this interpreter's standard library."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    sizes = [p.stat().st_size for p in sorted(root.rglob("*.py")) if p.is_file() and "site-packages" not in p.parts]
-    lengths = tuple(max(1, s // STDLIB_BYTES_PER_TOKEN) for s in sizes if s > 0)
-    if not lengths:
-        raise ValueError(f"no .py files found under the standard library at {root}")
-    return lengths
+    return tuple(max(1, p.stat().st_size // STDLIB_BYTES_PER_TOKEN) for p in _stdlib_files())
 
 
-def read_lengths_file(path: str) -> tuple[int, ...]:
-    """Lengths from a JSON list or a text file with one integer per line (``#`` comments allowed)."""
-    from ..cli import read_lengths
-    from ..config import check_seq_lens
-
-    return check_seq_lens(read_lengths(path))
+def read_lengths(path: str) -> tuple[int, ...]:
+    """Sequence lengths from ``path``: a JSON list of integers, or text with one integer per line (blank
+    lines and ``#`` comments ignored). Raises ValueError naming the file and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"lengths file {path!r} does not exist (expected a JSON list or one length per line)")
+    text = p.read_text(encoding="utf-8", errors="replace").strip()
+    if not text:
+        raise ValueError(f"lengths file {path!r} is empty: expected at least one sequence length")
+    if text.startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"lengths file {path!r} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        if not isinstance(values, list):
+            raise ValueError(f"lengths file {path!r} must hold a JSON list of integers")
+        return check_seq_lens(values)
+    values = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            values.append(int(line))
+        except ValueError:
+            raise ValueError(f"lengths file {path!r} line {n}: {line!r} is not an integer length") from None
+    return check_seq_lens(values)
 
 
 def parse_distribution(spec: str) -> Distribution:
     """A :class:`Distribution` from a spec string (see the module docstring)."""
     name, _, args = spec.partition(":")
     if name == "file":
-        return Distribution(name=spec, kind="empirical", lengths=read_lengths_file(args))
+        return Distribution(name=spec, kind="empirical", lengths=read_lengths(args))
     if name == "stdlib" and not args:
         return Distribution(name=spec, kind="empirical", lengths=stdlib_lengths())
     if name == "paper" and not args:

@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .layout import FCPPlan
+from .fcp_plan import FCPPlan
 
 
 class PlanError(AssertionError):

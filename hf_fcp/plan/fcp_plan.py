@@ -1,6 +1,7 @@
 """Plan data types: where every token lives and which KV tokens move where, in which round.
 
-Pure data and arithmetic on it; no torch.distributed. Terms used throughout:
+Pure data and arithmetic on it (numpy only: planning never imports torch; ``for_rank`` does, on use).
+Terms used throughout:
 
 * **global batch**: sequences ``0..n-1`` of lengths ``seq_lens``; token ``p`` of sequence ``s`` has global
   index ``offsets[s] + p`` in the concatenated batch.
@@ -14,25 +15,21 @@ Pure data and arithmetic on it; no torch.distributed. Terms used throughout:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
+
 import numpy as np
 
-from .config import PlanOptions
 from .cost import PAIRS, kernel_for, rank_work
+from .settings import PlanSettings
+from .spans import Span, span_cost
 
-Span = tuple[int, int, int]
 
-
-def span_cost(start, end):
-    """Causal pairs of the token range ``[start, end)``: sum of ``p + 1`` for p in the range.
-
-    Works on ints and on numpy arrays (elementwise, float64 to avoid overflow at 2M-token sequences).
-    """
-    start = np.asarray(start, dtype=np.float64)
-    end = np.asarray(end, dtype=np.float64)
-    out = (end * (end + 1) - start * (start + 1)) / 2
-    return float(out) if out.ndim == 0 else out
+def imbalance(values) -> float:
+    """max / mean − 1 of per-rank values (0 when the mean is 0): how far the busiest rank is above average."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean()) if values.size else 0.0
+    return 0.0 if mean <= 0 else float(values.max()) / mean - 1.0
 
 
 class Transfer(NamedTuple):
@@ -49,6 +46,73 @@ class Transfer(NamedTuple):
         return sum(end - start for _, start, end in self.pieces)
 
 
+class _Record:
+    """Dataclass of figures that also reads like a dict (``stats.rounds`` or ``stats["rounds"]``, as
+    transformers' ``ModelOutput`` does), so figures can be logged or serialised by name."""
+
+    def __getitem__(self, name: str):
+        if name not in self.keys():
+            raise KeyError(f"{name!r}: expected one of {list(self.keys())}")
+        return getattr(self, name)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def items(self):
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PlanStats(_Record):
+    """Summary figures of a plan (:meth:`FCPPlan.stats`); imbalances are max / mean − 1 over ranks."""
+
+    compute_imbalance: float
+    """Of what the planner balances: modelled kernel work under ``balance="kernel"`` (the default),
+    causal pairs under ``"pairs"``."""
+    pairs_imbalance: float
+    """Of causal (query, key) pairs alone."""
+    memory_imbalance: float
+    """Of tokens held."""
+    comm_bytes: int
+    """K+V bytes moved over the whole batch (forward; the backward returns as many dK/dV bytes)."""
+    max_rank_comm_bytes: int
+    """The largest per-rank traffic: max over ranks of max(bytes in, bytes out)."""
+    rounds: int
+    """Congestion-free rounds."""
+    stages: int
+    """Communication stages after coalescing ``rounds_per_stage`` rounds."""
+    max_spans_per_rank: int
+    """Most token ranges any rank holds."""
+    plan_ms: float
+    """Planner wall time, milliseconds."""
+    tokens: int
+    """Tokens in the global batch."""
+    sequences: int
+    """Sequences in the global batch."""
+
+
+@dataclass(frozen=True)
+class RankLoads(_Record):
+    """Per-rank arrays (W,) of one plan (:meth:`FCPPlan.rank_loads`)."""
+
+    tokens: np.ndarray
+    """int64: tokens held."""
+    cost: np.ndarray
+    """float64: attention cost in causal pairs."""
+    work: np.ndarray
+    """float64: modelled kernel work in pairs (:func:`hf_fcp.plan.cost.rank_work` under the ``balance`` /
+    ``kernel_cost`` settings; the pairs themselves under ``balance="pairs"``)."""
+    kv_in: np.ndarray
+    """int64: KV tokens received."""
+    kv_out: np.ndarray
+    """int64: KV tokens sent."""
+    spans: np.ndarray
+    """int64: number of held spans."""
+
+
 @dataclass(frozen=True)
 class FCPPlan:
     """The plan of one global batch for all ranks. Build it with :func:`hf_fcp.plan_batch`.
@@ -60,13 +124,15 @@ class FCPPlan:
     world_size: int
     block_size: int
     tokens_per_rank: int
+    """The per-rank token cap this plan was made under (``settings.tokens_per_rank`` resolved)."""
     strategy: str
+    """The placement's name (``settings.strategy``, or a simulator baseline's name)."""
     rank_spans: tuple[tuple[Span, ...], ...]
     """Per rank, its held spans in local token order."""
     transfers: tuple[Transfer, ...]
     """All messages, sorted by (round, src)."""
     num_rounds: int
-    options: PlanOptions = field(default_factory=PlanOptions)
+    settings: PlanSettings = field(default_factory=PlanSettings)
     collective: bool = False
     """True for ``ring``/``allgather``: ``transfers`` is left empty (it grows as W² × sequences) and each
     rank's messages are built on demand by ``transfers_of``: in round k, rank r sends to rank r+k+1 all
@@ -87,7 +153,7 @@ class FCPPlan:
     @property
     def stages(self) -> tuple[tuple[int, int], ...]:
         """Communication stages as half-open round ranges ``[r0, r1)``, ``rounds_per_stage`` rounds each."""
-        step = self.options.rounds_per_stage
+        step = self.settings.rounds_per_stage
         return tuple((r, min(r + step, self.num_rounds)) for r in range(0, self.num_rounds, step))
 
     def spans(self, rank: int) -> list[Span]:
@@ -128,8 +194,11 @@ class FCPPlan:
         return mat
 
     def for_rank(self, rank: int):
-        """The picklable per-rank view the attention engine and collator use (see ``RankView``)."""
-        from .views import build_rank_view
+        """The picklable per-rank view the attention engine and collator use (a
+        :class:`hf_fcp.plan.views.RankView` of int64 CPU tensors)."""
+        from .views import (
+            build_rank_view,  # torch is loaded here, on use: planning alone never needs it
+        )
 
         self._check_rank(rank)
         return build_rank_view(self, rank)
@@ -139,16 +208,13 @@ class FCPPlan:
             raise ValueError(f"rank must be an integer in [0, {self.world_size}), got {rank!r}")
 
     # ---- accounting ------------------------------------------------------------------------------------
-    def rank_loads(self) -> dict[str, np.ndarray]:
-        """Per-rank arrays (W,): ``tokens`` held, attention ``cost`` (causal pairs), ``work`` (modelled
-        kernel work in pairs, :func:`hf_fcp.cost.seq_cost` under the ``balance`` / ``kernel_cost``
-        options), ``kv_in`` and ``kv_out`` (KV tokens received / sent), ``spans`` (number of held spans)."""
+    def rank_loads(self) -> RankLoads:
+        """Per-rank loads (:class:`RankLoads`): tokens, causal pairs, modelled kernel work, KV in/out, spans."""
         w = self.world_size
         tokens, cost, work = np.zeros(w, np.int64), np.zeros(w, np.float64), np.zeros(w, np.float64)
         mat = self.comm_matrix()
-        kv_in, kv_out = mat.sum(axis=0), mat.sum(axis=1)
         nspans = np.zeros(w, np.int64)
-        kernel = kernel_for(self.options.balance, self.options.kernel_cost)
+        kernel = kernel_for(self.settings.balance, self.settings.kernel_cost)
         for r, spans in enumerate(self.rank_spans):
             if spans:
                 arr = np.asarray(spans, dtype=np.int64)
@@ -156,38 +222,28 @@ class FCPPlan:
                 cost[r] = float(span_cost(arr[:, 1], arr[:, 2]).sum())
                 work[r] = cost[r] if kernel == PAIRS else rank_work(spans, kernel)
             nspans[r] = len(spans)
-        return {"tokens": tokens, "cost": cost, "work": work, "kv_in": kv_in, "kv_out": kv_out, "spans": nspans}
+        return RankLoads(tokens=tokens, cost=cost, work=work, kv_in=mat.sum(axis=0), kv_out=mat.sum(axis=1),
+                         spans=nspans)
 
-    def stats(self) -> dict[str, float | int]:
-        """Summary figures of the plan.
-
-        ``compute_imbalance``: max/mean − 1 over ranks of what the planner balances (``work`` under
-        ``balance="kernel"``, the default; causal pairs under ``"pairs"``); ``pairs_imbalance``: the same
-        of causal pairs alone; ``memory_imbalance``: of tokens held.
-        ``comm_bytes``: total K+V bytes moved (``kv_heads``, ``head_dim``, ``kv_dtype`` options).
-        ``max_rank_comm_bytes``: the largest per-rank traffic, max over ranks of max(bytes in, bytes out).
-        ``rounds``: congestion-free rounds; ``stages``: after coalescing; ``plan_ms``: planner wall time.
-        """
+    def stats(self) -> PlanStats:
+        """Summary figures of the plan (:class:`PlanStats`; bytes from the ``kv_heads``, ``head_dim`` and
+        ``kv_dtype`` settings)."""
         loads = self.rank_loads()
-        per_tok = self.options.kv_bytes_per_token
-        return {
-            "compute_imbalance": _imbalance(loads["work" if self.options.balance == "kernel" else "cost"]),
-            "pairs_imbalance": _imbalance(loads["cost"]),
-            "memory_imbalance": _imbalance(loads["tokens"]),
-            "comm_bytes": int(loads["kv_in"].sum()) * per_tok,
-            "max_rank_comm_bytes": int(np.maximum(loads["kv_in"], loads["kv_out"]).max()) * per_tok,
-            "rounds": self.num_rounds,
-            "stages": len(self.stages),
-            "max_spans_per_rank": int(loads["spans"].max()),
-            "plan_ms": round(self.plan_ms, 3),
-        }
+        per_tok = self.settings.kv_bytes_per_token
+        return PlanStats(
+            compute_imbalance=imbalance(loads.work if self.settings.balance == "kernel" else loads.cost),
+            pairs_imbalance=imbalance(loads.cost), memory_imbalance=imbalance(loads.tokens),
+            comm_bytes=int(loads.kv_in.sum()) * per_tok,
+            max_rank_comm_bytes=int(np.maximum(loads.kv_in, loads.kv_out).max()) * per_tok,
+            rounds=self.num_rounds, stages=len(self.stages), max_spans_per_rank=int(loads.spans.max()),
+            plan_ms=round(self.plan_ms, 3), tokens=self.num_tokens, sequences=len(self.seq_lens))
 
     @property
     def fingerprint(self) -> str:
         """16 hex digits identifying the plan (inputs, placement, rounds); equal plans, equal fingerprints."""
         h = hashlib.blake2b(digest_size=8)
         head = (self.strategy, self.world_size, self.block_size, self.tokens_per_rank, self.num_rounds,
-                self.options.rounds_per_stage)
+                self.settings.rounds_per_stage)
         h.update(repr(head).encode())
         h.update(np.asarray(self.seq_lens, dtype=np.int64).tobytes())
         for spans in self.rank_spans:
@@ -201,12 +257,8 @@ class FCPPlan:
         """JSON-ready summary: ``stats()`` plus strategy, sizes and, optionally, every rank's spans."""
         out = {"strategy": self.strategy, "world_size": self.world_size, "block_size": self.block_size,
                "tokens_per_rank": self.tokens_per_rank, "num_tokens": self.num_tokens,
-               "num_sequences": len(self.seq_lens), **self.stats()}
+               "num_sequences": len(self.seq_lens), **self.stats().to_dict()}
         if assignment:
             out["ranks"] = [[list(s) for s in spans] for spans in self.rank_spans]
         return out
 
-
-def _imbalance(values: np.ndarray) -> float:
-    mean = float(np.mean(values))
-    return 0.0 if mean <= 0 else float(np.max(values)) / mean - 1.0

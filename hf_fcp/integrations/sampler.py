@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from .config import check_positive_int
+from ..plan.checks import check_choice, check_int
 
 LONG_SEQUENCE_POLICIES = ("split", "truncate", "error")
 Piece = tuple[int, int, int]  # (example index, start token, end token)
@@ -36,12 +36,9 @@ class TokenBudgetSampler(Sampler[list[Piece]]):
 
     def __init__(self, lengths: Sequence[int], *, max_tokens: int, long_sequence_policy: str = "split",
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, window: int = 256):
-        self.max_tokens = check_positive_int("max_tokens", max_tokens)
-        self.window = check_positive_int("window", window)
-        if long_sequence_policy not in LONG_SEQUENCE_POLICIES:
-            raise ValueError(f"long_sequence_policy: got {long_sequence_policy!r}, expected one of "
-                             f"{LONG_SEQUENCE_POLICIES}")
-        self.policy = long_sequence_policy
+        self.max_tokens = check_int("max_tokens", max_tokens)
+        self.window = check_int("window", window)
+        self.policy = check_choice("long_sequence_policy", long_sequence_policy, LONG_SEQUENCE_POLICIES)
         self.lengths = _check_lengths(lengths, self.max_tokens, self.policy)
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
         self.epoch = 0

@@ -1,0 +1,123 @@
+"""Communication rounds: which K/V each rank needs from whom, coloured into congestion-free rounds.
+
+A rank holding query tokens of sequence ``s`` up to position ``e`` needs the K/V of ``s``'s tokens
+``[0, e)``; those it does not hold come from their owners. Every (owner, receiver) pair becomes ONE
+message carrying all the spans the receiver needs from that owner, so each KV token reaches each rank at
+most once. Messages are edges of a bipartite graph (senders × receivers); a proper edge colouring with Δ
+colours (Kőnig: Δ = the largest number of messages any rank sends or receives) gives Δ congestion-free
+rounds, found with alternating-path recolouring. Pure functions of the placement.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from .fcp_plan import Transfer
+from .spans import Span
+
+
+def _spans_by_seq(spans: list[list[Span]]) -> dict[int, list[tuple[int, int, int]]]:
+    """seq -> its spans over all ranks as (start, end, rank), sorted by start."""
+    by_seq: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    for r, rank_spans in enumerate(spans):
+        for s, a, b in rank_spans:
+            by_seq[s].append((a, b, r))
+    for lst in by_seq.values():
+        lst.sort()
+    return by_seq
+
+
+def needed_pieces(spans) -> dict[tuple[int, int], list[Span]]:
+    """(src, dst) -> spans src holds that dst needs (causal prefix of dst's last held token, not held)."""
+    pairs: dict[tuple[int, int], list[Span]] = defaultdict(list)
+    for s, lst in sorted(_spans_by_seq(spans).items()):
+        if len({r for _, _, r in lst}) < 2:
+            continue
+        last_end: dict[int, int] = {}
+        for a, b, r in lst:
+            last_end[r] = b
+        for dst, e in sorted(last_end.items()):
+            for a, b, src in lst:
+                if a >= e:
+                    break
+                if src != dst:  # a < e and disjoint from dst's spans, so the whole span is needed
+                    pairs[(src, dst)].append((s, a, b))
+    return pairs
+
+
+def colour_rounds(pairs) -> tuple[tuple[Transfer, ...], int]:
+    """Proper edge colouring of the bipartite message graph (senders × receivers) with Δ colours.
+
+    Each edge takes the lowest colour free at both ends when one below Δ exists (almost always);
+    otherwise Kőnig's alternating-path swap frees one (the colour -> peer maps that needs are built on
+    the first such swap only). Edges go in the (deterministic) order of ``pairs``."""
+    edges = list(pairs)  # needed_pieces inserts in a deterministic order; no sort needed
+    if not edges:
+        return (), 0
+    n = 1 + max(max(u, v) for u, v in edges)
+    used_src, used_dst = [0] * n, [0] * n  # bitmask of colours in use at each sender / receiver
+    delta = max(max(Counter(u for u, _ in edges).values()), max(Counter(v for _, v in edges).values()))
+    colour: dict[tuple[int, int], int] = {}
+    maps = None  # (src -> colour -> dst, dst -> colour -> src), once a swap is needed
+    for u, v in edges:
+        both = used_src[u] | used_dst[v]
+        a = (~both & (both + 1)).bit_length() - 1
+        if a >= delta:
+            if maps is None:
+                maps = (defaultdict(dict), defaultdict(dict))
+                for (x, y), c in colour.items():
+                    maps[0][x][c] = y
+                    maps[1][y][c] = x
+            a = _lowest_zero_bit(used_src[u])
+            b = _lowest_zero_bit(used_dst[v])
+            if a != b and a in maps[1][v]:
+                _flip_path(v, a, b, *maps, used_src, used_dst, colour)
+        if maps is not None:
+            maps[0][u][a] = v
+            maps[1][v][a] = u
+        used_src[u] |= 1 << a
+        used_dst[v] |= 1 << a
+        colour[(u, v)] = a
+    by_round: list[list[tuple[int, int]]] = [[] for _ in range(delta)]
+    for edge, c in colour.items():
+        by_round[c].append(edge)
+    return tuple(Transfer(u, v, c, tuple(pairs[(u, v)]))
+                 for c, edges_c in enumerate(by_round) for u, v in sorted(edges_c)), delta
+
+
+def _lowest_zero_bit(mask: int) -> int:
+    return (~mask & (mask + 1)).bit_length() - 1
+
+
+def _flip_path(v: int, a: int, b: int, at_src, at_dst, used_src, used_dst, colour) -> None:
+    """Swap colours a and b along the alternating path that starts at receiver ``v`` with colour ``a``
+    (a is free at the new edge's sender, b free at ``v``; afterwards a is free at ``v``)."""
+    path = []  # (src, dst, colour) edges of the path
+    node, at_receiver, col = v, True, a
+    while True:
+        other = (at_dst if at_receiver else at_src)[node].get(col)
+        if other is None:
+            break
+        path.append((other, node, col) if at_receiver else (node, other, col))
+        node, at_receiver, col = other, not at_receiver, (b if col == a else a)
+    for u, w, c in path:
+        del at_src[u][c]
+        del at_dst[w][c]
+    for u, w, c in path:
+        nc = b if c == a else a
+        at_src[u][nc] = w
+        at_dst[w][nc] = u
+        colour[(u, w)] = nc
+    # Inner nodes keep both colours; only the two end points of the path change their sets.
+    used_dst[v] = _mask(at_dst[v])
+    if at_receiver:
+        used_dst[node] = _mask(at_dst[node])
+    else:
+        used_src[node] = _mask(at_src[node])
+
+
+def _mask(colours: dict[int, int]) -> int:
+    m = 0
+    for c in colours:
+        m |= 1 << c
+    return m

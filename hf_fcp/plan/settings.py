@@ -1,0 +1,107 @@
+"""``PlanSettings``: every setting of the planner in one validated object.
+
+It is built once (by ``FCPPlugin``, the collator, the CLI or a direct ``plan_batch`` call), validated in
+``__post_init__``, and then travels as itself to the planner, into the plan (``plan.settings``) and to
+every rank's view (``view.kernel``). Every check raises ``ValueError`` naming the setting, the value and
+what is allowed ("got X, expected Y"), before any process group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .checks import check_choice, check_int, check_number
+from .cost import KernelCost
+
+STRATEGIES = ("fcp", "ring", "allgather", "packing")
+"""Placements ``plan_batch`` makes: this library's (``fcp``) and the simple ones it is compared with."""
+BALANCE = ("kernel", "pairs")
+KERNELS = ("torch_cpu", "flash_attn", "torch_cuda", "naive")
+"""Attention kernel backends the engine runs (see :mod:`hf_fcp.engine.kernels`); None = automatic."""
+KV_DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "fp8": 1}
+
+
+@dataclass(kw_only=True, frozen=True)
+class PlanSettings:
+    """How to plan a global batch (everything but the lengths and the world size)."""
+
+    block_size: int = 4096
+    """Tokens per block: sequences are cut into blocks of this size (the last one may be partial)."""
+    tokens_per_rank: int | None = None
+    """Hard cap on the tokens a rank holds; None: an even share of each batch, ``ceil(total / W)``."""
+    strategy: str = "fcp"
+    """``fcp`` (this library), or for comparison ``ring`` (zigzag over all ranks), ``allgather`` (contiguous
+    shards, K/V all-gathered) and ``packing`` (whole sequences, no context parallelism)."""
+    kv_heads: int = 8
+    """Key/value heads per token, used only to convert KV tokens into bytes in ``stats()``."""
+    head_dim: int = 128
+    """Head dimension, used only for byte counts in ``stats()``."""
+    kv_dtype: str = "bf16"
+    """Element type of K and V on the wire: one of bf16, fp16, fp32, fp8 (bytes in ``stats()``)."""
+    rounds_per_stage: int = 1
+    """Coalesce this many consecutive congestion-free rounds into one communication stage (≥ 1)."""
+    locality: float = 0.5
+    """fcp only: keep a sequence's next block on the rank holding its neighbour while that rank still
+    needs at least ``locality`` × the work of the neediest rank (0 = always, 1 = never prefer locality)."""
+    balance: str = "kernel"
+    """fcp only: what the placement equalises across ranks. ``"kernel"``: modelled attention-kernel work —
+    the causal pairs plus what a FlashAttention-style kernel spends beyond them (partial and diagonal
+    tiles, per-tile set-up; :mod:`hf_fcp.plan.cost`); ``"pairs"``: causal (query, key) pairs only."""
+    kernel_cost: KernelCost | None = None
+    """The kernel model ``balance="kernel"`` uses: a :class:`hf_fcp.plan.cost.KernelCost` (e.g. a calibrated
+    cluster's ``Cluster.kernel_cost()``); ``None``: :data:`hf_fcp.plan.cost.FLASH`, PyTorch's
+    FlashAttention-2 kernel measured on an H200."""
+    kernel: str | None = None
+    """Attention kernel backend every rank runs this plan's attention with (:data:`KERNELS`); None picks
+    the best one for the tensors' device and dtype. It reaches the attention layers with the rank views."""
+
+    def __post_init__(self) -> None:
+        check_int("block_size", self.block_size)
+        check_int("tokens_per_rank", self.tokens_per_rank, optional=True)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_int("kv_heads", self.kv_heads)
+        check_int("head_dim", self.head_dim)
+        check_choice("kv_dtype", self.kv_dtype, sorted(KV_DTYPE_BYTES))
+        check_int("rounds_per_stage", self.rounds_per_stage)
+        check_number("locality", self.locality, high=1.0, low_open=False)
+        check_choice("balance", self.balance, BALANCE)
+        if self.kernel_cost is not None and not isinstance(self.kernel_cost, KernelCost):
+            raise ValueError(f"kernel_cost: got {type(self.kernel_cost).__name__}, expected an "
+                             f"hf_fcp.plan.cost.KernelCost or None")
+        if self.kernel is not None:
+            check_choice("kernel", self.kernel, KERNELS)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K plus V for one token: 2 × kv_heads × head_dim × element size."""
+        return 2 * self.kv_heads * self.head_dim * KV_DTYPE_BYTES[self.kv_dtype]
+
+    def resolve_tokens_per_rank(self, total: int, world_size: int) -> int:
+        """The per-rank token cap of a batch of ``total`` tokens: ``tokens_per_rank`` if set (it must hold
+        the batch), else an even share."""
+        even = -(-total // world_size)
+        cap = self.tokens_per_rank
+        if cap is None:
+            return even
+        if cap * world_size < total:
+            raise ValueError(
+                f"tokens_per_rank={cap} is too small: the batch holds {total} tokens, more than "
+                f"world_size × tokens_per_rank = {world_size} × {cap} = {cap * world_size}; "
+                f"use tokens_per_rank >= {even} or a smaller batch")
+        return cap
+
+
+def settings_from(settings: PlanSettings | None, overrides: dict) -> PlanSettings:
+    """``settings`` with ``overrides`` applied (validated), or new settings from the overrides alone.
+    Unknown names raise with the list of allowed ones."""
+    allowed = sorted(PlanSettings.__dataclass_fields__)
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown planner setting(s) {unknown}; allowed settings are {allowed}")
+    if settings is None:
+        return PlanSettings(**overrides)
+    if not isinstance(settings, PlanSettings):
+        raise ValueError(f"settings: got {type(settings).__name__}, expected an hf_fcp.PlanSettings")
+    if not overrides:
+        return settings  # validated when it was built
+    return replace(settings, **overrides)

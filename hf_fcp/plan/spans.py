@@ -1,0 +1,33 @@
+"""Span arithmetic shared by the planner, the views and the simulator (numpy only).
+
+A **span** ``(seq, start, end)`` is the half-open token range ``[start, end)`` of sequence ``seq``; its
+**cost** is its causal (query, key) pairs: a token at position ``p`` sees ``p + 1`` keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Span = tuple[int, int, int]
+
+
+def span_cost(start, end):
+    """Causal pairs of the token range ``[start, end)``: sum of ``p + 1`` for p in the range.
+
+    Works on ints and on numpy arrays (elementwise, float64 to avoid overflow at 2M-token sequences).
+    """
+    start = np.asarray(start, dtype=np.float64)
+    end = np.asarray(end, dtype=np.float64)
+    out = (end * (end + 1) - start * (start + 1)) / 2
+    return float(out) if out.ndim == 0 else out
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` as int64, vectorised."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return shift + np.arange(total, dtype=np.int64)
