@@ -46,6 +46,11 @@ class FCPTrainer(Trainer):
         self._fcp_sums: dict[str, float] = defaultdict(float)
         self._fcp_steps = 0
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if _promote_fsdp_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
+
     # ---- data ----------------------------------------------------------------------------------------
     def get_train_dataloader(self):
         if self.train_dataset is None:
@@ -131,3 +136,27 @@ def check_training_args(args, flag_prefix: str = "") -> None:
     if args.world_size > 1 and not args.average_tokens_across_devices:
         raise ValueError(f"{name('average_tokens_across_devices')}: got False, expected True (ranks hold "
                          f"different token counts; the loss is exact only when the label count is summed over ranks)")
+
+
+def _promote_fsdp_on_cpu(accelerator, args) -> bool:
+    """Accelerate runs FSDP only on accelerators: a multi-process CPU (gloo) job asked for FSDP (``--fsdp`` /
+    ``fsdp_config`` or an accelerate config with ``distributed_type: FSDP``) silently falls back to DDP. Here
+    such a job gets the FSDP plugin it asked for, so the CPU runs the same Accelerate FSDP2 code path
+    (``fully_shard`` on a CPU device mesh) as a GPU job. Returns whether it promoted the state."""
+    import os
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    wanted = args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wanted or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}))
+    if plugin.fsdp_version != 2:
+        raise ValueError(f"fsdp_config version: got {plugin.fsdp_version}, expected 2 on a CPU (gloo) job; FSDP1 "
+                         f"needs accelerators")
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    return True

@@ -40,6 +40,31 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
 
 
+def _follow_autocast(fn):
+    """Run ``fn(module, query, key, value, ...)`` under the autocast policy ``sdpa`` follows.
+
+    Under ``torch.autocast`` transformers hands the attention function q/k in fp32 (RoPE upcasts) and v in
+    the autocast dtype; like ``scaled_dot_product_attention``, q/k/v are cast to the autocast dtype (float64
+    stays float64, as autocast leaves it) and the output comes back in that dtype. Autocast is then switched
+    off inside, so the engine's fp32 accumulators (the LSE merge, dq/dk/dv) are never downcast. Without
+    autocast the tensors pass unchanged (plain bf16/fp16 weights give q/k/v of one dtype already).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(module, query, key, value, *args, **kwargs):
+        device = query.device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(module, query, key, value, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t if t.dtype == torch.float64 else t.to(dtype) for t in (query, key, value))
+        with torch.autocast(device, enabled=False):
+            return fn(module, query, key, value, *args, **kwargs)
+
+    return wrapper
+
+
+@torch.compiler.disable  # torch.compile: one clean graph break per attention call (the P2P exchange stays eager)
+@_follow_autocast
 def fcp_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           sliding_window: int | None = None, softcap: float | None = None,
