@@ -1,5 +1,5 @@
 """The training stack through FCPTrainer and TrainingArguments, as users turn it on: FSDP2 (``fsdp=True,
-fsdp_config={"version": 2}``), activation checkpointing (``gradient_checkpointing=True``), gradient
+fsdp_config={"version": 2}``), activation checkpointing (``activation_checkpointing=True``), gradient
 accumulation, ``torch_compile=True`` and ``bf16=True`` — each on 2 and 3 spawned gloo ranks against the
 one-process run of the same global batches (3 steps of the tiny Llama; logged losses and the parameter update).
 
@@ -22,13 +22,13 @@ from hf_fcp.testing import run_workers
 from hf_fcp.testing.models import train_run, train_runs_worker
 
 FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
-STACK = {**FSDP2, "gradient_checkpointing": True, "gradient_accumulation_steps": 2}
+STACK = {**FSDP2, "activation_checkpointing": True, "gradient_accumulation_steps": 2}
 COMPILE = {"torch_compile": True, "torch_compile_backend": "aot_eager"}
 CASES = {  # name: (TrainingArguments overrides, one-process reference, world sizes)
     "fsdp2+checkpointing+accumulation": (STACK, "accumulation", (2, 3)),
     "fsdp2": (FSDP2, "plain", (2,)),
     "ddp+accumulation": ({"gradient_accumulation_steps": 2}, "accumulation", (2,)),
-    "ddp+checkpointing": ({"gradient_checkpointing": True}, "plain", (3,)),
+    "ddp+checkpointing": ({"activation_checkpointing": True}, "plain", (3,)),
     "compile": (COMPILE, "plain", (2, 3)),
     "bf16": ({"bf16": True}, "bf16", (2, 3)),
 }
