@@ -142,7 +142,7 @@ def run(mode: str, opts, data, world: int) -> dict:
     out = {"mode": mode, "steps_timed": len(seconds), "step_s": float(seconds.mean()),
            "tokens_per_s": tokens / float(seconds.sum()), "loss": logs["loss"]}
     if mode == "fcp":
-        out.update({k: logs[f"fcp/{k}"] for k in ("compute_imbalance", "memory_imbalance", "comm_bytes")})
+        out.update({k: logs[f"fcp/{k}"] for k in ("compute_imbalance", "memory_imbalance", "comm_MB")})
     else:
         out.update(round_robin_imbalance(sampler, opts.steps, world))
     trainer.accelerator.free_memory()

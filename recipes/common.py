@@ -12,22 +12,26 @@ expected Y`` (exit status 2, no traceback).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
 import pathlib
+import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    HfArgumentParser,
     TrainingArguments,
 )
 from transformers.trainer_utils import get_last_checkpoint
+
+from arguments import build_parser
 
 from hf_fcp.integrations.accelerate import FCPPlugin
 from hf_fcp.integrations.embedded import byte_tokenizer, tiny_config
@@ -41,6 +45,7 @@ register()  # attn_implementation="fcp" (import hf_fcp does it too; idempotent)
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Hub model or local path to start from; default: a tiny model from scratch (no download)."})
     model_type: str = field(default="llama", metadata={"help": "From scratch: llama, qwen2 or mistral."})
@@ -121,12 +126,11 @@ def parse(data_cls, defaults: list[str]):
 
     Every argument is validated here, before TrainingArguments (which may join a process group) exists.
     """
-    parser = HfArgumentParser((ModelArguments, data_cls, FCPPlugin, TrainingArguments))
-    cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+    parser = build_parser(ModelArguments, data_cls, defaults)
     check_world_env()
     try:
-        model_args, data_args, plugin, training_args, unknown = parser.parse_args_into_dataclasses(
-            args=[*env_over_defaults(defaults), *cpu, *sys.argv[1:]], return_remaining_strings=True)
+        model_args, data_args, plugin, run_args, training_args, unknown = parser.parse_args_into_dataclasses(
+            args=sys.argv[1:], return_remaining_strings=True)
     except ValueError as err:  # FCPPlugin / TrainingArguments: one line
         raise RecipeArgumentError(one_line(err)) from None
     if unknown:
@@ -137,16 +141,21 @@ def parse(data_cls, defaults: list[str]):
         raise RecipeArgumentError(one_line(err)) from None
     training_args.resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint,
                                                               training_args.output_dir)
+    check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, training_args.resume_from_checkpoint)
     return model_args, data_args, training_args, plugin
 
 
-def env_over_defaults(defaults: list[str]) -> list[str]:
-    """Recipe defaults (``--flag value`` pairs) minus the FCP settings given as ``FCP_<NAME>`` variables, so
-    the environment overrides a recipe default and the command line overrides both."""
-    fcp = {f.name for f in fields(FCPPlugin) if f.init}
-    pairs = zip(defaults[::2], defaults[1::2])
-    return [x for flag, value in pairs
-            if not (flag[2:] in fcp and os.environ.get(f"FCP_{flag[2:].upper()}")) for x in (flag, value)]
+def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> None:
+    """A finished run or its checkpoints are never overwritten by accident: a non-empty --output_dir needs
+    --overwrite_output_dir true, unless the run resumes from a checkpoint there."""
+    path = pathlib.Path(output_dir)
+    if overwrite or resume is not None or not path.is_dir() or not any(path.iterdir()):
+        return
+    held = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    raise RecipeArgumentError(f"--output_dir: got {output_dir!r}, which already holds {shown}; expected an empty or "
+                              f"new directory: continue that run with --resume_from_checkpoint last, or replace it "
+                              f"with --overwrite_output_dir true")
 
 
 def one_line(err: BaseException) -> str:
@@ -155,18 +164,55 @@ def one_line(err: BaseException) -> str:
 
 
 def cli(main) -> None:
-    """Run a recipe's ``main``; a :class:`RecipeArgumentError` becomes one stderr line and exit status 2."""
+    """Run a recipe's ``main`` under torch-elastic's ``record`` (a crash's traceback lands in the launcher's
+    error file, so its failure summary names the cause). A :class:`RecipeArgumentError` becomes one stderr line
+    and exit status 2, reported once per job (:func:`report_once`)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     try:
-        main()
+        (record(main) if os.environ.get("TORCHELASTIC_RUN_ID") else main)()
     except RecipeArgumentError as err:
-        print(f"{pathlib.Path(sys.argv[0]).name}: error: {one_line(err)}", file=sys.stderr)
+        report_once(f"{pathlib.Path(sys.argv[0]).name}: error: {one_line(err)}")
         raise SystemExit(2) from None
 
 
+def report_once(message: str, grace_s: float = 10.0) -> None:
+    """Print ``message`` once per job, not once per rank, and hand it to the launcher.
+
+    Under a torch-elastic launcher (``accelerate launch``, ``torchrun``) every rank writes ``message`` to its
+    error file (``TORCHELASTIC_ERROR_FILE``), so the launcher's failure summary shows it as the root cause.
+    Rank 0 prints it at once; the other ranks, which normally fail on the same argument, wait up to
+    ``grace_s`` for the launcher to stop them after rank 0's exit and then leave quietly with status 0, so the
+    summary lists rank 0 alone. A rank whose error rank 0 did not share prints it after the wait.
+    """
+    _write_error_file(message)
+    rank = os.environ.get("RANK", "0")
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or not rank.isdigit() or int(rank) == 0:
+        print(message, file=sys.stderr, flush=True)
+        return
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the launcher stops the job: rank 0 reported it
+    time.sleep(grace_s)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print(message, file=sys.stderr, flush=True)
+
+
+def _write_error_file(message: str) -> None:
+    """torch-elastic's error-file format: the summary shows ``message`` (there is no traceback to show)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+
+
 def setup_logging(args: TrainingArguments) -> None:
+    """Recipe logs from the main process; Trainer's own progress bar only (no dataset or shard-writing bars)."""
+    import datasets
+
     level = logging.INFO if args.should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
     transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" at every checkpoint
+    datasets.disable_progress_bars()
 
 
 def load_tokenizer(model_args: ModelArguments):
@@ -240,14 +286,44 @@ def run(model, tokenizer, train_dataset, training_args: TrainingArguments, plugi
                 plugin.world_size, plugin.block_size, plugin.tokens_per_rank, plugin.kernel, len(train_dataset))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    summary = {"train_seconds": round(time.perf_counter() - start, 1), "steps": trainer.state.global_step,
-               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "train_loss": result.training_loss}
+    summary = summarize(trainer.state.log_history, result.training_loss, trainer.state.global_step,
+                        time.perf_counter() - start)
     if eval_dataset is not None:
         summary.update(trainer.evaluate())
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
-        logger.info("summary %s; model saved to %s", summary, training_args.output_dir)
+        logger.info("summary: %s; model saved to %s", ", ".join(f"{k} {v}" for k, v in summary.items()),
+                    training_args.output_dir)
     trainer.close()
     return summary
+
+
+def summarize(history: list[dict], train_loss: float, steps: int, seconds: float) -> dict:
+    """The run in a few numbers; the logged losses only when some step was logged (no ``None``)."""
+    losses = [h["loss"] for h in history if "loss" in h]
+    summary = {"steps": steps, "train_seconds": round(seconds, 1), "train_loss": round(train_loss, 4)}
+    if losses:
+        summary.update(first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4))
+    return summary
+
+
+def tokenize_once(build, key: dict, training_args: TrainingArguments):
+    """The tokenised dataset, built by the main process only: it saves it under the datasets cache, keyed by
+    ``key`` (the data arguments) and this recipe code; the other ranks wait for it and load that copy.
+    A later run with the same key loads it too."""
+    import datasets
+
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode())
+    for source in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    path = pathlib.Path(datasets.config.HF_DATASETS_CACHE) / "hf_fcp_recipes" / digest.hexdigest()[:16]
+    with training_args.main_process_first(desc="tokenize"):
+        if (path / "dataset_info.json").is_file():
+            return datasets.load_from_disk(str(path))
+        data = build()
+        if training_args.process_index == 0 and len(data):  # (datasets cannot reload an empty saved dataset)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            data.save_to_disk(str(tmp))
+            os.replace(tmp, path)
+            data = datasets.load_from_disk(str(path))
+        return data

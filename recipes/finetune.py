@@ -13,7 +13,7 @@ Hub data: ``--dataset_name <name> --prompt_column prompt --response_column compl
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from common import (
     RecipeArgumentError,
@@ -26,6 +26,7 @@ from common import (
     parse,
     run,
     setup_logging,
+    tokenize_once,
 )
 from transformers import set_seed
 
@@ -34,13 +35,15 @@ from hf_fcp.workloads import stdlib_files
 
 DEFAULTS = ["--output_dir", "outputs/finetune", "--max_steps", "60", "--learning_rate", "1e-3",
             "--warmup_steps", "5", "--lr_scheduler_type", "cosine", "--logging_steps", "10",
-            "--save_strategy", "no", "--report_to", "none", "--block_size", "512", "--tokens_per_rank", "2048",
+            "--save_strategy", "steps", "--save_steps", "20", "--save_total_limit", "2", "--report_to", "none",
+            "--block_size", "512", "--tokens_per_rank", "2048",
             "--long_sequence_policy", "error", "--seed", "0"]
 TEMPLATE = "### Docstring\n{doc}\n### Code\n"
 
 
 @dataclass
 class SFTDataArguments:
+    _argument_group_name = "data"
     dataset_name: str | None = field(default=None, metadata={
         "help": "Hub dataset with prompt/response columns; default: standard-library docstring → code."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
@@ -123,8 +126,9 @@ def main() -> dict:
     max_length = check_max_length(data_args.max_length, training_args.world_size, plugin.tokens_per_rank)
     setup_logging(training_args)
     tokenizer = load_tokenizer(model_args)
-    with training_args.main_process_first(desc="load and tokenize"):
-        dataset = load_examples(data_args, tokenizer, training_args.seed, max_length)
+    key = {"recipe": "finetune", "data": asdict(data_args), "tokenizer": [model_args.model_name_or_path, len(tokenizer)],
+           "seed": training_args.seed, "max_length": max_length}
+    dataset = tokenize_once(lambda: load_examples(data_args, tokenizer, training_args.seed, max_length), key, training_args)
     set_seed(training_args.seed)  # the same initial weights on every run
     model = load_model(model_args, tokenizer, max_positions=plugin.tokens_per_rank * 64)
     logger.info("SFT: %d examples, %s", len(dataset), type(model).__name__)

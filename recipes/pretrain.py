@@ -12,7 +12,7 @@ Hub data / model: ``--dataset_name wikitext --dataset_config_name wikitext-103-r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from common import (
     RecipeArgumentError,
@@ -25,6 +25,7 @@ from common import (
     parse,
     run,
     setup_logging,
+    tokenize_once,
 )
 from transformers import set_seed
 
@@ -32,12 +33,14 @@ from hf_fcp.integrations.embedded import stdlib_corpus
 
 DEFAULTS = ["--output_dir", "outputs/pretrain", "--max_steps", "150", "--learning_rate", "3e-3",
             "--warmup_steps", "10", "--lr_scheduler_type", "cosine", "--weight_decay", "0.01",
-            "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
+            "--logging_steps", "10", "--save_strategy", "steps", "--save_steps", "50", "--save_total_limit", "2",
+            "--report_to", "none",
             "--block_size", "512", "--tokens_per_rank", "2048", "--seed", "0"]
 
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
     dataset_name: str | None = field(default=None, metadata={
         "help": "Hub dataset; default: the Python standard library's .py files (no download)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
@@ -82,8 +85,9 @@ def main() -> dict:
     model_args, data_args, training_args, plugin = parse(DataArguments, DEFAULTS)
     setup_logging(training_args)
     tokenizer = load_tokenizer(model_args)
-    with training_args.main_process_first(desc="load and tokenize"):
-        dataset = load_documents(data_args, tokenizer, training_args.seed)
+    key = {"recipe": "pretrain", "data": asdict(data_args), "tokenizer": [model_args.model_name_or_path, len(tokenizer)],
+           "seed": training_args.seed}
+    dataset = tokenize_once(lambda: load_documents(data_args, tokenizer, training_args.seed), key, training_args)
     set_seed(training_args.seed)  # the same initial weights on every run
     model = load_model(model_args, tokenizer, max_positions=plugin.tokens_per_rank * 64)
     logger.info("model: %s, %.2fM parameters", type(model).__name__, model.num_parameters() / 1e6)

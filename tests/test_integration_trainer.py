@@ -87,7 +87,7 @@ def test_single_process_logs_and_eval(single):
     params, history = single
     logged = [h for h in history if "loss" in h]
     assert len(logged) == 3 and all(np.isfinite(h["loss"]) for h in logged)
-    assert {"fcp/compute_imbalance", "fcp/comm_bytes", "fcp/plan_ms"} <= set(logged[0])
+    assert {"fcp/compute_imbalance", "fcp/comm_MB", "fcp/plan_ms"} <= set(logged[0])
     assert np.isfinite(history[-1]["eval_loss"])
 
 

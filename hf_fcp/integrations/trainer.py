@@ -7,8 +7,11 @@ Changes from ``Trainer`` (nothing else):
   holds up to ``world_size × tokens_per_rank`` tokens);
 * the loss is a token mean over the GLOBAL batch although ranks hold different token counts: Trainer's
   ``num_items_in_batch`` counts ``shift_labels`` across ranks in training; evaluation gets the same;
-* plan figures (imbalance, comm bytes, planner time) are averaged over the logging interval and logged as
-  ``fcp/<name>``;
+* plan figures (imbalance, comm MB, rounds, planner time, tokens) are averaged over the logging interval and
+  logged as ``fcp/<name>``;
+* ``ddp_find_unused_parameters`` defaults to False (every parameter of a causal LM is used; DDP's search
+  for unused ones costs a graph traversal and warns on every rank);
+* a CPU (gloo) job asked for FSDP gets Accelerate's FSDP2 path, which Accelerate reserves for accelerators;
 * :meth:`close` ends a distributed run cleanly (gloo otherwise may abort at interpreter exit).
 """
 
@@ -23,8 +26,10 @@ from transformers import Trainer
 from ..plan.checks import check_int
 from .accelerate import FCPPlugin, shutdown
 
-LOGGED_STATS = ("compute_imbalance", "memory_imbalance", "comm_bytes", "max_rank_comm_bytes", "rounds",
-                "plan_ms", "tokens", "sequences")
+LOGGED_STATS = {"compute_imbalance": ("compute_imbalance", 1.0), "memory_imbalance": ("memory_imbalance", 1.0),
+                "comm_bytes": ("comm_MB", 1e-6), "rounds": ("rounds", 1.0), "plan_ms": ("plan_ms", 1.0),
+                "tokens": ("tokens", 1.0)}
+"""``PlanStats`` field → (logged as ``fcp/<name>``, scale); each the mean over the logging interval."""
 
 
 class FCPTrainer(Trainer):
@@ -35,8 +40,10 @@ class FCPTrainer(Trainer):
         fcp_plugin: FCP settings (default ``FCPPlugin()``, i.e. ``FCP_*`` environment variables).
     """
 
-    def __init__(self, *args, fcp_plugin: FCPPlugin | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, args=None, *rest, fcp_plugin: FCPPlugin | None = None, **kwargs):
+        if args is not None and args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = False  # a causal LM uses every parameter: skip DDP's search
+        super().__init__(model, args, *rest, **kwargs)
         check_training_args(self.args)
         self.fcp = (fcp_plugin or FCPPlugin()).setup(self.accelerator)
         if self.fcp.world_size != self.accelerator.num_processes:
@@ -93,13 +100,13 @@ class FCPTrainer(Trainer):
 
     # ---- logging -------------------------------------------------------------------------------------
     def _record(self, stats) -> None:  # a PlanStats
-        for name in LOGGED_STATS:
-            self._fcp_sums[name] += float(getattr(stats, name))
+        for field, (name, scale) in LOGGED_STATS.items():
+            self._fcp_sums[name] += float(getattr(stats, field)) * scale
         self._fcp_steps += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._fcp_steps and "loss" in logs:
-            logs.update({f"fcp/{k}": round(v / self._fcp_steps, 4) for k, v in self._fcp_sums.items()})
+            logs.update({f"fcp/{k}": round(v / self._fcp_steps, 3) for k, v in self._fcp_sums.items()})
             self._fcp_sums.clear()
             self._fcp_steps = 0
         super().log(logs, *args, **kwargs)
@@ -145,6 +152,7 @@ def _promote_fsdp_on_cpu(accelerator, args) -> bool:
     (``fully_shard`` on a CPU device mesh) as a GPU job. Returns whether it promoted the state."""
     import os
 
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
@@ -159,4 +167,5 @@ def _promote_fsdp_on_cpu(accelerator, args) -> bool:
         plugin.set_mixed_precision(state.mixed_precision)
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState.__init__ does
     return True
