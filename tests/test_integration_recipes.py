@@ -65,4 +65,4 @@ def test_notebook_executes(tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # the block layout and the loss
     text = "".join(o.get("text", "") for o in outputs)
-    assert "identical to sdpa: True" in text and "compute_imbalance" in text
+    assert "identical to sdpa: True" in text and "compute_imbalance" in text and "held-out bits per byte" in text
