@@ -1,15 +1,23 @@
-"""FCPTrainer vs standard DDP with DataCollatorWithFlattening: tokens/s and per-step imbalance.
+"""FCPTrainer (with DDP, activation checkpointing, FSDP2) vs standard DDP with DataCollatorWithFlattening:
+tokens/s, peak RSS per rank and per-step imbalance.
 
-Both runs train the same tiny model on the same global batches (token-budget batches of Python
+Every run trains the same tiny model on the same global batches (token-budget batches of Python
 standard-library files, byte tokens, long documents split at the budget) on the same processes:
 
-* ``fcp``: FCPTrainer; every document is cut into blocks placed over all ranks (plan stats per step);
+* ``fcp``: FCPTrainer + DDP; every document is cut into blocks placed over all ranks (plan stats per step);
+* ``fcp_ckpt``: the same with ``activation_checkpointing=True`` (non-reentrant; the recompute re-runs the
+  FCP exchange);
+* ``fcp_fsdp2``: the same with FSDP2 (``fsdp=True, fsdp_config={"version": 2}``: one ``fully_shard`` per
+  decoder layer, parameters re-gathered for backward);
+* ``fcp_compile`` (only on request): the same with ``torch_compile=True`` (inductor; the FCP attention is one
+  graph break per layer);
 * ``ddp_flatten``: plain ``Trainer`` + DDP; each global batch's documents are dealt round-robin to the
   ranks (whole sequences per rank, as a distributed sampler does) and packed by
   ``DataCollatorWithFlattening``. A rank left without a document gets a 1-token dummy without labels.
 
-Both use ``attn_implementation="fcp"`` (the ``ddp_flatten`` run without a plan: exact varlen attention
-from ``position_ids``), so only the data layout differs. Run::
+All use ``attn_implementation="fcp"`` (the ``ddp_flatten`` run without a plan: exact varlen attention
+from ``position_ids``). Peak RSS is each process's resident high-water mark during ``train()`` (reset
+before each run through ``/proc/self/clear_refs``). Run::
 
     accelerate launch --config_file recipes/accelerate/cpu.yaml benchmarks/bench_trainer.py
 
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import sys
@@ -121,32 +130,71 @@ def round_robin_imbalance(sampler: TokenBudgetSampler, steps: int, world: int) -
     return {"compute_imbalance": float(np.mean(cost)), "memory_imbalance": float(np.mean(tokens))}
 
 
+FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+MODES = {"fcp": {}, "fcp_ckpt": {"activation_checkpointing": True}, "fcp_fsdp2": FSDP2, "ddp_flatten": {},
+         "fcp_compile": {"torch_compile": True}}  # compile (inductor): on request, --modes fcp fcp_compile
+DEFAULT_MODES = ["fcp", "fcp_ckpt", "fcp_fsdp2", "ddp_flatten"]
+
+
+def peak_rss_reset() -> None:
+    """Reset this process's resident-memory high-water mark (Linux; no-op elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark since the last reset, in MB (VmHWM)."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def per_rank(value: float) -> list[float]:
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def run(mode: str, opts, data, world: int) -> dict:
     torch.manual_seed(0)
     config = tiny_config("llama", hidden_size=opts.hidden_size, layers=opts.layers, heads=4, kv_heads=2)
     model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="fcp")
     args = TrainingArguments(output_dir=f"outputs/bench_trainer/{mode}", max_steps=opts.steps, learning_rate=1e-3,
                              logging_steps=opts.steps, save_strategy="no", report_to=[], disable_tqdm=True,
-                             use_cpu=not torch.cuda.is_available(), seed=0)
+                             use_cpu=not torch.cuda.is_available(), seed=0, **MODES[mode])
     timer = StepTimer()
     sampler = TokenBudgetSampler(dataset_lengths(data), max_tokens=world * opts.tokens_per_rank, seed=0)
-    if mode == "fcp":
+    if mode.startswith("fcp"):
         plugin = FCPPlugin(block_size=opts.block_size, tokens_per_rank=opts.tokens_per_rank)
         trainer = FCPTrainer(model=model, args=args, train_dataset=data, fcp_plugin=plugin, callbacks=[timer])
     else:
         trainer = FlattenTrainer(model=model, args=args, train_dataset=data, sampler=sampler, callbacks=[timer])
+    gc.collect()
+    peak_rss_reset()
+    start_rss = peak_rss_mb()
     trainer.train()
+    rss, grown = per_rank(peak_rss_mb()), per_rank(peak_rss_mb() - start_rss)
     logs = next(h for h in trainer.state.log_history if "loss" in h)
     seconds = timer.seconds(opts.warmup)
     tokens = sum(b - a for batch in sampler.batches(0)[opts.warmup:opts.steps] for _, a, b in batch)
-    out = {"mode": mode, "steps_timed": len(seconds), "step_s": float(seconds.mean()),
-           "tokens_per_s": tokens / float(seconds.sum()), "loss": logs["loss"]}
-    if mode == "fcp":
+    out = {"mode": mode, "steps_timed": len(seconds), "step_s": float(np.median(seconds)),
+           "tokens_per_s": tokens / float(seconds.sum()), "loss": logs["loss"], "peak_rss_mb": rss,
+           "rss_growth_mb": grown,
+           "wrapped": type(trainer.model_wrapped).__name__}
+    if mode.startswith("fcp"):
         out.update({k: logs[f"fcp/{k}"] for k in ("compute_imbalance", "memory_imbalance", "comm_MB")})
     else:
         out.update(round_robin_imbalance(sampler, opts.steps, world))
     trainer.accelerator.free_memory()
     del trainer, model
+    for key in [k for k in os.environ if k == "ACCELERATE_USE_FSDP" or k.startswith("FSDP_")]:
+        del os.environ[key]  # Accelerate exports its FSDP settings; the next run starts clean
+    gc.collect()
     return out
 
 
@@ -159,7 +207,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--max_documents", type=int, default=300)
-    parser.add_argument("--modes", nargs="+", default=["fcp", "ddp_flatten"], choices=["fcp", "ddp_flatten"])
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     parser.add_argument("--out", default="outputs/bench_trainer.json")
     opts = parser.parse_args(argv)
     corpus = stdlib_corpus(opts.max_documents, seed=0)
@@ -169,10 +217,12 @@ def main(argv=None) -> list[dict]:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"\nworld_size={world} tokens_per_rank={opts.tokens_per_rank} block_size={opts.block_size} "
               f"model=llama h{opts.hidden_size}x{opts.layers} steps={opts.steps} (first {opts.warmup} untimed)")
-        print(f"{'mode':<12} {'tokens/s':>9} {'s/step':>7} {'compute imb':>11} {'memory imb':>10} {'loss':>6}")
+        print(f"{'mode':<12} {'tokens/s':>9} {'s/step':>7} {'peak RSS MB/rank':>17} {'growth in train()':>17} "
+              f"{'compute imb':>11} {'memory imb':>10} {'loss':>6}  model")
         for r in results:
-            print(f"{r['mode']:<12} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.3f} {r['compute_imbalance']:>11.3f} "
-                  f"{r['memory_imbalance']:>10.3f} {r['loss']:>6.3f}")
+            rss, grown = ("/".join(f"{x:.0f}" for x in r[k]) for k in ("peak_rss_mb", "rss_growth_mb"))
+            print(f"{r['mode']:<12} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.3f} {rss:>17} {grown:>17} "
+                  f"{r['compute_imbalance']:>11.3f} {r['memory_imbalance']:>10.3f} {r['loss']:>6.3f}  {r['wrapped']}")
         os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
         with open(opts.out, "w") as f:
             json.dump({"world_size": world, "options": vars(opts), "results": results}, f, indent=2)

@@ -182,8 +182,8 @@ def report_once(message: str, grace_s: float = 10.0) -> None:
     Under a torch-elastic launcher (``accelerate launch``, ``torchrun``) every rank writes ``message`` to its
     error file (``TORCHELASTIC_ERROR_FILE``), so the launcher's failure summary shows it as the root cause.
     Rank 0 prints it at once; the other ranks, which normally fail on the same argument, wait up to
-    ``grace_s`` for the launcher to stop them after rank 0's exit and then leave quietly with status 0, so the
-    summary lists rank 0 alone. A rank whose error rank 0 did not share prints it after the wait.
+    ``grace_s``: the launcher stops them once rank 0 has exited, and they leave quietly with status 0, so
+    the summary lists rank 0 alone. A rank whose error rank 0 did not share prints it after the wait.
     """
     _write_error_file(message)
     rank = os.environ.get("RANK", "0")

@@ -78,3 +78,14 @@ def test_stack_matches_one_process(runs, references):
 def test_accumulation_reference_differs(references):
     """The accumulation runs take twice the batches per step: their reference must differ from plain."""
     assert rel(references["accumulation"]["update"], references["plain"]["update"]) > 1e-2
+
+
+@pytest.mark.slow
+def test_compile_inductor_matches_one_process(references, tmp_path):
+    """What ``--torch_compile true`` runs by default: inductor (C++ kernels for the captured regions)."""
+    results = run_workers(train_runs_worker, 2, str(tmp_path), {"inductor": {"torch_compile": True}}, timeout=600)
+    for result in results:
+        got = result["inductor"]
+        assert got["wrapped"] == "OptimizedModule"
+        np.testing.assert_allclose(got["losses"], references["plain"]["losses"], rtol=1e-5)
+        assert rel(got["update"], references["plain"]["update"]) <= 1e-4
