@@ -19,7 +19,7 @@ def test_main_job_two_processes(tmp_path):
     cmd = ["accelerate", "launch", "--config_file", "recipes/accelerate/cpu.yaml", "--main_process_port", "0",
            "recipes/pretrain.py", "--max_steps", "4", "--logging_steps", "2", "--max_documents", "30",
            "--tokens_per_rank", "512", "--block_size", "128", "--hidden_size", "32", "--num_layers", "2",
-           "--output_dir", str(out)]
+           "--save_steps", "4", "--output_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     log = run.stdout + run.stderr
@@ -28,6 +28,9 @@ def test_main_job_two_processes(tmp_path):
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     assert (out / "tokenizer.json").exists()
     assert "terminate called" not in log  # clean gloo teardown
+    assert "find_unused_parameters" not in log and "Writing model shards" not in log  # quiet logs
+    assert "summary: steps 4" in log and "None" not in log.split("summary:")[-1]
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file()  # checkpoints by default
 
 
 def test_sft_prompt_masking(tmp_path, monkeypatch):
