@@ -28,6 +28,8 @@ CASES = {  # name: (TrainingArguments overrides, one-process reference, world si
     "fsdp2+checkpointing+accumulation": (STACK, "accumulation", (2, 3)),
     "fsdp2": (FSDP2, "plain", (2,)),
     "ddp+accumulation": ({"gradient_accumulation_steps": 2}, "accumulation", (2,)),
+    "ddp+reentrant checkpointing": ({"activation_checkpointing": True,
+                                     "activation_checkpointing_kwargs": {"use_reentrant": True}}, "plain", (2,)),
     "ddp+checkpointing": ({"activation_checkpointing": True}, "plain", (3,)),
     "compile": (COMPILE, "plain", (2, 3)),
     "bf16": ({"bf16": True}, "bf16", (2, 3)),
