@@ -176,7 +176,7 @@ def cli(main) -> None:
         raise SystemExit(2) from None
 
 
-def report_once(message: str, grace_s: float = 10.0) -> None:
+def report_once(message: str, grace_s: float = 30.0) -> None:
     """Print ``message`` once per job, not once per rank, and hand it to the launcher.
 
     Under a torch-elastic launcher (``accelerate launch``, ``torchrun``) every rank writes ``message`` to its
