@@ -32,6 +32,14 @@ def random_lens(world: int, block: int, seed: int) -> tuple[int, ...]:
 def cases_for(world: int) -> list[Case]:
     out = [
         Case("fcp_b8_gqa4", random_lens(world, 8, 1), 8),
+        Case("fcp_fused_overlapped_rps2", random_lens(world, 8, 14), 8, fusion="all", overlap="always",
+             rounds_per_stage=2),
+        Case("fcp_fused_after_exchange_bf16", random_lens(world, 8, 15), 8, fusion="all", overlap="never",
+             dtype=torch.bfloat16),
+        Case("fcp_split_overlapped_mqa8", random_lens(world, 4, 16), 4, fusion="none", overlap="always",
+             heads=(8, 1)),
+        Case("fcp_split_after_exchange_3layers", random_lens(world, 8, 17), 8, fusion="none", overlap="never",
+             layers=3),
         Case("fcp_b3_mqa8_rps2", random_lens(world, 3, 2), 3, rounds_per_stage=2, heads=(8, 1)),
         Case("fcp_b16_mha_rps3", random_lens(world, 16, 3), 16, rounds_per_stage=3, heads=(4, 4)),
         Case("fcp_b4_prefetch1", random_lens(world, 4, 12), 4, prefetch=1),

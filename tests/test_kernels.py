@@ -300,9 +300,9 @@ class FakeFA3:
 def test_flash_adapter_with_fake_module(fake, causal, monkeypatch):
     monkeypatch.setattr(kernels_cuda, "_flash_module", lambda: fake)
     q, k, v, dout, cu_q, cu_k = segment_inputs(LAYOUT, 8, 2, d=16)
-    offs_q, offs_k = cu_q.tolist(), cu_k.tolist()
-    out, lse = kernels_cuda.flash_forward(q, k, v, offs_q, offs_k, causal, 0.25)
-    grads = kernels_cuda.flash_backward(dout, q, k, v, out, lse, offs_q, offs_k, causal, 0.25)
+    offsets = kernels._offsets_of(q, k, v, cu_q, cu_k)
+    out, lse = kernels_cuda.flash_forward(q, k, v, offsets, causal, 0.25)
+    grads = kernels_cuda.flash_backward(dout, q, k, v, out, lse, offsets, causal, 0.25)
     want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, 0.25)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert_close(g, w, 1e-5, name)
@@ -318,7 +318,7 @@ def test_flash_adapter_rejects_unknown_signature(monkeypatch):
     monkeypatch.setattr(kernels_cuda, "_flash_module", lambda: Odd)
     q, k, v, _, cu_q, cu_k = segment_inputs([(2, 2)], 2, 2, d=8)
     with pytest.raises(RuntimeError, match="unsupported flash-attn version.*mystery"):
-        kernels_cuda.flash_forward(q, k, v, cu_q.tolist(), cu_k.tolist(), True, 0.5)
+        kernels_cuda.flash_forward(q, k, v, kernels._offsets_of(q, k, v, cu_q, cu_k), True, 0.5)
 
 
 @gpu

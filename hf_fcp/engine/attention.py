@@ -3,12 +3,17 @@
 Every rank holds some token spans of the global batch (``view = plan.for_rank(rank)``) and computes
 attention for its own queries. Keys it holds are used at once (``view.local_tasks``); keys it lacks
 arrive from their owners in the plan's congestion-free rounds, one communication stage at a
-time (``view.stages``), and the partial results are merged by log-sum-exp in fp32::
+time (``view.stages``), and the partial results are merged by log-sum-exp in fp32. A stage's work is its
+split segments (against the receive buffer) and its fused segments (a held run against all its keys, in
+the K/V buffer ``[receive buffer | local K/V]``; :mod:`hf_fcp.plan.tasks`)::
 
     forward:  post stages 0..P-1 ─► local tasks ─► wait 0, post P ─► stage 0 tasks ─► wait 1, post P+1 ─► ...
               (P = ``prefetch``, default all stages: the transfers run back to back behind the compute)
-    backward: stage 0 tasks, post its dK/dV back ─► stage 1 tasks, post ... ─► local tasks ─► wait all,
-              owners add the dK/dV they receive into their local dK/dV
+    backward: last stage's tasks, post its dK/dV back ─► the stage before ... ─► local tasks ─► wait all,
+              owners add the dK/dV they receive into their local dK/dV (stages in reverse: a fused segment
+              of stage k also holds keys of earlier stages, whose dK/dV are complete only after it)
+
+Task lists carry their offsets and row flags on the host, so nothing here reads device memory back.
 
 Every rank takes part in every round in both directions, whether or not it has work there (a rank that
 skipped its backward exchange would hang its peers). With ``world_size == 1`` and no process group
@@ -25,7 +30,7 @@ from torch import Tensor
 
 from ..plan.views import RankView, TaskList
 from . import comm
-from .kernels import merge_partial, select_backend, varlen_backward, varlen_forward
+from .kernels import backward_segments, forward_segments, merge_partial, select_backend
 
 
 def fcp_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=None, scale: float | None = None,
@@ -136,27 +141,24 @@ def _validate_group(view: RankView, group) -> str | None:
 
 
 # ----------------------------------------------------------------------------- task helpers
-def _is_identity(rows: Tensor, n: int) -> bool:
-    return rows.numel() == n and bool(torch.equal(rows, torch.arange(n, device=rows.device)))
-
-
-def _take(x: Tensor, rows: Tensor) -> Tensor:
-    """``x[rows]`` (a copy), or ``x`` itself when rows is 0..n-1."""
-    return x if _is_identity(rows, x.shape[0]) else x.index_select(0, rows)
+def _take(x: Tensor, rows: Tensor, whole: bool) -> Tensor:
+    """``x[rows]`` (a copy), or ``x`` itself when ``whole`` (rows is 0..n-1 of x, known from the plan)."""
+    return x if whole else x.index_select(0, rows)
 
 
 def run_tasks(tasks: TaskList, q, k_src, v_src, scale, backend) -> tuple[Tensor, Tensor]:
     """Forward of one task list: out (Nq, Hq, D) in q's dtype, lse (Nq, Hq) fp32 for ``tasks.q_rows``."""
-    return varlen_forward(_take(q, tasks.q_rows), _take(k_src, tasks.k_rows), _take(v_src, tasks.k_rows),
-                          tasks.cu_q, tasks.cu_k, causal=tasks.causal, scale=scale, backend=backend)
+    kr = tasks.k_rows
+    return forward_segments(_take(q, tasks.q_rows, tasks.q_all), _take(k_src, kr, tasks.k_all),
+                            _take(v_src, kr, tasks.k_all), tasks, causal=tasks.causal, scale=scale, backend=backend)
 
 
 def run_tasks_backward(tasks: TaskList, dout, q, k_src, v_src, out, lse, scale, backend):
     """Backward of one task list with the final (merged) out/lse: dq for q_rows, dk/dv for k_rows."""
-    qr = tasks.q_rows
-    return varlen_backward(_take(dout, qr), _take(q, qr), _take(k_src, tasks.k_rows),
-                           _take(v_src, tasks.k_rows), _take(out, qr), _take(lse, qr), tasks.cu_q,
-                           tasks.cu_k, causal=tasks.causal, scale=scale, backend=backend)
+    qr, kr, qa, ka = tasks.q_rows, tasks.k_rows, tasks.q_all, tasks.k_all
+    return backward_segments(_take(dout, qr, qa), _take(q, qr, qa), _take(k_src, kr, ka), _take(v_src, kr, ka),
+                             _take(out, qr, qa), _take(lse, qr, qa), tasks, causal=tasks.causal, scale=scale,
+                             backend=backend)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -164,9 +166,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def add_rows(acc: Tensor, rows: Tensor, val: Tensor) -> None:
-    """acc[rows] += val (rows may repeat), in acc's dtype."""
-    if _is_identity(rows, acc.shape[0]):
+def add_rows(acc: Tensor, rows: Tensor, val: Tensor, whole: bool) -> None:
+    """acc[rows] += val (rows may repeat), in acc's dtype; ``whole``: rows is 0..n-1 of acc."""
+    if whole:
         acc.add_(val)
     else:
         acc.index_add_(0, rows, val.to(acc.dtype))
@@ -178,61 +180,98 @@ def _what(kind: str, i: int, stages) -> str:
     return f"{kind} exchange of stage {i} (of {len(stages)}; {len(stages[i].rounds)} round(s))"
 
 
+def _kv_buffer(k, v, view: RankView, staged: bool) -> Tensor:
+    """The K/V buffer (rows, 2*Hkv, D): the receive buffer's ``num_recv`` rows, then — when fused segments
+    run — a copy of the local K|V, so a fused segment's keys (received and local) are rows of one tensor."""
+    hkv, n_recv = k.shape[1], view.num_recv if staged else 0
+    fused = staged and view.has_fused
+    buf = k.new_empty((n_recv + (k.shape[0] if fused else 0), 2 * hkv, k.shape[2]))
+    if fused:
+        buf[n_recv:, :hkv] = k
+        buf[n_recv:, hkv:] = v
+    return buf
+
+
+def _stage_work(stage, buf, num_recv: int, hkv: int):
+    """(task list, K source, V source) of a stage: split segments on the receive buffer, fused on all."""
+    recv = buf[:num_recv]
+    return ((stage.tasks, recv[:, :hkv], recv[:, hkv:]), (stage.fused, buf[:, :hkv], buf[:, hkv:]))
+
+
 def _forward(q, k, v, view: RankView, group, scale, backend, prefetch=None) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns out (n, Hq, D) in q's dtype, lse (n, Hq) fp32 and the receive buffer (num_recv, 2*Hkv, D)."""
+    """Returns out (n, Hq, D) in q's dtype, lse (n, Hq) fp32 and the K/V buffer (rows, 2*Hkv, D)."""
     hkv = k.shape[1]
     stages = view.stages if group is not None else ()
-    recv = k.new_empty((view.num_recv, 2 * hkv, k.shape[2]))
+    buf = _kv_buffer(k, v, view, bool(stages))
+    recv = buf[:view.num_recv] if stages else buf
     ahead = len(stages) if prefetch is None else prefetch
 
     def post(i: int):
         return comm.post_kv(stages[i].rounds, k, v, recv, group, _what("forward K/V", i, stages))
 
     in_flight = deque(post(i) for i in range(min(ahead, len(stages))))  # every rank posts in stage order
-    o, lse = run_tasks(view.local_tasks, q, k, v, scale, backend)
-    remote = [s.tasks for s in stages if s.tasks.num_segments]
-    if not remote and _is_identity(view.local_tasks.q_rows, q.shape[0]):
+    if not view.overlap:  # every K/V first: no communication kernel runs beside the attention kernels
+        for i in range(len(stages)):
+            in_flight.popleft().wait()
+            if i + ahead < len(stages):
+                in_flight.append(post(i + ahead))
+    local = view.local_tasks
+    o, lse = run_tasks(local, q, k, v, scale, backend)
+    if not any(t.num_segments for st in stages for t in (st.tasks, st.fused)) and local.q_all:
         out = o  # every query's keys are local (always so at world size 1)
     else:
         out = q.new_zeros(q.shape, dtype=acc_dtype(q.dtype))
         lse_acc = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
-        merge_partial(out, lse_acc, view.local_tasks.q_rows, o, lse)
+        merge_partial(out, lse_acc, local.q_rows, o, lse)
         lse = lse_acc
     for i, stage in enumerate(stages):
-        in_flight.popleft().wait()
-        if i + ahead < len(stages):
-            in_flight.append(post(i + ahead))
-        if stage.tasks.num_segments:
-            o_s, l_s = run_tasks(stage.tasks, q, recv[:, :hkv], recv[:, hkv:], scale, backend)
-            merge_partial(out, lse, stage.tasks.q_rows, o_s, l_s)
-    return out.to(q.dtype), lse, recv
+        if view.overlap:
+            in_flight.popleft().wait()
+            if i + ahead < len(stages):
+                in_flight.append(post(i + ahead))
+        for tasks, k_src, v_src in _stage_work(stage, buf, view.num_recv, hkv):
+            if tasks.num_segments:
+                o_s, l_s = run_tasks(tasks, q, k_src, v_src, scale, backend)
+                merge_partial(out, lse, tasks.q_rows, o_s, l_s)
+    return out.to(q.dtype), lse, buf
 
 
-def _backward(dout, q, k, v, recv, out, lse, view: RankView, group, scale, backend):
+def _backward(dout, q, k, v, buf, out, lse, view: RankView, group, scale, backend):
     """Returns dq, dk, dv like q, k, v. Remote rows' dK/dV travel back to their owners per stage."""
-    hkv, local = k.shape[1], view.local_tasks
+    hkv, local, n_recv = k.shape[1], view.local_tasks, view.num_recv
     stages = view.stages if group is not None else ()
-    if not stages and _is_identity(local.q_rows, q.shape[0]) and _is_identity(local.k_rows, k.shape[0]):
+    if not stages and local.q_all and local.k_all:
         return run_tasks_backward(local, dout, q, k, v, out, lse, scale, backend)  # one call covers all
     dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
-    dk_buf = torch.zeros((recv.shape[0], hkv, k.shape[2]), dtype=dq.dtype, device=k.device)
+    dk_buf = torch.zeros((buf.shape[0], hkv, k.shape[2]), dtype=dq.dtype, device=k.device)
     dv_buf = torch.zeros_like(dk_buf)
     flights = []
-    for i, stage in enumerate(stages):
-        t = stage.tasks
-        if t.num_segments:
-            gq, gk, gv = run_tasks_backward(t, dout, q, recv[:, :hkv], recv[:, hkv:], out, lse, scale, backend)
-            add_rows(dq, t.q_rows, gq)
-            add_rows(dk_buf, t.k_rows, gk)
-            add_rows(dv_buf, t.k_rows, gv)
-        flights.append(comm.post_grads(stage.rounds, dk_buf, dv_buf, group, k.dtype,
+
+    def post(i: int) -> None:
+        flights.append(comm.post_grads(stages[i].rounds, dk_buf[:n_recv], dv_buf[:n_recv], group, k.dtype,
                                        _what("backward dK/dV", i, stages)))
+
+    for i in reversed(range(len(stages))):
+        bufs = (dk_buf[:n_recv], dv_buf[:n_recv]), (dk_buf, dv_buf)
+        for (tasks, k_src, v_src), (gk_acc, gv_acc) in zip(_stage_work(stages[i], buf, n_recv, hkv), bufs):
+            if tasks.num_segments:
+                gq, gk, gv = run_tasks_backward(tasks, dout, q, k_src, v_src, out, lse, scale, backend)
+                add_rows(dq, tasks.q_rows, gq, tasks.q_all)
+                add_rows(gk_acc, tasks.k_rows, gk, tasks.k_all)
+                add_rows(gv_acc, tasks.k_rows, gv, tasks.k_all)
+        if view.overlap:
+            post(i)
     gq, gk, gv = run_tasks_backward(local, dout, q, k, v, out, lse, scale, backend)
-    add_rows(dq, local.q_rows, gq)
-    dk = torch.zeros(k.shape, dtype=dq.dtype, device=k.device)
-    dv = torch.zeros_like(dk)
-    add_rows(dk, local.k_rows, gk)
-    add_rows(dv, local.k_rows, gv)
+    add_rows(dq, local.q_rows, gq, local.q_all)
+    if not view.overlap:  # all compute first, then every dK/dV goes back (no kernels share the GPU)
+        for i in reversed(range(len(stages))):
+            post(i)
+    dk, dv = dk_buf[n_recv:], dv_buf[n_recv:]  # the local K/V's share of fused segments (or empty)
+    if dk.shape[0] != k.shape[0]:
+        dk = torch.zeros(k.shape, dtype=dq.dtype, device=k.device)
+        dv = torch.zeros_like(dk)
+    add_rows(dk, local.k_rows, gk, local.k_all)
+    add_rows(dv, local.k_rows, gv, local.k_all)
     for pending, incoming in flights:
         pending.wait()
         for rows, grads in incoming:
@@ -247,15 +286,15 @@ class _FCPAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, view, group, scale, backend, prefetch):
         q, k, v = q.detach(), k.detach(), v.detach()
-        out, lse, recv = _forward(q, k, v, view, group, scale, backend, prefetch)
-        ctx.save_for_backward(q, k, v, recv, out, lse)
+        out, lse, buf = _forward(q, k, v, view, group, scale, backend, prefetch)
+        ctx.save_for_backward(q, k, v, buf, out, lse)
         ctx.view, ctx.group, ctx.scale, ctx.backend = view, group, scale, backend
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, recv, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(dout.contiguous(), q, k, v, recv, out, lse, ctx.view, ctx.group, ctx.scale,
+        q, k, v, buf, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(dout.contiguous(), q, k, v, buf, out, lse, ctx.view, ctx.group, ctx.scale,
                                ctx.backend)
         return dq, dk, dv, None, None, None, None, None

@@ -335,13 +335,59 @@ def _naive_block_bwd(do, q, o, l, k, v, causal, scale):
     return dq.flatten(1, 2), dk, dv
 
 
-# ----------------------------------------------------------------------------- public entry points
+# ----------------------------------------------------------------------------- entry points
 _BLOCKS = {"torch_cpu": (_cpu_block_fwd, _cpu_block_bwd), "naive": (_naive_block_fwd, _naive_block_bwd)}
 _CUDA_BLOCKS = {"flash_attn": (_cuda.flash_forward, _cuda.flash_backward),
                 "torch_cuda": (_cuda.torch_cuda_forward, _cuda.torch_cuda_backward)}
 
 
+class Offsets(NamedTuple):
+    """Segment offsets of one varlen call, on the host and on the device. :class:`hf_fcp.plan.tasks.TaskList`
+    carries the same fields, precomputed once per view, so the engine passes its task lists as they are."""
+
+    offs_q: tuple[int, ...]  # S+1 cumulative query offsets (host)
+    offs_k: tuple[int, ...]
+    cu_q: Tensor  # int32 (S+1,) on the tensors' device (the CUDA kernels read these)
+    cu_k: Tensor
+    max_q: int  # longest query / key run of a segment
+    max_k: int
+
+
+def _offsets_of(q, k, v, cu_q, cu_k) -> Offsets:
+    """Validated :class:`Offsets` of the public API's inputs (reads the offsets back to the host once)."""
+    offs_q, offs_k = _check_inputs(q, k, v, cu_q, cu_k)
+    lengths = lambda offs: max((b - a for a, b in zip(offs, offs[1:])), default=0)  # noqa: E731
+    dev = lambda cu: cu.to(device=q.device, dtype=torch.int32)  # noqa: E731
+    return Offsets(tuple(offs_q), tuple(offs_k), dev(cu_q), dev(cu_k), lengths(offs_q), lengths(offs_k))
+
+
 @torch.no_grad()
+def forward_segments(q: Tensor, k: Tensor, v: Tensor, offsets, *, causal: bool, scale: float,
+                     backend: str) -> tuple[Tensor, Tensor]:
+    """:func:`varlen_forward` without checks, for the engine: ``offsets`` is an :class:`Offsets` or a
+    ``TaskList`` (already validated when the plan's view was built); ``backend`` already selected. Reads
+    nothing from the device: no host synchronisation."""
+    if backend in _CUDA_BLOCKS and q.shape[0] and k.shape[0]:
+        return _CUDA_BLOCKS[backend][0](q, k, v, offsets, causal, scale)
+    block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[0], causal=causal, scale=scale)
+    outs = ((q, 0, 0.0, q.dtype), (q[..., 0], 0, -_INF, torch.float32))
+    return _run(block, _batches(offsets.offs_q, offsets.offs_k, causal, q.device), (q,), (k, v), outs)
+
+
+@torch.no_grad()
+def backward_segments(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, offsets, *,
+                      causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`varlen_backward` without checks, for the engine (as :func:`forward_segments`)."""
+    if backend != "naive":  # the kernels want one dtype; naive computes in >= float32 anyway
+        dout, out = dout.to(q.dtype), out.to(q.dtype)
+    if backend in _CUDA_BLOCKS and q.shape[0] and k.shape[0]:
+        return _CUDA_BLOCKS[backend][1](dout, q, k, v, out, lse, offsets, causal, scale)
+    lse = lse.masked_fill(lse == -_INF, _INF)  # exp(s - inf) = 0: rows without keys get 0
+    block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[1], causal=causal, scale=scale)
+    outs = ((q, 0, 0.0, q.dtype), (k, 1, 0.0, k.dtype), (v, 1, 0.0, v.dtype))
+    return _run(block, _batches(offsets.offs_q, offsets.offs_k, causal, q.device), (dout, q, out, lse), (k, v), outs)
+
+
 def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, *, causal: bool,
                    scale: float, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """Attention of packed segments (see the module docstring for layouts and the causal mask).
@@ -349,17 +395,12 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
     q: (Nq, Hq, D); k, v: (Nk, Hkv, D), same dtype/device as q. cu_q, cu_k: int32/int64 (S+1,).
     Returns out (Nq, Hq, D) in q's dtype (0 where no key is visible) and lse (Nq, Hq) float32 (−inf there).
     """
-    offs_q, offs_k = _check_inputs(q, k, v, cu_q, cu_k)
+    offsets = _offsets_of(q, k, v, cu_q, cu_k)
     backend = select_backend(q.device, q.dtype, backend)
-    q, k, v, scale = q.detach(), k.detach(), v.detach(), float(scale)
-    if backend in _CUDA_BLOCKS and q.shape[0] and k.shape[0]:
-        return _CUDA_BLOCKS[backend][0](q, k, v, offs_q, offs_k, causal, scale)
-    block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[0], causal=causal, scale=scale)
-    outs = ((q, 0, 0.0, q.dtype), (q[..., 0], 0, -_INF, torch.float32))
-    return _run(block, _batches(offs_q, offs_k, causal, q.device), (q,), (k, v), outs)
+    return forward_segments(q.detach(), k.detach(), v.detach(), offsets, causal=causal, scale=float(scale),
+                            backend=backend)
 
 
-@torch.no_grad()
 def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
                     cu_k: Tensor, *, causal: bool, scale: float,
                     backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -370,17 +411,10 @@ def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     disjoint key chunks gives the exact gradients of the merged attention.
     Returns dq (Nq, Hq, D), dk (Nk, Hkv, D), dv (Nk, Hkv, D) in the dtypes of q, k, v.
     """
-    offs_q, offs_k = _check_inputs(q, k, v, cu_q, cu_k)
+    offsets = _offsets_of(q, k, v, cu_q, cu_k)
     for name, t in (("dout", dout), ("out", out)):
         _check_like(name, t, q.shape, q.device)
     _check_like("lse", lse, q.shape[:2], q.device)
     backend = select_backend(q.device, q.dtype, backend)
-    q, k, v, scale = q.detach(), k.detach(), v.detach(), float(scale)
-    if backend != "naive":  # the kernels want one dtype; naive computes in >= float32 anyway
-        dout, out = dout.detach().to(q.dtype), out.detach().to(q.dtype)
-    if backend in _CUDA_BLOCKS and q.shape[0] and k.shape[0]:
-        return _CUDA_BLOCKS[backend][1](dout, q, k, v, out, lse.detach(), offs_q, offs_k, causal, scale)
-    lse = lse.detach().masked_fill(lse == -_INF, _INF)  # exp(s - inf) = 0: rows without keys get 0
-    block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[1], causal=causal, scale=scale)
-    outs = ((q, 0, 0.0, q.dtype), (k, 1, 0.0, k.dtype), (v, 1, 0.0, v.dtype))
-    return _run(block, _batches(offs_q, offs_k, causal, q.device), (dout, q, out, lse), (k, v), outs)
+    return backward_segments(dout.detach(), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), offsets,
+                             causal=causal, scale=float(scale), backend=backend)

@@ -177,12 +177,26 @@ def seq_cost(runs: list[tuple[int, int]], kernel: KernelCost) -> float:
     return total + segment_cost(held, held, True, kernel)
 
 
-def rank_work(spans, kernel: KernelCost) -> float:
-    """Work of one rank holding ``spans`` (``(seq, start, end)`` triples): :func:`seq_cost` per sequence."""
+def run_cost(a: int, b: int, kernel: KernelCost) -> float:
+    """Work of the fused segment of a held run ``[a, b)``: its queries against all keys ``[0, b)``, causal
+    (bottom-right), in pairs — ``segment_cost(b - a, b, True, kernel)`` in closed form (the planner's hot
+    path). With :data:`PAIRS` it is the run's causal pairs."""
+    t = kernel.tile
+    ct, cd, cq, ck = kernel.coefficients
+    nq, nk = -(-(b - a) // t), -(-b // t)
+    touched = (nq - 1) * nq // 2 + (nq - 1) * -(-a // t) + nk
+    full = nq * (nq - 1) // 2 + nq * ((a + 1) // t)
+    return ct * touched + cd * (touched - full) + cq * nq + ck * nk
+
+
+def rank_work(spans, kernel: KernelCost, fused=frozenset()) -> float:
+    """Work of one rank holding ``spans`` (``(seq, start, end)`` triples): :func:`run_cost` per run of the
+    sequences in ``fused``, :func:`seq_cost` for the others (executed split)."""
     by_seq: dict[int, list[tuple[int, int]]] = {}
     for s, a, b in spans:
         by_seq.setdefault(s, []).append((a, b))
-    return sum(seq_cost(runs, kernel) for runs in by_seq.values())
+    return sum(sum(run_cost(a, b, kernel) for a, b in runs) if s in fused else seq_cost(runs, kernel)
+               for s, runs in by_seq.items())
 
 
 def load_kernel_cost(path: str) -> KernelCost:

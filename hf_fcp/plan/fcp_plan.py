@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .cost import PAIRS, kernel_for, rank_work
+from .cost import kernel_for, rank_work
 from .settings import PlanSettings
 from .spans import Span, span_cost
 
@@ -139,6 +139,14 @@ class FCPPlan:
     its spans of the sequences that rank also holds."""
     plan_ms: float = 0.0
     """Wall time the planner took, in milliseconds."""
+    overlap: bool = True
+    """Ranks compute while K/V arrive (stage by stage); False: every K/V arrives first, then all segments
+    run (``PlanSettings.overlap``)."""
+    fused: tuple[frozenset[int], ...] = ()
+    """Per rank, the sequences it runs *fused*: one causal kernel segment per held run against all its
+    keys (received and local, in position order) once they arrived; the others run *split*: a local causal
+    segment at once plus a segment per stage that brings remote keys (:mod:`hf_fcp.plan.tasks`). Empty:
+    every rank runs every sequence split."""
 
     # ---- structure -------------------------------------------------------------------------------------
     @property
@@ -203,6 +211,10 @@ class FCPPlan:
         self._check_rank(rank)
         return build_rank_view(self, rank)
 
+    def fused_on(self, rank: int) -> frozenset[int]:
+        """The sequences ``rank`` runs fused (see ``fused``)."""
+        return self.fused[rank] if self.fused else frozenset()
+
     def _check_rank(self, rank) -> None:
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be an integer in [0, {self.world_size}), got {rank!r}")
@@ -220,7 +232,7 @@ class FCPPlan:
                 arr = np.asarray(spans, dtype=np.int64)
                 tokens[r] = int((arr[:, 2] - arr[:, 1]).sum())
                 cost[r] = float(span_cost(arr[:, 1], arr[:, 2]).sum())
-                work[r] = cost[r] if kernel == PAIRS else rank_work(spans, kernel)
+                work[r] = rank_work(spans, kernel, self.fused_on(r))
             nspans[r] = len(spans)
         return RankLoads(tokens=tokens, cost=cost, work=work, kv_in=mat.sum(axis=0), kv_out=mat.sum(axis=1),
                          spans=nspans)
@@ -251,6 +263,8 @@ class FCPPlan:
         for t in self.transfers:
             h.update(np.asarray((t.src, t.dst, t.round), dtype=np.int64).tobytes())
             h.update(np.asarray(t.pieces, dtype=np.int64).tobytes())
+        for seqs in self.fused:
+            h.update(np.asarray(sorted(seqs), dtype=np.int64).tobytes() + b"|")
         return h.hexdigest()
 
     def to_dict(self, assignment: bool = False) -> dict:

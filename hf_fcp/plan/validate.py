@@ -115,7 +115,9 @@ def check_view(plan: FCPPlan, rank: int) -> None:
                 recv_seq[row:row + b - a] = s
                 row += b - a
     seen: list[list[int]] = [[] for _ in range(view.num_local)]
+    buf_pos, buf_seq = np.concatenate([recv_pos, pos]), np.concatenate([recv_seq, seq])  # the K/V buffer
     lists = [(view.local_tasks, pos, seq)] + [(st.tasks, recv_pos, recv_seq) for st in view.stages]
+    lists += [(st.fused, buf_pos, buf_seq) for st in view.stages]
     for tasks, kpos, kseq in lists:
         cu_q, cu_k = tasks.cu_q.tolist(), tasks.cu_k.tolist()
         q_rows, k_rows = tasks.q_rows.numpy(), tasks.k_rows.numpy()

@@ -41,13 +41,17 @@ class AttentionCase:
     seed: int = 0
     prefetch: int | None = None
     """fcp_attention's forward stages in flight (None: all)."""
+    fusion: str = "auto"
+    """``PlanSettings.fusion``: run sequences fused, split or as the plan decides."""
+    overlap: str = "auto"
+    """``PlanSettings.overlap``: compute while K/V arrive, after, or as the plan decides."""
 
 
 def plan_for(case: AttentionCase, world: int):
     """The plan every rank of a ``world``-rank group uses for ``case`` (head dim 16)."""
     return plan_batch(case.lens, world_size=1 if case.local else world, block_size=case.block, strategy=case.strategy,
                       rounds_per_stage=case.rounds_per_stage, kv_heads=case.heads[1], head_dim=16,
-                      kv_dtype=WIRE[case.dtype])
+                      kv_dtype=WIRE[case.dtype], fusion=case.fusion, overlap=case.overlap)
 
 
 def _op(name: str):
