@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..plan.views import RankView, TaskList
-from . import comm
+from . import comm, plan_check
 from .kernels import merge_partial, select_backend, varlen_backward, varlen_forward
 
 
@@ -82,19 +82,32 @@ def prepare(q, k, v, view, group, scale, backend, check=None):
     group = comm.resolve_group(group)
     if isinstance(view, RankView) and view.world_size == 1 and not explicit:
         group = None  # a world-size-1 view never communicates, even inside a distributed job
-    error = _validate(q, k, v, view, group, scale)
-    if error is None and check is not None:
-        error = check(view)
     world = comm.group_world_rank(group)[0]
-    if world > 1 and comm.needs_plan_check(view, group):
-        comm.agree_on_plan(view, group, error)
-    if error:
-        raise ValueError(error)
+    failure, backend = _entry_checks(q, k, v, view, group, scale, backend, check, exchange=world > 1)
+    if world > 1 and plan_check.needs_plan_check(view, group, k):
+        plan_check.agree_on_plan(view, group, None if failure is None else str(failure), k)
+    if failure is not None:
+        raise failure
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = select_backend(q.device, q.dtype, backend or view.kernel)
     if view.token_index.device != q.device:
         view = view.to(q.device)
     return (group if world > 1 else None), scale, backend, view
+
+
+def _entry_checks(q, k, v, view, group, scale, backend, check, exchange: bool):
+    """Every check of one call that can fail on one rank alone, run before any traffic so that the plan
+    check can route it to every rank: (the failure as an exception or None, the kernel backend)."""
+    error = _validate(q, k, v, view, group, scale)
+    if error is None and check is not None:
+        error = check(view)
+    if error is None and exchange:
+        error = comm.check_exchange_device(group, q.device)
+    if error is not None:
+        return ValueError(error), None
+    try:
+        return None, select_backend(q.device, q.dtype, backend or view.kernel)
+    except (ValueError, ImportError) as err:  # e.g. flash-attn asked for but missing on this rank
+        return err, None
 
 
 def _validate(q, k, v, view, group, scale) -> str | None:
@@ -184,9 +197,10 @@ def _forward(q, k, v, view: RankView, group, scale, backend, prefetch=None) -> t
     stages = view.stages if group is not None else ()
     recv = k.new_empty((view.num_recv, 2 * hkv, k.shape[2]))
     ahead = len(stages) if prefetch is None else prefetch
+    kv = comm.pack_kv(k, v, stages)  # K|V once per call: each message is then one index_select
 
     def post(i: int):
-        return comm.post_kv(stages[i].rounds, k, v, recv, group, _what("forward K/V", i, stages))
+        return comm.post_kv(stages[i].rounds, kv, recv, group, _what("forward K/V", i, stages))
 
     in_flight = deque(post(i) for i in range(min(ahead, len(stages))))  # every rank posts in stage order
     o, lse = run_tasks(view.local_tasks, q, k, v, scale, backend)
@@ -199,7 +213,7 @@ def _forward(q, k, v, view: RankView, group, scale, backend, prefetch=None) -> t
         merge_partial(out, lse_acc, view.local_tasks.q_rows, o, lse)
         lse = lse_acc
     for i, stage in enumerate(stages):
-        in_flight.popleft().wait()
+        in_flight.popleft().wait(consume=bool(stage.tasks.num_segments))  # NCCL: only a stage read waits
         if i + ahead < len(stages):
             in_flight.append(post(i + ahead))
         if stage.tasks.num_segments:
@@ -215,8 +229,8 @@ def _backward(dout, q, k, v, recv, out, lse, view: RankView, group, scale, backe
     if not stages and _is_identity(local.q_rows, q.shape[0]) and _is_identity(local.k_rows, k.shape[0]):
         return run_tasks_backward(local, dout, q, k, v, out, lse, scale, backend)  # one call covers all
     dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
-    dk_buf = torch.zeros((recv.shape[0], hkv, k.shape[2]), dtype=dq.dtype, device=k.device)
-    dv_buf = torch.zeros_like(dk_buf)
+    dkv_buf = torch.zeros((recv.shape[0], 2 * hkv, k.shape[2]), dtype=dq.dtype, device=k.device)  # dK|dV
+    dk_buf, dv_buf = dkv_buf[:, :hkv], dkv_buf[:, hkv:]  # each stage's message: one cast-copy of its rows
     flights = []
     for i, stage in enumerate(stages):
         t = stage.tasks
@@ -225,8 +239,7 @@ def _backward(dout, q, k, v, recv, out, lse, view: RankView, group, scale, backe
             add_rows(dq, t.q_rows, gq)
             add_rows(dk_buf, t.k_rows, gk)
             add_rows(dv_buf, t.k_rows, gv)
-        flights.append(comm.post_grads(stage.rounds, dk_buf, dv_buf, group, k.dtype,
-                                       _what("backward dK/dV", i, stages)))
+        flights.append(comm.post_grads(stage.rounds, dkv_buf, group, k.dtype, _what("backward dK/dV", i, stages)))
     gq, gk, gv = run_tasks_backward(local, dout, q, k, v, out, lse, scale, backend)
     add_rows(dq, local.q_rows, gq)
     dk = torch.zeros(k.shape, dtype=dq.dtype, device=k.device)
