@@ -85,7 +85,7 @@ def prepare(q, k, v, view, group, scale, backend, check=None):
     world = comm.group_world_rank(group)[0]
     failure, backend = _entry_checks(q, k, v, view, group, scale, backend, check, exchange=world > 1)
     if world > 1 and plan_check.needs_plan_check(view, group, k):
-        plan_check.agree_on_plan(view, group, None if failure is None else str(failure), k)
+        plan_check.agree_on_plan(view, group, failure, k)  # a failure here raises on every rank
     if failure is not None:
         raise failure
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -77,14 +77,20 @@ def get_timeout() -> float:
     creates its group with it), else the ``FCP_TIMEOUT_S`` environment variable, else 300 s."""
     if _TIMEOUT_S is not None:
         return _TIMEOUT_S
+    env = env_timeout()
+    return DEFAULT_TIMEOUT_S if env is None else env
+
+
+def env_timeout() -> float | None:
+    """The ``FCP_TIMEOUT_S`` environment variable (validated), None when unset or empty."""
     raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if raw:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = raw
-        return check_timeout(value, TIMEOUT_ENV)
-    return DEFAULT_TIMEOUT_S
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = raw
+    return check_timeout(value, TIMEOUT_ENV)
 
 
 # ----------------------------------------------------------------------------- process group

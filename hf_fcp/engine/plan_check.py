@@ -44,11 +44,11 @@ def needs_plan_check(view, group, k: Tensor | None = None) -> bool:
     return message_layout(k) not in entry[1]
 
 
-def agree_on_plan(view, group, local_error: str | None = None, k: Tensor | None = None) -> None:
+def agree_on_plan(view, group, local_error: str | Exception | None = None, k: Tensor | None = None) -> None:
     """All-gather (plan digest, error flag, message layout of ``k``) on ``group``.
 
-    A rank with ``local_error`` raises it as ValueError, the others raise :class:`~hf_fcp.engine.comm.
-    PlanMismatchError`; with every input fine, differing fingerprints or message layouts raise
+    A rank with ``local_error`` raises it (a message: as ValueError), the others raise :class:`~hf_fcp.
+    engine.comm.PlanMismatchError`; with every input fine, differing fingerprints or message layouts raise
     PlanMismatchError on every rank, naming which ranks hold what. The view (and layout) is then remembered.
     """
     layout = message_layout(k)
@@ -56,7 +56,9 @@ def agree_on_plan(view, group, local_error: str | None = None, k: Tensor | None 
     digest = int.from_bytes(hashlib.blake2b(fp.encode(), digest_size=8).digest(), "little", signed=True)
     device = comm.plan_check_device(group, k.device if k is not None else "cpu")
     rows = _all_gather_rows([digest, int(local_error is not None), *layout], group, device)
-    if local_error:
+    if isinstance(local_error, Exception):
+        raise local_error
+    if local_error is not None:
         raise ValueError(local_error)
     failed = [r for r, row in enumerate(rows) if row[1]]
     if failed:
