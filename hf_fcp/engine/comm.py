@@ -216,11 +216,13 @@ class Pending:
         self._works, self._tensors = [], []
 
     def _stream_wait(self) -> None:
+        start, timeout = time.monotonic(), get_timeout()
         for i, w in enumerate(self._works):
             try:
                 w.wait()  # no timeout argument: with one, ProcessGroupNCCL polls on the CPU until done
-            except RuntimeError as err:  # seen only with TORCH_NCCL_BLOCKING_WAIT or async error handling off
-                raise PeerFailureError(self.describe(i, err, get_timeout(), False)) from err
+            except RuntimeError as err:  # raised here only with TORCH_NCCL_BLOCKING_WAIT=1 or error handling 0/2
+                expired = time.monotonic() - start >= timeout - _EXPIRY_SLACK_S
+                raise PeerFailureError(self.describe(i, err, timeout, expired)) from err
 
     def _bounded_wait(self) -> None:
         timeout = get_timeout()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -42,6 +43,7 @@ from .sampler import (
 )
 from .transformers import ATTN_IMPLEMENTATION
 
+logger = logging.getLogger(__name__)
 KERNEL_CHOICES = ("auto", *KERNELS)
 _TRUE, _FALSE = ("1", "true", "yes", "on", "y", "t"), ("0", "false", "no", "off", "n", "f")
 
@@ -137,6 +139,8 @@ class FCPPlugin:
             self.group = _new_fcp_group(device, self.group_timeout_s)
             self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
             comm.set_default_group(self.group)
+            logger.info("FCP group: %d ranks, %s on %s, timeout %g s", self.world_size,
+                        "nccl" if device.type == "cuda" else "gloo", device, self.group_timeout_s)
         comm.set_timeout(self.group_timeout_s)
         self.device = device
         self._ready = True
