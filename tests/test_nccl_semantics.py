@@ -141,6 +141,16 @@ def test_nccl_wait_error_names_the_stage(no_retired):
         comm.Pending([work], [], RECV, what="forward K/V exchange of stage 1", stream_ordered=True).wait()
 
 
+def test_failure_names_global_ranks_of_a_subgroup(monkeypatch):
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_global_rank", lambda group, rank: rank + 4)  # the FCP group is ranks 4, 5
+    msg = comm.failure_message(object(), "forward K/V exchange of stage 0", [("receive from", 0)], 0,
+                               None, 2.0, expired=True)
+    assert msg.startswith("FCP rank 1 (global rank 5) of 2: forward K/V exchange of stage 0: receive from rank 0 "
+                          "(global rank 4) failed: no progress within the FCP timeout of 2 s"), msg
+
+
 class OpLog(TorchDispatchMode):
     """Names of the aten ops run inside the ``with`` block."""
 

@@ -271,16 +271,25 @@ def failure_message(group, what: str, ops: Sequence[tuple[str, int]], index: int
                 "probably died) or the backend reported an error"
     if index is not None and index < len(ops):
         op, peer = ops[index]
-        culprit, suspects = f"{op} rank {peer}", [peer]
+        culprit, suspects = f"{op} rank {_global(group, peer)}", [peer]
     else:
         culprit, suspects = "the transfers", sorted({p for _, p in ops})
-    others = ", ".join(f"{o} rank {p}" for o, p in ops) or "none"
+    others = ", ".join(f"{o} rank {_global(group, p)}" for o, p in ops) or "none"
     detail = f" [{text.splitlines()[0][:240]}]" if text else ""
-    return (f"FCP rank {rank} of {size}: {what}: {culprit} failed: {cause}{detail}. This stage's "
+    return (f"FCP rank {_global(group, rank)} of {size}: {what}: {culprit} failed: {cause}{detail}. This stage's "
             f"transfers: {others}. Check the log of rank(s) {suspects} (died, hung, or running a different "
             f"step/plan). The FCP process group cannot be used after this: stop every rank and restart from "
             f"the last checkpoint (FCPTrainer / Trainer: resume_from_checkpoint=True). If the stage is only "
             f"slow, raise the limit ({TIMEOUT_ENV}=seconds or FCPPlugin(timeout_s=...), now {timeout:g} s).")
+
+
+def _global(group, rank: int) -> str:
+    """``rank`` of ``group`` for messages: "3", or "3 (global rank 11)" when the job's numbering differs."""
+    try:
+        glob = dist.get_global_rank(group, rank) if group is not None else rank
+    except (RuntimeError, ValueError):
+        glob = rank
+    return str(rank) if glob == rank else f"{rank} (global rank {glob})"
 
 
 def post(sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]],
