@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..plan.views import RankView, TaskList
-from . import comm
+from . import comm, plan_check
 from .kernels import backward_segments, forward_segments, merge_partial, select_backend
 
 
@@ -87,19 +87,32 @@ def prepare(q, k, v, view, group, scale, backend, check=None):
     group = comm.resolve_group(group)
     if isinstance(view, RankView) and view.world_size == 1 and not explicit:
         group = None  # a world-size-1 view never communicates, even inside a distributed job
-    error = _validate(q, k, v, view, group, scale)
-    if error is None and check is not None:
-        error = check(view)
     world = comm.group_world_rank(group)[0]
-    if world > 1 and comm.needs_plan_check(view, group):
-        comm.agree_on_plan(view, group, error)
-    if error:
-        raise ValueError(error)
+    failure, backend = _entry_checks(q, k, v, view, group, scale, backend, check, exchange=world > 1)
+    if world > 1 and plan_check.needs_plan_check(view, group, k):
+        plan_check.agree_on_plan(view, group, failure, k)  # a failure here raises on every rank
+    if failure is not None:
+        raise failure
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = select_backend(q.device, q.dtype, backend or view.kernel)
     if view.token_index.device != q.device:
         view = view.to(q.device)
     return (group if world > 1 else None), scale, backend, view
+
+
+def _entry_checks(q, k, v, view, group, scale, backend, check, exchange: bool):
+    """Every check of one call that can fail on one rank alone, run before any traffic so that the plan
+    check can route it to every rank: (the failure as an exception or None, the kernel backend)."""
+    error = _validate(q, k, v, view, group, scale)
+    if error is None and check is not None:
+        error = check(view)
+    if error is None and exchange:
+        error = comm.check_exchange_device(group, q.device)
+    if error is not None:
+        return ValueError(error), None
+    try:
+        return None, select_backend(q.device, q.dtype, backend or view.kernel)
+    except (ValueError, ImportError) as err:  # e.g. flash-attn asked for but missing on this rank
+        return err, None
 
 
 def _validate(q, k, v, view, group, scale) -> str | None:
@@ -205,9 +218,11 @@ def _forward(q, k, v, view: RankView, group, scale, backend, prefetch=None) -> t
     buf = _kv_buffer(k, v, view, bool(stages))
     recv = buf[:view.num_recv] if stages else buf
     ahead = len(stages) if prefetch is None else prefetch
+    # K|V once per call, so that each message is one index_select: the K/V buffer's local copy when it has one
+    kv = buf[view.num_recv:] if stages and view.has_fused else comm.pack_kv(k, v, stages)
 
     def post(i: int):
-        return comm.post_kv(stages[i].rounds, k, v, recv, group, _what("forward K/V", i, stages))
+        return comm.post_kv(stages[i].rounds, kv, recv, group, _what("forward K/V", i, stages))
 
     in_flight = deque(post(i) for i in range(min(ahead, len(stages))))  # every rank posts in stage order
     if not view.overlap:  # every K/V first: no communication kernel runs beside the attention kernels
@@ -225,8 +240,9 @@ def _forward(q, k, v, view: RankView, group, scale, backend, prefetch=None) -> t
         merge_partial(out, lse_acc, local.q_rows, o, lse)
         lse = lse_acc
     for i, stage in enumerate(stages):
-        if view.overlap:
-            in_flight.popleft().wait()
+        if view.overlap:  # NCCL: only a stage whose rows are read makes the stream wait; stage k's wait covers
+            # the earlier stages a fused segment reads too (one communicator runs them in order)
+            in_flight.popleft().wait(consume=bool(stage.tasks.num_segments or stage.fused.num_segments))
             if i + ahead < len(stages):
                 in_flight.append(post(i + ahead))
         for tasks, k_src, v_src in _stage_work(stage, buf, view.num_recv, hkv):
@@ -243,12 +259,12 @@ def _backward(dout, q, k, v, buf, out, lse, view: RankView, group, scale, backen
     if not stages and local.q_all and local.k_all:
         return run_tasks_backward(local, dout, q, k, v, out, lse, scale, backend)  # one call covers all
     dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
-    dk_buf = torch.zeros((buf.shape[0], hkv, k.shape[2]), dtype=dq.dtype, device=k.device)
-    dv_buf = torch.zeros_like(dk_buf)
+    dkv_buf = torch.zeros((buf.shape[0], 2 * hkv, k.shape[2]), dtype=dq.dtype, device=k.device)  # dK|dV
+    dk_buf, dv_buf = dkv_buf[:, :hkv], dkv_buf[:, hkv:]  # each stage's message: one cast-copy of its rows
     flights = []
 
     def post(i: int) -> None:
-        flights.append(comm.post_grads(stages[i].rounds, dk_buf[:n_recv], dv_buf[:n_recv], group, k.dtype,
+        flights.append(comm.post_grads(stages[i].rounds, dkv_buf[:n_recv], group, k.dtype,
                                        _what("backward dK/dV", i, stages)))
 
     for i in reversed(range(len(stages))):
