@@ -361,10 +361,10 @@ def _kernel_failure_worker(rank: int, world: int) -> dict:
     real = attention.select_backend
     out = {}
     for size, _ in fcp_subgroups(rank, world):
-        def select(device, dtype, requested=None):
+        def select(device, dtype, requested=None, **options):
             if rank == size - 1:
                 raise ImportError("backend 'flash_attn' needs flash-attn (simulated: missing on this rank)")
-            return real(device, dtype, requested)
+            return real(device, dtype, requested, **options)
 
         attention.select_backend = select
         try:

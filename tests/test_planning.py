@@ -218,8 +218,9 @@ def _layer_time(plan) -> float:
 def test_fcp_is_never_slower_than_its_simple_alternatives(lens, world, block, slack):
     """In the planner's own step-time model (kernel work + exchange, as the engine runs the plan), the fcp
     plan is never slower than zigzag, zigzag of the long sequences only, or contiguous shards of the
-    same batch under the same token cap."""
-    from hf_fcp.plan.candidates import step_time, zigzag_long
+    same batch under the same token cap (up to the planner's ``TIE``: among candidates that close to the
+    fastest, it takes the best balanced)."""
+    from hf_fcp.plan.candidates import TIE, step_time, zigzag_long
     from hf_fcp.plan.baseline_placements import place_allgather, place_ring
 
     cap = -(-sum(lens) // world) + slack * 64
@@ -228,7 +229,7 @@ def test_fcp_is_never_slower_than_its_simple_alternatives(lens, world, block, sl
     mine = _layer_time(plan)
     for place in (place_ring, place_allgather, zigzag_long):
         other = step_time(place(tuple(lens), world, cap), plan.settings, FLASH)[0]
-        assert mine <= other * (1 + 1e-9), (place.__name__, mine, other)
+        assert mine <= other * (1 + TIE + 1e-9), (place.__name__, mine, other)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -89,53 +89,60 @@ def _call_by_name(fn, values: dict):
     return fn(**{n: values[n] for n in params if n in values})
 
 
-def _flash_args(q, k, offsets, causal, scale) -> dict:
+def _flash_args(q, k, offsets, causal, scale, window, softcap) -> dict:
     check_head_dim(q, "flash_attn")
+    left = -1 if window is None else window - 1  # flash-attn: keys i + off - left .. i + off
     return dict(
         q=q, k=k, cu_seqlens_q=offsets.cu_q, cu_seqlens_k=offsets.cu_k,
         max_seqlen_q=offsets.max_q, max_seqlen_k=offsets.max_k, dropout_p=0.0,
-        softmax_scale=scale, causal=causal, is_causal=causal, window_size=(-1, -1), window_size_left=-1,
-        window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None,
-        return_attn_probs=True)
+        softmax_scale=scale, causal=causal, is_causal=causal, window_size=(left, -1 if window is None else 0),
+        window_size_left=left, window_size_right=-1 if window is None else 0, softcap=softcap or 0.0,
+        alibi_slopes=None, deterministic=False, rng_state=None, return_attn_probs=True)
 
 
-def flash_forward(q, k, v, offsets, causal, scale):
+def flash_forward(q, k, v, offsets, causal, scale, window=None, softcap=None):
     mod = _flash_module()
-    args = dict(_flash_args(q, k, offsets, causal, scale), v=v)
+    args = dict(_flash_args(q, k, offsets, causal, scale, window, softcap), v=v)
     res = _call_by_name(mod.flash_attn_varlen_func, args)
     if not isinstance(res, (tuple, list)):
         raise RuntimeError("unsupported flash-attn version: flash_attn_varlen_func returned no LSE")
     return res[0], _lse_out(res[1], q.shape[0])
 
 
-def flash_backward(dout, q, k, v, out, lse, offsets, causal, scale):
+def flash_backward(dout, q, k, v, out, lse, offsets, causal, scale, window=None, softcap=None):
     mod = _flash_module()
     fn = getattr(mod, "_flash_attn_varlen_backward", None) or mod._flash_attn_backward
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    _call_by_name(fn, dict(_flash_args(q, k, offsets, causal, scale), v=v, dout=dout.contiguous(),
+    _call_by_name(fn, dict(_flash_args(q, k, offsets, causal, scale, window, softcap), v=v, dout=dout.contiguous(),
                            out=out.contiguous(), softmax_lse=_lse_in(lse), dq=dq, dk=dk, dv=dv, sm_margin=0))
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- PyTorch's flash kernel
-def _torch_args(q, offsets) -> tuple:
+def _torch_args(q, offsets, softcap) -> tuple:
     check_head_dim(q, "torch_cuda")
+    if softcap is not None:
+        raise ValueError("softcap: kernel 'torch_cuda' does not compute logit soft-capping; use 'flash_attn'")
     return offsets.cu_q, offsets.cu_k, offsets.max_q, offsets.max_k
 
 
-def torch_cuda_forward(q, k, v, offsets, causal, scale):
-    cu_q, cu_k, max_q, max_k = _torch_args(q, offsets)
+def _window(window) -> dict:
+    return {} if window is None else {"window_size_left": window - 1, "window_size_right": 0}
+
+
+def torch_cuda_forward(q, k, v, offsets, causal, scale, window=None, softcap=None):
+    cu_q, cu_k, max_q, max_k = _torch_args(q, offsets, softcap)
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, 0.0, causal, False,
-        scale=scale)
+        scale=scale, **_window(window))
     return out, _lse_out(lse, q.shape[0])
 
 
-def torch_cuda_backward(dout, q, k, v, out, lse, offsets, causal, scale):
-    cu_q, cu_k, max_q, max_k = _torch_args(q, offsets)
+def torch_cuda_backward(dout, q, k, v, out, lse, offsets, causal, scale, window=None, softcap=None):
+    cu_q, cu_k, max_q, max_k = _torch_args(q, offsets, softcap)
     rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # read only with dropout > 0
     unused = torch.empty(0, device=q.device)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), _lse_in(lse),
-        cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused, scale=scale)
+        cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused, scale=scale, **_window(window))
     return dq, dk, dv

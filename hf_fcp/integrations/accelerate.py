@@ -41,6 +41,7 @@ from .sampler import (
     TokenBudgetSampler,
     dataset_lengths,
 )
+from .layer_kinds import attention_layers
 from .transformers import ATTN_IMPLEMENTATION
 
 logger = logging.getLogger(__name__)
@@ -62,8 +63,9 @@ class FCPPlugin:
     """Attention kernel backend: auto, torch_cpu, flash_attn, torch_cuda or naive (FCP_KERNEL, default auto);
     it reaches every attention layer with the batch's plan (``PlanSettings.kernel``)."""
     overlap: bool | None = None
-    """Pipeline communication with compute one congestion-free round at a time (FCP_OVERLAP, default
-    true); false sends all rounds as one stage, overlapped only with the local work."""
+    """Run attention while the K/V exchange is in flight, one congestion-free round at a time (true), or
+    exchange everything first and then run fused kernels without communication beside them (false)
+    (FCP_OVERLAP; unset: the planner decides per batch by its cost model, ``PlanSettings.overlap="auto"``)."""
     long_sequence_policy: str | None = None
     """Documents longer than a global batch: split, truncate or error (FCP_LONG_SEQUENCE_POLICY, split)."""
     strategy: str | None = None
@@ -95,7 +97,7 @@ class FCPPlugin:
         self.block_size = _env("block_size", self.block_size, 4096, int)
         self.tokens_per_rank = _env("tokens_per_rank", self.tokens_per_rank, 16384, int)
         self.kernel = check_choice("kernel", _env("kernel", self.kernel, "auto", str), KERNEL_CHOICES)
-        self.overlap = _env("overlap", self.overlap, True, _to_bool)
+        self.overlap = _env("overlap", self.overlap, None, _to_bool)
         self.long_sequence_policy = check_choice("long_sequence_policy", _env(
             "long_sequence_policy", self.long_sequence_policy, "split", str), LONG_SEQUENCE_POLICIES)
         self.strategy = _env("strategy", self.strategy, "fcp", str)
@@ -103,7 +105,7 @@ class FCPPlugin:
         self.kernel_cost = _env("kernel_cost", self.kernel_cost, None, str)
         self.plan_settings = PlanSettings(  # every planner setting, validated once here
             block_size=self.block_size, tokens_per_rank=self.tokens_per_rank, strategy=self.strategy,
-            balance=self.balance, rounds_per_stage=1 if self.overlap else 1 << 30,
+            balance=self.balance, overlap={None: "auto", True: "always", False: "never"}[self.overlap],
             kernel_cost=load_kernel_cost(self.kernel_cost) if self.kernel_cost else None,
             kernel=None if self.kernel == "auto" else self.kernel)
         if self.timeout_s is not None:
@@ -183,9 +185,11 @@ class FCPPlugin:
 
     # ---- data ----------------------------------------------------------------------------------------
     def collator(self, model_config=None) -> FCPCollator:
-        """This rank's :class:`FCPCollator`; ``model_config`` sizes the KV bytes in the plan stats."""
+        """This rank's :class:`FCPCollator`; ``model_config`` sizes the KV bytes in the plan stats and gives
+        the model's attention layer kinds (full / sliding windows) the planner plans for."""
         settings = self.plan_settings
         if model_config is not None:
+            settings = replace(settings, attention_layers=attention_layers(model_config))
             heads = getattr(model_config, "num_attention_heads", None)
             settings = replace(settings, kv_heads=getattr(model_config, "num_key_value_heads", None) or heads or 8,
                                head_dim=getattr(model_config, "head_dim", None) or (

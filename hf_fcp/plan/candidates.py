@@ -16,7 +16,7 @@ import numpy as np
 from .baseline_placements import merge_sorted, place_allgather, place_ring, zigzag
 from .cost import KernelCost, rank_work
 from .fcp_plan import imbalance
-from .rounds import needed_pieces
+from .rounds import needed_pieces, windowed_pieces
 from .search import polish
 from .settings import PlanSettings
 from .spans import Span
@@ -65,23 +65,32 @@ def _spread(out, tokens, s: int, a: int, b: int, cap: int) -> None:
 
 
 def step_time(spans: list[list[Span]], settings: PlanSettings, kernel: KernelCost, detail: bool = False):
-    """(modelled time of one attention layer of ``spans`` run as :func:`execution` decides, imbalance of its
-    rank work) — with ``detail``, also whether it runs fused — with the exchange the planner's rounds will
-    carry (every rank receives the prefix of its runs it does not hold)."""
-    sent, received = np.zeros(len(spans)), np.zeros(len(spans))
-    for (src, dst), pieces in needed_pieces(spans).items():
-        tokens = sum(b - a for _, a, b in pieces)
-        sent[src] += tokens
-        received[dst] += tokens
+    """(modelled time of an average attention layer of ``spans`` run as :func:`execution` decides, imbalance
+    of its rank work) — with ``detail``, also whether it runs fused — with the exchange the planner's rounds
+    will carry (every rank receives the prefix of its runs it does not hold; under a sliding window, the
+    window before each run)."""
+    layers = settings.attention_layers
     works = {}
 
     def work(fused: bool) -> float:
-        works[fused] = np.array([rank_work(x, kernel, frozenset(s for s, _, _ in x) if fused else frozenset())
-                                 for x in spans])
+        works[fused] = np.array([rank_work(x, kernel, frozenset(s for s, _, _ in x) if fused else frozenset(),
+                                           layers) for x in spans])
         return float(works[fused].max())
 
-    t, fused, _ = execution(work, float(np.maximum(sent, received).max(initial=0.0)), settings)
+    t, fused, _ = execution(work, link_tokens(spans, layers), settings)
     return (t, imbalance(works[fused]), fused) if detail else (t, imbalance(works[fused]))
+
+
+def link_tokens(spans: list[list[Span]], layers) -> float:
+    """The most K/V tokens a rank sends or receives in an average layer of the model's ``layers``."""
+    sent, received = np.zeros(len(spans)), np.zeros(len(spans))
+    for window, count in layers:
+        pairs = needed_pieces(spans) if window is None else windowed_pieces(spans, window)
+        for (src, dst), pieces in pairs.items():
+            tokens = count * sum(b - a for _, a, b in pieces)
+            sent[src] += tokens
+            received[dst] += tokens
+    return float(np.maximum(sent, received).max(initial=0.0)) / sum(count for _, count in layers)
 
 
 def execution(work, link_tokens: float, settings: PlanSettings) -> tuple[float, bool, bool]:
@@ -108,7 +117,7 @@ def choose(candidates: list[list[list[Span]]], settings: PlanSettings, kernel: K
     timed = [step_time(c, settings, kernel) for c in candidates]
     for i in sorted(range(len(candidates)), key=lambda i: (timed[i][0], i))[:POLISHED]:
         if _cuts(candidates[i]) <= POLISH_CUTS:  # the polished placement joins the candidates
-            candidates.append(polish(candidates[i], world, kernel))
+            candidates.append(polish(candidates[i], world, kernel, settings.attention_layers))
             timed.append(step_time(candidates[-1], settings, kernel))
     fastest = min(t for t, _ in timed)
     return candidates[min((i for i in range(len(candidates)) if timed[i][0] <= fastest * (1 + TIE)),

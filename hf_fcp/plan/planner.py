@@ -21,9 +21,9 @@ from .baseline_placements import place_allgather, place_packing, place_ring
 from .candidates import CANDIDATE_WORLD, MIN_BLOCK, alternatives, choose, execution, step_time
 from .checks import check_int, check_seq_lens
 from .cost import kernel_for
-from .fcp_plan import FCPPlan, Span
+from .fcp_plan import FCPPlan, Span, WindowPlan
 from .placement import place_fcp
-from .rounds import colour_rounds, needed_pieces
+from .rounds import colour_rounds, needed_pieces, windowed_pieces
 from .settings import PlanSettings, settings_from
 
 _SIMPLE = {"ring": place_ring, "allgather": place_allgather, "packing": place_packing}
@@ -67,7 +67,7 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
         small = world <= CANDIDATE_WORLD
         fused = settings.fusion == "all" or (settings.fusion == "auto" and small)  # the cost the greedy balances
         greedy = lambda b: place_fcp(lens, world, b, cap, locality=float(settings.locality), kernel=kernel,  # noqa: E731
-                                     fused=fused)
+                                     fused=fused, layers=settings.attention_layers)
         spans = greedy(block)
         if not small and settings.fusion == "auto" and _runs_fused(spans, settings, kernel):
             fused = True  # the split-cost placement turned out to run fused: balance fused costs instead
@@ -106,14 +106,24 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
     else:
         raise ValueError(f"comm: got {comm!r}, expected 'p2p' or 'collective'")
     settings = settings or PlanSettings()
+    windows = tuple(WindowPlan(w, *colour_rounds(windowed_pieces(spans, w))) for w, _ in settings.attention_layers if w)
     plan = FCPPlan(seq_lens=tuple(seq_lens), world_size=world_size, block_size=block_size,
                    tokens_per_rank=tokens_per_rank, strategy=strategy, rank_spans=tuple(tuple(s) for s in spans),
-                   transfers=transfers, num_rounds=rounds, settings=settings, collective=comm == "collective")
+                   transfers=transfers, num_rounds=rounds, settings=settings, collective=comm == "collective",
+                   windows=windows)
     all_fused = tuple(frozenset(s for s, _, _ in rank) for rank in spans)
     work = lambda fused: float(replace(plan, fused=all_fused if fused else ()).rank_loads().work.max())  # noqa: E731
-    kv = plan.rank_loads()
-    _, fused, overlap = execution(work, float(np.maximum(kv.kv_in, kv.kv_out).max()), settings)
+    _, fused, overlap = execution(work, _link_tokens(plan), settings)
     return replace(plan, fused=all_fused if fused else (), overlap=overlap, plan_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def _link_tokens(plan: FCPPlan) -> float:
+    """The most K/V tokens a rank sends or receives in an average layer (full and sliding-window kinds)."""
+    total = 0.0
+    for window, count in plan.settings.attention_layers:
+        mat = plan.for_window(window).comm_matrix()
+        total = total + count * np.maximum(mat.sum(axis=0), mat.sum(axis=1))
+    return float(np.max(total)) / sum(count for _, count in plan.settings.attention_layers)
 
 
 def _holders(spans) -> dict[int, set[int]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cost import KernelCost, run_cost
+from .cost import KernelCost, layered_run_cost
 from .spans import Span
 
 MAX_MOVES = 200  # cut-pair moves per polish
@@ -24,8 +24,8 @@ CHOICES = 8  # per partner, the cut pairs priced exactly (three-rank cycles: den
 class Placement:
     """Runs of every sequence in position order, per-rank work and tokens, and the cuts between ranks."""
 
-    def __init__(self, spans: list[list[Span]], world: int, kernel: KernelCost):
-        self.world, self.kernel = world, kernel
+    def __init__(self, spans: list[list[Span]], world: int, kernel: KernelCost, layers=((None, 1),)):
+        self.world, self.kernel, self.layers = world, kernel, layers
         by_seq: dict[int, list[list[int]]] = {}
         for r, rank_spans in enumerate(spans):
             for s, a, b in rank_spans:
@@ -43,8 +43,12 @@ class Placement:
         self.work, self.tokens = np.zeros(world), np.zeros(world, np.int64)
         for runs in self.seqs.values():
             for a, b, r in runs:
-                self.work[r] += run_cost(a, b, kernel)
+                self.work[r] += self.run_cost(a, b)
                 self.tokens[r] += b - a
+
+    def run_cost(self, a: int, b: int) -> float:
+        """Modelled work of the fused run ``[a, b)`` in an average layer (:func:`.cost.layered_run_cost`)."""
+        return layered_run_cost(a, b, self.layers, self.kernel)
 
     def cuts_of(self, rank: int) -> list[tuple[int, int, int, bool]]:
         """(seq, index of the left run, partner rank, rank is on the left) of every cut touching ``rank``."""
@@ -73,8 +77,8 @@ def _shift(p: Placement, s: int, j: int, delta: int) -> dict[int, float] | None:
     new = c + delta
     if not a < new < b:
         return None
-    k = p.kernel
-    return {left: run_cost(a, new, k) - run_cost(a, c, k), right: run_cost(new, b, k) - run_cost(c, b, k)}
+    cost = p.run_cost
+    return {left: cost(a, new) - cost(a, c), right: cost(new, b) - cost(c, b)}
 
 
 def _apply(p: Placement, s: int, j: int, delta: int) -> None:
@@ -172,10 +176,11 @@ def _cycle_max(p: Placement, moves, ranks) -> float | None:
     return after
 
 
-def polish(spans: list[list[Span]], world: int, kernel: KernelCost) -> list[list[Span]]:
+def polish(spans: list[list[Span]], world: int, kernel: KernelCost, layers=((None, 1),)) -> list[list[Span]]:
     """``spans`` after best-improvement cut moves on the busiest rank — pairs of cuts shared with one
-    partner, else three-rank cycles (module doc); token counts of every rank are unchanged."""
-    p = Placement(spans, world, kernel)
+    partner, else three-rank cycles (module doc); token counts of every rank are unchanged. Work is that of
+    an average layer of the model's ``layers`` (``PlanSettings.attention_layers``)."""
+    p = Placement(spans, world, kernel, layers)
     tile = max(1, kernel.tile)
     for _ in range(MAX_MOVES):
         hi = int(np.argmax(p.work))

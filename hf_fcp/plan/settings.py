@@ -73,6 +73,11 @@ class PlanSettings:
     overlap_slowdown: float = 0.06
     """Fraction of the attention kernels' speed lost while communication kernels run beside them (NCCL
     channels on 8 of an H100/H200's 132 SMs)."""
+    attention_layers: tuple[tuple[int | None, int], ...] = ((None, 1),)
+    """The model's kinds of attention layer as ``((window, layers), ...)``: ``window`` None for full causal
+    attention, else a sliding window of that many keys (transformers' ``sliding_window``), and how many
+    layers use it. The planner balances their summed kernel work, and every window gets its own, smaller
+    exchange (``plan.windows``); ``FCPPlugin`` reads them from the model's config."""
     kernel: str | None = None
     """Attention kernel backend every rank runs this plan's attention with (:data:`KERNELS`); None picks
     the best one for the tensors' device and dtype. It reaches the attention layers with the rank views."""
@@ -96,6 +101,7 @@ class PlanSettings:
                              f"hf_fcp.plan.cost.KernelCost or None")
         if self.kernel is not None:
             check_choice("kernel", self.kernel, KERNELS)
+        _check_layers(self.attention_layers)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -115,6 +121,17 @@ class PlanSettings:
                 f"world_size × tokens_per_rank = {world_size} × {cap} = {cap * world_size}; "
                 f"use tokens_per_rank >= {even} or a smaller batch")
         return cap
+
+
+def _check_layers(layers) -> None:
+    expected = "a non-empty tuple of (window: int >= 1 or None, layers: int >= 1) pairs with distinct windows"
+    ok = isinstance(layers, tuple) and layers and all(isinstance(x, tuple) and len(x) == 2 for x in layers)
+    if ok:
+        ok = all((w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 1))
+                 and isinstance(n, int) and not isinstance(n, bool) and n >= 1 for w, n in layers)
+        ok = ok and len({w for w, _ in layers}) == len(layers)
+    if not ok:
+        raise ValueError(f"attention_layers: got {layers!r}, expected {expected}")
 
 
 def settings_from(settings: PlanSettings | None, overrides: dict) -> PlanSettings:

@@ -8,7 +8,7 @@ Three kinds of segments, all exact causal attention within a sequence:
 
       queries = keys:  [ a1 .. b1 | a2 ....... b2 ]     (tokens b1..a2 live on other ranks)
 
-  and per sequence executed *fused*, its run starting at position 0 (a causal square), if it holds one.
+  and per sequence executed *fused*, each held run whose keys are all local (e.g. the run at position 0).
 * **remote** (not causal, keys = rows of the receive buffer): per split sequence and communication stage,
   the held runs that see pieces which arrived in that stage. A piece is either wholly before a held run
   (all pairs visible) or wholly after it (none); consecutive runs that see the same pieces share one
@@ -20,6 +20,9 @@ Three kinds of segments, all exact causal attention within a sequence:
 
       keys  (position order):  [ piece | local run | piece | a ........ b )
       queries:                                              [ a ........ b )   (bottom-right causal)
+
+  Under a sliding window (the views of ``plan.for_window(w)``) every sequence runs fused and a run's keys
+  start at ``max(0, a - w + 1)``: the exchange brings only those, and the kernels mask the window.
 
 Everything here is host-side arithmetic on the plan; the tensors are int64 row indices and int32 offsets,
 moved to the device once with the view, so the engine never reads device memory back to the host.
@@ -94,16 +97,12 @@ def rows_of(runs) -> np.ndarray:
     return ranges(np.array([o for _, _, o in runs], np.int64), np.array([b - a for a, b, _ in runs], np.int64))
 
 
-def local_tasks(by_seq: dict, fused: frozenset, n_local: int) -> TaskList:
-    """Slot 0 (causal, local K/V): per split sequence its held runs joined; per fused sequence its run
-    starting at position 0. ``by_seq``: seq -> held runs (start, end, local offset) in position order."""
-    runs = []
-    for s, held in by_seq.items():
-        if s not in fused:
-            runs.append(rows_of(held))
-        elif held[0][0] == 0:
-            runs.append(rows_of(held[:1]))
-    return TaskList.build(runs, runs, True, n_local, n_local)
+def local_tasks(by_seq: dict, fused: frozenset, n_local: int, extra=()) -> TaskList:
+    """Slot 0 (causal, local K/V): per split sequence its held runs joined, plus ``extra`` (query rows, key
+    rows) segments: the fused runs whose keys are all local (:func:`fused_segments`, stage −1).
+    ``by_seq``: seq -> held runs (start, end, local offset) in position order."""
+    runs = [rows_of(held) for s, held in by_seq.items() if s not in fused]
+    return TaskList.build(runs + [q for q, _ in extra], runs + [k for _, k in extra], True, n_local, n_local)
 
 
 def remote_tasks(by_seq: dict, fused: frozenset, pieces, n_local: int, n_buf: int) -> TaskList:
@@ -138,27 +137,42 @@ def remote_tasks(by_seq: dict, fused: frozenset, pieces, n_local: int, n_buf: in
     return TaskList.build(q_runs, k_runs, False, n_local, n_buf)
 
 
-def fused_tasks(by_seq: dict, fused: frozenset, pieces, num_stages: int, n_local: int, num_recv: int,
-                overlap: bool = True) -> list[TaskList]:
-    """Per stage, the fused segments whose last needed piece arrived in it (causal, keys in the K/V buffer
-    ``[receive buffer (num_recv rows) | local K/V]``); without ``overlap`` all of them in the last stage
-    (one call once everything arrived). ``pieces``: (seq, start, end, buffer row, stage) of every piece."""
-    per_stage: list[tuple[list, list]] = [([], []) for _ in range(num_stages)]
+def fused_segments(by_seq: dict, fused: frozenset, pieces, num_recv: int, window: int | None = None):
+    """The fused segments as (stage, query rows, key rows): per fused sequence one per held run ``[a, b)``
+    against keys ``[k0, b)`` in position order, ``k0 = 0`` or under a sliding ``window`` ``max(0, a -
+    window + 1)``. Stage −1 when every key is local (key rows index the local K/V), else the stage of the
+    last piece it reads (key rows index the K/V buffer ``[receive buffer (num_recv rows) | local K/V]``).
+    ``pieces``: (seq, start, end, buffer row, stage) of every received piece."""
     got_by_seq: dict[int, list[tuple[int, int, int, int]]] = {}
     for s, c, d, row, stage in pieces:
         if s in fused:
             got_by_seq.setdefault(s, []).append((c, d, row, stage))
-    for s, got in got_by_seq.items():
-        got.sort()
-        held = by_seq[s]
+    out = []
+    for s, held in by_seq.items():
+        if s not in fused:
+            continue
+        got = sorted(got_by_seq.get(s, ()))
         for j, (a, b, o) in enumerate(held):
-            before = [g for g in got if g[1] <= a]
-            if not before:
-                continue  # the run at position 0: a local causal square (local_tasks)
-            items = [(c, np.arange(row, row + d - c, dtype=np.int64)) for c, d, row, _ in before]
-            items += [(a2, num_recv + np.arange(o2, o2 + b2 - a2, dtype=np.int64)) for a2, b2, o2 in held[:j + 1]]
+            k0 = 0 if window is None else max(0, a - window + 1)
+            remote = [(max(c, k0), row + max(c, k0) - c, d, stage) for c, d, row, stage in got if k0 < d <= a]
+            shift = num_recv if remote else 0
+            items = [(c, np.arange(row, row + d - c, dtype=np.int64)) for c, row, d, _ in remote]
+            items += [(max(a2, k0), shift + np.arange(o2 + max(a2, k0) - a2, o2 + b2 - a2, dtype=np.int64))
+                      for a2, b2, o2 in held[:j + 1] if b2 > k0]
             items.sort(key=lambda item: item[0])
-            q_runs, k_runs = per_stage[max(g[3] for g in before) if overlap else num_stages - 1]
-            q_runs.append(np.arange(o, o + b - a, dtype=np.int64))
-            k_runs.append(np.concatenate([rows for _, rows in items]))
+            stage = max((g[3] for g in remote), default=-1)
+            out.append((stage, np.arange(o, o + b - a, dtype=np.int64), np.concatenate([r for _, r in items])))
+    return out
+
+
+def fused_tasks(segments, num_stages: int, n_local: int, num_recv: int, overlap: bool = True) -> list[TaskList]:
+    """Per stage, the :func:`fused_segments` (stage ≥ 0) whose last needed piece arrived in it (causal, keys
+    in the K/V buffer); without ``overlap`` all of them in the last stage (one call once everything
+    arrived)."""
+    per_stage: list[tuple[list, list]] = [([], []) for _ in range(num_stages)]
+    for stage, q, k in segments:
+        if stage >= 0:
+            q_runs, k_runs = per_stage[stage if overlap else num_stages - 1]
+            q_runs.append(q)
+            k_runs.append(k)
     return [TaskList.build(q, k, True, n_local, num_recv + n_local) for q, k in per_stage]

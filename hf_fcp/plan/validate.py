@@ -98,8 +98,10 @@ def _check_delivery(plan: FCPPlan, held, transfers) -> None:
 
 
 def check_view(plan: FCPPlan, rank: int) -> None:
-    """Every local query row attends to exactly the keys ``0..p`` of its sequence, each once."""
+    """Every local query row attends to exactly the keys ``0..p`` of its sequence, each once (under the
+    plan's sliding window ``w``, see ``plan.for_window``: exactly ``max(0, p - w + 1)..p``)."""
     view = plan.for_rank(rank)
+    window = plan.window
     pos = view.position_ids.numpy()
     seq = view.seq_index.numpy()
     recv_pos, recv_seq = np.full(view.num_recv, -1), np.full(view.num_recv, -1)
@@ -125,14 +127,16 @@ def check_view(plan: FCPPlan, rank: int) -> None:
             qs, ks = q_rows[cu_q[i]:cu_q[i + 1]], k_rows[cu_k[i]:cu_k[i + 1]]
             shift = len(ks) - len(qs)
             for j, q in enumerate(qs):
-                visible = ks[: j + shift + 1] if tasks.causal else ks
+                first = 0 if window is None else max(0, j + shift - window + 1)
+                visible = ks[first: j + shift + 1] if tasks.causal else ks
                 if np.any(kseq[visible] != seq[q]):
                     raise PlanError(f"rank {rank}: query row {q} (sequence {seq[q]}) attends to another sequence")
                 seen[q].extend(kpos[visible].tolist())
     for q in range(view.num_local):
-        if sorted(seen[q]) != list(range(pos[q] + 1)):
+        first = 0 if window is None else max(0, pos[q] - window + 1)
+        if sorted(seen[q]) != list(range(first, pos[q] + 1)):
             raise PlanError(f"rank {rank}: query row {q} (sequence {seq[q]}, position {pos[q]}) attends to "
-                            f"{len(seen[q])} keys, expected exactly positions 0..{pos[q]}")
+                            f"{len(seen[q])} keys, expected exactly positions {first}..{pos[q]}")
 
 
 def _buffer_start(plan: FCPPlan, rank: int, transfer) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .spans import ranges
-from .tasks import Movable, TaskList, fused_tasks, local_tasks, remote_tasks
+from .tasks import Movable, TaskList, fused_segments, fused_tasks, local_tasks, remote_tasks
 
 
 def _tensor(a) -> torch.Tensor:
@@ -61,6 +61,8 @@ class RankView(Movable):
     has_fused: bool  # some stage runs fused segments: the K/V buffer is [receive buffer | local K/V]
     overlap: bool = True  # compute while K/V arrive; False: wait for every stage first (plan.overlap)
     kernel: str | None = None  # attention kernel backend (the plan's ``settings.kernel``; None: automatic)
+    window: int | None = None  # sliding window of the layers this view serves (None: full causal attention)
+    windows: tuple["RankView", ...] = ()  # the views of the plan's sliding windows (``for_window``)
 
     @property
     def num_local(self) -> int:
@@ -69,6 +71,18 @@ class RankView(Movable):
     @property
     def num_seqs(self) -> int:
         return int(self.seq_lens.numel())
+
+    def for_window(self, window: int | None) -> "RankView":
+        """The view of the layers with sliding ``window`` (None: full attention, this view): the same tokens
+        with the window's smaller exchange (``plan.for_window(window).for_rank(rank)``)."""
+        if window is None or window == self.window:
+            return self
+        for sub in self.windows:
+            if sub.window == window:
+                return sub
+        have = [sub.window for sub in self.windows]
+        raise ValueError(f"window: got {window!r}, expected None or one of the plan's sliding windows {have} "
+                         f"(PlanSettings.attention_layers; FCPPlugin reads them from the model's config)")
 
 
 def build_rank_view(plan, rank: int) -> RankView:
@@ -84,7 +98,8 @@ def build_rank_view(plan, rank: int) -> RankView:
     mine = plan.transfers_of(rank)  # built on demand for ring/allgather plans: once per view
     num_recv, n_local = sum(t.tokens for t in mine if t.dst == rank), int(lens.sum())
     fused = plan.fused_on(rank)
-    stages = _stages(plan, rank, mine, by_seq, fused, num_recv, n_local)
+    stages, segments = _stages(plan, rank, mine, by_seq, fused, num_recv, n_local)
+    extra = [(q, k) for stage, q, k in segments if stage < 0]
     return RankView(
         rank=rank, world_size=plan.world_size, num_tokens=plan.num_tokens, fingerprint=plan.fingerprint,
         seq_lens=_tensor(plan.seq_lens),
@@ -92,8 +107,9 @@ def build_rank_view(plan, rank: int) -> RankView:
         position_ids=_tensor(ranges(spans[:, 1], lens)),
         seq_index=_tensor(np.repeat(spans[:, 0], lens)),
         spans=_tensor(spans),
-        num_recv=num_recv, local_tasks=local_tasks(by_seq, fused, n_local), stages=stages,
+        num_recv=num_recv, local_tasks=local_tasks(by_seq, fused, n_local, extra), stages=stages,
         has_fused=any(st.fused.num_segments for st in stages), overlap=plan.overlap, kernel=plan.settings.kernel,
+        window=plan.window, windows=tuple(build_rank_view(plan.for_window(w.window), rank) for w in plan.windows),
     )
 
 
@@ -119,7 +135,8 @@ def _send_rows(pieces, by_seq) -> np.ndarray:
     return ranges(np.array(starts, np.int64), np.array(lens, np.int64))
 
 
-def _stages(plan, rank, mine, by_seq, fused, num_recv: int, n_local: int) -> tuple[StageView, ...]:
+def _stages(plan, rank, mine, by_seq, fused, num_recv: int, n_local: int) -> tuple[tuple[StageView, ...], list]:
+    """The stage views and the fused segments (:func:`.tasks.fused_segments`) of rank ``rank``."""
     sends = {t.round: t for t in mine if t.src == rank}
     recvs = {t.round: t for t in mine if t.dst == rank}
     rounds_of, pieces, buf = [], [], 0  # pieces: (seq, start, end, buffer row, stage)
@@ -135,7 +152,9 @@ def _stages(plan, rank, mine, by_seq, fused, num_recv: int, n_local: int) -> tup
                 pieces.append((s, c, d, buf, k))
                 buf += d - c
         rounds_of.append(tuple(rounds))
-    fused_by_stage = fused_tasks(by_seq, fused, pieces, len(rounds_of), n_local, num_recv, plan.overlap)
-    return tuple(StageView(rounds=rounds, fused=fused_by_stage[k],
-                           tasks=remote_tasks(by_seq, fused, [p[:4] for p in pieces if p[4] == k], n_local, num_recv))
-                 for k, rounds in enumerate(rounds_of))
+    segments = fused_segments(by_seq, fused, pieces, num_recv, plan.window)
+    fused_by_stage = fused_tasks(segments, len(rounds_of), n_local, num_recv, plan.overlap)
+    stages = tuple(StageView(rounds=rounds, fused=fused_by_stage[k],
+                             tasks=remote_tasks(by_seq, fused, [p[:4] for p in pieces if p[4] == k], n_local, num_recv))
+                   for k, rounds in enumerate(rounds_of))
+    return stages, segments
