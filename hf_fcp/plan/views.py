@@ -9,7 +9,7 @@ the stage's K/V arrived. Which sequences a rank runs fused is the plan's decisio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ class RankView(Movable):
     rank: int
     world_size: int
     num_tokens: int  # tokens in the global batch
+    longest: int  # tokens in the batch's longest sequence (host-side: no device read)
     fingerprint: str  # the plan's fingerprint (equal on every rank of a consistent plan)
     seq_lens: torch.Tensor  # int64 (num_seqs,) the global batch
     token_index: torch.Tensor  # int64 (n_local,) index of each local token in the concatenated batch
@@ -80,6 +81,8 @@ class RankView(Movable):
         for sub in self.windows:
             if sub.window == window:
                 return sub
+        if self.world_size == 1:  # nothing is exchanged: the kernels mask the window
+            return replace(self, window=window, windows=())
         have = [sub.window for sub in self.windows]
         raise ValueError(f"window: got {window!r}, expected None or one of the plan's sliding windows {have} "
                          f"(PlanSettings.attention_layers; FCPPlugin reads them from the model's config)")
@@ -101,7 +104,8 @@ def build_rank_view(plan, rank: int) -> RankView:
     stages, segments = _stages(plan, rank, mine, by_seq, fused, num_recv, n_local)
     extra = [(q, k) for stage, q, k in segments if stage < 0]
     return RankView(
-        rank=rank, world_size=plan.world_size, num_tokens=plan.num_tokens, fingerprint=plan.fingerprint,
+        rank=rank, world_size=plan.world_size, num_tokens=plan.num_tokens, longest=max(plan.seq_lens),
+        fingerprint=plan.fingerprint,
         seq_lens=_tensor(plan.seq_lens),
         token_index=_tensor(ranges(offsets[spans[:, 0]] + spans[:, 1], lens)),
         position_ids=_tensor(ranges(spans[:, 1], lens)),
