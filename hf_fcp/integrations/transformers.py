@@ -26,6 +26,8 @@ from ..engine.attention import fcp_attention
 from ..engine.kernels import varlen_forward
 from ..plan import plan_batch
 from ..plan.views import RankView
+from . import model_support
+from .model_support import ENGINE_SUPPORTS
 
 ATTN_IMPLEMENTATION = "fcp"
 """The name to pass as ``attn_implementation``."""
@@ -63,15 +65,20 @@ def fcp_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, v
         (out, None) with out (B, S, Hq, D) in query's dtype.
     """
     _check_supported(module, dropout, softcap, kwargs)
+    head_dim = value.shape[-1]
+    query, key, value, scaling = _match_head_dims(query, key, value, scaling)  # MLA: value head dim != q/k's
     if fcp_plan is not None:
+        _check_model(module, fcp_plan)
         if getattr(module, "layer_idx", 0) == 0:  # once per forward
             _check_positions(position_ids, fcp_plan)
         out = _planned(query, key, value, attention_mask, fcp_plan, scaling, sliding_window)
     elif key.shape[2] != query.shape[2]:
+        model_support.require_plan(module)
         out = _cached(query, key, value, attention_mask, scaling, sliding_window)
     else:
+        model_support.require_plan(module)
         out = _local(query, key, value, attention_mask, position_ids, scaling, sliding_window)
-    return out, None
+    return (out if out.shape[-1] == head_dim else out[..., :head_dim]), None
 
 
 # ----------------------------------------------------------------------------- checks
@@ -79,10 +86,10 @@ def _check_supported(module, dropout, softcap, kwargs) -> None:
     if dropout and module.training:
         raise ValueError(f"attn_implementation='fcp': got attention dropout {dropout}, expected 0.0; set "
                          f"config.attention_dropout=0.0")
-    if softcap is not None:
+    if softcap is not None and not ENGINE_SUPPORTS["softcap"]:
         raise ValueError(f"attn_implementation='fcp': got attention softcap {softcap}, expected None (logit "
                          f"soft-capping is not supported; use attn_implementation='eager' for this model)")
-    if kwargs.get("s_aux") is not None:
+    if kwargs.get("s_aux") is not None and not ENGINE_SUPPORTS["attention_sinks"]:
         raise ValueError("attn_implementation='fcp': attention sinks (s_aux) are not supported")
     if getattr(module, "is_causal", True) is False:
         raise ValueError("attn_implementation='fcp' computes causal attention only; got a non-causal "
@@ -90,12 +97,34 @@ def _check_supported(module, dropout, softcap, kwargs) -> None:
 
 
 def _check_window(sliding_window, longest: int) -> None:
-    if sliding_window is not None and longest > sliding_window:
+    if sliding_window is not None and longest > sliding_window and not ENGINE_SUPPORTS["sliding_window"]:
         raise ValueError(f"attn_implementation='fcp': got a document of {longest} tokens, longer than the "
                          f"model's sliding_window={sliding_window}; sliding-window attention is not supported: "
                          f"cut documents to at most {sliding_window} tokens (with FCPPlugin's default "
                          f"long_sequence_policy='split', world_size × tokens_per_rank <= {sliding_window}) or set "
                          f"config.sliding_window=None")
+
+
+def _check_model(module, view) -> None:
+    """The model-support guard (``model_support``): the whole model on the first planned call, then this
+    batch's documents against the model's limits (e.g. a sliding window shorter than a document)."""
+    support = model_support.on_attention_call(module)
+    if support.limits and isinstance(view, RankView):
+        support.check_batch(int(view.seq_lens.max()))
+
+
+def _match_head_dims(q, k, v, scale):
+    """MLA (value head dim != query/key head dim): pad the smaller side with zeros, as transformers' flash
+    path does — zero value columns give zero output columns (sliced off by the caller), zero q/k columns
+    leave every score unchanged. The softmax scale stays that of the original q/k head dim."""
+    dq, dv = q.shape[-1], v.shape[-1]
+    if dq == dv:
+        return q, k, v, scale
+    scale = dq ** -0.5 if scale is None else scale
+    if dv < dq:
+        return q, k, torch.nn.functional.pad(v, (0, dq - dv)), scale
+    pad = lambda x: torch.nn.functional.pad(x, (0, dv - dq))  # noqa: E731
+    return pad(q), pad(k), v, scale
 
 
 def _check_positions(position_ids, view) -> None:
