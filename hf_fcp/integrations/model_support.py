@@ -93,7 +93,7 @@ def check_model(model: torch.nn.Module) -> ModelSupport:
     Raises ``ValueError`` naming the model, the feature and the way out."""
     while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module  # DDP and similar wrappers
-    name = type(model).__name__
+    name = _checked_classes(type(model))[0].__name__  # FSDP2's FSDPLlamaForCausalLM: LlamaForCausalLM
     support = _config_support(model.config, name)
     _check_modules(model, name)
     for module in model.modules():
@@ -253,9 +253,10 @@ def _configs(config) -> list:
 
 
 def _check_causal(cfg, name: str) -> None:
-    if getattr(cfg, "use_bidirectional_attention", False) or getattr(cfg, "is_causal", True) is False:
-        raise ValueError(f"{name}: got bidirectional attention (use_bidirectional_attention / is_causal=False), "
-                         f"expected causal attention; FCP computes causal attention within documents only "
+    bidirectional = getattr(cfg, "use_bidirectional_attention", False)  # "vision": among image tokens only,
+    if bidirectional not in (False, None, "vision") or getattr(cfg, "is_causal", True) is False:  # not in text
+        raise ValueError(f"{name}: got bidirectional attention (use_bidirectional_attention={bidirectional!r}, "
+                         f"is_causal={getattr(cfg, 'is_causal', None)!r}), expected causal attention; FCP computes causal attention within documents only "
                          f"(prefix-LM and bidirectional masks are not supported)")
 
 
@@ -295,8 +296,8 @@ def _kind_reason(bad: list[str]) -> str:
     if any("index" in k or "sparse" in k or "compress" in k for k in bad):
         return ("sparse / compressed attention selects keys with an indexer that needs the dense 4D mask FCP never "
                 "builds; FCP cannot train this model")
-    return ("these layers mix tokens outside softmax attention (state-space, recurrent, convolution or linear "
-            "attention), so a rank holding a middle piece of a document would compute them without the document's "
+    return ("token mixing outside attention: these layers carry information along the sequence (state-space, "
+            "recurrent, convolution or linear attention), so a rank holding a middle piece of a document would compute them without the document's "
             "earlier tokens — silently wrong; train this model with plain data parallelism (attn_implementation="
             "'sdpa' and DDP/FSDP)")
 
