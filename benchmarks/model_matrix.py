@@ -134,11 +134,20 @@ def write_allow_list(verified: dict) -> None:
     body = [f"TRANSFORMERS_VERSION = {transformers.__version__!r}",
             f"EXACT_FAMILIES: tuple[str, ...] = (\n{_wrap(exact)})",
             "FAMILY_NOTES: dict[str, str] = {  # why the other families are not verified",
-            *[f"    {k!r}: {v!r}," for k, v in sorted(notes.items())], "}",
+            *[f"    {k!r}: {_literal(v)}," for k, v in sorted(notes.items())], "}",
             "_CLASSES: dict[str, str] = {",
-            *[f"    {m!r}: {' '.join(sorted(c))!r}," for m, c in sorted(classes.items())], "}"]
+            *[f"    {m!r}: {_literal(' '.join(sorted(c)))}," for m, c in sorted(classes.items())], "}"]
     tail = ALLOW_LIST.read_text().split("\n\n\n@functools.cache")[1]
     ALLOW_LIST.write_text(head + "\n".join(body) + "\n\n\n@functools.cache" + tail)
+
+
+def _literal(text: str, width: int = 100) -> str:
+    """A string literal that fits the line length: implicit concatenation of parts."""
+    import textwrap
+
+    parts = textwrap.wrap(text, width, drop_whitespace=False, replace_whitespace=False, break_long_words=False)
+    assert "".join(parts) == text
+    return repr(text) if len(parts) < 2 else "(\n" + "\n".join(f"        {p!r}" for p in parts) + ")"
 
 
 def _wrap(names: list[str], width: int = 112) -> str:

@@ -15,7 +15,7 @@ layer through:
 
 :func:`check_model` runs in ``FCPPlugin.prepare_model`` / ``FCPTrainer``; :func:`on_attention_call` runs
 it at the first planned call of the ``"fcp"`` attention function (for users who skip ``prepare_model``),
-and :func:`ModelSupport.check_batch` applies the per-batch limits on every planned call.
+and :meth:`ModelSupport.check_batch` applies the per-batch limits once per planned forward.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ ROPE_TYPES = {"default": None, "linear": None, "llama3": None, "yarn": None, "pr
 the longest position seen (→ the config key of the length up to which they equal the unscaled rope)."""
 TRANSPARENT_PREFIXES = ("torch.distributed.", "torch.nn.parallel.", "torch._dynamo.", "accelerate.")
 """Wrappers (DDP, FSDP, activation checkpointing, torch.compile) whose children are checked instead."""
-MIXER_HINTS = ("mamba", "ssm", "mixer", "rglru", "recurrent", "rwkv", "lstm", "shortconv", "deltanet", "linearattention",
-               "lightning", "hyena", "retention", "kda")
+MIXER_HINTS = ("mamba", "ssm", "mixer", "rglru", "recurrent", "rwkv", "lstm", "shortconv", "deltanet",
+               "linearattention", "lightning", "hyena", "retention", "kda")
 """Class-name parts of known token mixers; only for the wording of a refusal (the decision is the allow-list)."""
 _EXTRA_CLASSES: set[str] = set()
 _SUPPORT: "weakref.WeakKeyDictionary[torch.nn.Module, ModelSupport]" = weakref.WeakKeyDictionary()
@@ -256,8 +256,9 @@ def _check_causal(cfg, name: str) -> None:
     bidirectional = getattr(cfg, "use_bidirectional_attention", False)  # "vision": among image tokens only,
     if bidirectional not in (False, None, "vision") or getattr(cfg, "is_causal", True) is False:  # not in text
         raise ValueError(f"{name}: got bidirectional attention (use_bidirectional_attention={bidirectional!r}, "
-                         f"is_causal={getattr(cfg, 'is_causal', None)!r}), expected causal attention; FCP computes causal attention within documents only "
-                         f"(prefix-LM and bidirectional masks are not supported)")
+                         f"is_causal={getattr(cfg, 'is_causal', None)!r}), expected causal attention; FCP computes "
+                         f"causal attention within documents only (prefix-LM and bidirectional masks are not "
+                         f"supported)")
 
 
 def _layer_limits(cfg, name: str) -> list[Limit]:
@@ -297,9 +298,9 @@ def _kind_reason(bad: list[str]) -> str:
         return ("sparse / compressed attention selects keys with an indexer that needs the dense 4D mask FCP never "
                 "builds; FCP cannot train this model")
     return ("token mixing outside attention: these layers carry information along the sequence (state-space, "
-            "recurrent, convolution or linear attention), so a rank holding a middle piece of a document would compute them without the document's "
-            "earlier tokens — silently wrong; train this model with plain data parallelism (attn_implementation="
-            "'sdpa' and DDP/FSDP)")
+            "recurrent, convolution or linear attention), so a rank holding a middle piece of a document would "
+            "compute them without the document's earlier tokens — silently wrong; train this model with plain data "
+            "parallelism (attn_implementation='sdpa' and DDP/FSDP)")
 
 
 def _rope_limits(cfg, name: str) -> list[Limit]:

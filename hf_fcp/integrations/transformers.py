@@ -51,7 +51,8 @@ def fcp_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, v
 
     Args:
         module: the attention module.
-        query: (B, Hq, S, D); key, value: (B, Hkv, Sk, D) — GQA heads NOT repeated; Sk > S with a KV cache.
+        query: (B, Hq, S, D); key, value: (B, Hkv, Sk, D) — GQA heads NOT repeated; Sk > S with a KV cache;
+            value's head dim may differ (MLA: the smaller side is zero-padded for the kernel, the output sliced).
         attention_mask: None, or a (B, Sk) boolean padding mask (True = real token).
         dropout: must be 0 (attention dropout is not supported).
         scaling: softmax scale (default D ** -0.5).
@@ -62,15 +63,16 @@ def fcp_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, v
         kwargs: other model keywords, ignored.
 
     Returns:
-        (out, None) with out (B, S, Hq, D) in query's dtype.
+        (out, None) with out (B, S, Hq, Dv) in query's dtype (Dv: value's head dim).
     """
     _check_supported(module, dropout, softcap, kwargs)
     head_dim = value.shape[-1]
     query, key, value, scaling = _match_head_dims(query, key, value, scaling)  # MLA: value head dim != q/k's
     if fcp_plan is not None:
-        _check_model(module, fcp_plan)
+        support = model_support.on_attention_call(module)  # the whole model, checked on its first planned call
         if getattr(module, "layer_idx", 0) == 0:  # once per forward
             _check_positions(position_ids, fcp_plan)
+            _check_limits(support, fcp_plan)
         out = _planned(query, key, value, attention_mask, fcp_plan, scaling, sliding_window)
     elif key.shape[2] != query.shape[2]:
         model_support.require_plan(module)
@@ -105,10 +107,9 @@ def _check_window(sliding_window, longest: int) -> None:
                          f"config.sliding_window=None")
 
 
-def _check_model(module, view) -> None:
-    """The model-support guard (``model_support``): the whole model on the first planned call, then this
-    batch's documents against the model's limits (e.g. a sliding window shorter than a document)."""
-    support = model_support.on_attention_call(module)
+def _check_limits(support, view) -> None:
+    """This batch's documents against the model's limits (``model_support``: e.g. a sliding window or a
+    length-switching rope that equals plain causal attention only for documents up to some length)."""
     if support.limits and isinstance(view, RankView):
         support.check_batch(int(view.seq_lens.max()))
 

@@ -28,83 +28,230 @@ EXACT_FAMILIES: tuple[str, ...] = (
     'xlm-roberta', 'xlm-roberta-xl', 'xmod', 'youtu',)
 FAMILY_NOTES: dict[str, str] = {  # why the other families are not verified
     'axk2': 'its sparse-attention indexer needs the dense 4D mask FCP never builds',
-    'bailing_hybrid': 'token mixing outside attention: model.layers.0.self_attn (BailingHybridDeltaAttention) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'bamba': 'token mixing outside attention: model.layers.0.mamba (BambaMixer) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'bart': "not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, or positions are computed from the forward's length (worst gradient: model.decoder.embed_positions.weight)",
-    'big_bird': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'bigbird_pegasus': "not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, or positions are computed from the forward's length (worst gradient: model.decoder.embed_positions.weight)",
-    'blenderbot': "not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, or positions are computed from the forward's length (worst gradient: model.decoder.layers.0.self_attn_layer_norm.weight)",
-    'blenderbot-small': "not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, or positions are computed from the forward's length (worst gradient: model.decoder.embed_positions.weight)",
-    'bloom': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'blt': 'does not build from its config here (RuntimeError: blt: the shrunk config still has 1404213280 parameters (> 3000000))',
-    'cpmant': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'dbrx': "does not build from its config here (AttributeError: 'DbrxAttentionConfig' object has no attribute 'rope_theta')",
+    'bailing_hybrid': (
+        'token mixing outside attention: model.layers.0.self_attn (BailingHybridDeltaAttention) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'bamba': (
+        'token mixing outside attention: model.layers.0.mamba (BambaMixer) carries information along the '
+        'sequence (state-space / recurrent / convolution / linear attention)'),
+    'bart': (
+        'not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, '
+        "or positions are computed from the forward's length (worst gradient: "
+        'model.decoder.embed_positions.weight)'),
+    'big_bird': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'bigbird_pegasus': (
+        'not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, '
+        "or positions are computed from the forward's length (worst gradient: "
+        'model.decoder.embed_positions.weight)'),
+    'blenderbot': (
+        'not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, '
+        "or positions are computed from the forward's length (worst gradient: "
+        'model.decoder.layers.0.self_attn_layer_norm.weight)'),
+    'blenderbot-small': (
+        'not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, '
+        "or positions are computed from the forward's length (worst gradient: "
+        'model.decoder.embed_positions.weight)'),
+    'bloom': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'blt': (
+        'does not build from its config here (RuntimeError: blt: the shrunk config still has 1404213280 '
+        'parameters (> 3000000))'),
+    'cpmant': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'dbrx': (
+        "does not build from its config here (AttributeError: 'DbrxAttentionConfig' object has no attribute "
+        "'rope_theta')"),
     'deepseek_v32': 'its sparse-attention indexer needs the dense 4D mask FCP never builds',
-    'deepseek_v4': "not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, or positions are computed from the forward's length (worst gradient: model.layers.1.self_attn.compressor.position_bias)",
-    'doge': "not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, or positions are computed from the forward's length (worst gradient: model.layers.0.self_attn.A)",
-    'dory': "does not build from its config here (StrictDataclassClassValidationError: Class validation error for validator 'validate_architecture':\n    ValueError: n_inp)",
-    'dots3_note': "does not build from its config here (StrictDataclassClassValidationError: Class validation error for validator 'validate_architecture':\n    ValueError: adapt)",
+    'deepseek_v4': (
+        'not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, '
+        "or positions are computed from the forward's length (worst gradient: "
+        'model.layers.1.self_attn.compressor.position_bias)'),
+    'doge': (
+        'not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, '
+        "or positions are computed from the forward's length (worst gradient: model.layers.0.self_attn.A)"),
+    'dory': (
+        'does not build from its config here (StrictDataclassClassValidationError: Class validation error for'
+        " validator 'validate_architecture':\n    ValueError: n_inp)"),
+    'dots3_note': (
+        'does not build from its config here (StrictDataclassClassValidationError: Class validation error for'
+        " validator 'validate_architecture':\n    ValueError: adapt)"),
     'dots3_note_text': 'its sparse-attention indexer needs the dense 4D mask FCP never builds',
-    'falcon': "it picks its attention class itself and does not call transformers' attention interface (loading it with attn_implementation='fcp' fails with KeyError: 'fcp')",
-    'falcon_h1': 'token mixing outside attention: model.layers.0.mamba (FalconH1Mixer) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'falcon_mamba': 'token mixing outside attention: backbone.layers.0 (FalconMambaBlock) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'gemma3n': 'does not build from its config here (ImportError: \nTimmWrapperModel requires the timm library but it was not found in your environment. You can install it wi)',
-    'gemma3n_text': 'does not build from its config here (ValueError: The set of layer types producing a cache is different than the set of layer types using them)',
-    'gemma4_assistant': "does not build from its config here (StrictDataclassClassValidationError: Class validation error for validator 'validate_architecture':\n    ValueError: hidde)",
-    'gemma4_unified_assistant': 'does not build from its config here (ValueError: The set of layer types producing a cache is different than the set of layer types using them)',
-    'git': "it picks its attention class itself and does not call transformers' attention interface (loading it with attn_implementation='fcp' fails with KeyError: 'fcp')",
+    'falcon': (
+        "it picks its attention class itself and does not call transformers' attention interface (loading it "
+        "with attn_implementation='fcp' fails with KeyError: 'fcp')"),
+    'falcon_h1': (
+        'token mixing outside attention: model.layers.0.mamba (FalconH1Mixer) carries information along the '
+        'sequence (state-space / recurrent / convolution / linear attention)'),
+    'falcon_mamba': (
+        'token mixing outside attention: backbone.layers.0 (FalconMambaBlock) carries information along the '
+        'sequence (state-space / recurrent / convolution / linear attention)'),
+    'gemma3n': (
+        'does not build from its config here (ImportError: \nTimmWrapperModel requires the timm library but it'
+        ' was not found in your environment. You can install it wi)'),
+    'gemma3n_text': (
+        'does not build from its config here (ValueError: The set of layer types producing a cache is '
+        'different than the set of layer types using them)'),
+    'gemma4_assistant': (
+        'does not build from its config here (StrictDataclassClassValidationError: Class validation error for'
+        " validator 'validate_architecture':\n    ValueError: hidde)"),
+    'gemma4_unified_assistant': (
+        'does not build from its config here (ValueError: The set of layer types producing a cache is '
+        'different than the set of layer types using them)'),
+    'git': (
+        "it picks its attention class itself and does not call transformers' attention interface (loading it "
+        "with attn_implementation='fcp' fails with KeyError: 'fcp')"),
     'glm_moe_dsa': 'its sparse-attention indexer needs the dense 4D mask FCP never builds',
-    'gpt_neo': "it picks its attention class itself and does not call transformers' attention interface (loading it with attn_implementation='fcp' fails with KeyError: 'fcp')",
-    'gpt_neox_japanese': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'granitemoehybrid': 'token mixing outside attention: model.layers.0.mamba (GraniteMoeHybridMambaLayer) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
+    'gpt_neo': (
+        "it picks its attention class itself and does not call transformers' attention interface (loading it "
+        "with attn_implementation='fcp' fails with KeyError: 'fcp')"),
+    'gpt_neox_japanese': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'granitemoehybrid': (
+        'token mixing outside attention: model.layers.0.mamba (GraniteMoeHybridMambaLayer) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
     'hy_v4': 'its sparse-attention indexer needs the dense 4D mask FCP never builds',
     'inkling2_loop_text': "a decoder layer does not pass **kwargs on to its attention, so the batch's plan never reaches it",
     'inkling2_text': "a decoder layer does not pass **kwargs on to its attention, so the batch's plan never reaches it",
-    'inkling_text': 'token mixing outside attention: model.layers.0.self_attn.k_sconv (InklingShortConvolution) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'jamba': 'token mixing outside attention: model.layers.0 (JambaMambaDecoderLayer) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'kimi_linear': 'token mixing outside attention: model.layers.0.self_attn (KimiLinearDeltaAttention) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'lara_mini': 'token mixing outside attention: model.layers.0.linear_attn (LaraMiniGatedDeltaNet) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'lfm2_moe': 'token mixing outside attention: model.layers.0.conv (Lfm2MoeShortConv) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'lfm3': 'token mixing outside attention: model.layers.0.conv (Lfm3ShortConv) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'mamba': 'token mixing outside attention: backbone.layers.0 (MambaBlock) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'mamba2': 'token mixing outside attention: backbone.layers.0 (Mamba2Block) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'marian': "not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, or positions are computed from the forward's length (worst gradient: model.decoder.layers.0.fc2.weight)",
-    'mbart': "not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, or positions are computed from the forward's length (worst gradient: model.decoder.embed_positions.weight)",
-    'megatron-bert': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'minimax': 'token mixing outside attention: model.layers.1.self_attn (MiniMaxLightningAttention) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'mpt': "fails with an attention that builds no mask (AttributeError: 'NoneType' object has no attribute 'to' | module.py:1789 < deprecation.py:173 < modeling_mpt.py:327)",
-    'musicgen': "does not build from its config here (AttributeError: 'MusicgenConfig' object has no attribute 'dropout')",
-    'musicgen_melody': "does not build from its config here (AttributeError: 'MusicgenMelodyConfig' object has no attribute 'dropout')",
-    'mvp': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
+    'inkling_text': (
+        'token mixing outside attention: model.layers.0.self_attn.k_sconv (InklingShortConvolution) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'jamba': (
+        'token mixing outside attention: model.layers.0 (JambaMambaDecoderLayer) carries information along '
+        'the sequence (state-space / recurrent / convolution / linear attention)'),
+    'kimi_linear': (
+        'token mixing outside attention: model.layers.0.self_attn (KimiLinearDeltaAttention) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'lara_mini': (
+        'token mixing outside attention: model.layers.0.linear_attn (LaraMiniGatedDeltaNet) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'lfm2_moe': (
+        'token mixing outside attention: model.layers.0.conv (Lfm2MoeShortConv) carries information along the'
+        ' sequence (state-space / recurrent / convolution / linear attention)'),
+    'lfm3': (
+        'token mixing outside attention: model.layers.0.conv (Lfm3ShortConv) carries information along the '
+        'sequence (state-space / recurrent / convolution / linear attention)'),
+    'mamba': (
+        'token mixing outside attention: backbone.layers.0 (MambaBlock) carries information along the '
+        'sequence (state-space / recurrent / convolution / linear attention)'),
+    'mamba2': (
+        'token mixing outside attention: backbone.layers.0 (Mamba2Block) carries information along the '
+        'sequence (state-space / recurrent / convolution / linear attention)'),
+    'marian': (
+        'not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, '
+        "or positions are computed from the forward's length (worst gradient: "
+        'model.decoder.layers.0.fc2.weight)'),
+    'mbart': (
+        'not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, '
+        "or positions are computed from the forward's length (worst gradient: "
+        'model.decoder.embed_positions.weight)'),
+    'megatron-bert': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'minimax': (
+        'token mixing outside attention: model.layers.1.self_attn (MiniMaxLightningAttention) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'mpt': (
+        "fails with an attention that builds no mask (AttributeError: 'NoneType' object has no attribute 'to'"
+        ' | module.py:1789 < deprecation.py:173 < modeling_mpt.py:327)'),
+    'musicgen': (
+        "does not build from its config here (AttributeError: 'MusicgenConfig' object has no attribute "
+        "'dropout')"),
+    'musicgen_melody': (
+        "does not build from its config here (AttributeError: 'MusicgenMelodyConfig' object has no attribute "
+        "'dropout')"),
+    'mvp': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
     'nemotron': "a decoder layer does not pass **kwargs on to its attention, so the batch's plan never reaches it",
-    'nemotron_h': 'token mixing outside attention: model.layers.0.mixer (NemotronHMamba2Mixer) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'olmo_hybrid': 'token mixing outside attention: model.layers.0 (OlmoHybridLinearAttentionDecoderLayer) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'openai-gpt': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'pegasus': "not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, or positions are computed from the forward's length (worst gradient: model.decoder.layers.0.final_layer_norm.weight)",
-    'phi4_multimodal': 'does not build from its config here (RuntimeError: phi4_multimodal: the shrunk config still has 6284000 parameters (> 3000000))',
-    'plbart': "not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, or positions are computed from the forward's length (worst gradient: model.decoder.embed_positions.weight)",
-    'prophetnet': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'qwen3_5': 'token mixing outside attention: model.layers.0.linear_attn (Qwen3_5GatedDeltaNet) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'qwen3_5_moe': 'token mixing outside attention: model.layers.0.linear_attn (Qwen3_5MoeGatedDeltaNet) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'qwen3_5_moe_text': 'token mixing outside attention: model.layers.0.linear_attn (Qwen3_5MoeGatedDeltaNet) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'qwen3_5_text': 'token mixing outside attention: model.layers.0.linear_attn (Qwen3_5GatedDeltaNet) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'qwen3_next': 'token mixing outside attention: model.layers.0.linear_attn (Qwen3NextGatedDeltaNet) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'qwen4_exp': "does not build from its config here (TypeError: unsupported operand type(s) for //: 'NoneType' and 'NoneType')",
-    'qwen4_exp_text': "does not build from its config here (TypeError: unsupported operand type(s) for //: 'NoneType' and 'NoneType')",
-    'recurrent_gemma': 'token mixing outside attention: model.layers.0 (RecurrentGemmaDecoderLayer) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'reformer': 'does not build from its config here (ValueError: Make sure that config.axial_pos_embds factors: (64, 192) sum to config.hidden_size: 32)',
-    'rembert': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'roformer': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'rwkv': 'token mixing outside attention: rwkv.blocks.0 (RwkvBlock) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
+    'nemotron_h': (
+        'token mixing outside attention: model.layers.0.mixer (NemotronHMamba2Mixer) carries information '
+        'along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'olmo_hybrid': (
+        'token mixing outside attention: model.layers.0 (OlmoHybridLinearAttentionDecoderLayer) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'openai-gpt': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'pegasus': (
+        'not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, '
+        "or positions are computed from the forward's length (worst gradient: "
+        'model.decoder.layers.0.final_layer_norm.weight)'),
+    'phi4_multimodal': (
+        'does not build from its config here (RuntimeError: phi4_multimodal: the shrunk config still has '
+        '6284000 parameters (> 3000000))'),
+    'plbart': (
+        'not exact even with an exact attention: a layer outside attention mixes tokens along the sequence, '
+        "or positions are computed from the forward's length (worst gradient: "
+        'model.decoder.embed_positions.weight)'),
+    'prophetnet': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'qwen3_5': (
+        'token mixing outside attention: model.layers.0.linear_attn (Qwen3_5GatedDeltaNet) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'qwen3_5_moe': (
+        'token mixing outside attention: model.layers.0.linear_attn (Qwen3_5MoeGatedDeltaNet) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'qwen3_5_moe_text': (
+        'token mixing outside attention: model.layers.0.linear_attn (Qwen3_5MoeGatedDeltaNet) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'qwen3_5_text': (
+        'token mixing outside attention: model.layers.0.linear_attn (Qwen3_5GatedDeltaNet) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'qwen3_next': (
+        'token mixing outside attention: model.layers.0.linear_attn (Qwen3NextGatedDeltaNet) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'qwen4_exp': (
+        "does not build from its config here (TypeError: unsupported operand type(s) for //: 'NoneType' and "
+        "'NoneType')"),
+    'qwen4_exp_text': (
+        "does not build from its config here (TypeError: unsupported operand type(s) for //: 'NoneType' and "
+        "'NoneType')"),
+    'recurrent_gemma': (
+        'token mixing outside attention: model.layers.0 (RecurrentGemmaDecoderLayer) carries information '
+        'along the sequence (state-space / recurrent / convolution / linear attention)'),
+    'reformer': (
+        'does not build from its config here (ValueError: Make sure that config.axial_pos_embds factors: (64,'
+        ' 192) sum to config.hidden_size: 32)'),
+    'rembert': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'roformer': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'rwkv': (
+        'token mixing outside attention: rwkv.blocks.0 (RwkvBlock) carries information along the sequence '
+        '(state-space / recurrent / convolution / linear attention)'),
     'stablelm': "a decoder layer does not pass **kwargs on to its attention, so the batch's plan never reaches it",
-    'trocr': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'xglm': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'xlm': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'xlnet': "it does not call transformers' attention interface (attention it computes itself), so attn_implementation='fcp' would be ignored",
-    'xlstm': 'token mixing outside attention: backbone.blocks.0 (xLSTMBlock) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
-    'zamba': 'does not build from its config here (ValueError: There is an issue with your definition of `tie_weights_keys` for ^layers.1.shared_transf:^layers.(?!1\\.)\\d+.)',
-    'zamba2': 'does not build from its config here (RuntimeError: The size of tensor a (32) must match the size of tensor b (64) at non-singleton dimension 2)',
-    'zaya': 'token mixing outside attention: model.layers.0.self_attn.qkv_proj (ZayaCCAProjection) carries information along the sequence (state-space / recurrent / convolution / linear attention)',
+    'trocr': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'xglm': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'xlm': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'xlnet': (
+        "it does not call transformers' attention interface (attention it computes itself), so "
+        "attn_implementation='fcp' would be ignored"),
+    'xlstm': (
+        'token mixing outside attention: backbone.blocks.0 (xLSTMBlock) carries information along the '
+        'sequence (state-space / recurrent / convolution / linear attention)'),
+    'zamba': (
+        'does not build from its config here (ValueError: There is an issue with your definition of '
+        '`tie_weights_keys` for ^layers.1.shared_transf:^layers.(?!1\\.)\\d+.)'),
+    'zamba2': (
+        'does not build from its config here (RuntimeError: The size of tensor a (32) must match the size of '
+        'tensor b (64) at non-singleton dimension 2)'),
+    'zaya': (
+        'token mixing outside attention: model.layers.0.self_attn.qkv_proj (ZayaCCAProjection) carries '
+        'information along the sequence (state-space / recurrent / convolution / linear attention)'),
 }
 _CLASSES: dict[str, str] = {
     'torch.nn.modules.activation': 'MultiheadAttention ReLU',
@@ -116,115 +263,325 @@ _CLASSES: dict[str, str] = {
     'torch.nn.modules.pooling': 'AvgPool2d',
     'torch.nn.modules.sparse': 'Embedding',
     'transformers.activations': 'GELUActivation GELUTanh NewGELUActivation ReLUSquaredActivation SiLUActivation XIELUActivation',
-    'transformers.models.afmoe.modeling_afmoe': 'AfmoeAttention AfmoeDecoderLayer AfmoeExperts AfmoeForCausalLM AfmoeMLP AfmoeModel AfmoeRMSNorm AfmoeRotaryEmbedding AfmoeSparseMoeBlock AfmoeTokenChoiceRouter',
-    'transformers.models.apertus.modeling_apertus': 'ApertusAttention ApertusDecoderLayer ApertusForCausalLM ApertusMLP ApertusModel ApertusRMSNorm ApertusRotaryEmbedding',
-    'transformers.models.apertus1p5.modeling_apertus1p5': 'Apertus1p5TextAttention Apertus1p5TextDecoderLayer Apertus1p5TextForCausalLM Apertus1p5TextMLP Apertus1p5TextModel Apertus1p5TextRMSNorm Apertus1p5TextRotaryEmbedding',
-    'transformers.models.arcee.modeling_arcee': 'ArceeAttention ArceeDecoderLayer ArceeForCausalLM ArceeMLP ArceeModel ArceeRMSNorm ArceeRotaryEmbedding',
-    'transformers.models.aria.modeling_aria': 'AriaExperts AriaSharedExpertsMLP AriaTextAttention AriaTextDecoderLayer AriaTextForCausalLM AriaTextMoELayer AriaTextModel AriaTextRMSNorm AriaTextRotaryEmbedding AriaTextTopKRouter',
-    'transformers.models.axk1.modeling_axk1': 'AXK1Attention AXK1DecoderLayer AXK1Experts AXK1ForCausalLM AXK1MLP AXK1MoE AXK1Model AXK1RMSNorm AXK1RotaryEmbedding AXK1TopkRouter',
-    'transformers.models.beam.modeling_beam': 'BeamAttention BeamDecoderLayer BeamExperts BeamForCausalLM BeamMLP BeamMoE BeamModel BeamRMSNorm BeamRotaryEmbedding BeamTopKRouter',
-    'transformers.models.bert.modeling_bert': 'BertAttention BertEmbeddings BertEncoder BertIntermediate BertLMHeadModel BertLMPredictionHead BertLayer BertModel BertOnlyMLMHead BertOutput BertPredictionHeadTransform BertSelfAttention BertSelfOutput',
-    'transformers.models.bert_generation.modeling_bert_generation': 'BertEncoder BertGenerationAttention BertGenerationDecoder BertGenerationEmbeddings BertGenerationEncoder BertGenerationIntermediate BertGenerationLayer BertGenerationOnlyLMHead BertGenerationOutput BertGenerationSelfAttention BertGenerationSelfOutput',
-    'transformers.models.biogpt.modeling_biogpt': 'BioGptAttention BioGptDecoderLayer BioGptForCausalLM BioGptLearnedPositionalEmbedding BioGptModel BioGptScaledWordEmbedding',
-    'transformers.models.bitnet.modeling_bitnet': 'BitNetAttention BitNetDecoderLayer BitNetForCausalLM BitNetMLP BitNetModel BitNetRMSNorm BitNetRotaryEmbedding',
-    'transformers.models.camembert.modeling_camembert': 'CamembertAttention CamembertEmbeddings CamembertEncoder CamembertForCausalLM CamembertIntermediate CamembertLMHead CamembertLayer CamembertModel CamembertOutput CamembertSelfAttention CamembertSelfOutput',
+    'transformers.models.afmoe.modeling_afmoe': (
+        'AfmoeAttention AfmoeDecoderLayer AfmoeExperts AfmoeForCausalLM AfmoeMLP AfmoeModel AfmoeRMSNorm '
+        'AfmoeRotaryEmbedding AfmoeSparseMoeBlock AfmoeTokenChoiceRouter'),
+    'transformers.models.apertus.modeling_apertus': (
+        'ApertusAttention ApertusDecoderLayer ApertusForCausalLM ApertusMLP ApertusModel ApertusRMSNorm '
+        'ApertusRotaryEmbedding'),
+    'transformers.models.apertus1p5.modeling_apertus1p5': (
+        'Apertus1p5TextAttention Apertus1p5TextDecoderLayer Apertus1p5TextForCausalLM Apertus1p5TextMLP '
+        'Apertus1p5TextModel Apertus1p5TextRMSNorm Apertus1p5TextRotaryEmbedding'),
+    'transformers.models.arcee.modeling_arcee': (
+        'ArceeAttention ArceeDecoderLayer ArceeForCausalLM ArceeMLP ArceeModel ArceeRMSNorm '
+        'ArceeRotaryEmbedding'),
+    'transformers.models.aria.modeling_aria': (
+        'AriaExperts AriaSharedExpertsMLP AriaTextAttention AriaTextDecoderLayer AriaTextForCausalLM '
+        'AriaTextMoELayer AriaTextModel AriaTextRMSNorm AriaTextRotaryEmbedding AriaTextTopKRouter'),
+    'transformers.models.axk1.modeling_axk1': (
+        'AXK1Attention AXK1DecoderLayer AXK1Experts AXK1ForCausalLM AXK1MLP AXK1MoE AXK1Model AXK1RMSNorm '
+        'AXK1RotaryEmbedding AXK1TopkRouter'),
+    'transformers.models.beam.modeling_beam': (
+        'BeamAttention BeamDecoderLayer BeamExperts BeamForCausalLM BeamMLP BeamMoE BeamModel BeamRMSNorm '
+        'BeamRotaryEmbedding BeamTopKRouter'),
+    'transformers.models.bert.modeling_bert': (
+        'BertAttention BertEmbeddings BertEncoder BertIntermediate BertLMHeadModel BertLMPredictionHead '
+        'BertLayer BertModel BertOnlyMLMHead BertOutput BertPredictionHeadTransform BertSelfAttention '
+        'BertSelfOutput'),
+    'transformers.models.bert_generation.modeling_bert_generation': (
+        'BertEncoder BertGenerationAttention BertGenerationDecoder BertGenerationEmbeddings '
+        'BertGenerationEncoder BertGenerationIntermediate BertGenerationLayer BertGenerationOnlyLMHead '
+        'BertGenerationOutput BertGenerationSelfAttention BertGenerationSelfOutput'),
+    'transformers.models.biogpt.modeling_biogpt': (
+        'BioGptAttention BioGptDecoderLayer BioGptForCausalLM BioGptLearnedPositionalEmbedding BioGptModel '
+        'BioGptScaledWordEmbedding'),
+    'transformers.models.bitnet.modeling_bitnet': (
+        'BitNetAttention BitNetDecoderLayer BitNetForCausalLM BitNetMLP BitNetModel BitNetRMSNorm '
+        'BitNetRotaryEmbedding'),
+    'transformers.models.camembert.modeling_camembert': (
+        'CamembertAttention CamembertEmbeddings CamembertEncoder CamembertForCausalLM CamembertIntermediate '
+        'CamembertLMHead CamembertLayer CamembertModel CamembertOutput CamembertSelfAttention '
+        'CamembertSelfOutput'),
     'transformers.models.codegen.modeling_codegen': 'CodeGenAttention CodeGenBlock CodeGenForCausalLM CodeGenMLP CodeGenModel CodeGenRotaryEmbedding',
-    'transformers.models.cohere.modeling_cohere': 'CohereAttention CohereDecoderLayer CohereForCausalLM CohereLayerNorm CohereMLP CohereModel CohereRotaryEmbedding',
-    'transformers.models.cohere2.modeling_cohere2': 'Cohere2Attention Cohere2DecoderLayer Cohere2ForCausalLM Cohere2LayerNorm Cohere2MLP Cohere2Model Cohere2RotaryEmbedding',
-    'transformers.models.cohere2_moe.modeling_cohere2_moe': 'Cohere2MoeAttention Cohere2MoeDecoderLayer Cohere2MoeExperts Cohere2MoeForCausalLM Cohere2MoeLayerNorm Cohere2MoeModel Cohere2MoeRotaryEmbedding Cohere2MoeSparseMoeBlock Cohere2MoeTopKRouter',
-    'transformers.models.cohere_compass.modeling_cohere_compass': 'CohereCompassAttention CohereCompassDecoderLayer CohereCompassForCausalLM CohereCompassLayerNorm CohereCompassMLP CohereCompassRotaryEmbedding CohereCompassTextModel',
+    'transformers.models.cohere.modeling_cohere': (
+        'CohereAttention CohereDecoderLayer CohereForCausalLM CohereLayerNorm CohereMLP CohereModel '
+        'CohereRotaryEmbedding'),
+    'transformers.models.cohere2.modeling_cohere2': (
+        'Cohere2Attention Cohere2DecoderLayer Cohere2ForCausalLM Cohere2LayerNorm Cohere2MLP Cohere2Model '
+        'Cohere2RotaryEmbedding'),
+    'transformers.models.cohere2_moe.modeling_cohere2_moe': (
+        'Cohere2MoeAttention Cohere2MoeDecoderLayer Cohere2MoeExperts Cohere2MoeForCausalLM '
+        'Cohere2MoeLayerNorm Cohere2MoeModel Cohere2MoeRotaryEmbedding Cohere2MoeSparseMoeBlock '
+        'Cohere2MoeTopKRouter'),
+    'transformers.models.cohere_compass.modeling_cohere_compass': (
+        'CohereCompassAttention CohereCompassDecoderLayer CohereCompassForCausalLM CohereCompassLayerNorm '
+        'CohereCompassMLP CohereCompassRotaryEmbedding CohereCompassTextModel'),
     'transformers.models.ctrl.modeling_ctrl': 'CTRLLMHeadModel CTRLModel EncoderLayer MultiHeadAttention',
     'transformers.models.cwm.modeling_cwm': 'CwmAttention CwmDecoderLayer CwmForCausalLM CwmMLP CwmModel CwmRMSNorm CwmRotaryEmbedding',
-    'transformers.models.data2vec.modeling_data2vec_text': 'Data2VecTextAttention Data2VecTextEmbeddings Data2VecTextEncoder Data2VecTextForCausalLM Data2VecTextIntermediate Data2VecTextLMHead Data2VecTextLayer Data2VecTextModel Data2VecTextOutput Data2VecTextSelfAttention Data2VecTextSelfOutput',
-    'transformers.models.deepseek_v2.modeling_deepseek_v2': 'DeepseekV2Attention DeepseekV2DecoderLayer DeepseekV2Experts DeepseekV2ForCausalLM DeepseekV2MLP DeepseekV2Model DeepseekV2Moe DeepseekV2RMSNorm DeepseekV2RotaryEmbedding DeepseekV2TopkRouter',
-    'transformers.models.deepseek_v3.modeling_deepseek_v3': 'DeepseekV3Attention DeepseekV3DecoderLayer DeepseekV3Experts DeepseekV3ForCausalLM DeepseekV3MLP DeepseekV3MoE DeepseekV3Model DeepseekV3RMSNorm DeepseekV3RotaryEmbedding DeepseekV3TopkRouter',
-    'transformers.models.diffllama.modeling_diffllama': 'DiffLlamaAttention DiffLlamaDecoderLayer DiffLlamaForCausalLM DiffLlamaMLP DiffLlamaModel DiffLlamaRMSNorm DiffLlamaRotaryEmbedding',
-    'transformers.models.dots1.modeling_dots1': 'Dots1Attention Dots1DecoderLayer Dots1Experts Dots1ForCausalLM Dots1MLP Dots1MoE Dots1Model Dots1RMSNorm Dots1RotaryEmbedding Dots1TopkRouter',
-    'transformers.models.electra.modeling_electra': 'ElectraAttention ElectraEmbeddings ElectraEncoder ElectraForCausalLM ElectraGeneratorPredictions ElectraIntermediate ElectraLayer ElectraModel ElectraOutput ElectraSelfAttention ElectraSelfOutput',
+    'transformers.models.data2vec.modeling_data2vec_text': (
+        'Data2VecTextAttention Data2VecTextEmbeddings Data2VecTextEncoder Data2VecTextForCausalLM '
+        'Data2VecTextIntermediate Data2VecTextLMHead Data2VecTextLayer Data2VecTextModel Data2VecTextOutput '
+        'Data2VecTextSelfAttention Data2VecTextSelfOutput'),
+    'transformers.models.deepseek_v2.modeling_deepseek_v2': (
+        'DeepseekV2Attention DeepseekV2DecoderLayer DeepseekV2Experts DeepseekV2ForCausalLM DeepseekV2MLP '
+        'DeepseekV2Model DeepseekV2Moe DeepseekV2RMSNorm DeepseekV2RotaryEmbedding DeepseekV2TopkRouter'),
+    'transformers.models.deepseek_v3.modeling_deepseek_v3': (
+        'DeepseekV3Attention DeepseekV3DecoderLayer DeepseekV3Experts DeepseekV3ForCausalLM DeepseekV3MLP '
+        'DeepseekV3MoE DeepseekV3Model DeepseekV3RMSNorm DeepseekV3RotaryEmbedding DeepseekV3TopkRouter'),
+    'transformers.models.diffllama.modeling_diffllama': (
+        'DiffLlamaAttention DiffLlamaDecoderLayer DiffLlamaForCausalLM DiffLlamaMLP DiffLlamaModel '
+        'DiffLlamaRMSNorm DiffLlamaRotaryEmbedding'),
+    'transformers.models.dots1.modeling_dots1': (
+        'Dots1Attention Dots1DecoderLayer Dots1Experts Dots1ForCausalLM Dots1MLP Dots1MoE Dots1Model '
+        'Dots1RMSNorm Dots1RotaryEmbedding Dots1TopkRouter'),
+    'transformers.models.electra.modeling_electra': (
+        'ElectraAttention ElectraEmbeddings ElectraEncoder ElectraForCausalLM ElectraGeneratorPredictions '
+        'ElectraIntermediate ElectraLayer ElectraModel ElectraOutput ElectraSelfAttention ElectraSelfOutput'),
     'transformers.models.emu3.modeling_emu3': 'Emu3Attention Emu3DecoderLayer Emu3ForCausalLM Emu3MLP Emu3RMSNorm Emu3RotaryEmbedding Emu3TextModel',
-    'transformers.models.ernie.modeling_ernie': 'ErnieAttention ErnieEmbeddings ErnieEncoder ErnieForCausalLM ErnieIntermediate ErnieLMPredictionHead ErnieLayer ErnieModel ErnieOnlyMLMHead ErnieOutput ErniePredictionHeadTransform ErnieSelfAttention ErnieSelfOutput',
-    'transformers.models.ernie4_5.modeling_ernie4_5': 'Ernie4_5Attention Ernie4_5DecoderLayer Ernie4_5ForCausalLM Ernie4_5MLP Ernie4_5Model Ernie4_5RMSNorm Ernie4_5RotaryEmbedding',
-    'transformers.models.ernie4_5_moe.modeling_ernie4_5_moe': 'Ernie4_5_MoeAttention Ernie4_5_MoeDecoderLayer Ernie4_5_MoeExperts Ernie4_5_MoeForCausalLM Ernie4_5_MoeMLP Ernie4_5_MoeModel Ernie4_5_MoeRMSNorm Ernie4_5_MoeRotaryEmbedding Ernie4_5_MoeSparseMoeBlock Ernie4_5_MoeStatics Ernie4_5_MoeTopKRouter',
-    'transformers.models.exaone4.modeling_exaone4': 'Exaone4Attention Exaone4DecoderLayer Exaone4ForCausalLM Exaone4MLP Exaone4Model Exaone4RMSNorm Exaone4RotaryEmbedding',
-    'transformers.models.exaone_moe.modeling_exaone_moe': 'ExaoneMoeAttention ExaoneMoeDecoderLayer ExaoneMoeExperts ExaoneMoeForCausalLM ExaoneMoeMLP ExaoneMoeModel ExaoneMoeRMSNorm ExaoneMoeRotaryEmbedding ExaoneMoeSparseMoEBlock ExaoneMoeTopkRouter',
-    'transformers.models.flex_olmo.modeling_flex_olmo': 'FlexOlmoAttention FlexOlmoDecoderLayer FlexOlmoExperts FlexOlmoForCausalLM FlexOlmoModel FlexOlmoRMSNorm FlexOlmoRotaryEmbedding FlexOlmoSparseMoeBlock FlexOlmoTopKRouter',
-    'transformers.models.flint.modeling_flint': 'FlintAttention FlintDecoderLayer FlintForCausalLM FlintMLP FlintModel FlintRMSNorm FlintRotaryEmbedding',
+    'transformers.models.ernie.modeling_ernie': (
+        'ErnieAttention ErnieEmbeddings ErnieEncoder ErnieForCausalLM ErnieIntermediate ErnieLMPredictionHead'
+        ' ErnieLayer ErnieModel ErnieOnlyMLMHead ErnieOutput ErniePredictionHeadTransform ErnieSelfAttention '
+        'ErnieSelfOutput'),
+    'transformers.models.ernie4_5.modeling_ernie4_5': (
+        'Ernie4_5Attention Ernie4_5DecoderLayer Ernie4_5ForCausalLM Ernie4_5MLP Ernie4_5Model Ernie4_5RMSNorm'
+        ' Ernie4_5RotaryEmbedding'),
+    'transformers.models.ernie4_5_moe.modeling_ernie4_5_moe': (
+        'Ernie4_5_MoeAttention Ernie4_5_MoeDecoderLayer Ernie4_5_MoeExperts Ernie4_5_MoeForCausalLM '
+        'Ernie4_5_MoeMLP Ernie4_5_MoeModel Ernie4_5_MoeRMSNorm Ernie4_5_MoeRotaryEmbedding '
+        'Ernie4_5_MoeSparseMoeBlock Ernie4_5_MoeStatics Ernie4_5_MoeTopKRouter'),
+    'transformers.models.exaone4.modeling_exaone4': (
+        'Exaone4Attention Exaone4DecoderLayer Exaone4ForCausalLM Exaone4MLP Exaone4Model Exaone4RMSNorm '
+        'Exaone4RotaryEmbedding'),
+    'transformers.models.exaone_moe.modeling_exaone_moe': (
+        'ExaoneMoeAttention ExaoneMoeDecoderLayer ExaoneMoeExperts ExaoneMoeForCausalLM ExaoneMoeMLP '
+        'ExaoneMoeModel ExaoneMoeRMSNorm ExaoneMoeRotaryEmbedding ExaoneMoeSparseMoEBlock ExaoneMoeTopkRouter'),
+    'transformers.models.flex_olmo.modeling_flex_olmo': (
+        'FlexOlmoAttention FlexOlmoDecoderLayer FlexOlmoExperts FlexOlmoForCausalLM FlexOlmoModel '
+        'FlexOlmoRMSNorm FlexOlmoRotaryEmbedding FlexOlmoSparseMoeBlock FlexOlmoTopKRouter'),
+    'transformers.models.flint.modeling_flint': (
+        'FlintAttention FlintDecoderLayer FlintForCausalLM FlintMLP FlintModel FlintRMSNorm '
+        'FlintRotaryEmbedding'),
     'transformers.models.fuyu.modeling_fuyu': 'FuyuForCausalLM FuyuModel',
-    'transformers.models.gemma.modeling_gemma': 'GemmaAttention GemmaDecoderLayer GemmaForCausalLM GemmaMLP GemmaModel GemmaRMSNorm GemmaRotaryEmbedding GemmaTextScaledWordEmbedding',
-    'transformers.models.gemma2.modeling_gemma2': 'Gemma2Attention Gemma2DecoderLayer Gemma2ForCausalLM Gemma2MLP Gemma2Model Gemma2RMSNorm Gemma2RotaryEmbedding Gemma2TextScaledWordEmbedding',
-    'transformers.models.gemma3.modeling_gemma3': 'Gemma3Attention Gemma3DecoderLayer Gemma3ForCausalLM Gemma3ForConditionalGeneration Gemma3MLP Gemma3Model Gemma3MultiModalProjector Gemma3RMSNorm Gemma3RotaryEmbedding Gemma3TextModel Gemma3TextScaledWordEmbedding',
-    'transformers.models.gemma4.modeling_gemma4': 'Gemma4ForCausalLM Gemma4ForConditionalGeneration Gemma4Model Gemma4RMSNorm Gemma4TextAttention Gemma4TextDecoderLayer Gemma4TextMLP Gemma4TextModel Gemma4TextRotaryEmbedding Gemma4TextScaledWordEmbedding',
-    'transformers.models.gemma4_unified.modeling_gemma4_unified': 'Gemma4UnifiedForCausalLM Gemma4UnifiedForConditionalGeneration Gemma4UnifiedModel Gemma4UnifiedRMSNorm Gemma4UnifiedTextAttention Gemma4UnifiedTextDecoderLayer Gemma4UnifiedTextMLP Gemma4UnifiedTextModel Gemma4UnifiedTextRotaryEmbedding Gemma4UnifiedTextScaledWordEmbedding',
+    'transformers.models.gemma.modeling_gemma': (
+        'GemmaAttention GemmaDecoderLayer GemmaForCausalLM GemmaMLP GemmaModel GemmaRMSNorm '
+        'GemmaRotaryEmbedding GemmaTextScaledWordEmbedding'),
+    'transformers.models.gemma2.modeling_gemma2': (
+        'Gemma2Attention Gemma2DecoderLayer Gemma2ForCausalLM Gemma2MLP Gemma2Model Gemma2RMSNorm '
+        'Gemma2RotaryEmbedding Gemma2TextScaledWordEmbedding'),
+    'transformers.models.gemma3.modeling_gemma3': (
+        'Gemma3Attention Gemma3DecoderLayer Gemma3ForCausalLM Gemma3ForConditionalGeneration Gemma3MLP '
+        'Gemma3Model Gemma3MultiModalProjector Gemma3RMSNorm Gemma3RotaryEmbedding Gemma3TextModel '
+        'Gemma3TextScaledWordEmbedding'),
+    'transformers.models.gemma4.modeling_gemma4': (
+        'Gemma4ForCausalLM Gemma4ForConditionalGeneration Gemma4Model Gemma4RMSNorm Gemma4TextAttention '
+        'Gemma4TextDecoderLayer Gemma4TextMLP Gemma4TextModel Gemma4TextRotaryEmbedding '
+        'Gemma4TextScaledWordEmbedding'),
+    'transformers.models.gemma4_unified.modeling_gemma4_unified': (
+        'Gemma4UnifiedForCausalLM Gemma4UnifiedForConditionalGeneration Gemma4UnifiedModel '
+        'Gemma4UnifiedRMSNorm Gemma4UnifiedTextAttention Gemma4UnifiedTextDecoderLayer Gemma4UnifiedTextMLP '
+        'Gemma4UnifiedTextModel Gemma4UnifiedTextRotaryEmbedding Gemma4UnifiedTextScaledWordEmbedding'),
     'transformers.models.glm.modeling_glm': 'GlmAttention GlmDecoderLayer GlmForCausalLM GlmMLP GlmModel GlmRMSNorm GlmRotaryEmbedding',
     'transformers.models.glm4.modeling_glm4': 'Glm4Attention Glm4DecoderLayer Glm4ForCausalLM Glm4MLP Glm4Model Glm4RMSNorm Glm4RotaryEmbedding',
-    'transformers.models.glm4_moe.modeling_glm4_moe': 'Glm4MoeAttention Glm4MoeDecoderLayer Glm4MoeExperts Glm4MoeForCausalLM Glm4MoeMLP Glm4MoeMoE Glm4MoeModel Glm4MoeRMSNorm Glm4MoeRotaryEmbedding Glm4MoeTopkRouter',
-    'transformers.models.glm4_moe_lite.modeling_glm4_moe_lite': 'Glm4MoeLiteAttention Glm4MoeLiteDecoderLayer Glm4MoeLiteExperts Glm4MoeLiteForCausalLM Glm4MoeLiteMLP Glm4MoeLiteMoE Glm4MoeLiteModel Glm4MoeLiteRMSNorm Glm4MoeLiteRotaryEmbedding Glm4MoeLiteTopkRouter',
-    'transformers.models.got_ocr2.modeling_got_ocr2': 'GotOcr2ForConditionalGeneration GotOcr2LayerNorm GotOcr2MLPBlock GotOcr2Model GotOcr2MultiModalProjector GotOcr2PatchEmbeddings GotOcr2VisionAttention GotOcr2VisionEncoder GotOcr2VisionLayer GotOcr2VisionNeck',
+    'transformers.models.glm4_moe.modeling_glm4_moe': (
+        'Glm4MoeAttention Glm4MoeDecoderLayer Glm4MoeExperts Glm4MoeForCausalLM Glm4MoeMLP Glm4MoeMoE '
+        'Glm4MoeModel Glm4MoeRMSNorm Glm4MoeRotaryEmbedding Glm4MoeTopkRouter'),
+    'transformers.models.glm4_moe_lite.modeling_glm4_moe_lite': (
+        'Glm4MoeLiteAttention Glm4MoeLiteDecoderLayer Glm4MoeLiteExperts Glm4MoeLiteForCausalLM '
+        'Glm4MoeLiteMLP Glm4MoeLiteMoE Glm4MoeLiteModel Glm4MoeLiteRMSNorm Glm4MoeLiteRotaryEmbedding '
+        'Glm4MoeLiteTopkRouter'),
+    'transformers.models.got_ocr2.modeling_got_ocr2': (
+        'GotOcr2ForConditionalGeneration GotOcr2LayerNorm GotOcr2MLPBlock GotOcr2Model '
+        'GotOcr2MultiModalProjector GotOcr2PatchEmbeddings GotOcr2VisionAttention GotOcr2VisionEncoder '
+        'GotOcr2VisionLayer GotOcr2VisionNeck'),
     'transformers.models.gpt2.modeling_gpt2': 'GPT2Attention GPT2Block GPT2LMHeadModel GPT2MLP GPT2Model',
     'transformers.models.gpt_bigcode.modeling_gpt_bigcode': 'GPTBigCodeAttention GPTBigCodeBlock GPTBigCodeForCausalLM GPTBigCodeMLP GPTBigCodeModel',
     'transformers.models.gpt_neox.modeling_gpt_neox': 'GPTNeoXAttention GPTNeoXForCausalLM GPTNeoXLayer GPTNeoXMLP GPTNeoXModel GPTNeoXRotaryEmbedding',
-    'transformers.models.gpt_oss.modeling_gpt_oss': 'GptOssAttention GptOssDecoderLayer GptOssExperts GptOssForCausalLM GptOssMLP GptOssModel GptOssRMSNorm GptOssRotaryEmbedding GptOssTopKRouter',
+    'transformers.models.gpt_oss.modeling_gpt_oss': (
+        'GptOssAttention GptOssDecoderLayer GptOssExperts GptOssForCausalLM GptOssMLP GptOssModel '
+        'GptOssRMSNorm GptOssRotaryEmbedding GptOssTopKRouter'),
     'transformers.models.gptj.modeling_gptj': 'GPTJAttention GPTJBlock GPTJForCausalLM GPTJMLP GPTJModel GPTJRotaryEmbedding',
-    'transformers.models.granite.modeling_granite': 'GraniteAttention GraniteDecoderLayer GraniteForCausalLM GraniteMLP GraniteModel GraniteRMSNorm GraniteRotaryEmbedding',
-    'transformers.models.granite_swa.modeling_granite_swa': 'GraniteSWAAttention GraniteSWADecoderLayer GraniteSWAForCausalLM GraniteSWAMLP GraniteSWAModel GraniteSWARMSNorm GraniteSWARotaryEmbedding',
-    'transformers.models.granitemoe.modeling_granitemoe': 'GraniteMoeAttention GraniteMoeDecoderLayer GraniteMoeExperts GraniteMoeForCausalLM GraniteMoeMoE GraniteMoeModel GraniteMoeRMSNorm GraniteMoeRotaryEmbedding GraniteMoeTopKRouter',
-    'transformers.models.granitemoe_swa.modeling_granitemoe_swa': 'GraniteMoeSWAAttention GraniteMoeSWADecoderLayer GraniteMoeSWAExperts GraniteMoeSWAForCausalLM GraniteMoeSWAMLP GraniteMoeSWAMoE GraniteMoeSWAModel GraniteMoeSWARMSNorm GraniteMoeSWARotaryEmbedding GraniteMoeSWATopKRouter',
-    'transformers.models.granitemoeshared.modeling_granitemoeshared': 'GraniteMoeSharedAttention GraniteMoeSharedDecoderLayer GraniteMoeSharedExperts GraniteMoeSharedForCausalLM GraniteMoeSharedMLP GraniteMoeSharedMoE GraniteMoeSharedModel GraniteMoeSharedRMSNorm GraniteMoeSharedRotaryEmbedding GraniteMoeSharedTopKRouter',
-    'transformers.models.helium.modeling_helium': 'HeliumAttention HeliumDecoderLayer HeliumForCausalLM HeliumMLP HeliumModel HeliumRMSNorm HeliumRotaryEmbedding',
-    'transformers.models.hrm_text.modeling_hrm_text': 'HrmTextAttention HrmTextDecoderLayer HrmTextForCausalLM HrmTextMLP HrmTextModel HrmTextRMSNorm HrmTextRotaryEmbedding HrmTextStack',
-    'transformers.models.hunyuan_v1_dense.modeling_hunyuan_v1_dense': 'HunYuanDenseV1Attention HunYuanDenseV1DecoderLayer HunYuanDenseV1ForCausalLM HunYuanDenseV1MLP HunYuanDenseV1Model HunYuanDenseV1RMSNorm HunYuanDenseV1RotaryEmbedding',
-    'transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe': 'HunYuanMoEV1Attention HunYuanMoEV1DecoderLayer HunYuanMoEV1Experts HunYuanMoEV1ForCausalLM HunYuanMoEV1Gate HunYuanMoEV1MLP HunYuanMoEV1Model HunYuanMoEV1Moe HunYuanMoEV1RMSNorm HunYuanMoEV1RotaryEmbedding',
-    'transformers.models.hy_v3.modeling_hy_v3': 'HYV3Attention HYV3DecoderLayer HYV3Experts HYV3ForCausalLM HYV3MLP HYV3MoE HYV3Model HYV3RMSNorm HYV3RotaryEmbedding HYV3TopKRouter',
-    'transformers.models.hyperclovax.modeling_hyperclovax': 'HyperCLOVAXAttention HyperCLOVAXDecoderLayer HyperCLOVAXForCausalLM HyperCLOVAXMLP HyperCLOVAXModel HyperCLOVAXRMSNorm HyperCLOVAXRotaryEmbedding',
+    'transformers.models.granite.modeling_granite': (
+        'GraniteAttention GraniteDecoderLayer GraniteForCausalLM GraniteMLP GraniteModel GraniteRMSNorm '
+        'GraniteRotaryEmbedding'),
+    'transformers.models.granite_swa.modeling_granite_swa': (
+        'GraniteSWAAttention GraniteSWADecoderLayer GraniteSWAForCausalLM GraniteSWAMLP GraniteSWAModel '
+        'GraniteSWARMSNorm GraniteSWARotaryEmbedding'),
+    'transformers.models.granitemoe.modeling_granitemoe': (
+        'GraniteMoeAttention GraniteMoeDecoderLayer GraniteMoeExperts GraniteMoeForCausalLM GraniteMoeMoE '
+        'GraniteMoeModel GraniteMoeRMSNorm GraniteMoeRotaryEmbedding GraniteMoeTopKRouter'),
+    'transformers.models.granitemoe_swa.modeling_granitemoe_swa': (
+        'GraniteMoeSWAAttention GraniteMoeSWADecoderLayer GraniteMoeSWAExperts GraniteMoeSWAForCausalLM '
+        'GraniteMoeSWAMLP GraniteMoeSWAMoE GraniteMoeSWAModel GraniteMoeSWARMSNorm '
+        'GraniteMoeSWARotaryEmbedding GraniteMoeSWATopKRouter'),
+    'transformers.models.granitemoeshared.modeling_granitemoeshared': (
+        'GraniteMoeSharedAttention GraniteMoeSharedDecoderLayer GraniteMoeSharedExperts '
+        'GraniteMoeSharedForCausalLM GraniteMoeSharedMLP GraniteMoeSharedMoE GraniteMoeSharedModel '
+        'GraniteMoeSharedRMSNorm GraniteMoeSharedRotaryEmbedding GraniteMoeSharedTopKRouter'),
+    'transformers.models.helium.modeling_helium': (
+        'HeliumAttention HeliumDecoderLayer HeliumForCausalLM HeliumMLP HeliumModel HeliumRMSNorm '
+        'HeliumRotaryEmbedding'),
+    'transformers.models.hrm_text.modeling_hrm_text': (
+        'HrmTextAttention HrmTextDecoderLayer HrmTextForCausalLM HrmTextMLP HrmTextModel HrmTextRMSNorm '
+        'HrmTextRotaryEmbedding HrmTextStack'),
+    'transformers.models.hunyuan_v1_dense.modeling_hunyuan_v1_dense': (
+        'HunYuanDenseV1Attention HunYuanDenseV1DecoderLayer HunYuanDenseV1ForCausalLM HunYuanDenseV1MLP '
+        'HunYuanDenseV1Model HunYuanDenseV1RMSNorm HunYuanDenseV1RotaryEmbedding'),
+    'transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe': (
+        'HunYuanMoEV1Attention HunYuanMoEV1DecoderLayer HunYuanMoEV1Experts HunYuanMoEV1ForCausalLM '
+        'HunYuanMoEV1Gate HunYuanMoEV1MLP HunYuanMoEV1Model HunYuanMoEV1Moe HunYuanMoEV1RMSNorm '
+        'HunYuanMoEV1RotaryEmbedding'),
+    'transformers.models.hy_v3.modeling_hy_v3': (
+        'HYV3Attention HYV3DecoderLayer HYV3Experts HYV3ForCausalLM HYV3MLP HYV3MoE HYV3Model HYV3RMSNorm '
+        'HYV3RotaryEmbedding HYV3TopKRouter'),
+    'transformers.models.hyperclovax.modeling_hyperclovax': (
+        'HyperCLOVAXAttention HyperCLOVAXDecoderLayer HyperCLOVAXForCausalLM HyperCLOVAXMLP HyperCLOVAXModel '
+        'HyperCLOVAXRMSNorm HyperCLOVAXRotaryEmbedding'),
     'transformers.models.jais2.modeling_jais2': 'Jais2Attention Jais2DecoderLayer Jais2ForCausalLM Jais2MLP Jais2Model Jais2RotaryEmbedding',
-    'transformers.models.jetmoe.modeling_jetmoe': 'JetMoeAttention JetMoeDecoderLayer JetMoeForCausalLM JetMoeMoA JetMoeMoE JetMoeModel JetMoeParallelExperts JetMoeRMSNorm JetMoeRotaryEmbedding JetMoeTopKGating',
-    'transformers.models.kolibri1.modeling_kolibri1': 'Kolibri1Attention Kolibri1DecoderLayer Kolibri1Experts Kolibri1ForCausalLM Kolibri1MLP Kolibri1Model Kolibri1RMSNorm Kolibri1RotaryEmbedding Kolibri1SparseMoeBlock Kolibri1TopKRouter',
-    'transformers.models.laguna.modeling_laguna': 'LagunaAttention LagunaDecoderLayer LagunaExperts LagunaForCausalLM LagunaMLP LagunaModel LagunaRMSNorm LagunaRotaryEmbedding LagunaSparseMoeBlock LagunaTopKRouter',
+    'transformers.models.jetmoe.modeling_jetmoe': (
+        'JetMoeAttention JetMoeDecoderLayer JetMoeForCausalLM JetMoeMoA JetMoeMoE JetMoeModel '
+        'JetMoeParallelExperts JetMoeRMSNorm JetMoeRotaryEmbedding JetMoeTopKGating'),
+    'transformers.models.kolibri1.modeling_kolibri1': (
+        'Kolibri1Attention Kolibri1DecoderLayer Kolibri1Experts Kolibri1ForCausalLM Kolibri1MLP Kolibri1Model'
+        ' Kolibri1RMSNorm Kolibri1RotaryEmbedding Kolibri1SparseMoeBlock Kolibri1TopKRouter'),
+    'transformers.models.laguna.modeling_laguna': (
+        'LagunaAttention LagunaDecoderLayer LagunaExperts LagunaForCausalLM LagunaMLP LagunaModel '
+        'LagunaRMSNorm LagunaRotaryEmbedding LagunaSparseMoeBlock LagunaTopKRouter'),
     'transformers.models.lfm2.modeling_lfm2': 'Lfm2Attention Lfm2DecoderLayer Lfm2ForCausalLM Lfm2MLP Lfm2Model Lfm2RMSNorm Lfm2RotaryEmbedding',
-    'transformers.models.llama.modeling_llama': 'LlamaAttention LlamaDecoderLayer LlamaForCausalLM LlamaMLP LlamaModel LlamaRMSNorm LlamaRotaryEmbedding',
-    'transformers.models.llama4.modeling_llama4': 'Llama4ForCausalLM Llama4Router Llama4TextAttention Llama4TextDecoderLayer Llama4TextExperts Llama4TextL2Norm Llama4TextMLP Llama4TextModel Llama4TextMoe Llama4TextRMSNorm Llama4TextRotaryEmbedding',
-    'transformers.models.longcat_flash.modeling_longcat_flash': 'LongcatFlashDecoderLayer LongcatFlashExperts LongcatFlashForCausalLM LongcatFlashMLA LongcatFlashMLP LongcatFlashMoE LongcatFlashModel LongcatFlashRMSNorm LongcatFlashRotaryEmbedding LongcatFlashTopkRouter',
-    'transformers.models.mellum.modeling_mellum': 'MellumAttention MellumDecoderLayer MellumExperts MellumForCausalLM MellumModel MellumRMSNorm MellumRotaryEmbedding MellumSparseMoeBlock MellumTopKRouter',
-    'transformers.models.mimo_v2_flash.modeling_mimo_v2_flash': 'MiMoV2FlashAttention MiMoV2FlashDecoderLayer MiMoV2FlashExperts MiMoV2FlashForCausalLM MiMoV2FlashMLP MiMoV2FlashMoE MiMoV2FlashModel MiMoV2FlashRMSNorm MiMoV2FlashRotaryEmbedding MiMoV2FlashTopkRouter',
-    'transformers.models.minicpm3.modeling_minicpm3': 'MiniCPM3Attention MiniCPM3DecoderLayer MiniCPM3ForCausalLM MiniCPM3MLP MiniCPM3Model MiniCPM3RMSNorm MiniCPM3RotaryEmbedding MiniCPM3ScaledWordEmbedding',
-    'transformers.models.minimax_m2.modeling_minimax_m2': 'MiniMaxM2Attention MiniMaxM2DecoderLayer MiniMaxM2Experts MiniMaxM2ForCausalLM MiniMaxM2Model MiniMaxM2RMSNorm MiniMaxM2RotaryEmbedding MiniMaxM2SparseMoeBlock MiniMaxM2TopKRouter',
-    'transformers.models.minimax_m3_vl.modeling_minimax_m3_vl': 'MiniMaxM3VLAttention MiniMaxM3VLDecoderLayer MiniMaxM3VLDenseMLP MiniMaxM3VLExperts MiniMaxM3VLForCausalLM MiniMaxM3VLRMSNorm MiniMaxM3VLRotaryEmbedding MiniMaxM3VLSparseMoeBlock MiniMaxM3VLTextModel MiniMaxM3VLTopKRouter',
-    'transformers.models.ministral.modeling_ministral': 'MinistralAttention MinistralDecoderLayer MinistralForCausalLM MinistralMLP MinistralModel MinistralRMSNorm MinistralRotaryEmbedding',
-    'transformers.models.ministral3.modeling_ministral3': 'Ministral3Attention Ministral3DecoderLayer Ministral3ForCausalLM Ministral3MLP Ministral3Model Ministral3RMSNorm Ministral3RotaryEmbedding',
-    'transformers.models.mistral.modeling_mistral': 'MistralAttention MistralDecoderLayer MistralForCausalLM MistralMLP MistralModel MistralRMSNorm MistralRotaryEmbedding',
-    'transformers.models.mixtral.modeling_mixtral': 'MixtralAttention MixtralDecoderLayer MixtralExperts MixtralForCausalLM MixtralModel MixtralRMSNorm MixtralRotaryEmbedding MixtralSparseMoeBlock MixtralTopKRouter',
-    'transformers.models.mllama.modeling_mllama': 'MllamaForCausalLM MllamaRotaryEmbedding MllamaSelfAttentionDecoderLayer MllamaTextMLP MllamaTextModel MllamaTextRMSNorm MllamaTextSelfAttention',
-    'transformers.models.modernbert_decoder.modeling_modernbert_decoder': 'ModernBertDecoderAttention ModernBertDecoderEmbeddings ModernBertDecoderForCausalLM ModernBertDecoderLayer ModernBertDecoderMLP ModernBertDecoderModel ModernBertDecoderPredictionHead ModernBertDecoderRotaryEmbedding',
-    'transformers.models.moshi.modeling_moshi': 'MoshiAttention MoshiDecoderLayer MoshiForCausalLM MoshiGatingMLP MoshiLinear MoshiModel MoshiRMSNorm MoshiRotaryEmbedding',
-    'transformers.models.moss_transcribe_diarize.modeling_moss_transcribe_diarize': 'MossTranscribeDiarizeAudioAttention MossTranscribeDiarizeAudioLayer MossTranscribeDiarizeAudioModel MossTranscribeDiarizeForConditionalGeneration MossTranscribeDiarizeModel MossTranscribeDiarizeMultiModalProjector',
-    'transformers.models.nanochat.modeling_nanochat': 'NanoChatAttention NanoChatDecoderLayer NanoChatForCausalLM NanoChatMLP NanoChatModel NanoChatRMSNorm NanoChatRotaryEmbedding',
+    'transformers.models.llama.modeling_llama': (
+        'LlamaAttention LlamaDecoderLayer LlamaForCausalLM LlamaMLP LlamaModel LlamaRMSNorm '
+        'LlamaRotaryEmbedding'),
+    'transformers.models.llama4.modeling_llama4': (
+        'Llama4ForCausalLM Llama4Router Llama4TextAttention Llama4TextDecoderLayer Llama4TextExperts '
+        'Llama4TextL2Norm Llama4TextMLP Llama4TextModel Llama4TextMoe Llama4TextRMSNorm '
+        'Llama4TextRotaryEmbedding'),
+    'transformers.models.longcat_flash.modeling_longcat_flash': (
+        'LongcatFlashDecoderLayer LongcatFlashExperts LongcatFlashForCausalLM LongcatFlashMLA LongcatFlashMLP'
+        ' LongcatFlashMoE LongcatFlashModel LongcatFlashRMSNorm LongcatFlashRotaryEmbedding '
+        'LongcatFlashTopkRouter'),
+    'transformers.models.mellum.modeling_mellum': (
+        'MellumAttention MellumDecoderLayer MellumExperts MellumForCausalLM MellumModel MellumRMSNorm '
+        'MellumRotaryEmbedding MellumSparseMoeBlock MellumTopKRouter'),
+    'transformers.models.mimo_v2_flash.modeling_mimo_v2_flash': (
+        'MiMoV2FlashAttention MiMoV2FlashDecoderLayer MiMoV2FlashExperts MiMoV2FlashForCausalLM '
+        'MiMoV2FlashMLP MiMoV2FlashMoE MiMoV2FlashModel MiMoV2FlashRMSNorm MiMoV2FlashRotaryEmbedding '
+        'MiMoV2FlashTopkRouter'),
+    'transformers.models.minicpm3.modeling_minicpm3': (
+        'MiniCPM3Attention MiniCPM3DecoderLayer MiniCPM3ForCausalLM MiniCPM3MLP MiniCPM3Model MiniCPM3RMSNorm'
+        ' MiniCPM3RotaryEmbedding MiniCPM3ScaledWordEmbedding'),
+    'transformers.models.minimax_m2.modeling_minimax_m2': (
+        'MiniMaxM2Attention MiniMaxM2DecoderLayer MiniMaxM2Experts MiniMaxM2ForCausalLM MiniMaxM2Model '
+        'MiniMaxM2RMSNorm MiniMaxM2RotaryEmbedding MiniMaxM2SparseMoeBlock MiniMaxM2TopKRouter'),
+    'transformers.models.minimax_m3_vl.modeling_minimax_m3_vl': (
+        'MiniMaxM3VLAttention MiniMaxM3VLDecoderLayer MiniMaxM3VLDenseMLP MiniMaxM3VLExperts '
+        'MiniMaxM3VLForCausalLM MiniMaxM3VLRMSNorm MiniMaxM3VLRotaryEmbedding MiniMaxM3VLSparseMoeBlock '
+        'MiniMaxM3VLTextModel MiniMaxM3VLTopKRouter'),
+    'transformers.models.ministral.modeling_ministral': (
+        'MinistralAttention MinistralDecoderLayer MinistralForCausalLM MinistralMLP MinistralModel '
+        'MinistralRMSNorm MinistralRotaryEmbedding'),
+    'transformers.models.ministral3.modeling_ministral3': (
+        'Ministral3Attention Ministral3DecoderLayer Ministral3ForCausalLM Ministral3MLP Ministral3Model '
+        'Ministral3RMSNorm Ministral3RotaryEmbedding'),
+    'transformers.models.mistral.modeling_mistral': (
+        'MistralAttention MistralDecoderLayer MistralForCausalLM MistralMLP MistralModel MistralRMSNorm '
+        'MistralRotaryEmbedding'),
+    'transformers.models.mixtral.modeling_mixtral': (
+        'MixtralAttention MixtralDecoderLayer MixtralExperts MixtralForCausalLM MixtralModel MixtralRMSNorm '
+        'MixtralRotaryEmbedding MixtralSparseMoeBlock MixtralTopKRouter'),
+    'transformers.models.mllama.modeling_mllama': (
+        'MllamaForCausalLM MllamaRotaryEmbedding MllamaSelfAttentionDecoderLayer MllamaTextMLP '
+        'MllamaTextModel MllamaTextRMSNorm MllamaTextSelfAttention'),
+    'transformers.models.modernbert_decoder.modeling_modernbert_decoder': (
+        'ModernBertDecoderAttention ModernBertDecoderEmbeddings ModernBertDecoderForCausalLM '
+        'ModernBertDecoderLayer ModernBertDecoderMLP ModernBertDecoderModel ModernBertDecoderPredictionHead '
+        'ModernBertDecoderRotaryEmbedding'),
+    'transformers.models.moshi.modeling_moshi': (
+        'MoshiAttention MoshiDecoderLayer MoshiForCausalLM MoshiGatingMLP MoshiLinear MoshiModel MoshiRMSNorm'
+        ' MoshiRotaryEmbedding'),
+    'transformers.models.moss_transcribe_diarize.modeling_moss_transcribe_diarize': (
+        'MossTranscribeDiarizeAudioAttention MossTranscribeDiarizeAudioLayer MossTranscribeDiarizeAudioModel '
+        'MossTranscribeDiarizeForConditionalGeneration MossTranscribeDiarizeModel '
+        'MossTranscribeDiarizeMultiModalProjector'),
+    'transformers.models.nanochat.modeling_nanochat': (
+        'NanoChatAttention NanoChatDecoderLayer NanoChatForCausalLM NanoChatMLP NanoChatModel NanoChatRMSNorm'
+        ' NanoChatRotaryEmbedding'),
     'transformers.models.olmo.modeling_olmo': 'OlmoAttention OlmoDecoderLayer OlmoForCausalLM OlmoLayerNorm OlmoMLP OlmoModel OlmoRotaryEmbedding',
-    'transformers.models.olmo2.modeling_olmo2': 'Olmo2Attention Olmo2DecoderLayer Olmo2ForCausalLM Olmo2MLP Olmo2Model Olmo2RMSNorm Olmo2RotaryEmbedding',
-    'transformers.models.olmo3.modeling_olmo3': 'Olmo3Attention Olmo3DecoderLayer Olmo3ForCausalLM Olmo3MLP Olmo3Model Olmo3RMSNorm Olmo3RotaryEmbedding',
-    'transformers.models.olmoe.modeling_olmoe': 'OlmoeAttention OlmoeDecoderLayer OlmoeExperts OlmoeForCausalLM OlmoeModel OlmoeRMSNorm OlmoeRotaryEmbedding OlmoeSparseMoeBlock OlmoeTopKRouter',
+    'transformers.models.olmo2.modeling_olmo2': (
+        'Olmo2Attention Olmo2DecoderLayer Olmo2ForCausalLM Olmo2MLP Olmo2Model Olmo2RMSNorm '
+        'Olmo2RotaryEmbedding'),
+    'transformers.models.olmo3.modeling_olmo3': (
+        'Olmo3Attention Olmo3DecoderLayer Olmo3ForCausalLM Olmo3MLP Olmo3Model Olmo3RMSNorm '
+        'Olmo3RotaryEmbedding'),
+    'transformers.models.olmoe.modeling_olmoe': (
+        'OlmoeAttention OlmoeDecoderLayer OlmoeExperts OlmoeForCausalLM OlmoeModel OlmoeRMSNorm '
+        'OlmoeRotaryEmbedding OlmoeSparseMoeBlock OlmoeTopKRouter'),
     'transformers.models.opt.modeling_opt': 'OPTAttention OPTDecoder OPTDecoderLayer OPTForCausalLM OPTLearnedPositionalEmbedding OPTModel',
-    'transformers.models.persimmon.modeling_persimmon': 'PersimmonAttention PersimmonDecoderLayer PersimmonForCausalLM PersimmonMLP PersimmonModel PersimmonRotaryEmbedding',
+    'transformers.models.persimmon.modeling_persimmon': (
+        'PersimmonAttention PersimmonDecoderLayer PersimmonForCausalLM PersimmonMLP PersimmonModel '
+        'PersimmonRotaryEmbedding'),
     'transformers.models.phi.modeling_phi': 'PhiAttention PhiDecoderLayer PhiForCausalLM PhiMLP PhiModel PhiRotaryEmbedding',
     'transformers.models.phi3.modeling_phi3': 'Phi3Attention Phi3DecoderLayer Phi3ForCausalLM Phi3MLP Phi3Model Phi3RMSNorm Phi3RotaryEmbedding',
-    'transformers.models.phimoe.modeling_phimoe': 'PhimoeAttention PhimoeDecoderLayer PhimoeExperts PhimoeForCausalLM PhimoeModel PhimoeRotaryEmbedding PhimoeSparseMoeBlock PhimoeTopKRouter',
-    'transformers.models.qwen2.modeling_qwen2': 'Qwen2Attention Qwen2DecoderLayer Qwen2ForCausalLM Qwen2MLP Qwen2Model Qwen2RMSNorm Qwen2RotaryEmbedding',
-    'transformers.models.qwen2_moe.modeling_qwen2_moe': 'Qwen2MoeAttention Qwen2MoeDecoderLayer Qwen2MoeExperts Qwen2MoeForCausalLM Qwen2MoeMLP Qwen2MoeModel Qwen2MoeRMSNorm Qwen2MoeRotaryEmbedding Qwen2MoeSparseMoeBlock Qwen2MoeTopKRouter',
-    'transformers.models.qwen3.modeling_qwen3': 'Qwen3Attention Qwen3DecoderLayer Qwen3ForCausalLM Qwen3MLP Qwen3Model Qwen3RMSNorm Qwen3RotaryEmbedding',
-    'transformers.models.qwen3_moe.modeling_qwen3_moe': 'Qwen3MoeAttention Qwen3MoeDecoderLayer Qwen3MoeExperts Qwen3MoeForCausalLM Qwen3MoeModel Qwen3MoeRMSNorm Qwen3MoeRotaryEmbedding Qwen3MoeSparseMoeBlock Qwen3MoeTopKRouter',
-    'transformers.models.roberta.modeling_roberta': 'RobertaAttention RobertaEmbeddings RobertaEncoder RobertaForCausalLM RobertaIntermediate RobertaLMHead RobertaLayer RobertaModel RobertaOutput RobertaSelfAttention RobertaSelfOutput',
-    'transformers.models.roberta_prelayernorm.modeling_roberta_prelayernorm': 'RobertaPreLayerNormAttention RobertaPreLayerNormEmbeddings RobertaPreLayerNormEncoder RobertaPreLayerNormForCausalLM RobertaPreLayerNormIntermediate RobertaPreLayerNormLMHead RobertaPreLayerNormLayer RobertaPreLayerNormModel RobertaPreLayerNormOutput RobertaPreLayerNormSelfAttention RobertaPreLayerNormSelfOutput',
-    'transformers.models.roc_bert.modeling_roc_bert': 'RoCBertAttention RoCBertEmbeddings RoCBertEncoder RoCBertForCausalLM RoCBertIntermediate RoCBertLMPredictionHead RoCBertLayer RoCBertModel RoCBertOnlyMLMHead RoCBertOutput RoCBertPredictionHeadTransform RoCBertSelfAttention RoCBertSelfOutput',
-    'transformers.models.seed_oss.modeling_seed_oss': 'SeedOssAttention SeedOssDecoderLayer SeedOssForCausalLM SeedOssMLP SeedOssModel SeedOssRMSNorm SeedOssRotaryEmbedding',
-    'transformers.models.siglip.modeling_siglip': 'SiglipAttention SiglipEncoder SiglipEncoderLayer SiglipMLP SiglipMultiheadAttentionPoolingHead SiglipVisionEmbeddings SiglipVisionModel',
-    'transformers.models.smollm3.modeling_smollm3': 'SmolLM3Attention SmolLM3DecoderLayer SmolLM3ForCausalLM SmolLM3MLP SmolLM3Model SmolLM3RMSNorm SmolLM3RotaryEmbedding',
-    'transformers.models.solar_open.modeling_solar_open': 'SolarOpenAttention SolarOpenDecoderLayer SolarOpenExperts SolarOpenForCausalLM SolarOpenMLP SolarOpenMoE SolarOpenModel SolarOpenRMSNorm SolarOpenRotaryEmbedding SolarOpenTopkRouter',
-    'transformers.models.starcoder2.modeling_starcoder2': 'Starcoder2Attention Starcoder2DecoderLayer Starcoder2ForCausalLM Starcoder2MLP Starcoder2Model Starcoder2RotaryEmbedding',
-    'transformers.models.vaultgemma.modeling_vaultgemma': 'VaultGemmaAttention VaultGemmaDecoderLayer VaultGemmaForCausalLM VaultGemmaMLP VaultGemmaModel VaultGemmaRMSNorm VaultGemmaRotaryEmbedding VaultGemmaTextScaledWordEmbedding',
-    'transformers.models.whisper.modeling_whisper': 'WhisperAttention WhisperDecoder WhisperDecoderLayer WhisperDecoderWrapper WhisperForCausalLM WhisperPositionalEmbedding',
-    'transformers.models.xlm_roberta.modeling_xlm_roberta': 'XLMRobertaAttention XLMRobertaEmbeddings XLMRobertaEncoder XLMRobertaForCausalLM XLMRobertaIntermediate XLMRobertaLMHead XLMRobertaLayer XLMRobertaModel XLMRobertaOutput XLMRobertaSelfAttention XLMRobertaSelfOutput',
-    'transformers.models.xlm_roberta_xl.modeling_xlm_roberta_xl': 'XLMRobertaXLAttention XLMRobertaXLEmbeddings XLMRobertaXLEncoder XLMRobertaXLForCausalLM XLMRobertaXLIntermediate XLMRobertaXLLMHead XLMRobertaXLLayer XLMRobertaXLModel XLMRobertaXLOutput XLMRobertaXLSelfAttention XLMRobertaXLSelfOutput',
-    'transformers.models.xmod.modeling_xmod': 'XmodAdapter XmodAttention XmodEmbeddings XmodEncoder XmodForCausalLM XmodIntermediate XmodLMHead XmodLayer XmodModel XmodOutput XmodSelfAttention XmodSelfOutput',
-    'transformers.models.youtu.modeling_youtu': 'YoutuAttention YoutuDecoderLayer YoutuForCausalLM YoutuMLP YoutuModel YoutuRMSNorm YoutuRotaryEmbedding',
+    'transformers.models.phimoe.modeling_phimoe': (
+        'PhimoeAttention PhimoeDecoderLayer PhimoeExperts PhimoeForCausalLM PhimoeModel PhimoeRotaryEmbedding'
+        ' PhimoeSparseMoeBlock PhimoeTopKRouter'),
+    'transformers.models.qwen2.modeling_qwen2': (
+        'Qwen2Attention Qwen2DecoderLayer Qwen2ForCausalLM Qwen2MLP Qwen2Model Qwen2RMSNorm '
+        'Qwen2RotaryEmbedding'),
+    'transformers.models.qwen2_moe.modeling_qwen2_moe': (
+        'Qwen2MoeAttention Qwen2MoeDecoderLayer Qwen2MoeExperts Qwen2MoeForCausalLM Qwen2MoeMLP Qwen2MoeModel'
+        ' Qwen2MoeRMSNorm Qwen2MoeRotaryEmbedding Qwen2MoeSparseMoeBlock Qwen2MoeTopKRouter'),
+    'transformers.models.qwen3.modeling_qwen3': (
+        'Qwen3Attention Qwen3DecoderLayer Qwen3ForCausalLM Qwen3MLP Qwen3Model Qwen3RMSNorm '
+        'Qwen3RotaryEmbedding'),
+    'transformers.models.qwen3_moe.modeling_qwen3_moe': (
+        'Qwen3MoeAttention Qwen3MoeDecoderLayer Qwen3MoeExperts Qwen3MoeForCausalLM Qwen3MoeModel '
+        'Qwen3MoeRMSNorm Qwen3MoeRotaryEmbedding Qwen3MoeSparseMoeBlock Qwen3MoeTopKRouter'),
+    'transformers.models.roberta.modeling_roberta': (
+        'RobertaAttention RobertaEmbeddings RobertaEncoder RobertaForCausalLM RobertaIntermediate '
+        'RobertaLMHead RobertaLayer RobertaModel RobertaOutput RobertaSelfAttention RobertaSelfOutput'),
+    'transformers.models.roberta_prelayernorm.modeling_roberta_prelayernorm': (
+        'RobertaPreLayerNormAttention RobertaPreLayerNormEmbeddings RobertaPreLayerNormEncoder '
+        'RobertaPreLayerNormForCausalLM RobertaPreLayerNormIntermediate RobertaPreLayerNormLMHead '
+        'RobertaPreLayerNormLayer RobertaPreLayerNormModel RobertaPreLayerNormOutput '
+        'RobertaPreLayerNormSelfAttention RobertaPreLayerNormSelfOutput'),
+    'transformers.models.roc_bert.modeling_roc_bert': (
+        'RoCBertAttention RoCBertEmbeddings RoCBertEncoder RoCBertForCausalLM RoCBertIntermediate '
+        'RoCBertLMPredictionHead RoCBertLayer RoCBertModel RoCBertOnlyMLMHead RoCBertOutput '
+        'RoCBertPredictionHeadTransform RoCBertSelfAttention RoCBertSelfOutput'),
+    'transformers.models.seed_oss.modeling_seed_oss': (
+        'SeedOssAttention SeedOssDecoderLayer SeedOssForCausalLM SeedOssMLP SeedOssModel SeedOssRMSNorm '
+        'SeedOssRotaryEmbedding'),
+    'transformers.models.siglip.modeling_siglip': (
+        'SiglipAttention SiglipEncoder SiglipEncoderLayer SiglipMLP SiglipMultiheadAttentionPoolingHead '
+        'SiglipVisionEmbeddings SiglipVisionModel'),
+    'transformers.models.smollm3.modeling_smollm3': (
+        'SmolLM3Attention SmolLM3DecoderLayer SmolLM3ForCausalLM SmolLM3MLP SmolLM3Model SmolLM3RMSNorm '
+        'SmolLM3RotaryEmbedding'),
+    'transformers.models.solar_open.modeling_solar_open': (
+        'SolarOpenAttention SolarOpenDecoderLayer SolarOpenExperts SolarOpenForCausalLM SolarOpenMLP '
+        'SolarOpenMoE SolarOpenModel SolarOpenRMSNorm SolarOpenRotaryEmbedding SolarOpenTopkRouter'),
+    'transformers.models.starcoder2.modeling_starcoder2': (
+        'Starcoder2Attention Starcoder2DecoderLayer Starcoder2ForCausalLM Starcoder2MLP Starcoder2Model '
+        'Starcoder2RotaryEmbedding'),
+    'transformers.models.vaultgemma.modeling_vaultgemma': (
+        'VaultGemmaAttention VaultGemmaDecoderLayer VaultGemmaForCausalLM VaultGemmaMLP VaultGemmaModel '
+        'VaultGemmaRMSNorm VaultGemmaRotaryEmbedding VaultGemmaTextScaledWordEmbedding'),
+    'transformers.models.whisper.modeling_whisper': (
+        'WhisperAttention WhisperDecoder WhisperDecoderLayer WhisperDecoderWrapper WhisperForCausalLM '
+        'WhisperPositionalEmbedding'),
+    'transformers.models.xlm_roberta.modeling_xlm_roberta': (
+        'XLMRobertaAttention XLMRobertaEmbeddings XLMRobertaEncoder XLMRobertaForCausalLM '
+        'XLMRobertaIntermediate XLMRobertaLMHead XLMRobertaLayer XLMRobertaModel XLMRobertaOutput '
+        'XLMRobertaSelfAttention XLMRobertaSelfOutput'),
+    'transformers.models.xlm_roberta_xl.modeling_xlm_roberta_xl': (
+        'XLMRobertaXLAttention XLMRobertaXLEmbeddings XLMRobertaXLEncoder XLMRobertaXLForCausalLM '
+        'XLMRobertaXLIntermediate XLMRobertaXLLMHead XLMRobertaXLLayer XLMRobertaXLModel XLMRobertaXLOutput '
+        'XLMRobertaXLSelfAttention XLMRobertaXLSelfOutput'),
+    'transformers.models.xmod.modeling_xmod': (
+        'XmodAdapter XmodAttention XmodEmbeddings XmodEncoder XmodForCausalLM XmodIntermediate XmodLMHead '
+        'XmodLayer XmodModel XmodOutput XmodSelfAttention XmodSelfOutput'),
+    'transformers.models.youtu.modeling_youtu': (
+        'YoutuAttention YoutuDecoderLayer YoutuForCausalLM YoutuMLP YoutuModel YoutuRMSNorm '
+        'YoutuRotaryEmbedding'),
     'transformers.pytorch_utils': 'Conv1D',
 }
 

@@ -162,7 +162,8 @@ def _is_index_list(v: list, n: int) -> bool:
 
 
 def build_model(model_type: str, impl: str, seed: int = 0, config=None, dtype=None, **overrides):
-    """The family's tiny causal LM with ``attn_implementation=impl`` in ``dtype`` (default float64 but for :data:`FLOAT32`: an exact
+    """The family's tiny causal LM with ``attn_implementation=impl`` in ``dtype`` (default float64, but
+    float32 for :data:`FLOAT32`: an exact
     model then agrees to ~1e-7, far inside the matrix's tolerances, and a wrong one stands out). Raises
     RuntimeError when it would exceed :data:`MAX_PARAMS`."""
     from transformers import AutoModelForCausalLM

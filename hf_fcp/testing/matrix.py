@@ -85,12 +85,14 @@ def variant_cases() -> list[Case]:
               Case("phi3", "rope longrope, documents within its switch", {**_rope(
                   "longrope", **factors, **long), "max_position_embeddings": 256, **long})]
     window = {"sliding_window": 8}
-    cases += [Case("mistral", "sliding window 8", window), Case("mistral", "sliding window 128", {"sliding_window": 128}),
+    cases += [Case("mistral", "sliding window 8", window),
+              Case("mistral", "sliding window 128", {"sliding_window": 128}),
               Case("qwen2", "use_sliding_window, window 8", {"use_sliding_window": True, **window,
                                                               "max_window_layers": 1, "layer_types": None}),
               Case("qwen2_moe", "use_sliding_window, window 8", {"use_sliding_window": True, **window,
                                                                   "max_window_layers": 2, "layer_types": None}),
-              Case("gemma3_text", "sliding layers, window 8", window), Case("cohere2", "sliding layers, window 8", window),
+              Case("gemma3_text", "sliding layers, window 8", window),
+              Case("cohere2", "sliding layers, window 8", window),
               Case("olmo3", "sliding layers, window 8", window), Case("gpt_oss", "sliding layers, window 8", window)]
     cases += [Case("llama4_text", "chunked attention 8", {"attention_chunk_size": 8, "attn_temperature_tuning": False}),
               Case("llama4_text", "chunked attention 128", {"attention_chunk_size": 128,
