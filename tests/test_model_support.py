@@ -124,3 +124,15 @@ def test_mla_pads_the_value_head_dim_without_a_plan_and_when_generating():
         ids = torch.tensor([documents()[0]["input_ids"][:9]])
         kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=2)
         assert torch.equal(fcp.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_no_plan_path_sees_a_window_the_model_applies_through_its_mask_only():
+    """Qwen2-MoE slides through the mask and never passes sliding_window to the attention function."""
+    model = build_model("qwen2_moe", "fcp", use_sliding_window=True, sliding_window=8, max_window_layers=2,
+                        layer_types=None)
+    assert model_support.layer_window(model.model.layers[0].self_attn) == 8
+    assert model_support.layer_window(model.model.layers[1].self_attn) is None
+    with torch.no_grad():
+        model(input_ids=torch.tensor([list(range(3, 11))]), use_cache=False)  # 8 tokens: within the window
+        with pytest.raises(ValueError, match="longer than the model's sliding_window=8"):
+            model(input_ids=torch.tensor([list(range(3, 12))]), use_cache=False)

@@ -56,7 +56,8 @@ def fcp_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, v
         attention_mask: None, or a (B, Sk) boolean padding mask (True = real token).
         dropout: must be 0 (attention dropout is not supported).
         scaling: softmax scale (default D ** -0.5).
-        sliding_window: allowed only when no document is longer than the window (then it changes nothing).
+        sliding_window: allowed only when no document is longer than the window (then it changes nothing);
+            a layer the config makes slide without passing it (Qwen2-MoE) counts too.
         softcap: not supported (must be None).
         fcp_plan: this rank's plan view for the batch (``FCPCollator`` output); requires B == 1, S == n_local.
         position_ids: (B, S) int64 document-relative positions; used only without a plan.
@@ -68,6 +69,7 @@ def fcp_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, v
     _check_supported(module, dropout, softcap, kwargs)
     head_dim = value.shape[-1]
     query, key, value, scaling = _match_head_dims(query, key, value, scaling)  # MLA: value head dim != q/k's
+    sliding_window = model_support.layer_window(module, sliding_window)  # also where only the mask slides
     if fcp_plan is not None:
         support = model_support.on_attention_call(module)  # the whole model, checked on its first planned call
         if getattr(module, "layer_idx", 0) == 0:  # once per forward
