@@ -103,6 +103,11 @@ def set_default_group(group: dist.ProcessGroup | None) -> None:
     _DEFAULT_GROUP = group
 
 
+def bound_group() -> dist.ProcessGroup | None:
+    """The group bound by :func:`set_default_group` (``FCPPlugin.setup``), or None: not WORLD."""
+    return _DEFAULT_GROUP
+
+
 def get_default_group() -> dist.ProcessGroup | None:
     """The group bound by :func:`set_default_group`, else WORLD if initialised, else None."""
     if _DEFAULT_GROUP is not None:

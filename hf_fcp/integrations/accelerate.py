@@ -171,16 +171,17 @@ class FCPPlugin:
         self._ready = False
 
     def prepare_model(self, model):
-        """Check that the model runs FCP attention. Returns ``model``."""
+        """Check that the model runs FCP attention and that FCP trains it exactly: every module verified
+        token-local, positions and masks FCP reproduces (:func:`hf_fcp.integrations.model_support.check_model`;
+        a ``ValueError`` names the model, the feature and the way out). Returns ``model``."""
+        from .model_support import check_model
+
         config = getattr(model, "config", None)
         impl = getattr(config, "_attn_implementation", None)
         if impl != ATTN_IMPLEMENTATION:
             raise ValueError(f"model attention: got attn_implementation={impl!r}, expected 'fcp'; load the model "
                              f"with from_pretrained(..., attn_implementation='fcp') (after import hf_fcp)")
-        if hasattr(model, "is_backend_compatible") and not model.is_backend_compatible():
-            raise ValueError(f"{type(model).__name__} does not call transformers' attention interface, so "
-                             f"attn_implementation='fcp' would be ignored; use a model that supports it "
-                             f"(Llama, Qwen2/3, Mistral, ...)")
+        check_model(model)
         return model
 
     # ---- data ----------------------------------------------------------------------------------------

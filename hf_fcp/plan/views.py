@@ -84,8 +84,10 @@ class RankView(Movable):
         if self.world_size == 1:  # nothing is exchanged: the kernels mask the window
             return replace(self, window=window, windows=())
         have = [sub.window for sub in self.windows]
-        raise ValueError(f"window: got {window!r}, expected None or one of the plan's sliding windows {have} "
-                         f"(PlanSettings.attention_layers; FCPPlugin reads them from the model's config)")
+        raise ValueError(f"window: got {window!r}, expected None or one of the plan's sliding windows {have}; plan "
+                         f"the batch for the model's layer kinds: FCPPlugin.collator(model.config) (FCPTrainer "
+                         f"does), or PlanSettings(attention_layers=hf_fcp.integrations.layer_kinds."
+                         f"attention_layers(model.config))")
 
 
 def build_rank_view(plan, rank: int) -> RankView:
