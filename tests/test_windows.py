@@ -99,3 +99,21 @@ def test_planner_balances_windowed_work(seed):
     assert windowed.stats().compute_imbalance < 0.03, windowed.stats().compute_imbalance
     full = plan_batch(lens, world_size=8, block_size=4096, tokens_per_rank=32768)
     assert windowed.rank_loads().work.sum() < full.rank_loads().work.sum()
+
+
+def test_plugin_collator_plans_the_model_layer_kinds():
+    from hf_fcp import FCPPlugin
+    from hf_fcp.testing.families import tiny_config
+
+    gemma = ["sliding_attention"] * 5 + ["full_attention"]
+    for family, overrides, want in (("gemma3_text", {"sliding_window": 6, "num_hidden_layers": 6, "layer_types": gemma},
+                                     {6: 5, None: 1}),
+                                    ("mistral", {"sliding_window": 6}, {6: None}),
+                                    ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1,
+                                               "layer_types": None, "num_hidden_layers": 3}, {None: 1, 6: 2}),
+                                    ("llama", {}, {None: None})):
+        cfg = tiny_config(family, **overrides)
+        layers = dict(FCPPlugin().collator(cfg).settings.attention_layers)
+        assert layers.keys() == want.keys(), (family, layers)
+        assert all(n is None or layers[w] == n for w, n in want.items()), (family, layers)
+        assert sum(layers.values()) == cfg.num_hidden_layers
