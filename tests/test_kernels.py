@@ -384,3 +384,32 @@ def test_flash_attn_matches_reference(causal, hq, hkv):
     want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, 0.125)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert_close(g, w, 6e-2, name)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("window", [1, 8, 33])
+def test_torch_cuda_sliding_window(window):
+    layout = [(a, b) for a, b in WINDOW_LAYOUT if a and b]
+    q, k, v, dout, cu_q, cu_k = segment_inputs(layout, 8, 2, d=64, dtype=torch.bfloat16, device="cuda")
+    out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=True, scale=0.125, backend="torch_cuda", window=window)
+    grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=True, scale=0.125, backend="torch_cuda",
+                            window=window)
+    want = segment_reference(q, k, v, dout, cu_q, cu_k, True, 0.125, window=window)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
+        assert_close(g, w, 6e-2, name)
+
+
+@gpu
+@needs_flash
+@pytest.mark.parametrize("window,softcap", [(8, None), (None, 2.0), (33, 5.0)])
+def test_flash_attn_window_and_softcap(window, softcap):
+    layout = [(a, b) for a, b in WINDOW_LAYOUT if a and b]
+    q, k, v, dout, cu_q, cu_k = segment_inputs(layout, 8, 2, d=64, dtype=torch.bfloat16, device="cuda")
+    kw = {"window": window, "softcap": softcap}
+    out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=True, scale=0.125, backend="flash_attn", **kw)
+    grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=True, scale=0.125, backend="flash_attn",
+                            **kw)
+    want = segment_reference(q, k, v, dout, cu_q, cu_k, True, 0.125, **kw)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
+        assert_close(g, w, 6e-2, name)
