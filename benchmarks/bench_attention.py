@@ -3,7 +3,8 @@
 For W in --worlds, on mixed lognormal-like batches (lengths ~ lognormal(mu, sigma) clipped to half the
 batch, filled to W × tokens_per_rank), it runs forward+backward of
 
-* ``fcp``        fcp placement, hf_fcp.fcp_attention (P2P rounds)
+* ``fcp``        fcp placement, hf_fcp.fcp_attention (P2P rounds), executed as the plan decides
+* ``fcp_split``  the same op with every sequence run split and overlapped (the previous release)
 * ``ring_attn``  zigzag placement, the classic ring-attention baseline (hf_fcp.baselines.ring_attention)
 * ``allgather``  contiguous shards, all-gather traffic through hf_fcp.fcp_attention
 * ``ring_p2p``   zigzag placement through hf_fcp.fcp_attention (ring traffic pattern, FCP engine)
@@ -33,8 +34,13 @@ from hf_fcp import plan_batch
 from hf_fcp.testing import run_workers
 from hf_fcp.workloads import Distribution, make_batch
 
-METHODS = {"fcp": ("fcp", "fcp"), "ring_attn": ("ring", "ring"), "allgather": ("allgather", "fcp"),
-           "ring_p2p": ("ring", "fcp")}  # name -> (placement strategy, attention op)
+METHODS = {  # name -> (placement strategy, attention op, planner settings)
+    "fcp": ("fcp", "fcp", {}),
+    "fcp_split": ("fcp", "fcp", {"fusion": "none", "overlap": "always"}),  # the previous release's execution
+    "ring_attn": ("ring", "ring", {"fusion": "none", "overlap": "always"}),
+    "allgather": ("allgather", "fcp", {}),
+    "ring_p2p": ("ring", "fcp", {}),
+}
 
 
 def lognormal_batch(budget: int, mu: float, sigma: float, seed: int, max_len: int) -> list[int]:
@@ -56,9 +62,23 @@ def _inputs(n, args, seed):
     return q, k, v, torch.randn(n, args.hq, args.d, generator=gen)
 
 
-def _plan(lens, world, strategy, args):
+def _plan(lens, world, strategy, args, **settings):
     return plan_batch(lens, world_size=world, block_size=args.block, strategy=strategy, kv_heads=args.hkv,
-                      head_dim=args.d, kv_dtype="fp32", rounds_per_stage=args.rounds_per_stage)
+                      head_dim=args.d, kv_dtype="fp32", rounds_per_stage=args.rounds_per_stage, **settings)
+
+
+def kernel_calls(view, op_name: str) -> tuple[int, int]:
+    """(varlen kernel calls, segments) of one forward + backward on this rank's view."""
+    if op_name == "ring":
+        from hf_fcp.baselines.ring_attention import _local_step, _step_tasks, _zigzag_check
+
+        layout: list = []
+        _zigzag_check(view, layout)
+        lists = _step_tasks(view, layout[0]) if view.world_size > 1 else [_local_step(view)]
+    else:
+        lists = [view.local_tasks] + [t for st in view.stages for t in (st.tasks, st.fused)]
+    used = [t for t in lists if t.num_segments]
+    return 2 * len(used), 2 * sum(t.num_segments for t in used)
 
 
 def _op(name):
@@ -94,9 +114,10 @@ def _worker(rank, world, batches, args):
     for b, lens in enumerate(batches):
         full = _inputs(sum(lens), args, seed=b)
         runs = {}
-        for name, (strategy, op_name) in METHODS.items():
-            view = _plan(lens, world, strategy, args).for_rank(rank)
+        for name, (strategy, op_name, settings) in METHODS.items():
+            view = _plan(lens, world, strategy, args, **settings).for_rank(rank)
             runs[name] = (_op(op_name), view, [t[view.token_index] for t in full])
+            out[name, b, "calls"] = kernel_calls(view, op_name)
             _step(*runs[name])  # warm-up (also the plan agreement check)
         steps = {name: [] for name in METHODS}
         for _ in range(args.iters):
@@ -118,10 +139,12 @@ def bench_world(world, args):
     for b, lens in enumerate(batches):
         print(f"batch {b}: {len(lens)} sequences, longest {max(lens)}, top-5 lengths {sorted(lens)[-5:]}")
     print(f"{'method':10} {'median ms':>10} {'vs fcp':>7} {'kv MB sent':>11} {'plan MB':>9} {'grad MB':>8} "
-          f"{'peak MiB/rank':>14} {'imbalance':>9} {'CPU ms (sum)':>12} {'CPU ms (max)':>12}")
+          f"{'peak MiB/rank':>14} {'imbalance':>9} {'CPU ms (sum)':>12} {'CPU ms (max)':>12} {'calls/rank':>10} "
+          f"{'segs/rank':>9}")
     medians = {}
-    for name, (strategy, _) in METHODS.items():
+    for name, (strategy, _, settings) in METHODS.items():
         times, sent, plan_b, grad, peak, imb, cpu_sum, cpu_max = [], 0, 0, 0, 0, 0.0, [], []
+        calls = [r[name, b, "calls"] for r in per_rank for b in range(len(batches))]
         for b, lens in enumerate(batches):
             steps = [max(r[name, b][0][i] for r in per_rank) for i in range(args.iters)]
             times.append(statistics.median(steps))
@@ -131,20 +154,22 @@ def bench_world(world, args):
             sent += sum(r[name, b][1].get("kv", 0) for r in per_rank)
             grad += sum(r[name, b][1].get("grad", 0) for r in per_rank)
             peak = max(peak, max(r[name, b][2] for r in per_rank))
-            stats = _plan(lens, world, strategy, args).stats()
+            stats = _plan(lens, world, strategy, args, **settings).stats()
             plan_b += stats["comm_bytes"]
             imb = max(imb, stats["compute_imbalance"])
         medians[name] = sum(times)
         ratio = medians[name] / medians["fcp"]
         print(f"{name:10} {1e3 * medians[name] / len(batches):10.1f} {ratio:6.2f}x {sent / 1e6:11.2f} "
               f"{plan_b / 1e6:9.2f} {grad / 1e6:8.2f} {peak / 1024:14.1f} {imb:9.3f} "
-              f"{1e3 * statistics.mean(cpu_sum):12.1f} {1e3 * statistics.mean(cpu_max):12.1f}")
+              f"{1e3 * statistics.mean(cpu_sum):12.1f} {1e3 * statistics.mean(cpu_max):12.1f} "
+              f"{statistics.mean(c for c, _ in calls):10.1f} {statistics.mean(g for _, g in calls):9.1f}")
     print("median ms: mean over batches of the median (over steps) of the slowest rank's fwd+bwd; kv MB: "
           "K/V bytes sent by all ranks in one step (ring_attn re-rotates K/V in backward: 2(W-1) blocks); "
           "plan MB: plan.stats()['comm_bytes'] (forward K/V); grad MB: dK/dV bytes sent; imbalance: plan "
           "compute imbalance (max/mean - 1); CPU ms: process CPU time of a fwd+bwd (median over steps), summed "
           "over ranks (total work, independent of how the ranks share the cores) and of the busiest rank (its "
-          "work, what the step would take with a core per rank and no waits), mean over batches")
+          "work, what the step would take with a core per rank and no waits), mean over batches; calls/rank, "
+          "segs/rank: varlen kernel calls and attention segments of one forward + backward per rank per layer")
 
 
 def bench_world1(args):

@@ -32,6 +32,14 @@ def random_lens(world: int, block: int, seed: int) -> tuple[int, ...]:
 def cases_for(world: int) -> list[Case]:
     out = [
         Case("fcp_b8_gqa4", random_lens(world, 8, 1), 8),
+        Case("fcp_fused_overlapped_rps2", random_lens(world, 8, 14), 8, fusion="all", overlap="always",
+             rounds_per_stage=2),
+        Case("fcp_fused_after_exchange_bf16", random_lens(world, 8, 15), 8, fusion="all", overlap="never",
+             dtype=torch.bfloat16),
+        Case("fcp_split_overlapped_mqa8", random_lens(world, 4, 16), 4, fusion="none", overlap="always",
+             heads=(8, 1)),
+        Case("fcp_split_after_exchange_3layers", random_lens(world, 8, 17), 8, fusion="none", overlap="never",
+             layers=3),
         Case("fcp_b3_mqa8_rps2", random_lens(world, 3, 2), 3, rounds_per_stage=2, heads=(8, 1)),
         Case("fcp_b16_mha_rps3", random_lens(world, 16, 3), 16, rounds_per_stage=3, heads=(4, 4)),
         Case("fcp_b4_prefetch1", random_lens(world, 4, 12), 4, prefetch=1),
@@ -40,6 +48,14 @@ def cases_for(world: int) -> list[Case]:
         Case("fcp_b8_3layers", random_lens(world, 8, 9), 8, layers=3),
         Case("tiny_batch_idle_ranks", (1, 2), 4, heads=(4, 1)),  # W >= 3: some ranks hold no token
         Case("world1_view_inside_group", random_lens(world, 8, 11), 8, local=True),
+        Case("window5_docs_13x_window", random_lens(world, 8, 20), 8, window=5),
+        Case("window13_after_exchange_rps2", random_lens(world, 8, 21), 8, window=13, overlap="never",
+             rounds_per_stage=2, heads=(4, 1)),
+        Case("window1_no_exchange", random_lens(world, 8, 22), 8, window=1),
+        Case("window9_sinks_bf16", random_lens(world, 8, 23), 8, window=9, sinks=True, dtype=torch.bfloat16),
+        Case("softcap_sinks_gqa4", random_lens(world, 8, 24), 8, softcap=5.0, sinks=True),
+        Case("window6_softcap_3layers", random_lens(world, 4, 25), 4, window=6, softcap=3.0, layers=3),
+        Case("window7_ring_placement", random_lens(world, 8, 26), 8, window=7, strategy="ring"),
         Case("ring_placement", random_lens(world, 8, 5), 8, strategy="ring"),
         Case("allgather_placement_rps2", random_lens(world, 8, 6), 8, strategy="allgather", rounds_per_stage=2),
         Case("ring_baseline_gqa4", random_lens(world, 8, 7), 8, strategy="ring", op="ring"),
@@ -100,7 +116,7 @@ def test_bytes_moved_equal_plan_prediction(world):
     for case, parts in zip(cases_for(world), results(world)):
         kv = sum(p["bytes"].get("kv", 0) for p in parts) // case.layers
         if case.op == "fcp":
-            predicted = plan_for(case, world).stats().comm_bytes
+            predicted = plan_for(case, world).for_window(case.window).stats().comm_bytes
             assert kv == predicted, f"{case.name}: moved {kv} bytes, plan predicts {predicted}"
             assert sum(p["bytes"].get("grad", 0) for p in parts) == predicted * case.layers, case.name
         else:  # ring baseline: W-1 forward + W-1 backward rotations of every rank's whole K|V block

@@ -28,7 +28,7 @@ def test_readme_example_is_bounded_in_memory():
 
 
 class _Plan:
-    """The plan with one rank's view replaced (check_view reads only for_rank and transfers_of)."""
+    """The plan with one rank's view replaced; everything else is the plan's."""
 
     def __init__(self, plan, view):
         self.plan, self.view = plan, view
@@ -36,8 +36,8 @@ class _Plan:
     def for_rank(self, rank):
         return self.view
 
-    def transfers_of(self, rank):
-        return self.plan.transfers_of(rank)
+    def __getattr__(self, name):
+        return getattr(self.plan, name)
 
 
 def _with_local_keys(view, k_rows: torch.Tensor, cu_k: torch.Tensor):

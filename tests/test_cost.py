@@ -11,10 +11,13 @@ from hf_fcp.plan.cost import (
     PAIRS,
     KernelCost,
     rank_work,
+    run_cost,
+    run_cost_window,
     segment_cost,
     seq_cost,
     tile_counts,
     tiles,
+    window_tiles,
 )
 from hf_fcp.simulate.cluster import load_cluster
 from hf_fcp.simulate.kernel_model import fit
@@ -24,19 +27,24 @@ from hf_fcp.workloads import make_batches, parse_distribution
 MEASURED = str(pathlib.Path(__file__).resolve().parent.parent / "docs" / "measurements" / "h200_torch_flash.json")
 
 
-def brute_tiles(q, k, causal, tile):
-    """Count tiles by looking at every (query, key) pair (bottom-right causal alignment)."""
+def brute_tiles(q, k, causal, tile, window=None):
+    """Count tiles by looking at every (query, key) pair (bottom-right causal alignment, optionally under a
+    sliding window of ``window`` keys); the last figure counts the key tiles any query touches."""
     qi, ki = np.meshgrid(np.arange(q), np.arange(k), indexing="ij")
     vis = (ki <= qi + (k - q)) if causal else np.ones((q, k), bool)
+    if window is not None:
+        vis &= ki > qi + (k - q) - window
     touched = diagonal = 0
+    columns = set()
     for r in range(0, q, tile):
         for c in range(0, k, tile):
             block = vis[r:r + tile, c:c + tile]
             if block.any():
                 touched += 1
+                columns.add(c)
                 # causal: a tile needs masking unless it is a whole key tile visible to all its rows
                 diagonal += causal and not (block.all() and block.shape[1] == tile)
-    return touched, diagonal, -(-q // tile), -(-k // tile)
+    return touched, diagonal, -(-q // tile), len(columns)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -52,6 +60,37 @@ def test_tile_counts_match_brute_force(seed):
         assert got == (touched, diagonal, nq, nk), (q, k, causal, tile)
         vec = tile_counts(np.array([q]), np.array([k]), np.array([causal]), tile)
         assert tuple(float(v[0]) for v in vec) == got
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_window_tiles_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        q = int(rng.integers(1, 150))
+        k, window, tile = q + int(rng.integers(0, 150)), int(rng.integers(1, 260)), int(rng.choice([4, 8, 16, 32]))
+        got = tuple(int(x) for x in window_tiles(q, k, window, tile))
+        assert got == brute_tiles(q, k, True, tile, window), (q, k, window, tile)
+
+
+def test_windowed_work_grows_linearly_with_length():
+    """A long document under a small window costs about length × window, not length²."""
+    kernel = FLASH
+    short, long = run_cost_window(0, 32768, 4096, kernel), run_cost_window(0, 65536, 4096, kernel)
+    assert 1.9 < long / short < 2.2
+    assert 3.8 < run_cost(0, 65536, kernel) / run_cost(0, 32768, kernel) < 4.2
+    assert run_cost_window(0, 65536, 1 << 20, kernel) == run_cost(0, 65536, kernel)  # window over the whole run
+    # a run late in a document under a window pays for its queries' windows only, wherever it sits
+    assert run_cost_window(100_000, 104_096, 4096, kernel) == pytest.approx(
+        run_cost_window(50_000, 54_096, 4096, kernel), rel=1e-9)
+
+
+def test_rank_work_averages_the_layer_kinds():
+    spans = [(0, 0, 20000), (1, 5000, 9000)]
+    full = rank_work(spans, FLASH, frozenset({0, 1}))
+    windowed = rank_work(spans, FLASH, frozenset(), ((1024, 1),))
+    assert windowed < full / 5
+    mixed = rank_work(spans, FLASH, frozenset({0, 1}), ((None, 1), (1024, 3)))
+    assert mixed == pytest.approx((full + 3 * windowed) / 4)
 
 
 def test_pairs_model_is_exactly_the_causal_pairs():
@@ -140,8 +179,8 @@ def test_kernel_balance_is_never_worse_than_pair_balance_in_its_model(block):
     placement when that has the lower maximum (under the same kernel model)."""
     # W=64 with 1K blocks: the greedy alone ends 2.4% above the pair-balanced placement's maximum
     lens = make_batches(parse_distribution("lognormal"), world_size=64, tokens_per_rank=32768, steps=1, seed=0)[0]
-    kernel = plan_batch(lens, world_size=64, block_size=block)
-    pairs = plan_batch(lens, world_size=64, block_size=block, balance="pairs")
+    kernel = plan_batch(lens, world_size=64, block_size=block, fusion="none")
+    pairs = plan_batch(lens, world_size=64, block_size=block, balance="pairs", fusion="none")
     worst = lambda plan: max(rank_work(spans, FLASH) for spans in plan.rank_spans)  # noqa: E731
     assert worst(kernel) <= worst(pairs) * (1 + 1e-12)
     assert kernel.rank_loads()["work"].max() == pytest.approx(worst(kernel))

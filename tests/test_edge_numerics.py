@@ -30,8 +30,8 @@ def _doc(n: int, seed: int, masked: bool = False) -> dict:
 
 
 CASES = {
-    # 80 padding tokens fill 5 blocks of 16: at every W some rank holds only label-free tokens
-    "rank_without_labels": [_doc(80, 0, masked=True), _doc(5, 1), _doc(1, 2), _doc(3, 3)],
+    # 80 padding tokens and one short labelled document: at every W the other ranks hold label-free tokens only
+    "rank_without_labels": [_doc(80, 0, masked=True), _doc(5, 1), _doc(1, 2)],
     # 1-token documents (two of them all-padding; they carry no label after the shift) and one 2-token document
     # holding the batch's only label token: ranks of exactly one token, most ranks without a label
     "one_token_documents": [_doc(1, 4), _doc(1, 5, masked=True), _doc(2, 6), _doc(1, 7, masked=True)],

@@ -42,7 +42,8 @@ def random_layout(rng, world: int, index: int) -> Case:
     ratio = int(rng.choice([1, 4, 8]))
     strategy = str(rng.choice(["fcp", "fcp", "fcp", "ring", "allgather"]))
     return Case(f"W{world}_layout{index}", random_lens(rng, world, block), block, strategy=strategy,
-                rounds_per_stage=int(rng.integers(1, 5)), heads=(kv * ratio, kv), seed=int(rng.integers(1 << 30)))
+                rounds_per_stage=int(rng.integers(1, 5)), heads=(kv * ratio, kv), seed=int(rng.integers(1 << 30)),
+                fusion=str(rng.choice(["auto", "all", "none"])), overlap=str(rng.choice(["auto", "always", "never"])))
 
 
 def layouts(world: int, count: int, seed: int) -> list[Case]:
@@ -83,6 +84,8 @@ def test_layouts_cover_the_edges():
     assert {c.rounds_per_stage for _, c in cases} == {1, 2, 3, 4}
     assert {c.strategy for _, c in cases} == {"fcp", "ring", "allgather"}
     assert {c.block for _, c in cases} == set(BLOCKS)
+    assert {(c.fusion, c.overlap) for _, c in cases} >= {("all", "always"), ("all", "never"), ("none", "always"),
+                                                         ("none", "never")}
 
 
 def test_fuzz_smoke_two_ranks():

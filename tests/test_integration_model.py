@@ -180,11 +180,19 @@ def test_bad_inputs_name_the_fix():
         model(input_ids=batch["input_ids"], fcp_plan=batch["fcp_plan"], use_cache=False)  # no position_ids
     with pytest.raises(TypeError, match="expected a RankView"):
         model(input_ids=batch["input_ids"], fcp_plan={"not": "a view"}, use_cache=False)
-    mistral = AutoModelForCausalLM.from_config(tiny_config("mistral", vocab_size=VOCAB, sliding_window=8,
-                                                           bos_token_id=0, eos_token_id=1, pad_token_id=2),
-                                               attn_implementation="fcp")
-    with pytest.raises(ValueError, match="sliding_window=8"):
-        mistral(**{k: v for k, v in batch.items()}, use_cache=False)
+    cfg = tiny_config("mistral", vocab_size=VOCAB, sliding_window=8, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    mistral = AutoModelForCausalLM.from_config(cfg, attn_implementation="fcp")
+    torch.manual_seed(0)
+    sdpa = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    sdpa.load_state_dict(mistral.state_dict())
+    with torch.no_grad():  # one rank: no exchange, the kernels mask the window even without it in the plan
+        got = mistral(**batch, use_cache=False).logits
+        want = torch.cat([sdpa(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits[0]
+                          for e in examples()])
+    assert max(LENS) > 8 and (got[0] - want).abs().max() < 1e-4
+    view2 = plan_batch(list(LENS), world_size=2, block_size=BLOCK).for_rank(0)
+    with pytest.raises(ValueError, match=r"window: got 8, expected None or one of the plan's sliding windows \[\]"):
+        view2.for_window(8)  # two ranks: the plan must carry the window's exchange
     model.train()
     model.config.attention_dropout = 0.1
     for layer in model.model.layers:

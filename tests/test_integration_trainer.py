@@ -79,7 +79,8 @@ def test_two_processes_match_one(tmp_path, single):
         np.testing.assert_allclose(hist2[-1]["eval_loss"], hist1[-1]["eval_loss"], rtol=1e-5)
     logged = [h for h in results[0][1] if "loss" in h]
     assert len(logged) == 3 and all(h["fcp/tokens"] > 0 for h in logged)
-    assert all(h["fcp/rounds"] >= 1 for h in logged)  # documents spanning both ranks exchanged KV
+    # the 130-token document cannot fit one rank: its batch exchanged KV (others may place whole documents)
+    assert any(h["fcp/rounds"] >= 1 for h in logged)
     assert sum(h["fcp/tokens"] for h in logged) <= 3 * 2 * TOKENS_PER_RANK
 
 

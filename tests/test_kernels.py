@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hf_fcp.engine import kernels, kernels_cuda
+from hf_fcp.engine import kernels, kernels_cpu, kernels_cuda
 from hf_fcp.engine.kernels import (
     merge_partial,
     select_backend,
@@ -34,18 +34,19 @@ def assert_close(got, want, tol, name):
 
 
 def check_against_reference(layout, hq, hkv, causal, backend, dtype=torch.float32, tol=1e-5, cu_dtype=None,
-                            head_major=False):
+                            head_major=False, **options):
     q, k, v, dout, cu_q, cu_k = segment_inputs(layout, hq, hkv, dtype=dtype)
     if head_major:  # non-contiguous inputs: (H, N, D) memory seen as (N, H, D)
         q, k, v = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v))
     if cu_dtype is not None:
         cu_q, cu_k = cu_q.to(cu_dtype), cu_k.to(cu_dtype)
     scale = q.shape[-1] ** -0.5
-    out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=causal, scale=scale, backend=backend)
+    out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=causal, scale=scale, backend=backend, **options)
     assert out.dtype == dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:2]
-    grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, scale=scale, backend=backend)
-    want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, scale)
+    grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, scale=scale, backend=backend,
+                            **options)
+    want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, scale, **options)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert_close(g, w, tol, name)
     for g, t in zip(grads, (q, k, v)):
@@ -57,6 +58,43 @@ def check_against_reference(layout, hq, hkv, causal, backend, dtype=torch.float3
 @pytest.mark.parametrize("hq,hkv", HEADS)
 def test_fp32_matches_reference(backend, causal, hq, hkv):
     check_against_reference(LAYOUT, hq, hkv, causal, backend)
+
+
+WINDOW_LAYOUT = [(1, 37), (5, 5), (16, 64), (9, 9), (40, 40), (3, 90), (70, 75), (1, 1), (4, 2)]
+
+
+@pytest.mark.parametrize("backend", ["torch_cpu", "naive"])
+@pytest.mark.parametrize("window", [1, 3, 8, 33, 200])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+def test_sliding_window_matches_reference(backend, window, hq, hkv):
+    """Bottom-right causal with a window of ``window`` keys (itself included), on square and rectangular
+    segments, windows shorter and longer than the segments."""
+    check_against_reference(WINDOW_LAYOUT, hq, hkv, True, backend, window=window)
+
+
+def test_windowed_cpu_blocks_stay_bounded(monkeypatch):
+    """A long segment under a small window runs in query chunks whose masks stay small (and exact)."""
+    from hf_fcp.engine import kernels_cpu
+
+    monkeypatch.setattr(kernels_cpu, "_MASK_ELEMENTS", 64 * 40)
+    shapes = []
+    real = kernels_cpu._float_mask
+    monkeypatch.setattr(kernels_cpu, "_float_mask", lambda *a: shapes.append(real(*a).shape) or real(*a))
+    check_against_reference([(300, 320)], 4, 2, True, "torch_cpu", window=16)
+    assert len(shapes) > 4 and max(s[-1] * s[-2] for s in shapes) <= 64 * 40
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("softcap", [0.5, 5.0])
+def test_softcap_matches_reference_on_naive(causal, softcap):
+    check_against_reference(LAYOUT, 8, 2, causal, "naive", softcap=softcap, tol=2e-5)
+    check_against_reference(WINDOW_LAYOUT, 8, 2, True, "naive", softcap=softcap, window=5, tol=2e-5)
+
+
+def test_softcap_picks_a_kernel_that_computes_it_or_names_one():
+    assert select_backend("cpu", torch.float32, softcap=30.0) == "naive"
+    with pytest.raises(ValueError, match="softcap: got 30.0 with kernel 'torch_cpu'.*'naive' on CPU"):
+        select_backend("cpu", torch.float32, "torch_cpu", softcap=30.0)
 
 
 @pytest.mark.parametrize("backend", ["torch_cpu", "naive"])
@@ -86,7 +124,7 @@ def test_batched_and_chunked_paths(backend, monkeypatch):
     """Many equal-shape segments (batched into one call) next to segments run one by one."""
     monkeypatch.setattr(kernels, "_GROUP_MAX_LEN", 6)
     monkeypatch.setattr(kernels, "_GROUP_MAX_TOKENS", 12)
-    monkeypatch.setattr(kernels, "_NAIVE_MAX_SCORES", 64)
+    monkeypatch.setattr(kernels_cpu, "_NAIVE_MAX_SCORES", 64)
     layout = [(3, 5)] * 9 + [(1, 1)] * 5 + [(2, 2), (8, 9), (4, 2), (4, 2), (2, 2)]
     for causal in (True, False):
         check_against_reference(layout, 4, 1, causal, backend)
@@ -300,9 +338,9 @@ class FakeFA3:
 def test_flash_adapter_with_fake_module(fake, causal, monkeypatch):
     monkeypatch.setattr(kernels_cuda, "_flash_module", lambda: fake)
     q, k, v, dout, cu_q, cu_k = segment_inputs(LAYOUT, 8, 2, d=16)
-    offs_q, offs_k = cu_q.tolist(), cu_k.tolist()
-    out, lse = kernels_cuda.flash_forward(q, k, v, offs_q, offs_k, causal, 0.25)
-    grads = kernels_cuda.flash_backward(dout, q, k, v, out, lse, offs_q, offs_k, causal, 0.25)
+    offsets = kernels._offsets_of(q, k, v, cu_q, cu_k)
+    out, lse = kernels_cuda.flash_forward(q, k, v, offsets, causal, 0.25)
+    grads = kernels_cuda.flash_backward(dout, q, k, v, out, lse, offsets, causal, 0.25)
     want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, 0.25)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert_close(g, w, 1e-5, name)
@@ -318,7 +356,7 @@ def test_flash_adapter_rejects_unknown_signature(monkeypatch):
     monkeypatch.setattr(kernels_cuda, "_flash_module", lambda: Odd)
     q, k, v, _, cu_q, cu_k = segment_inputs([(2, 2)], 2, 2, d=8)
     with pytest.raises(RuntimeError, match="unsupported flash-attn version.*mystery"):
-        kernels_cuda.flash_forward(q, k, v, cu_q.tolist(), cu_k.tolist(), True, 0.5)
+        kernels_cuda.flash_forward(q, k, v, kernels._offsets_of(q, k, v, cu_q, cu_k), True, 0.5)
 
 
 @gpu
@@ -344,5 +382,34 @@ def test_flash_attn_matches_reference(causal, hq, hkv):
     out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=causal, scale=0.125)
     grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, scale=0.125)
     want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, 0.125)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
+        assert_close(g, w, 6e-2, name)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("window", [1, 8, 33])
+def test_torch_cuda_sliding_window(window):
+    layout = [(a, b) for a, b in WINDOW_LAYOUT if a and b]
+    q, k, v, dout, cu_q, cu_k = segment_inputs(layout, 8, 2, d=64, dtype=torch.bfloat16, device="cuda")
+    out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=True, scale=0.125, backend="torch_cuda", window=window)
+    grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=True, scale=0.125, backend="torch_cuda",
+                            window=window)
+    want = segment_reference(q, k, v, dout, cu_q, cu_k, True, 0.125, window=window)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
+        assert_close(g, w, 6e-2, name)
+
+
+@gpu
+@needs_flash
+@pytest.mark.parametrize("window,softcap", [(8, None), (None, 2.0), (33, 5.0)])
+def test_flash_attn_window_and_softcap(window, softcap):
+    layout = [(a, b) for a, b in WINDOW_LAYOUT if a and b]
+    q, k, v, dout, cu_q, cu_k = segment_inputs(layout, 8, 2, d=64, dtype=torch.bfloat16, device="cuda")
+    kw = {"window": window, "softcap": softcap}
+    out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=True, scale=0.125, backend="flash_attn", **kw)
+    grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=True, scale=0.125, backend="flash_attn",
+                            **kw)
+    want = segment_reference(q, k, v, dout, cu_q, cu_k, True, 0.125, **kw)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert_close(g, w, 6e-2, name)

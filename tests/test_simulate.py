@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hf_fcp.cli import main as hf_fcp_main
-from hf_fcp.plan import make_plan, span_cost
+from hf_fcp.plan import PlanSettings, make_plan, plan_batch, span_cost
 from hf_fcp.simulate.cluster import PRESETS, Cluster, load_cluster
 from hf_fcp.simulate.engine import simulate, simulate_strategy
 from hf_fcp.simulate.models import AttentionModel, get_model
@@ -58,10 +58,10 @@ def test_two_equal_sequences_take_one_sequence_time(name):
     assert r.compute_imbalance == pytest.approx(0.0, abs=1e-9)
 
 
-def _split_plan(n: int) -> Candidate:
+def _split_plan(n: int, overlap: str = "always") -> Candidate:
     """One sequence of 2n tokens: rank 0 holds [0, n), rank 1 holds [n, 2n) and needs rank 0's K/V."""
     plan = make_plan((2 * n,), [[(0, 0, n)], [(0, n, 2 * n)]], world_size=2, block_size=n, tokens_per_rank=n,
-                     strategy="split", comm="p2p")
+                     strategy="split", comm="p2p", settings=PlanSettings(overlap=overlap))
     return Candidate(plan=plan, schedule="p2p")
 
 
@@ -89,6 +89,16 @@ def test_overlap_hides_communication_behind_compute():
     n = 4096
     r = simulate(_split_plan(n), TINY, replace(FLAT, peak_flops=1e9))  # slow compute, same link
     assert r.exposed_comm_s < 0.01 * r.step_s
+
+
+def test_without_overlap_the_exchange_is_exposed_and_compute_runs_at_full_speed():
+    n = 4096
+    cluster = replace(FLAT, peak_flops=1e9)
+    hidden, exposed = (simulate(_split_plan(n, o), TINY, cluster) for o in ("always", "never"))
+    t = 1e-5 + 4 * n / 1e9  # one transfer each way
+    assert exposed.exposed_comm_s >= 2 * t * (1 - 1e-6)  # each pass waits for its exchange
+    assert exposed.rank_compute_s.max() < hidden.rank_compute_s.max()  # no communication kernels beside it
+    assert exposed.step_s == pytest.approx(exposed.rank_compute_s.max() + 2 * t, rel=1e-6)
 
 
 def _covers_once(plan) -> None:
@@ -240,3 +250,31 @@ def test_cli_bad_input_is_one_line_and_exit_2(capsys, bad):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hf-fcp") and "error" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fusion, overlap", [("all", "always"), ("all", "never"), ("none", "always"), ("auto", "auto")])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_simulator_prices_exactly_the_segments_the_engine_runs(fusion, overlap, seed):
+    """Every (rank, slot, queries, keys) segment the rank views run is one the simulator times, and no other."""
+    from collections import Counter
+
+    from hf_fcp.simulate.segments import Segments, Spans, local_segments, p2p_segments
+
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, 3000, size=int(rng.integers(2, 12))).tolist() + [int(rng.integers(3000, 20000))]
+    world = int(rng.integers(2, 7))
+    plan = plan_batch(lens, world_size=world, block_size=512, rounds_per_stage=int(rng.integers(1, 3)),
+                      fusion=fusion, overlap=overlap)
+    sp = Spans.of(plan)
+    segs = Segments.concat([local_segments(sp), p2p_segments(plan, sp)[0]])
+    simulated = Counter(zip(segs.rank.tolist(), segs.slot.tolist(), segs.q.astype(int).tolist(),
+                            segs.k.astype(int).tolist()))
+    executed = Counter()
+    for r in range(world):
+        view = plan.for_rank(r)
+        lists = [(0, view.local_tasks)] + [(1 + i, t) for i, st in enumerate(view.stages) for t in (st.tasks, st.fused)]
+        for slot, tasks in lists:
+            for i in range(tasks.num_segments):
+                executed[r, slot, tasks.offs_q[i + 1] - tasks.offs_q[i], tasks.offs_k[i + 1] - tasks.offs_k[i]] += 1
+    assert simulated == executed
+    assert segs.pairs.sum() == pytest.approx(float(span_cost(0, np.asarray(lens)).sum()))

@@ -30,7 +30,8 @@ from ..engine.attention import (
 )
 from ..engine.kernels import merge_partial
 from ..plan.baseline_placements import place_ring
-from ..plan.views import RankView, TaskList
+from ..plan.tasks import TaskList, local_tasks
+from ..plan.views import RankView
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=None, scale: float | None = None,
@@ -43,7 +44,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=Non
     layout: list = []
     group, scale, backend, view = prepare(q, k, v, view, group, scale, backend,
                                           check=lambda vw: _zigzag_check(vw, layout))
-    steps = _step_tasks(view, layout[0]) if group is not None else [view.local_tasks]
+    steps = _step_tasks(view, layout[0]) if group is not None else [_local_step(view)]
     sizes = [sum(b - a for _, a, b in spans) for spans in layout[0]] if group is not None else [q.shape[0]]
     out, lse = _RingAttention.apply(q, k, v, steps, sizes, group, view.rank, scale, backend)
     return (out, lse) if return_lse else out
@@ -60,12 +61,23 @@ def _zigzag_check(view: RankView, layout: list) -> str | None:
     return None
 
 
+def _local_step(view: RankView) -> TaskList:
+    """Step 0: one causal segment per held sequence over its runs joined (the view's own local tasks may
+    run some sequences fused; ring attention needs them split)."""
+    by_seq: dict[int, list[tuple[int, int, int]]] = {}
+    offset = 0
+    for s, a, b in view.spans.tolist():
+        by_seq.setdefault(s, []).append((a, b, offset))
+        offset += b - a
+    return local_tasks(by_seq, frozenset(), view.num_local).to(view.token_index.device)
+
+
 def _step_tasks(view: RankView, layout) -> list[TaskList]:
     """Task lists of steps 0..W−1: step i pairs local queries with the earlier keys of rank (r − i)'s block."""
     w, r = view.world_size, view.rank
     mine = [tuple(s) for s in view.spans.tolist()]
     q_off = np.concatenate([[0], np.cumsum([b - a for _, a, b in mine])])
-    steps = [view.local_tasks]
+    steps = [_local_step(view)]
     for i in range(1, w):
         src = layout[(r - i) % w]
         k_off = np.concatenate([[0], np.cumsum([b - a for _, a, b in src])])
@@ -78,7 +90,7 @@ def _step_tasks(view: RankView, layout) -> list[TaskList]:
             if keys:
                 q_runs.append(np.arange(o, o + b - a))
                 k_runs.append(np.concatenate(keys))
-        steps.append(TaskList.build(q_runs, k_runs, causal=False).to(view.token_index.device))
+        steps.append(TaskList.build(q_runs, k_runs, False, view.num_local, int(k_off[-1])).to(view.token_index.device))
     return steps
 
 
@@ -122,9 +134,10 @@ def _backward(dout, q, k, v, out, lse, steps, sizes, ring, scale, backend):
         if steps[i].num_segments:
             gq, gk, gv = run_tasks_backward(steps[i], dout, q, block[:, :hkv], block[:, hkv:], out, lse, scale,
                                             backend)
-            add_rows(dq, steps[i].q_rows, gq)
-            add_rows(acc[:, :hkv], steps[i].k_rows, gk)
-            add_rows(acc[:, hkv:], steps[i].k_rows, gv)
+            t = steps[i]
+            add_rows(dq, t.q_rows, gq, t.q_all)
+            add_rows(acc[:, :hkv], t.k_rows, gk, t.k_all)
+            add_rows(acc[:, hkv:], t.k_rows, gv, t.k_all)
         if w == 1:
             return dq.to(q.dtype), acc[:, :hkv].to(k.dtype), acc[:, hkv:].to(v.dtype)
         if acc_pending is not None:

@@ -3,12 +3,17 @@
 Every rank holds some token spans of the global batch (``view = plan.for_rank(rank)``) and computes
 attention for its own queries. Keys it holds are used at once (``view.local_tasks``); keys it lacks
 arrive from their owners in the plan's congestion-free rounds, one communication stage at a
-time (``view.stages``), and the partial results are merged by log-sum-exp in fp32::
+time (``view.stages``), and the partial results are merged by log-sum-exp in fp32. A stage's work is its
+split segments (against the receive buffer) and its fused segments (a held run against all its keys, in
+the K/V buffer ``[receive buffer | local K/V]``; :mod:`hf_fcp.plan.tasks`)::
 
     forward:  post stages 0..P-1 ─► local tasks ─► wait 0, post P ─► stage 0 tasks ─► wait 1, post P+1 ─► ...
               (P = ``prefetch``, default all stages: the transfers run back to back behind the compute)
-    backward: stage 0 tasks, post its dK/dV back ─► stage 1 tasks, post ... ─► local tasks ─► wait all,
-              owners add the dK/dV they receive into their local dK/dV
+    backward: last stage's tasks, post its dK/dV back ─► the stage before ... ─► local tasks ─► wait all,
+              owners add the dK/dV they receive into their local dK/dV (stages in reverse: a fused segment
+              of stage k also holds keys of earlier stages, whose dK/dV are complete only after it)
+
+Task lists carry their offsets and row flags on the host, so nothing here reads device memory back.
 
 Every rank takes part in every round in both directions, whether or not it has work there (a rank that
 skipped its backward exchange would hang its peers). With ``world_size == 1`` and no process group
@@ -24,12 +29,13 @@ import torch
 from torch import Tensor
 
 from ..plan.views import RankView, TaskList
-from . import comm
-from .kernels import merge_partial, select_backend, varlen_backward, varlen_forward
+from . import comm, plan_check
+from .kernels import backward_segments, forward_segments, merge_partial, select_backend
 
 
 def fcp_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=None, scale: float | None = None,
-                  backend: str | None = None, prefetch: int | None = None, return_lse: bool = False):
+                  backend: str | None = None, prefetch: int | None = None, return_lse: bool = False,
+                  window: int | None = None, softcap: float | None = None, sinks: Tensor | None = None):
     """Causal attention within each sequence of the global batch, for this rank's tokens.
 
     Args:
@@ -48,6 +54,14 @@ def fcp_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=None
             when the previous one arrived). More stages ahead hide more latency and keep more send buffers
             alive at once (at most this rank's outgoing K/V).
         return_lse: also return the log-sum-exp (n_local, Hq) float32 (not differentiable).
+        window: sliding window in keys (transformers' ``sliding_window``: query at position p sees keys at
+            positions ``(p - window, p]``); the plan must have been made for it
+            (``PlanSettings.attention_layers``), and only the window's K/V is exchanged
+            (``view.for_window(window)``). None: full causal attention.
+        softcap: logit soft-capping ``softcap * tanh(scale * q.k / softcap)`` (Gemma 2); needs a kernel
+            that computes it (``naive`` on CPU, ``flash_attn`` on CUDA).
+        sinks: (Hq,) attention-sink logits (gpt-oss ``s_aux``): one extra logit per head in every softmax
+            denominator, with no value; differentiable.
 
     Returns:
         out (n_local, Hq, D) like q; or (out, lse) with ``return_lse``.
@@ -64,13 +78,37 @@ def fcp_attention(q: Tensor, k: Tensor, v: Tensor, view: RankView, *, group=None
     """
     bad = prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1)
     problem = f"prefetch: got {prefetch!r}, expected an integer >= 1 or None (all stages)" if bad else None
-    group, scale, backend, view = prepare(q, k, v, view, group, scale, backend, check=lambda _: problem)
-    out, lse = _FCPAttention.apply(q, k, v, view, group, scale, backend, prefetch)
+    problem = problem or check_options(q, window, softcap, sinks)
+    if problem is None and isinstance(view, RankView):
+        try:
+            view = view.for_window(window)
+        except ValueError as err:
+            problem = str(err)
+    group, scale, backend, view = prepare(q, k, v, view, group, scale, backend, check=lambda _: problem,
+                                          softcap=softcap)
+    out, lse = _FCPAttention.apply(q, k, v, sinks, view, group, scale, backend, prefetch, softcap)
     return (out, lse) if return_lse else out
 
 
+def check_options(q, window, softcap, sinks) -> str | None:
+    """The first problem with the attention options ``window``, ``softcap``, ``sinks``, or None."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        return f"window: got {window!r}, expected a positive integer (keys) or None (full causal attention)"
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        return f"softcap: got {softcap!r}, expected a positive finite number or None"
+    if sinks is not None:
+        heads = q.shape[1] if isinstance(q, Tensor) and q.dim() == 3 else "Hq"
+        if (not isinstance(sinks, Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (heads,)
+                or (isinstance(q, Tensor) and sinks.device != q.device)):
+            got = f"{sinks.dtype} tensor of shape {tuple(sinks.shape)} on {sinks.device}" \
+                if isinstance(sinks, Tensor) else type(sinks).__name__
+            return f"sinks: got {got}, expected a floating ({heads},) tensor on q's device (one logit per head)"
+    return None
+
+
 # ----------------------------------------------------------------------------- validation
-def prepare(q, k, v, view, group, scale, backend, check=None):
+def prepare(q, k, v, view, group, scale, backend, check=None, softcap=None):
     """Shared entry checks of the attention ops; raises before any P2P traffic.
 
     ``check(view)`` may add an op-specific problem message. On the first use of a view the
@@ -82,19 +120,32 @@ def prepare(q, k, v, view, group, scale, backend, check=None):
     group = comm.resolve_group(group)
     if isinstance(view, RankView) and view.world_size == 1 and not explicit:
         group = None  # a world-size-1 view never communicates, even inside a distributed job
-    error = _validate(q, k, v, view, group, scale)
-    if error is None and check is not None:
-        error = check(view)
     world = comm.group_world_rank(group)[0]
-    if world > 1 and comm.needs_plan_check(view, group):
-        comm.agree_on_plan(view, group, error)
-    if error:
-        raise ValueError(error)
+    failure, backend = _entry_checks(q, k, v, view, group, scale, backend, check, world > 1, softcap)
+    if world > 1 and plan_check.needs_plan_check(view, group, k):
+        plan_check.agree_on_plan(view, group, failure, k)  # a failure here raises on every rank
+    if failure is not None:
+        raise failure
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = select_backend(q.device, q.dtype, backend or view.kernel)
     if view.token_index.device != q.device:
         view = view.to(q.device)
     return (group if world > 1 else None), scale, backend, view
+
+
+def _entry_checks(q, k, v, view, group, scale, backend, check, exchange: bool, softcap=None):
+    """Every check of one call that can fail on one rank alone, run before any traffic so that the plan
+    check can route it to every rank: (the failure as an exception or None, the kernel backend)."""
+    error = _validate(q, k, v, view, group, scale)
+    if error is None and check is not None:
+        error = check(view)
+    if error is None and exchange:
+        error = comm.check_exchange_device(group, q.device)
+    if error is not None:
+        return ValueError(error), None
+    try:
+        return None, select_backend(q.device, q.dtype, backend or view.kernel, softcap=softcap)
+    except (ValueError, ImportError) as err:  # e.g. flash-attn asked for but missing on this rank
+        return err, None
 
 
 def _validate(q, k, v, view, group, scale) -> str | None:
@@ -136,27 +187,26 @@ def _validate_group(view: RankView, group) -> str | None:
 
 
 # ----------------------------------------------------------------------------- task helpers
-def _is_identity(rows: Tensor, n: int) -> bool:
-    return rows.numel() == n and bool(torch.equal(rows, torch.arange(n, device=rows.device)))
+def _take(x: Tensor, rows: Tensor, whole: bool) -> Tensor:
+    """``x[rows]`` (a copy), or ``x`` itself when ``whole`` (rows is 0..n-1 of x, known from the plan)."""
+    return x if whole else x.index_select(0, rows)
 
 
-def _take(x: Tensor, rows: Tensor) -> Tensor:
-    """``x[rows]`` (a copy), or ``x`` itself when rows is 0..n-1."""
-    return x if _is_identity(rows, x.shape[0]) else x.index_select(0, rows)
+def run_tasks(tasks: TaskList, q, k_src, v_src, scale, backend, **options) -> tuple[Tensor, Tensor]:
+    """Forward of one task list: out (Nq, Hq, D) in q's dtype, lse (Nq, Hq) fp32 for ``tasks.q_rows``.
+    ``options``: ``window``/``softcap`` of the kernels (causal task lists only take a window)."""
+    kr = tasks.k_rows
+    return forward_segments(_take(q, tasks.q_rows, tasks.q_all), _take(k_src, kr, tasks.k_all),
+                            _take(v_src, kr, tasks.k_all), tasks, causal=tasks.causal, scale=scale, backend=backend,
+                            **options)
 
 
-def run_tasks(tasks: TaskList, q, k_src, v_src, scale, backend) -> tuple[Tensor, Tensor]:
-    """Forward of one task list: out (Nq, Hq, D) in q's dtype, lse (Nq, Hq) fp32 for ``tasks.q_rows``."""
-    return varlen_forward(_take(q, tasks.q_rows), _take(k_src, tasks.k_rows), _take(v_src, tasks.k_rows),
-                          tasks.cu_q, tasks.cu_k, causal=tasks.causal, scale=scale, backend=backend)
-
-
-def run_tasks_backward(tasks: TaskList, dout, q, k_src, v_src, out, lse, scale, backend):
+def run_tasks_backward(tasks: TaskList, dout, q, k_src, v_src, out, lse, scale, backend, **options):
     """Backward of one task list with the final (merged) out/lse: dq for q_rows, dk/dv for k_rows."""
-    qr = tasks.q_rows
-    return varlen_backward(_take(dout, qr), _take(q, qr), _take(k_src, tasks.k_rows),
-                           _take(v_src, tasks.k_rows), _take(out, qr), _take(lse, qr), tasks.cu_q,
-                           tasks.cu_k, causal=tasks.causal, scale=scale, backend=backend)
+    qr, kr, qa, ka = tasks.q_rows, tasks.k_rows, tasks.q_all, tasks.k_all
+    return backward_segments(_take(dout, qr, qa), _take(q, qr, qa), _take(k_src, kr, ka), _take(v_src, kr, ka),
+                             _take(out, qr, qa), _take(lse, qr, qa), tasks, causal=tasks.causal, scale=scale,
+                             backend=backend, **options)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -164,9 +214,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def add_rows(acc: Tensor, rows: Tensor, val: Tensor) -> None:
-    """acc[rows] += val (rows may repeat), in acc's dtype."""
-    if _is_identity(rows, acc.shape[0]):
+def add_rows(acc: Tensor, rows: Tensor, val: Tensor, whole: bool) -> None:
+    """acc[rows] += val (rows may repeat), in acc's dtype; ``whole``: rows is 0..n-1 of acc."""
+    if whole:
         acc.add_(val)
     else:
         acc.index_add_(0, rows, val.to(acc.dtype))
@@ -178,61 +228,119 @@ def _what(kind: str, i: int, stages) -> str:
     return f"{kind} exchange of stage {i} (of {len(stages)}; {len(stages[i].rounds)} round(s))"
 
 
-def _forward(q, k, v, view: RankView, group, scale, backend, prefetch=None) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns out (n, Hq, D) in q's dtype, lse (n, Hq) fp32 and the receive buffer (num_recv, 2*Hkv, D)."""
-    hkv = k.shape[1]
+def _kv_buffer(k, v, view: RankView, staged: bool) -> Tensor:
+    """The K/V buffer (rows, 2*Hkv, D): the receive buffer's ``num_recv`` rows, then — when fused segments
+    run — a copy of the local K|V, so a fused segment's keys (received and local) are rows of one tensor."""
+    hkv, n_recv = k.shape[1], view.num_recv if staged else 0
+    fused = staged and view.has_fused
+    buf = k.new_empty((n_recv + (k.shape[0] if fused else 0), 2 * hkv, k.shape[2]))
+    if fused:
+        buf[n_recv:, :hkv] = k
+        buf[n_recv:, hkv:] = v
+    return buf
+
+
+def _stage_work(stage, buf, num_recv: int, hkv: int):
+    """(task list, K source, V source) of a stage: split segments on the receive buffer, fused on all."""
+    recv = buf[:num_recv]
+    return ((stage.tasks, recv[:, :hkv], recv[:, hkv:]), (stage.fused, buf[:, :hkv], buf[:, hkv:]))
+
+
+def _forward(q, k, v, view: RankView, group, scale, backend, prefetch=None, softcap=None, sinks=None
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns out (n, Hq, D) in q's dtype, lse (n, Hq) fp32 and the K/V buffer (rows, 2*Hkv, D); with
+    ``sinks`` (Hq,), out and lse include the sink logits."""
+    hkv, options = k.shape[1], {"window": view.window, "softcap": softcap}
     stages = view.stages if group is not None else ()
-    recv = k.new_empty((view.num_recv, 2 * hkv, k.shape[2]))
+    buf = _kv_buffer(k, v, view, bool(stages))
+    recv = buf[:view.num_recv] if stages else buf
     ahead = len(stages) if prefetch is None else prefetch
+    # K|V once per call, so that each message is one index_select: the K/V buffer's local copy when it has one
+    kv = buf[view.num_recv:] if stages and view.has_fused else comm.pack_kv(k, v, stages)
 
     def post(i: int):
-        return comm.post_kv(stages[i].rounds, k, v, recv, group, _what("forward K/V", i, stages))
+        return comm.post_kv(stages[i].rounds, kv, recv, group, _what("forward K/V", i, stages))
 
     in_flight = deque(post(i) for i in range(min(ahead, len(stages))))  # every rank posts in stage order
-    o, lse = run_tasks(view.local_tasks, q, k, v, scale, backend)
-    remote = [s.tasks for s in stages if s.tasks.num_segments]
-    if not remote and _is_identity(view.local_tasks.q_rows, q.shape[0]):
+    if not view.overlap:  # every K/V first: no communication kernel runs beside the attention kernels
+        for i in range(len(stages)):
+            in_flight.popleft().wait()
+            if i + ahead < len(stages):
+                in_flight.append(post(i + ahead))
+    local = view.local_tasks
+    o, lse = run_tasks(local, q, k, v, scale, backend, **options)
+    if not any(t.num_segments for st in stages for t in (st.tasks, st.fused)) and local.q_all:
         out = o  # every query's keys are local (always so at world size 1)
     else:
         out = q.new_zeros(q.shape, dtype=acc_dtype(q.dtype))
         lse_acc = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
-        merge_partial(out, lse_acc, view.local_tasks.q_rows, o, lse)
+        merge_partial(out, lse_acc, local.q_rows, o, lse)
         lse = lse_acc
     for i, stage in enumerate(stages):
-        in_flight.popleft().wait()
-        if i + ahead < len(stages):
-            in_flight.append(post(i + ahead))
-        if stage.tasks.num_segments:
-            o_s, l_s = run_tasks(stage.tasks, q, recv[:, :hkv], recv[:, hkv:], scale, backend)
-            merge_partial(out, lse, stage.tasks.q_rows, o_s, l_s)
-    return out.to(q.dtype), lse, recv
+        if view.overlap:  # NCCL: only a stage whose rows are read makes the stream wait; stage k's wait covers
+            # the earlier stages a fused segment reads too (one communicator runs them in order)
+            in_flight.popleft().wait(consume=bool(stage.tasks.num_segments or stage.fused.num_segments))
+            if i + ahead < len(stages):
+                in_flight.append(post(i + ahead))
+        for tasks, k_src, v_src in _stage_work(stage, buf, view.num_recv, hkv):
+            if tasks.num_segments:
+                o_s, l_s = run_tasks(tasks, q, k_src, v_src, scale, backend, **options)
+                merge_partial(out, lse, tasks.q_rows, o_s, l_s)
+    if sinks is not None:
+        out, lse = add_sinks(out, lse, sinks)
+    return out.to(q.dtype), lse, buf
 
 
-def _backward(dout, q, k, v, recv, out, lse, view: RankView, group, scale, backend):
+def add_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention with one extra logit per head (``sinks`` (Hq,)) that has no value: lse' = log(e^lse +
+    e^sink), out' = out · e^(lse − lse'). Returns out' (acc dtype) and lse' (fp32)."""
+    merged = torch.logaddexp(lse, sinks.detach().float()[None, :])
+    return out.to(acc_dtype(out.dtype)) * torch.exp(lse - merged).unsqueeze(-1), merged
+
+
+def sinks_grad(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """d loss / d sinks (Hq,) for this rank's queries: −Σ_q e^(sink − lse'_q) · (dout_q · out'_q)."""
+    p_sink = torch.exp(sinks.detach().float()[None, :] - lse)
+    return -(p_sink * (dout.float() * out.float()).sum(-1)).sum(0).to(sinks.dtype)
+
+
+def _backward(dout, q, k, v, buf, out, lse, view: RankView, group, scale, backend, softcap=None):
     """Returns dq, dk, dv like q, k, v. Remote rows' dK/dV travel back to their owners per stage."""
-    hkv, local = k.shape[1], view.local_tasks
+    hkv, local, n_recv = k.shape[1], view.local_tasks, view.num_recv
+    options = {"window": view.window, "softcap": softcap}
     stages = view.stages if group is not None else ()
-    if not stages and _is_identity(local.q_rows, q.shape[0]) and _is_identity(local.k_rows, k.shape[0]):
-        return run_tasks_backward(local, dout, q, k, v, out, lse, scale, backend)  # one call covers all
+    if not stages and local.q_all and local.k_all:
+        return run_tasks_backward(local, dout, q, k, v, out, lse, scale, backend, **options)  # one call covers all
     dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
-    dk_buf = torch.zeros((recv.shape[0], hkv, k.shape[2]), dtype=dq.dtype, device=k.device)
-    dv_buf = torch.zeros_like(dk_buf)
+    dkv_buf = torch.zeros((buf.shape[0], 2 * hkv, k.shape[2]), dtype=dq.dtype, device=k.device)  # dK|dV
+    dk_buf, dv_buf = dkv_buf[:, :hkv], dkv_buf[:, hkv:]  # each stage's message: one cast-copy of its rows
     flights = []
-    for i, stage in enumerate(stages):
-        t = stage.tasks
-        if t.num_segments:
-            gq, gk, gv = run_tasks_backward(t, dout, q, recv[:, :hkv], recv[:, hkv:], out, lse, scale, backend)
-            add_rows(dq, t.q_rows, gq)
-            add_rows(dk_buf, t.k_rows, gk)
-            add_rows(dv_buf, t.k_rows, gv)
-        flights.append(comm.post_grads(stage.rounds, dk_buf, dv_buf, group, k.dtype,
+
+    def post(i: int) -> None:
+        flights.append(comm.post_grads(stages[i].rounds, dkv_buf[:n_recv], group, k.dtype,
                                        _what("backward dK/dV", i, stages)))
-    gq, gk, gv = run_tasks_backward(local, dout, q, k, v, out, lse, scale, backend)
-    add_rows(dq, local.q_rows, gq)
-    dk = torch.zeros(k.shape, dtype=dq.dtype, device=k.device)
-    dv = torch.zeros_like(dk)
-    add_rows(dk, local.k_rows, gk)
-    add_rows(dv, local.k_rows, gv)
+
+    for i in reversed(range(len(stages))):
+        bufs = (dk_buf[:n_recv], dv_buf[:n_recv]), (dk_buf, dv_buf)
+        for (tasks, k_src, v_src), (gk_acc, gv_acc) in zip(_stage_work(stages[i], buf, n_recv, hkv), bufs):
+            if tasks.num_segments:
+                gq, gk, gv = run_tasks_backward(tasks, dout, q, k_src, v_src, out, lse, scale, backend, **options)
+                add_rows(dq, tasks.q_rows, gq, tasks.q_all)
+                add_rows(gk_acc, tasks.k_rows, gk, tasks.k_all)
+                add_rows(gv_acc, tasks.k_rows, gv, tasks.k_all)
+        if view.overlap:
+            post(i)
+    gq, gk, gv = run_tasks_backward(local, dout, q, k, v, out, lse, scale, backend, **options)
+    add_rows(dq, local.q_rows, gq, local.q_all)
+    if not view.overlap:  # all compute first, then every dK/dV goes back (no kernels share the GPU)
+        for i in reversed(range(len(stages))):
+            post(i)
+    dk, dv = dk_buf[n_recv:], dv_buf[n_recv:]  # the local K/V's share of fused segments (or empty)
+    if dk.shape[0] != k.shape[0]:
+        dk = torch.zeros(k.shape, dtype=dq.dtype, device=k.device)
+        dv = torch.zeros_like(dk)
+    add_rows(dk, local.k_rows, gk, local.k_all)
+    add_rows(dv, local.k_rows, gv, local.k_all)
     for pending, incoming in flights:
         pending.wait()
         for rows, grads in incoming:
@@ -242,20 +350,23 @@ def _backward(dout, q, k, v, recv, out, lse, view: RankView, group, scale, backe
 
 
 class _FCPAttention(torch.autograd.Function):
-    """Autograd node of one FCP attention call: (q, k, v) -> (out, lse); lse is not differentiable."""
+    """Autograd node of one FCP attention call: (q, k, v, sinks or None) -> (out, lse); lse is not
+    differentiable. With sinks, out/lse include them and the kernels' backward runs on those (exact)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, view, group, scale, backend, prefetch):
+    def forward(ctx, q, k, v, sinks, view, group, scale, backend, prefetch, softcap):
         q, k, v = q.detach(), k.detach(), v.detach()
-        out, lse, recv = _forward(q, k, v, view, group, scale, backend, prefetch)
-        ctx.save_for_backward(q, k, v, recv, out, lse)
-        ctx.view, ctx.group, ctx.scale, ctx.backend = view, group, scale, backend
+        out, lse, buf = _forward(q, k, v, view, group, scale, backend, prefetch, softcap, sinks)
+        ctx.save_for_backward(q, k, v, buf, out, lse, *(() if sinks is None else (sinks.detach(),)))
+        ctx.view, ctx.group, ctx.scale, ctx.backend, ctx.softcap = view, group, scale, backend, softcap
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, recv, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(dout.contiguous(), q, k, v, recv, out, lse, ctx.view, ctx.group, ctx.scale,
-                               ctx.backend)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, buf, out, lse, *sinks = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = _backward(dout, q, k, v, buf, out, lse, ctx.view, ctx.group, ctx.scale, ctx.backend,
+                               ctx.softcap)
+        dsinks = sinks_grad(dout, out, lse, sinks[0]) if sinks and ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None

@@ -5,40 +5,44 @@ Per-batch data (the rank view) always travels as an argument.
 
 Wire format: one message per round and direction, a contiguous ``(rows, 2 * Hkv, D)`` tensor holding
 K in heads ``[0, Hkv)`` and V in heads ``[Hkv, 2 * Hkv)`` (gradients: dK and dV the same way), in the
-dtype of K. Messages of one stage go out together with ``dist.batch_isend_irecv``; the returned
-:class:`Pending` is waited on later so that attention compute overlaps the transfer.
+dtype of K, packed by one kernel (an ``index_select`` of the K|V rows, a cast-copy of the dK|dV rows).
+Messages of one stage go out together with ``dist.batch_isend_irecv``; the returned :class:`Pending` is
+waited on where the received data is read, so that attention compute overlaps the transfer.
 
-Peers in a view are ranks of the FCP group (``group_peer``), never global ranks.
+Peers in a view are ranks of the FCP group (``group_peer``), never global ranks. The backend is the
+group's backend for the device of the tensors (:func:`exchange_backend`): a group created as ``"nccl"``,
+``"cpu:gloo,cuda:nccl"`` or without a backend runs CUDA tensors on NCCL; CUDA tensors on a gloo-only group
+are refused (:func:`check_exchange_device`), since gloo would read device memory as host memory.
 
-No wait is unbounded: every P2P wait and the plan check are limited by the FCP timeout
-(:func:`get_timeout`: :func:`set_timeout` / ``FCPPlugin(timeout_s=...)``, else the ``FCP_TIMEOUT_S``
-environment variable, else 300 s). When a wait expires or a peer's connection drops (its process died),
-:class:`PeerFailureError` names this rank, the stage and the peers.
-On NCCL the CPU thread is not blocked on transfers (that would stall the overlap); there the process
-group's own timeout and watchdog bound the wait, so create the group with the timeout you want.
+Waits differ by backend (:meth:`Pending.wait`):
+
+* gloo (CPU): every wait blocks, bounded by the FCP timeout (:func:`get_timeout`: :func:`set_timeout` /
+  ``FCPPlugin(timeout_s=...)``, else ``FCP_TIMEOUT_S``, else 300 s); a wait that expires or a peer whose
+  connection drops (its process died) raises :class:`PeerFailureError` naming this rank, stage and peers.
+* NCCL: stream-ordered, never a host block. ``Work.wait()`` without a timeout makes the current CUDA stream
+  wait for the transfer (with a timeout it would poll on the CPU); exchanges whose received data nothing
+  reads (send-only ones) are not waited at all: their handles are kept until they complete. A dead or
+  stalled peer is then caught by NCCL's watchdog after the group's timeout (``FCPPlugin`` creates the group
+  with the job's timeout), which tears the process down: see docs/failures.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import hashlib
 import os
 import time
-import weakref
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ..plan.checks import check_number
+from . import comm_trace
+from .comm_trace import CommCounter, track_comm  # noqa: F401 — re-exported (benchmarks, tests)
 
 _DEFAULT_GROUP: dist.ProcessGroup | None = None
-_COUNTERS: list["CommCounter"] = []  # active byte counters (instrumentation only, see track_comm)
-_TAGS = {"kv": 1, "grad": 2}  # message tags per kind of traffic (gloo matches on them; NCCL ignores them)
-_CHECKED: dict[tuple[int, int], weakref.ref] = {}  # (id(view), id(group)) -> view whose plan was checked
+_RETIRED: list[tuple[list, list]] = []  # (works, tensors) of NCCL exchanges nobody waits on, until complete
 DEFAULT_TIMEOUT_S = 300.0  # FCP wait limit when neither set_timeout nor FCP_TIMEOUT_S says otherwise
 TIMEOUT_ENV = "FCP_TIMEOUT_S"
 _EXPIRY_SLACK_S = 0.05  # a wait that fails this close to its deadline failed because the deadline passed
@@ -73,14 +77,20 @@ def get_timeout() -> float:
     creates its group with it), else the ``FCP_TIMEOUT_S`` environment variable, else 300 s."""
     if _TIMEOUT_S is not None:
         return _TIMEOUT_S
+    env = env_timeout()
+    return DEFAULT_TIMEOUT_S if env is None else env
+
+
+def env_timeout() -> float | None:
+    """The ``FCP_TIMEOUT_S`` environment variable (validated), None when unset or empty."""
     raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if raw:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = raw
-        return check_timeout(value, TIMEOUT_ENV)
-    return DEFAULT_TIMEOUT_S
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = raw
+    return check_timeout(value, TIMEOUT_ENV)
 
 
 # ----------------------------------------------------------------------------- process group
@@ -91,6 +101,11 @@ def set_default_group(group: dist.ProcessGroup | None) -> None:
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise ValueError(f"group: got {type(group).__name__}, expected a torch.distributed.ProcessGroup or None")
     _DEFAULT_GROUP = group
+
+
+def bound_group() -> dist.ProcessGroup | None:
+    """The group bound by :func:`set_default_group` (``FCPPlugin.setup``), or None: not WORLD."""
+    return _DEFAULT_GROUP
 
 
 def get_default_group() -> dist.ProcessGroup | None:
@@ -114,72 +129,117 @@ def group_world_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-# ----------------------------------------------------------------------------- byte counting
-@dataclass
-class CommCounter:
-    """Bytes and messages this process sent/received through this module while tracking."""
 
-    sent_bytes: int = 0
-    recv_bytes: int = 0
-    sent_messages: int = 0
-    recv_messages: int = 0
-    by_tag: dict[str, int] = field(default_factory=dict)
-    """Bytes sent per kind of traffic: ``kv`` (K/V) and ``grad`` (dK/dV)."""
+# ----------------------------------------------------------------------------- backend and device
+def device_backends(group) -> dict[str, str]:
+    """``{device type: backend name}`` of ``group`` (e.g. ``{"cpu": "gloo", "cuda": "nccl"}``), parsed from
+    ``dist.get_backend_config``. ``dist.get_backend`` is not enough: for a group created as
+    ``"cpu:gloo,cuda:nccl"`` it returns that whole string, and torch.distributed fills the map of a group
+    created without a backend from the machine's accelerator."""
+    return parse_backend_config(dist.get_backend_config(group))
 
 
-@contextlib.contextmanager
-def track_comm() -> Iterator[CommCounter]:
-    """Count the bytes of every message posted inside the ``with`` block (benchmarks and tests)."""
-    counter = CommCounter()
-    _COUNTERS.append(counter)
-    try:
-        yield counter
-    finally:
-        _COUNTERS.remove(counter)
+def parse_backend_config(text: str) -> dict[str, str]:
+    """``"cpu:gloo,cuda:nccl"`` -> ``{"cpu": "gloo", "cuda": "nccl"}``; a bare name (``"gloo"``) maps
+    the device types torch.distributed gives it (gloo: cpu and cuda, nccl: cuda)."""
+    text = str(text).strip().lower()
+    if ":" not in text:
+        capable = dist.Backend.backend_capability.get(text, ["cpu", "cuda"])
+        return dict.fromkeys(capable, text)
+    pairs = (part.split(":", 1) for part in text.split(",") if part.strip())
+    return {device.strip(): name.strip() for device, name in pairs}
 
 
-def _count(tag: str, sends: Sequence[Tensor], recvs: Sequence[Tensor]) -> None:
-    for c in _COUNTERS:
-        sent = sum(t.numel() * t.element_size() for t in sends)
-        c.sent_bytes += sent
-        c.recv_bytes += sum(t.numel() * t.element_size() for t in recvs)
-        c.sent_messages += len(sends)
-        c.recv_messages += len(recvs)
-        c.by_tag[tag] = c.by_tag.get(tag, 0) + sent
+def exchange_backend(group, device: torch.device | str) -> str | None:
+    """The backend ``group`` runs tensors on ``device`` with ("nccl", "gloo", ...), None if it has none."""
+    return device_backends(group).get(torch.device(device).type)
+
+
+def check_exchange_device(group, device: torch.device | str) -> str | None:
+    """The problem with exchanging tensors on ``device`` over ``group`` as a "got X, expected Y" message,
+    or None. Local and cheap (no communication): run it before the plan check, which routes the
+    answer to every rank."""
+    device = torch.device(device)
+    backends = device_backends(group)
+    backend = backends.get(device.type)
+    config = ",".join(f"{d}:{b}" for d, b in backends.items())
+    if backend is None:
+        return (f"FCP process group: got backends {config!r}, expected one for {device.type} tensors (q is on "
+                f"{device}); create the group for that device, e.g. new_group(backend='nccl') on GPUs")
+    if device.type == "cuda" and backend != "nccl":
+        return (f"FCP process group backend for cuda tensors: got {backend!r}, expected 'nccl' ({backend}'s "
+                f"send reads CUDA memory as host memory); create the FCP group with backend='nccl'")
+    if device.type == "cuda":
+        current, wanted = torch.cuda.current_device(), device.index
+        if wanted is not None and current != wanted:
+            return (f"torch.cuda.current_device(): got {current}, expected {wanted} (q is on {device}); call "
+                    f"torch.cuda.set_device({wanted}) (the local rank) before the first FCP exchange: NCCL "
+                    f"point-to-point calls need it")
+    return None
+
+
+def plan_check_device(group, device: torch.device | str) -> torch.device:
+    """Where the plan check's all-gather runs: on ``device`` when the group's backend for it is NCCL (so
+    every rank takes part in the group's first NCCL call, as batched P2P requires), else on the CPU."""
+    device = torch.device(device)
+    backends = device_backends(group)
+    if device.type == "cuda" and backends.get("cuda") == "nccl":
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if "cpu" in backends or backends.get("cuda") != "nccl":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())  # a CUDA-only group (q is not on CUDA: refused)
 
 
 # ----------------------------------------------------------------------------- P2P primitives
 class Pending:
-    """Handles of posted P2P ops plus the tensors they use (kept alive until :meth:`wait`).
+    """Handles of one posted exchange plus the tensors it uses (kept alive until :meth:`wait`).
 
-    :meth:`wait` is bounded by the FCP timeout and turns a failed or expired transfer into
-    :class:`PeerFailureError` naming this rank, the stage (``what``) and the peers.
+    ``stream_ordered`` (NCCL): :meth:`wait` never blocks the CPU. ``ops`` are ("send to"/"receive from",
+    peer) labels for error messages; ``what`` names the exchange.
     """
 
     def __init__(self, works: list, tensors: list[Tensor], ops: Sequence[tuple[str, int]] = (),
-                 group=None, what: str = "FCP exchange"):
+                 group=None, what: str = "FCP exchange", stream_ordered: bool = False):
         self._works, self._tensors = works, tensors
-        self._ops, self._group, self._what = list(ops), group, what  # ops: ("send to"/"receive from", peer)
+        self._ops, self._group, self._what = list(ops), group, what
+        self._stream_ordered = stream_ordered
+        self.receives = any(op != "send to" for op, _ in self._ops)  # "receive from", "exchange with"
 
-    def wait(self) -> None:
+    def wait(self, consume: bool = True) -> None:
+        """The data received in this exchange is about to be read (``consume=False``: nothing this rank
+        runs reads it). gloo: block until every op completed, bounded by the FCP timeout. NCCL: the current
+        CUDA stream waits for the exchange (no host block); an exchange that is not consumed, or receives
+        nothing, is not waited at all — its handles are kept until it completes (:func:`release_retired`)."""
         if not self._works:
             return
+        if not self._stream_ordered:
+            self._bounded_wait()
+        elif consume and self.receives:
+            self._stream_wait()
+        else:
+            _RETIRED.append((self._works, self._tensors))
+        self._works, self._tensors = [], []
+
+    def _stream_wait(self) -> None:
+        start, timeout = time.monotonic(), get_timeout()
+        for i, w in enumerate(self._works):
+            try:
+                w.wait()  # no timeout argument: with one, ProcessGroupNCCL polls on the CPU until done
+            except RuntimeError as err:  # raised here only with TORCH_NCCL_BLOCKING_WAIT=1 or error handling 0/2
+                expired = time.monotonic() - start >= timeout - _EXPIRY_SLACK_S
+                raise PeerFailureError(self.describe(i, err, timeout, expired)) from err
+
+    def _bounded_wait(self) -> None:
         timeout = get_timeout()
-        bounded = dist.get_backend(self._group) != "nccl"  # NCCL: the watchdog bounds it (module doc)
         deadline = time.monotonic() + timeout
         for i, w in enumerate(self._works):
             try:
-                if bounded:
-                    left = max(deadline - time.monotonic(), 1e-3)
-                    done = w.wait(datetime.timedelta(seconds=left))
-                else:
-                    done = w.wait()
+                done = w.wait(datetime.timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
             except RuntimeError as err:
-                expired = bounded and time.monotonic() >= deadline - _EXPIRY_SLACK_S
+                expired = time.monotonic() >= deadline - _EXPIRY_SLACK_S
                 raise PeerFailureError(self.describe(i, err, timeout, expired)) from err
             if done is False:
                 raise PeerFailureError(self.describe(i, None, timeout, True))
-        self._works, self._tensors = [], []
 
     def describe(self, index: int | None, err: BaseException | None, timeout: float, expired: bool) -> str:
         """The message of a failed wait on op ``index`` (None: unknown op); ``expired``: the FCP timeout
@@ -187,6 +247,19 @@ class Pending:
         mapped = len(self._works) == len(self._ops)  # coalesced backends (NCCL) return one handle for all
         return failure_message(self._group, self._what, self._ops, index if mapped else None, err, timeout,
                                expired)
+
+
+def release_retired(wait: bool = False) -> int:
+    """Drop the kept handles of unwaited NCCL exchanges that completed (``wait=True``: make the current
+    stream wait for the others first, then drop all). Returns how many are still kept. ``is_completed``
+    only queries a CUDA event: no host sync."""
+    if wait:
+        for works, _ in _RETIRED:
+            for w in works:
+                w.wait()
+        _RETIRED.clear()
+    _RETIRED[:] = [(w, t) for w, t in _RETIRED if not all(x.is_completed() for x in w)]
+    return len(_RETIRED)
 
 
 def failure_message(group, what: str, ops: Sequence[tuple[str, int]], index: int | None,
@@ -203,16 +276,25 @@ def failure_message(group, what: str, ops: Sequence[tuple[str, int]], index: int
                 "probably died) or the backend reported an error"
     if index is not None and index < len(ops):
         op, peer = ops[index]
-        culprit, suspects = f"{op} rank {peer}", [peer]
+        culprit, suspects = f"{op} rank {_global(group, peer)}", [peer]
     else:
         culprit, suspects = "the transfers", sorted({p for _, p in ops})
-    others = ", ".join(f"{o} rank {p}" for o, p in ops) or "none"
+    others = ", ".join(f"{o} rank {_global(group, p)}" for o, p in ops) or "none"
     detail = f" [{text.splitlines()[0][:240]}]" if text else ""
-    return (f"FCP rank {rank} of {size}: {what}: {culprit} failed: {cause}{detail}. This stage's "
+    return (f"FCP rank {_global(group, rank)} of {size}: {what}: {culprit} failed: {cause}{detail}. This stage's "
             f"transfers: {others}. Check the log of rank(s) {suspects} (died, hung, or running a different "
             f"step/plan). The FCP process group cannot be used after this: stop every rank and restart from "
             f"the last checkpoint (FCPTrainer / Trainer: resume_from_checkpoint=True). If the stage is only "
             f"slow, raise the limit ({TIMEOUT_ENV}=seconds or FCPPlugin(timeout_s=...), now {timeout:g} s).")
+
+
+def _global(group, rank: int) -> str:
+    """``rank`` of ``group`` for messages: "3", or "3 (global rank 11)" when the job's numbering differs."""
+    try:
+        glob = dist.get_global_rank(group, rank) if group is not None else rank
+    except (RuntimeError, ValueError):
+        glob = rank
+    return str(rank) if glob == rank else f"{rank} (global rank {glob})"
 
 
 def post(sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]],
@@ -225,107 +307,62 @@ def post(sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]
     """
     sends = [(p, t) for p, t in sends if t.numel()]
     recvs = [(p, t) for p, t in recvs if t.numel()]
-    num = _TAGS.get(tag, 0)
+    what = what or f"{tag} exchange"
+    num = comm_trace.tag_number(tag)
     ops = [dist.P2POp(dist.isend, t, group=group, tag=num, group_peer=p) for p, t in sends]
     ops += [dist.P2POp(dist.irecv, t, group=group, tag=num, group_peer=p) for p, t in recvs]
-    _count(tag, [t for _, t in sends], [t for _, t in recvs])
+    comm_trace.note(tag, what, sends, recvs)
     if not ops:
         return Pending([], [])
     labels = [("send to", p) for p, _ in sends] + [("receive from", p) for p, _ in recvs]
-    what = what or f"{tag} exchange"
+    nccl = exchange_backend(group, ops[0].tensor.device) == "nccl"
+    if nccl and _RETIRED:
+        release_retired()
     try:
         works = dist.batch_isend_irecv(ops)
     except RuntimeError as err:  # gloo posts sends eagerly: a dead peer fails here already
         raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout())) from err
-    return Pending(works, [t for _, t in sends] + [t for _, t in recvs], labels, group, what)
+    return Pending(works, [t for _, t in sends] + [t for _, t in recvs], labels, group, what, stream_ordered=nccl)
 
 
-def post_kv(rounds, k: Tensor, v: Tensor, recv_buf: Tensor, group, what: str = "forward K/V exchange") -> Pending:
+def pack_kv(k: Tensor, v: Tensor, stages) -> Tensor | None:
+    """K|V of every local row, ``(n_local, 2*Hkv, D)``, in one kernel per attention call, so that each K/V
+    message is one ``index_select`` of it (:func:`post_kv`); None when this rank sends nothing in ``stages``."""
+    sends = any(rd.send_peer >= 0 and rd.send_rows.numel() for s in stages for rd in s.rounds)
+    return torch.cat([k, v], dim=1) if sends else None
+
+
+def post_kv(rounds, kv: Tensor | None, recv_buf: Tensor, group, what: str = "forward K/V exchange") -> Pending:
     """Forward exchange of one stage (``what`` names it in error messages).
 
-    rounds: the stage's ``RoundView``s. k, v: (n_local, Hkv, D) local keys/values. recv_buf:
+    rounds: the stage's ``RoundView``s. kv: ``pack_kv(k, v, stages)``, (n_local, 2*Hkv, D). recv_buf:
     (num_recv, 2*Hkv, D), K|V; each round's message lands in rows ``[recv_start, recv_start + recv_len)``.
     """
     sends, recvs = [], []
     for rd in rounds:
-        if rd.send_peer >= 0:
-            sends.append((rd.send_peer, torch.cat([k.index_select(0, rd.send_rows),
-                                                   v.index_select(0, rd.send_rows)], dim=1)))
+        if rd.send_peer >= 0 and rd.send_rows.numel():
+            sends.append((rd.send_peer, kv.index_select(0, rd.send_rows)))
         if rd.recv_peer >= 0:
             recvs.append((rd.recv_peer, recv_buf[rd.recv_start:rd.recv_start + rd.recv_len]))
     return post(sends, recvs, group, tag="kv", what=what)
 
 
-def post_grads(rounds, dk_buf: Tensor, dv_buf: Tensor, group, wire_dtype: torch.dtype,
+def post_grads(rounds, dkv_buf: Tensor, group, wire_dtype: torch.dtype,
                what: str = "backward dK/dV exchange") -> tuple[Pending, list[tuple[Tensor, Tensor]]]:
     """Backward exchange of one stage, along the reverse edges of its rounds.
 
-    dk_buf, dv_buf: (num_recv, Hkv, D) gradients of the receive buffer rows (any float dtype); the rows
-    a round received go back to their owner as one (rows, 2*Hkv, D) dK|dV message in ``wire_dtype``.
-    Returns the pending ops and ``(local rows int64 (m,), incoming (m, 2*Hkv, D))`` pairs to
-    ``index_add`` into the owner's dK/dV once the ops completed.
+    dkv_buf: (num_recv, 2*Hkv, D) gradients of the receive buffer rows, dK in heads [0, Hkv) and dV in
+    [Hkv, 2*Hkv) (any float dtype); the rows a round received go back to their owner as one message,
+    cast-copied to ``wire_dtype`` by one kernel. Returns the pending ops and ``(local rows int64 (m,),
+    incoming (m, 2*Hkv, D))`` pairs to ``index_add`` into the owner's dK/dV once :meth:`Pending.wait` ran.
     """
     sends, recvs, incoming = [], [], []
     for rd in rounds:
-        if rd.recv_peer >= 0:
-            rows = slice(rd.recv_start, rd.recv_start + rd.recv_len)
-            sends.append((rd.recv_peer, torch.cat([dk_buf[rows], dv_buf[rows]], dim=1).to(wire_dtype)))
-        if rd.send_peer >= 0:
-            buf = dk_buf.new_empty((rd.send_rows.numel(), 2 * dk_buf.shape[1], dk_buf.shape[2]),
-                                   dtype=wire_dtype)
+        if rd.recv_peer >= 0 and rd.recv_len:
+            rows = dkv_buf[rd.recv_start:rd.recv_start + rd.recv_len]
+            sends.append((rd.recv_peer, rows.to(wire_dtype, copy=True)))
+        if rd.send_peer >= 0 and rd.send_rows.numel():
+            buf = dkv_buf.new_empty((rd.send_rows.numel(), *dkv_buf.shape[1:]), dtype=wire_dtype)
             recvs.append((rd.send_peer, buf))
             incoming.append((rd.send_rows, buf))
     return post(sends, recvs, group, tag="grad", what=what), incoming
-
-
-# ----------------------------------------------------------------------------- plan agreement
-def _exchange_device(group) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def needs_plan_check(view, group) -> bool:
-    """True on the first use of this view object with this group (every rank builds its own view
-    per batch, so all ranks agree on when the check runs)."""
-    ref = _CHECKED.get((id(view), id(group)))
-    return ref is None or ref() is not view
-
-
-def agree_on_plan(view, group, local_error: str | None = None) -> None:
-    """All-gather (fingerprint, error flag) on ``group``, so that no rank is left waiting for another.
-
-    A rank with ``local_error`` raises it as ValueError, the others raise :class:`PlanMismatchError`;
-    if all inputs are fine but the fingerprints differ, every rank raises PlanMismatchError naming the
-    ranks of each fingerprint. One tiny collective per view object; the view is then remembered.
-    """
-    fp = "" if local_error is not None else str(view.fingerprint)
-    digest = int.from_bytes(hashlib.blake2b(fp.encode(), digest_size=8).digest(), "little", signed=True)
-    code = torch.tensor([digest, int(local_error is not None)], dtype=torch.int64,
-                        device=_exchange_device(group))
-    parts = [torch.empty_like(code) for _ in range(dist.get_world_size(group))]
-    peers = [r for r in range(len(parts)) if r != dist.get_rank(group)]
-    what = "plan check (all-gather of plan fingerprints before the first exchange of a batch)"
-    labels = [("exchange with", p) for p in peers]
-    try:
-        work = dist.all_gather(parts, code, group=group, async_op=True)
-    except RuntimeError as err:
-        raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout())) from err
-    Pending([work], [], labels, group, what).wait()
-    rows = [tuple(p.tolist()) for p in parts]
-    failed = [r for r, row in enumerate(rows) if row[1]]
-    if local_error:
-        raise ValueError(local_error)
-    if failed:
-        raise PlanMismatchError(f"FCP attention: rank(s) {failed} rejected their inputs (see the ValueError "
-                                f"there); every rank raises so that no rank waits for them")
-    groups: dict[int, list[int]] = {}
-    for r, row in enumerate(rows):
-        groups.setdefault(row[0], []).append(r)
-    if len(groups) > 1:
-        detail = "; ".join(f"one plan on ranks {ranks}" for ranks in groups.values())
-        raise PlanMismatchError(f"FCP plans differ across the ranks of the process group ({detail}; this rank's "
-                                f"plan fingerprint is {fp}); every rank must use plan_batch(...).for_rank(rank) "
-                                f"of the same plan (same seq_lens, world_size, block_size, strategy, options)")
-    key = (id(view), id(group))
-    _CHECKED[key] = weakref.ref(view, lambda _, k=key: _CHECKED.pop(k, None))

@@ -17,11 +17,14 @@ Plain functions without autograd (the caller's autograd Function calls them). Te
                                                             1 0
                                                             1 1
 
-Backends: ``torch_cpu`` (aten's CPU flash kernel; its top-left causal flag is converted by splitting a
-segment into an unmasked prefix plus a square diagonal part, merged by LSE), ``flash_attn`` (FA2 ≥ 2.6
-or FA3 varlen on CUDA, imported lazily), ``torch_cuda`` (PyTorch's built-in FlashAttention-2 varlen kernel,
-no extra install) — both in :mod:`hf_fcp.kernels_cuda` — and ``naive`` (plain torch, any dtype/device; the
-reference).
+Options: ``window`` (int) — a causal sliding window: query ``i`` sees only keys
+``i + (Lk - Lq) - window < j <= i + (Lk - Lq)`` (transformers' ``sliding_window``: ``window`` keys, itself
+included); ``softcap`` (float) — logits ``softcap * tanh(scale * q.k / softcap)`` (Gemma 2).
+
+Backends: ``torch_cpu`` (aten's CPU flash kernel; windows through bounded masks; no softcap) and ``naive``
+(plain torch, any dtype/device, every option; the reference) in :mod:`.kernels_cpu`; ``flash_attn`` (FA2 ≥
+2.6 or FA3 varlen on CUDA, imported lazily; windows and softcap) and ``torch_cuda`` (PyTorch's built-in
+FlashAttention-2 varlen kernel, no extra install; windows, no softcap) in :mod:`.kernels_cuda`.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ from torch import Tensor
 
 from ..plan.settings import KERNELS as BACKENDS
 from . import kernels_cuda as _cuda
+from .kernels_cpu import BLOCKS
+from .kernels_cpu import lse_merge as _lse_merge
 
 TORCH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _GROUP_MAX_LEN = 512  # segments up to this length with equal (Lq, Lk) share one batched kernel call
 _GROUP_MAX_TOKENS = 1 << 16  # ... with at most this many (query or key) tokens per call
-_NAIVE_MAX_SCORES = 1 << 24  # naive backend: score elements materialised per query chunk
 _INF = float("inf")
 
 
@@ -56,15 +60,31 @@ def available_backends(device: torch.device | str) -> list[str]:
     return fast + ["naive"]
 
 
-def select_backend(device: torch.device | str, dtype: torch.dtype, requested: str | None = None) -> str:
-    """Validate ``requested`` for (device, dtype), or pick the default: on CUDA for fp16/bf16 flash_attn
-    when importable, else torch_cuda (PyTorch's own flash kernel, sm80+); on CPU torch_cpu for
-    fp32/bf16/fp16/fp64; naive otherwise."""
+SOFTCAP_BACKENDS = ("flash_attn", "naive")
+"""Backends that compute logit soft-capping."""
+
+
+def select_backend(device: torch.device | str, dtype: torch.dtype, requested: str | None = None, *,
+                   softcap: float | None = None) -> str:
+    """Validate ``requested`` for (device, dtype, softcap), or pick the default: on CUDA for fp16/bf16
+    flash_attn when importable, else torch_cuda (PyTorch's own flash kernel, sm80+); on CPU torch_cpu for
+    fp32/bf16/fp16/fp64; naive otherwise. With ``softcap`` only :data:`SOFTCAP_BACKENDS` qualify (on CPU
+    the default becomes naive; on CUDA without flash-attn it is an error naming the way out)."""
     dev = torch.device(device)
     if requested is None:
         if dev.type == "cuda" and dtype in FLASH_DTYPES:
-            return available_backends(dev)[0]
-        return "torch_cpu" if dev.type == "cpu" and dtype in TORCH_CPU_DTYPES else "naive"
+            choice = available_backends(dev)[0]
+        else:
+            choice = "torch_cpu" if dev.type == "cpu" and dtype in TORCH_CPU_DTYPES else "naive"
+        if softcap is not None and choice not in SOFTCAP_BACKENDS:
+            if dev.type == "cuda":
+                raise ValueError(f"softcap: got {softcap}, but no kernel on {dev} computes logit soft-capping: "
+                                 "install flash-attn (pip install 'hf-fcp[flash]') or select kernel 'naive' (slow)")
+            choice = "naive"
+        return choice
+    if softcap is not None and requested not in SOFTCAP_BACKENDS:
+        raise ValueError(f"softcap: got {softcap} with kernel {requested!r}, which does not compute logit "
+                         f"soft-capping; use kernel 'flash_attn' on CUDA or 'naive' on CPU")
     if requested not in BACKENDS:
         raise ValueError(f"backend: got {requested!r}, expected one of {BACKENDS} or None (automatic)")
     if requested == "flash_attn":
@@ -136,17 +156,6 @@ def _check_like(name: str, t, shape: tuple, device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- LSE merge
-def _lse_merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
-    """Merge two partial results: o (..., D), l (...). −inf on both sides stays −inf with o = 0."""
-    m = torch.maximum(l1, l2)
-    m = m.masked_fill(m == -_INF, 0.0)
-    w1, w2 = (l1 - m).exp(), (l2 - m).exp()
-    total = w1 + w2
-    inv = torch.where(total > 0, total.reciprocal(), torch.zeros_like(total))
-    out = o1 * (w1 * inv).unsqueeze(-1) + o2 * (w2 * inv).unsqueeze(-1)
-    return out, m + total.log()
-
-
 @torch.no_grad()
 def merge_partial(out_acc: Tensor, lse_acc: Tensor, rows: Tensor | None, out_part: Tensor,
                   lse_part: Tensor) -> None:
@@ -255,114 +264,79 @@ def _run(block, batches, q_side, k_side, outs) -> tuple[Tensor, ...]:
     return tuple(bufs)
 
 
-# ----------------------------------------------------------------------------- torch_cpu blocks
-# Blocks: q/do/o (B, Hq, Lq, D), l (B, Hq, Lq), k/v (B, Hkv, Lk, D); causal implies Lq <= Lk.
-_cpu_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def _cpu_block_fwd(q, k, v, causal, scale):
-    off = k.shape[2] - q.shape[2]
-    if not causal or off == 0:
-        return _cpu_fwd(q, k, v, 0.0, causal, scale=scale)
-    o1, l1 = _cpu_fwd(q, k[:, :, :off], v[:, :, :off], 0.0, False, scale=scale)
-    o2, l2 = _cpu_fwd(q, k[:, :, off:], v[:, :, off:], 0.0, True, scale=scale)
-    ct = _compute_dtype(q.dtype)
-    o, l = _lse_merge(o1.to(ct), l1.to(ct), o2.to(ct), l2.to(ct))
-    return o.to(q.dtype), l
-
-
-def _cpu_block_bwd(do, q, o, l, k, v, causal, scale):
-    off = k.shape[2] - q.shape[2]
-    l = l.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    if not causal or off == 0:
-        return _cpu_bwd(do, q, k, v, o, l, 0.0, causal, scale=scale)
-    dq1, dk1, dv1 = _cpu_bwd(do, q, k[:, :, :off], v[:, :, :off], o, l, 0.0, False, scale=scale)
-    dq2, dk2, dv2 = _cpu_bwd(do, q, k[:, :, off:], v[:, :, off:], o, l, 0.0, True, scale=scale)
-    dq = dq1.to(_compute_dtype(q.dtype)).add_(dq2)
-    return dq, torch.cat([dk1, dk2], dim=2), torch.cat([dv1, dv2], dim=2)
-
-
-# ----------------------------------------------------------------------------- naive blocks
-def _naive_chunks(q, k, causal):
-    """Yield (row slice, visibility mask or None) so one chunk's scores stay under _NAIVE_MAX_SCORES."""
-    lq, lk = q.shape[2], k.shape[2]
-    step = max(1, _NAIVE_MAX_SCORES // max(1, q.shape[0] * q.shape[1] * lk))
-    for i in range(0, lq, step):
-        rows = slice(i, min(lq, i + step))
-        mask = None
-        if causal:
-            pos = torch.arange(rows.start, rows.stop, device=q.device) + (lk - lq)
-            mask = torch.arange(lk, device=q.device) <= pos.unsqueeze(1)
-        yield rows, mask
-
-
-def _naive_scores(qc, k, mask, scale):
-    """qc (B, Hkv, G, r, D), k (B, Hkv, Lk, D) → scores (B, Hkv, G, r, Lk), masked with −inf."""
-    s = torch.matmul(qc, k.unsqueeze(2).transpose(-1, -2)) * scale
-    return s if mask is None else s.masked_fill(~mask, -_INF)
-
-
-def _compute_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _naive_block_fwd(q, k, v, causal, scale):
-    ct, hkv = _compute_dtype(q.dtype), k.shape[1]
-    qg, k, v = q.to(ct).unflatten(1, (hkv, -1)), k.to(ct), v.to(ct)
-    out = torch.empty(qg.shape, dtype=ct, device=q.device)
-    lse = torch.empty(qg.shape[:-1], dtype=ct, device=q.device)
-    for rows, mask in _naive_chunks(q, k, causal):
-        s = _naive_scores(qg[..., rows, :], k, mask, scale)
-        lse[..., rows] = s.logsumexp(-1)
-        out[..., rows, :] = torch.matmul((s - lse[..., rows, None]).exp(), v.unsqueeze(2))
-    return out.flatten(1, 2), lse.flatten(1, 2)
-
-
-def _naive_block_bwd(do, q, o, l, k, v, causal, scale):
-    ct, hkv = _compute_dtype(q.dtype), k.shape[1]
-    qg, do, o = (t.to(ct).unflatten(1, (hkv, -1)) for t in (q, do, o))
-    k, v, l = k.to(ct), v.to(ct), l.to(ct).unflatten(1, (hkv, -1))
-    dq, dk, dv = torch.empty_like(qg), torch.zeros_like(k), torch.zeros_like(v)
-    for rows, mask in _naive_chunks(q, k, causal):
-        p = (_naive_scores(qg[..., rows, :], k, mask, scale) - l[..., rows, None]).exp()
-        dor = do[..., rows, :]
-        dv += torch.matmul(p.transpose(-1, -2), dor).sum(2)
-        dp = torch.matmul(dor, v.unsqueeze(2).transpose(-1, -2))
-        ds = p * (dp - (dor * o[..., rows, :]).sum(-1, keepdim=True))
-        dq[..., rows, :] = torch.matmul(ds, k.unsqueeze(2)) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), qg[..., rows, :]).sum(2) * scale
-    return dq.flatten(1, 2), dk, dv
-
-
-# ----------------------------------------------------------------------------- public entry points
-_BLOCKS = {"torch_cpu": (_cpu_block_fwd, _cpu_block_bwd), "naive": (_naive_block_fwd, _naive_block_bwd)}
+# ----------------------------------------------------------------------------- entry points
+_BLOCKS = BLOCKS
 _CUDA_BLOCKS = {"flash_attn": (_cuda.flash_forward, _cuda.flash_backward),
                 "torch_cuda": (_cuda.torch_cuda_forward, _cuda.torch_cuda_backward)}
 
 
+class Offsets(NamedTuple):
+    """Segment offsets of one varlen call, on the host and on the device. :class:`hf_fcp.plan.tasks.TaskList`
+    carries the same fields, precomputed once per view, so the engine passes its task lists as they are."""
+
+    offs_q: tuple[int, ...]  # S+1 cumulative query offsets (host)
+    offs_k: tuple[int, ...]
+    cu_q: Tensor  # int32 (S+1,) on the tensors' device (the CUDA kernels read these)
+    cu_k: Tensor
+    max_q: int  # longest query / key run of a segment
+    max_k: int
+
+
+def _offsets_of(q, k, v, cu_q, cu_k) -> Offsets:
+    """Validated :class:`Offsets` of the public API's inputs (reads the offsets back to the host once)."""
+    offs_q, offs_k = _check_inputs(q, k, v, cu_q, cu_k)
+    lengths = lambda offs: max((b - a for a, b in zip(offs, offs[1:])), default=0)  # noqa: E731
+    dev = lambda cu: cu.to(device=q.device, dtype=torch.int32)  # noqa: E731
+    return Offsets(tuple(offs_q), tuple(offs_k), dev(cu_q), dev(cu_k), lengths(offs_q), lengths(offs_k))
+
+
 @torch.no_grad()
+def forward_segments(q: Tensor, k: Tensor, v: Tensor, offsets, *, causal: bool, scale: float, backend: str,
+                     window: int | None = None, softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`varlen_forward` without checks, for the engine: ``offsets`` is an :class:`Offsets` or a
+    ``TaskList`` (already validated when the plan's view was built); ``backend`` already selected. Reads
+    nothing from the device: no host synchronisation."""
+    if backend in _CUDA_BLOCKS and q.shape[0] and k.shape[0]:
+        return _CUDA_BLOCKS[backend][0](q, k, v, offsets, causal, scale, window, softcap)
+    block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[0], causal=causal, scale=scale, window=window,
+                              softcap=softcap)
+    outs = ((q, 0, 0.0, q.dtype), (q[..., 0], 0, -_INF, torch.float32))
+    return _run(block, _batches(offsets.offs_q, offsets.offs_k, causal, q.device), (q,), (k, v), outs)
+
+
+@torch.no_grad()
+def backward_segments(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, offsets, *,
+                      causal: bool, scale: float, backend: str, window: int | None = None,
+                      softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`varlen_backward` without checks, for the engine (as :func:`forward_segments`)."""
+    if backend != "naive":  # the kernels want one dtype; naive computes in >= float32 anyway
+        dout, out = dout.to(q.dtype), out.to(q.dtype)
+    if backend in _CUDA_BLOCKS and q.shape[0] and k.shape[0]:
+        return _CUDA_BLOCKS[backend][1](dout, q, k, v, out, lse, offsets, causal, scale, window, softcap)
+    lse = lse.masked_fill(lse == -_INF, _INF)  # exp(s - inf) = 0: rows without keys get 0
+    block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[1], causal=causal, scale=scale, window=window,
+                              softcap=softcap)
+    outs = ((q, 0, 0.0, q.dtype), (k, 1, 0.0, k.dtype), (v, 1, 0.0, v.dtype))
+    return _run(block, _batches(offsets.offs_q, offsets.offs_k, causal, q.device), (dout, q, out, lse), (k, v), outs)
+
+
 def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, *, causal: bool,
-                   scale: float, backend: str | None = None) -> tuple[Tensor, Tensor]:
+                   scale: float, backend: str | None = None, window: int | None = None,
+                   softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """Attention of packed segments (see the module docstring for layouts and the causal mask).
 
     q: (Nq, Hq, D); k, v: (Nk, Hkv, D), same dtype/device as q. cu_q, cu_k: int32/int64 (S+1,).
     Returns out (Nq, Hq, D) in q's dtype (0 where no key is visible) and lse (Nq, Hq) float32 (−inf there).
     """
-    offs_q, offs_k = _check_inputs(q, k, v, cu_q, cu_k)
-    backend = select_backend(q.device, q.dtype, backend)
-    q, k, v, scale = q.detach(), k.detach(), v.detach(), float(scale)
-    if backend in _CUDA_BLOCKS and q.shape[0] and k.shape[0]:
-        return _CUDA_BLOCKS[backend][0](q, k, v, offs_q, offs_k, causal, scale)
-    block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[0], causal=causal, scale=scale)
-    outs = ((q, 0, 0.0, q.dtype), (q[..., 0], 0, -_INF, torch.float32))
-    return _run(block, _batches(offs_q, offs_k, causal, q.device), (q,), (k, v), outs)
+    offsets = _offsets_of(q, k, v, cu_q, cu_k)
+    backend = select_backend(q.device, q.dtype, backend, softcap=softcap)
+    return forward_segments(q.detach(), k.detach(), v.detach(), offsets, causal=causal, scale=float(scale),
+                            backend=backend, window=window, softcap=softcap)
 
 
-@torch.no_grad()
 def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
-                    cu_k: Tensor, *, causal: bool, scale: float,
-                    backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                    cu_k: Tensor, *, causal: bool, scale: float, backend: str | None = None,
+                    window: int | None = None, softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one varlen attention call, given the FINAL (merged over all key chunks) out and lse.
 
     dout, out: (Nq, Hq, D) any float dtype (cast to q's); lse: (Nq, Hq) float32, −inf rows get zero grads.
@@ -370,17 +344,10 @@ def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     disjoint key chunks gives the exact gradients of the merged attention.
     Returns dq (Nq, Hq, D), dk (Nk, Hkv, D), dv (Nk, Hkv, D) in the dtypes of q, k, v.
     """
-    offs_q, offs_k = _check_inputs(q, k, v, cu_q, cu_k)
+    offsets = _offsets_of(q, k, v, cu_q, cu_k)
     for name, t in (("dout", dout), ("out", out)):
         _check_like(name, t, q.shape, q.device)
     _check_like("lse", lse, q.shape[:2], q.device)
-    backend = select_backend(q.device, q.dtype, backend)
-    q, k, v, scale = q.detach(), k.detach(), v.detach(), float(scale)
-    if backend != "naive":  # the kernels want one dtype; naive computes in >= float32 anyway
-        dout, out = dout.detach().to(q.dtype), out.detach().to(q.dtype)
-    if backend in _CUDA_BLOCKS and q.shape[0] and k.shape[0]:
-        return _CUDA_BLOCKS[backend][1](dout, q, k, v, out, lse.detach(), offs_q, offs_k, causal, scale)
-    lse = lse.detach().masked_fill(lse == -_INF, _INF)  # exp(s - inf) = 0: rows without keys get 0
-    block = functools.partial(_BLOCKS.get(backend, _BLOCKS["naive"])[1], causal=causal, scale=scale)
-    outs = ((q, 0, 0.0, q.dtype), (k, 1, 0.0, k.dtype), (v, 1, 0.0, v.dtype))
-    return _run(block, _batches(offs_q, offs_k, causal, q.device), (dout, q, out, lse), (k, v), outs)
+    backend = select_backend(q.device, q.dtype, backend, softcap=softcap)
+    return backward_segments(dout.detach(), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), offsets,
+                             causal=causal, scale=float(scale), backend=backend, window=window, softcap=softcap)

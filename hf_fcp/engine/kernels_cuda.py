@@ -1,9 +1,11 @@
 """CUDA varlen attention backends behind :mod:`hf_fcp.engine.kernels`: ``flash_attn`` and ``torch_cuda``.
 
-Both take packed tensors and Python offset lists (see :mod:`hf_fcp.engine.kernels` for layouts):
+Both take packed tensors and the segments' offsets (see :mod:`hf_fcp.engine.kernels` for layouts):
 
 * q: (Nq, Hq, D), k/v: (Nk, Hkv, D) fp16/bf16 on one CUDA device, D a multiple of 8 up to 256;
-* offs_q/offs_k: S+1 cumulative offsets (lists of int); causal is BOTTOM-RIGHT aligned per segment;
+* offsets: an ``Offsets`` / ``TaskList`` — int32 ``cu_q``/``cu_k`` (S+1,) already on the device and the
+  longest segment lengths ``max_q``/``max_k`` as Python ints, so no call reads device memory back or
+  uploads offsets; causal is BOTTOM-RIGHT aligned per segment;
 * forward returns out (Nq, Hq, D) in q's dtype and lse (Nq, Hq) float32, −inf where no key is visible;
 * backward takes the FINAL out/lse and returns dq, dk, dv in the dtypes of q, k, v.
 
@@ -63,10 +65,6 @@ def check_head_dim(q: Tensor, backend: str) -> None:
         raise ValueError(f"q: got head dim {q.shape[2]}, expected a multiple of 8 up to 256 for {backend}")
 
 
-def _lengths(offs: list[int]) -> list[int]:
-    return [b - a for a, b in zip(offs, offs[1:])]
-
-
 def _lse_out(lse: Tensor, n_rows: int) -> Tensor:
     """Kernel LSE (Hq, Nq), +inf on empty rows → (Nq, Hq) float32, −inf there."""
     if lse.dim() != 2 or lse.shape[1] != n_rows:
@@ -91,55 +89,60 @@ def _call_by_name(fn, values: dict):
     return fn(**{n: values[n] for n in params if n in values})
 
 
-def _flash_args(q, k, offs_q, offs_k, causal, scale) -> dict:
+def _flash_args(q, k, offsets, causal, scale, window, softcap) -> dict:
     check_head_dim(q, "flash_attn")
+    left = -1 if window is None else window - 1  # flash-attn: keys i + off - left .. i + off
     return dict(
-        q=q, k=k, cu_seqlens_q=torch.tensor(offs_q, dtype=torch.int32, device=q.device),
-        cu_seqlens_k=torch.tensor(offs_k, dtype=torch.int32, device=q.device),
-        max_seqlen_q=max(_lengths(offs_q)), max_seqlen_k=max(_lengths(offs_k)), dropout_p=0.0,
-        softmax_scale=scale, causal=causal, is_causal=causal, window_size=(-1, -1), window_size_left=-1,
-        window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None,
-        return_attn_probs=True)
+        q=q, k=k, cu_seqlens_q=offsets.cu_q, cu_seqlens_k=offsets.cu_k,
+        max_seqlen_q=offsets.max_q, max_seqlen_k=offsets.max_k, dropout_p=0.0,
+        softmax_scale=scale, causal=causal, is_causal=causal, window_size=(left, -1 if window is None else 0),
+        window_size_left=left, window_size_right=-1 if window is None else 0, softcap=softcap or 0.0,
+        alibi_slopes=None, deterministic=False, rng_state=None, return_attn_probs=True)
 
 
-def flash_forward(q, k, v, offs_q, offs_k, causal, scale):
+def flash_forward(q, k, v, offsets, causal, scale, window=None, softcap=None):
     mod = _flash_module()
-    args = dict(_flash_args(q, k, offs_q, offs_k, causal, scale), v=v)
+    args = dict(_flash_args(q, k, offsets, causal, scale, window, softcap), v=v)
     res = _call_by_name(mod.flash_attn_varlen_func, args)
     if not isinstance(res, (tuple, list)):
         raise RuntimeError("unsupported flash-attn version: flash_attn_varlen_func returned no LSE")
     return res[0], _lse_out(res[1], q.shape[0])
 
 
-def flash_backward(dout, q, k, v, out, lse, offs_q, offs_k, causal, scale):
+def flash_backward(dout, q, k, v, out, lse, offsets, causal, scale, window=None, softcap=None):
     mod = _flash_module()
     fn = getattr(mod, "_flash_attn_varlen_backward", None) or mod._flash_attn_backward
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    _call_by_name(fn, dict(_flash_args(q, k, offs_q, offs_k, causal, scale), v=v, dout=dout.contiguous(),
+    _call_by_name(fn, dict(_flash_args(q, k, offsets, causal, scale, window, softcap), v=v, dout=dout.contiguous(),
                            out=out.contiguous(), softmax_lse=_lse_in(lse), dq=dq, dk=dk, dv=dv, sm_margin=0))
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- PyTorch's flash kernel
-def _torch_args(q, offs_q, offs_k) -> tuple:
+def _torch_args(q, offsets, softcap) -> tuple:
     check_head_dim(q, "torch_cuda")
-    cu = (torch.tensor(o, dtype=torch.int32, device=q.device) for o in (offs_q, offs_k))
-    return (*cu, max(_lengths(offs_q)), max(_lengths(offs_k)))
+    if softcap is not None:
+        raise ValueError("softcap: kernel 'torch_cuda' does not compute logit soft-capping; use 'flash_attn'")
+    return offsets.cu_q, offsets.cu_k, offsets.max_q, offsets.max_k
 
 
-def torch_cuda_forward(q, k, v, offs_q, offs_k, causal, scale):
-    cu_q, cu_k, max_q, max_k = _torch_args(q, offs_q, offs_k)
+def _window(window) -> dict:
+    return {} if window is None else {"window_size_left": window - 1, "window_size_right": 0}
+
+
+def torch_cuda_forward(q, k, v, offsets, causal, scale, window=None, softcap=None):
+    cu_q, cu_k, max_q, max_k = _torch_args(q, offsets, softcap)
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, 0.0, causal, False,
-        scale=scale)
+        scale=scale, **_window(window))
     return out, _lse_out(lse, q.shape[0])
 
 
-def torch_cuda_backward(dout, q, k, v, out, lse, offs_q, offs_k, causal, scale):
-    cu_q, cu_k, max_q, max_k = _torch_args(q, offs_q, offs_k)
+def torch_cuda_backward(dout, q, k, v, out, lse, offsets, causal, scale, window=None, softcap=None):
+    cu_q, cu_k, max_q, max_k = _torch_args(q, offsets, softcap)
     rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # read only with dropout > 0
     unused = torch.empty(0, device=q.device)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), _lse_in(lse),
-        cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused, scale=scale)
+        cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused, scale=scale, **_window(window))
     return dq, dk, dv

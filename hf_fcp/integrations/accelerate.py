@@ -18,7 +18,9 @@ environment variables like Accelerate's ``ParallelismConfig``::
 
 from __future__ import annotations
 
+import datetime
 import gc
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,8 +41,10 @@ from .sampler import (
     TokenBudgetSampler,
     dataset_lengths,
 )
+from .layer_kinds import attention_layers
 from .transformers import ATTN_IMPLEMENTATION
 
+logger = logging.getLogger(__name__)
 KERNEL_CHOICES = ("auto", *KERNELS)
 _TRUE, _FALSE = ("1", "true", "yes", "on", "y", "t"), ("0", "false", "no", "off", "n", "f")
 
@@ -59,8 +63,9 @@ class FCPPlugin:
     """Attention kernel backend: auto, torch_cpu, flash_attn, torch_cuda or naive (FCP_KERNEL, default auto);
     it reaches every attention layer with the batch's plan (``PlanSettings.kernel``)."""
     overlap: bool | None = None
-    """Pipeline communication with compute one congestion-free round at a time (FCP_OVERLAP, default
-    true); false sends all rounds as one stage, overlapped only with the local work."""
+    """Run attention while the K/V exchange is in flight, one congestion-free round at a time (true), or
+    exchange everything first and then run fused kernels without communication beside them (false)
+    (FCP_OVERLAP; unset: the planner decides per batch by its cost model, ``PlanSettings.overlap="auto"``)."""
     long_sequence_policy: str | None = None
     """Documents longer than a global batch: split, truncate or error (FCP_LONG_SEQUENCE_POLICY, split)."""
     strategy: str | None = None
@@ -74,13 +79,17 @@ class FCPPlugin:
     log_stats: bool = True
     """Emit plan figures with each batch (FCPTrainer logs them)."""
     timeout_s: float | None = None
-    """Longest any FCP wait (one exchange stage, the plan check) may take before every surviving rank
-    raises ``hf_fcp.comm.PeerFailureError`` instead of hanging on a dead or stuck peer (FCP_TIMEOUT_S,
-    default 300)."""
+    """Timeout of the FCP process group and of every FCP wait (FCP_TIMEOUT_S, else the job's timeout:
+    ``TrainingArguments.ddp_timeout`` under FCPTrainer, else 300). On gloo a dead or stuck peer then makes
+    every surviving rank raise ``PeerFailureError``; on NCCL the group's watchdog ends the job after it."""
 
     world_size: int = field(default=1, init=False)
     rank: int = field(default=0, init=False)
     group: Any = field(default=None, init=False, repr=False)
+    device: Any = field(default=None, init=False, repr=False)
+    """The device FCP exchanges on (set by :meth:`setup`)."""
+    group_timeout_s: float | None = field(default=None, init=False)
+    """The timeout the FCP group was created with, which also bounds every gloo wait (set by :meth:`setup`)."""
     plan_settings: PlanSettings = field(default=None, init=False)
     """The planner settings these fields make (built and validated once, in ``__post_init__``)."""
 
@@ -88,7 +97,7 @@ class FCPPlugin:
         self.block_size = _env("block_size", self.block_size, 4096, int)
         self.tokens_per_rank = _env("tokens_per_rank", self.tokens_per_rank, 16384, int)
         self.kernel = check_choice("kernel", _env("kernel", self.kernel, "auto", str), KERNEL_CHOICES)
-        self.overlap = _env("overlap", self.overlap, True, _to_bool)
+        self.overlap = _env("overlap", self.overlap, None, _to_bool)
         self.long_sequence_policy = check_choice("long_sequence_policy", _env(
             "long_sequence_policy", self.long_sequence_policy, "split", str), LONG_SEQUENCE_POLICIES)
         self.strategy = _env("strategy", self.strategy, "fcp", str)
@@ -96,7 +105,7 @@ class FCPPlugin:
         self.kernel_cost = _env("kernel_cost", self.kernel_cost, None, str)
         self.plan_settings = PlanSettings(  # every planner setting, validated once here
             block_size=self.block_size, tokens_per_rank=self.tokens_per_rank, strategy=self.strategy,
-            balance=self.balance, rounds_per_stage=1 if self.overlap else 1 << 30,
+            balance=self.balance, overlap={None: "auto", True: "always", False: "never"}[self.overlap],
             kernel_cost=load_kernel_cost(self.kernel_cost) if self.kernel_cost else None,
             kernel=None if self.kernel == "auto" else self.kernel)
         if self.timeout_s is not None:
@@ -106,54 +115,82 @@ class FCPPlugin:
         self._ready = False
 
     # ---- fixed state ---------------------------------------------------------------------------------
-    def setup(self, accelerator=None) -> "FCPPlugin":
+    def setup(self, accelerator=None, *, job_timeout_s: float | None = None, device=None) -> "FCPPlugin":
         """Create the FCP process group (once) and bind it as FCP's default group. Idempotent.
 
+        Args:
+            accelerator: Accelerate's ``Accelerator``; its ``device`` is the device FCP exchanges on.
+            job_timeout_s: the job's collective timeout, used when neither ``timeout_s`` nor FCP_TIMEOUT_S
+                is set (``FCPTrainer`` passes ``TrainingArguments.ddp_timeout``).
+            device: the device the model trains on, overriding the accelerator's. Without either: the
+                default group's bound device, else ``cuda:LOCAL_RANK`` when CUDA is available and the job's
+                default group runs CUDA tensors on NCCL, else the CPU.
+
+        A CUDA device gets an NCCL group, created with ``device_id`` (so every rank builds the communicator
+        now, not in a later point-to-point call some ranks skip) and the timeout above; it must be the
+        current CUDA device (``torch.cuda.set_device``, which Accelerate calls). The CPU gets a gloo group.
         Without torch.distributed (one process) there is no group and the world size is 1.
         """
         if self._ready:
             return self
-        device = accelerator.device if accelerator is not None else torch.device("cpu")
+        device = _job_device(accelerator, device)
         if self.kernel != "auto":  # fail before training if, e.g., flash-attn is asked for but missing
             select_backend(device, torch.bfloat16 if device.type == "cuda" else torch.float32, self.kernel)
+        self.group_timeout_s = self._timeout(job_timeout_s)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            self.group = dist.new_group(backend=backend)
+            self.group = _new_fcp_group(device, self.group_timeout_s)
             self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
             comm.set_default_group(self.group)
-        if self.timeout_s is not None:
-            comm.set_timeout(self.timeout_s)
+            logger.info("FCP group: %d ranks, %s on %s, timeout %g s", self.world_size,
+                        "nccl" if device.type == "cuda" else "gloo", device, self.group_timeout_s)
+        comm.set_timeout(self.group_timeout_s)
+        self.device = device
         self._ready = True
         return self
+
+    def _timeout(self, job_timeout_s) -> float:
+        """``timeout_s``, else FCP_TIMEOUT_S, else ``job_timeout_s``, else 300 s."""
+        if self.timeout_s is not None:
+            return self.timeout_s
+        env = comm.env_timeout()
+        if env is not None:
+            return env
+        if job_timeout_s is not None:
+            return comm.check_timeout(job_timeout_s, "job_timeout_s (TrainingArguments.ddp_timeout)")
+        return comm.DEFAULT_TIMEOUT_S
 
     def teardown(self) -> None:
         """Unbind and destroy the FCP group (call before ``destroy_process_group``)."""
         if self.group is not None:
+            comm.release_retired(wait=True)
             comm.set_default_group(None)
             dist.destroy_process_group(self.group)
             self.group = None
-        if self.timeout_s is not None:
+        if self._ready:
             comm.set_timeout(None)
         self._ready = False
 
     def prepare_model(self, model):
-        """Check that the model runs FCP attention. Returns ``model``."""
+        """Check that the model runs FCP attention and that FCP trains it exactly: every module verified
+        token-local, positions and masks FCP reproduces (:func:`hf_fcp.integrations.model_support.check_model`;
+        a ``ValueError`` names the model, the feature and the way out). Returns ``model``."""
+        from .model_support import check_model
+
         config = getattr(model, "config", None)
         impl = getattr(config, "_attn_implementation", None)
         if impl != ATTN_IMPLEMENTATION:
             raise ValueError(f"model attention: got attn_implementation={impl!r}, expected 'fcp'; load the model "
                              f"with from_pretrained(..., attn_implementation='fcp') (after import hf_fcp)")
-        if hasattr(model, "is_backend_compatible") and not model.is_backend_compatible():
-            raise ValueError(f"{type(model).__name__} does not call transformers' attention interface, so "
-                             f"attn_implementation='fcp' would be ignored; use a model that supports it "
-                             f"(Llama, Qwen2/3, Mistral, ...)")
+        check_model(model)
         return model
 
     # ---- data ----------------------------------------------------------------------------------------
     def collator(self, model_config=None) -> FCPCollator:
-        """This rank's :class:`FCPCollator`; ``model_config`` sizes the KV bytes in the plan stats."""
+        """This rank's :class:`FCPCollator`; ``model_config`` sizes the KV bytes in the plan stats and gives
+        the model's attention layer kinds (full / sliding windows) the planner plans for."""
         settings = self.plan_settings
         if model_config is not None:
+            settings = replace(settings, attention_layers=attention_layers(model_config))
             heads = getattr(model_config, "num_attention_heads", None)
             settings = replace(settings, kv_heads=getattr(model_config, "num_key_value_heads", None) or heads or 8,
                                head_dim=getattr(model_config, "head_dim", None) or (
@@ -190,10 +227,52 @@ class FCPPlugin:
                                    use_seedable_sampler=False)
 
 
+def _job_device(accelerator, device) -> torch.device:
+    """The device FCP exchanges on (see :meth:`FCPPlugin.setup`)."""
+    if device is not None:
+        return torch.device(device)
+    if accelerator is not None:
+        return torch.device(accelerator.device)
+    if not (dist.is_available() and dist.is_initialized()):
+        return torch.device("cpu")
+    bound = getattr(_world(), "bound_device_id", None)
+    if bound is not None:
+        return torch.device(bound)
+    if torch.cuda.is_available() and comm.device_backends(_world()).get("cuda") == "nccl":
+        local = os.environ.get("LOCAL_RANK", "").strip()
+        return torch.device("cuda", int(local) if local.isdigit() else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _world():
+    """The default (WORLD) process group."""
+    return dist.group.WORLD
+
+
+def _new_fcp_group(device: torch.device, timeout_s: float):
+    """The FCP group: NCCL bound to ``device`` on CUDA, gloo on the CPU; created with ``timeout_s``."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type != "cuda":
+        return dist.new_group(backend="gloo", timeout=timeout)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    device = torch.device("cuda", index)
+    if torch.cuda.current_device() != index:
+        raise ValueError(f"torch.cuda.current_device(): got {torch.cuda.current_device()}, expected {index} (the "
+                         f"FCP device {device}); call torch.cuda.set_device({index}) (the local rank) before "
+                         f"FCPPlugin.setup, as Accelerate does: NCCL point-to-point calls need it")
+    bound = getattr(_world(), "bound_device_id", None)
+    if bound is not None and torch.device(bound) != device:
+        raise ValueError(f"FCP device: got {device}, expected {bound} (the device the default process group is "
+                         f"bound to with init_process_group(device_id=...))")
+    kwargs = {"device_id": device} if bound is None else {}  # bound: new_group inherits it
+    return dist.new_group(backend="nccl", timeout=timeout, **kwargs)
+
+
 def shutdown(destroy_process_group: bool = True) -> None:
     """Clean end of a distributed run, after the caller dropped its model/trainer references: unbind
     FCP's group, collect garbage (DDP's reducer must go before its group), then destroy the default
     process group. Avoids gloo's abort at interpreter exit."""
+    comm.release_retired(wait=True)
     comm.set_default_group(None)
     gc.collect()
     if destroy_process_group and dist.is_available() and dist.is_initialized():

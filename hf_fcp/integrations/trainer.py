@@ -45,7 +45,7 @@ class FCPTrainer(Trainer):
             args.ddp_find_unused_parameters = False  # a causal LM uses every parameter: skip DDP's search
         super().__init__(model, args, *rest, **kwargs)
         check_training_args(self.args)
-        self.fcp = (fcp_plugin or FCPPlugin()).setup(self.accelerator)
+        self.fcp = (fcp_plugin or FCPPlugin()).setup(self.accelerator, job_timeout_s=self.args.ddp_timeout)
         if self.fcp.world_size != self.accelerator.num_processes:
             raise ValueError(f"FCP group: got {self.fcp.world_size} ranks, expected {self.accelerator.num_processes}"
                              f" (every process of the job takes part in FCP)")

@@ -22,10 +22,11 @@ import functools
 import torch
 from torch import Tensor
 
-from ..engine.attention import fcp_attention
+from ..engine.attention import add_sinks, fcp_attention
 from ..engine.kernels import varlen_forward
 from ..plan import plan_batch
 from ..plan.views import RankView
+from . import model_support
 
 ATTN_IMPLEMENTATION = "fcp"
 """The name to pass as ``attn_implementation``."""
@@ -74,53 +75,78 @@ def fcp_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, v
 
     Args:
         module: the attention module.
-        query: (B, Hq, S, D); key, value: (B, Hkv, Sk, D) — GQA heads NOT repeated; Sk > S with a KV cache.
+        query: (B, Hq, S, D); key, value: (B, Hkv, Sk, D) — GQA heads NOT repeated; Sk > S with a KV cache;
+            value's head dim may differ (MLA: the smaller side is zero-padded for the kernel, the output sliced).
         attention_mask: None, or a (B, Sk) boolean padding mask (True = real token).
         dropout: must be 0 (attention dropout is not supported).
         scaling: softmax scale (default D ** -0.5).
-        sliding_window: allowed only when no document is longer than the window (then it changes nothing).
-        softcap: not supported (must be None).
+        sliding_window: the layer's window in keys (the query's own included); a layer the config makes slide
+            without passing it (Qwen2-MoE) counts too. Planned: the plan's exchange for that window
+            (``PlanSettings.attention_layers``, which ``FCPPlugin`` reads from the model's config).
+        softcap: logit soft-capping (Gemma 2); needs a kernel that computes it (``naive`` on CPU,
+            ``flash_attn`` on CUDA).
         fcp_plan: this rank's plan view for the batch (``FCPCollator`` output); requires B == 1, S == n_local.
         position_ids: (B, S) int64 document-relative positions; used only without a plan.
-        kwargs: other model keywords, ignored.
+        kwargs: other model keywords; ``s_aux`` (Hq,): attention-sink logits (gpt-oss), differentiable.
 
     Returns:
-        (out, None) with out (B, S, Hq, D) in query's dtype.
+        (out, None) with out (B, S, Hq, Dv) in query's dtype (Dv: value's head dim).
     """
-    _check_supported(module, dropout, softcap, kwargs)
+    _check_supported(module, dropout)
+    head_dim = value.shape[-1]
+    query, key, value, scaling = _match_head_dims(query, key, value, scaling)  # MLA: value head dim != q/k's
+    options = {"window": model_support.layer_window(module, sliding_window),  # also where only the mask slides
+               "softcap": softcap, "sinks": kwargs.get("s_aux")}
     if fcp_plan is not None:
+        support = model_support.on_attention_call(module)  # the whole model, checked on its first planned call
         if getattr(module, "layer_idx", 0) == 0:  # once per forward
             _check_positions(position_ids, fcp_plan)
-        out = _planned(query, key, value, attention_mask, fcp_plan, scaling, sliding_window)
+            _check_limits(support, fcp_plan)
+        out = _planned(query, key, value, attention_mask, fcp_plan, scaling, options)
     elif key.shape[2] != query.shape[2]:
-        out = _cached(query, key, value, attention_mask, scaling, sliding_window)
+        model_support.require_plan(module)
+        out = _cached(query, key, value, attention_mask, scaling, options)
     else:
-        out = _local(query, key, value, attention_mask, position_ids, scaling, sliding_window)
-    return out, None
+        model_support.require_plan(module)
+        out = _local(query, key, value, attention_mask, position_ids, scaling, options)
+    return (out if out.shape[-1] == head_dim else out[..., :head_dim]), None
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_supported(module, dropout, softcap, kwargs) -> None:
+def _check_supported(module, dropout) -> None:
     if dropout and module.training:
         raise ValueError(f"attn_implementation='fcp': got attention dropout {dropout}, expected 0.0; set "
                          f"config.attention_dropout=0.0")
-    if softcap is not None:
-        raise ValueError(f"attn_implementation='fcp': got attention softcap {softcap}, expected None (logit "
-                         f"soft-capping is not supported; use attn_implementation='eager' for this model)")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("attn_implementation='fcp': attention sinks (s_aux) are not supported")
     if getattr(module, "is_causal", True) is False:
         raise ValueError("attn_implementation='fcp' computes causal attention only; got a non-causal "
                          f"attention module ({type(module).__name__})")
 
 
-def _check_window(sliding_window, longest: int) -> None:
-    if sliding_window is not None and longest > sliding_window:
-        raise ValueError(f"attn_implementation='fcp': got a document of {longest} tokens, longer than the "
-                         f"model's sliding_window={sliding_window}; sliding-window attention is not supported: "
-                         f"cut documents to at most {sliding_window} tokens (with FCPPlugin's default "
-                         f"long_sequence_policy='split', world_size × tokens_per_rank <= {sliding_window}) or set "
-                         f"config.sliding_window=None")
+def _window(options: dict, longest: int) -> dict:
+    """``options`` with a sliding window no shorter than the longest document dropped: it changes nothing."""
+    window = options["window"]
+    return {**options, "window": None} if window is not None and window >= longest else options
+
+
+def _check_limits(support, view) -> None:
+    """This batch's documents against the model's limits (``model_support``: e.g. a sliding window or a
+    length-switching rope that equals plain causal attention only for documents up to some length)."""
+    if support.limits and isinstance(view, RankView):
+        support.check_batch(view.longest)
+
+
+def _match_head_dims(q, k, v, scale):
+    """MLA (value head dim != query/key head dim): pad the smaller side with zeros, as transformers' flash
+    path does — zero value columns give zero output columns (sliced off by the caller), zero q/k columns
+    leave every score unchanged. The softmax scale stays that of the original q/k head dim."""
+    dq, dv = q.shape[-1], v.shape[-1]
+    if dq == dv:
+        return q, k, v, scale
+    scale = dq ** -0.5 if scale is None else scale
+    if dv < dq:
+        return q, k, torch.nn.functional.pad(v, (0, dq - dv)), scale
+    pad = lambda x: torch.nn.functional.pad(x, (0, dv - dq))  # noqa: E731
+    return pad(q), pad(k), v, scale
 
 
 def _check_positions(position_ids, view) -> None:
@@ -128,13 +154,17 @@ def _check_positions(position_ids, view) -> None:
     if not isinstance(view, RankView) or position_ids is None or position_ids.shape[-1] != view.num_local:
         return  # shape problems are reported by _planned
     want = view.position_ids.to(position_ids.device)
-    if not torch.equal(position_ids.reshape(-1, want.numel())[0], want):
-        raise ValueError("position_ids: got positions that differ from fcp_plan.position_ids, expected the "
-                         "collator's document-relative position_ids; pass the FCPCollator batch to the model as is")
+    message = ("position_ids: got positions that differ from fcp_plan.position_ids, expected the collator's "
+               "document-relative position_ids; pass the FCPCollator batch to the model as is")
+    same = position_ids.reshape(-1, want.numel())[0] == want
+    if position_ids.device.type != "cpu":  # checked on the device: no host sync (a device-side assert)
+        torch._assert_async(same.all(), message)
+    elif not bool(same.all()):
+        raise ValueError(message)
 
 
 # ----------------------------------------------------------------------------- the three paths
-def _planned(q, k, v, attention_mask, view: RankView, scale, sliding_window) -> Tensor:
+def _planned(q, k, v, attention_mask, view: RankView, scale, options: dict) -> Tensor:
     """Plan path: q (1, Hq, n_local, D), k/v (1, Hkv, n_local, D) in the view's local order."""
     if not isinstance(view, RankView):
         raise TypeError(f"fcp_plan: got {type(view).__name__}, expected a RankView (plan.for_rank(rank), as "
@@ -147,17 +177,15 @@ def _planned(q, k, v, attention_mask, view: RankView, scale, sliding_window) -> 
     if attention_mask is not None:
         raise ValueError("fcp_plan: got a padding attention_mask, expected None (FCP batches are packed without "
                          "padding; drop attention_mask from the batch)")
-    if sliding_window is not None:
-        _check_window(sliding_window, int(view.seq_lens.max()))
     n = view.num_local
     out = fcp_attention(q[0, :, :n].transpose(0, 1), k[0, :, :n].transpose(0, 1), v[0, :, :n].transpose(0, 1),
-                        view, scale=scale)
+                        view, scale=scale, **_window(options, view.longest))
     if placeholder:  # keep the (empty) FCP node in the graph: its backward takes part in the exchange
         out = torch.cat([out, q.new_zeros((1,) + out.shape[1:])])
     return out.unsqueeze(0)
 
 
-def _local(q, k, v, attention_mask, position_ids, scale, sliding_window) -> Tensor:
+def _local(q, k, v, attention_mask, position_ids, scale, options: dict) -> Tensor:
     """No plan, no cache: exact causal attention within the documents of each row.
 
     q (B, Hq, S, D); k/v (B, Hkv, S, D); attention_mask None or (B, S) bool; position_ids None or (B|1, S).
@@ -167,13 +195,12 @@ def _local(q, k, v, attention_mask, position_ids, scale, sliding_window) -> Tens
     b, hq, s, d = q.shape
     keep = None if attention_mask is None else attention_mask.to(torch.bool).reshape(-1)
     lens = _document_lengths(position_ids, attention_mask, b, s)
-    _check_window(sliding_window, max(lens))
     view = _local_view(tuple(lens), str(q.device))
     order = view.token_index
     if keep is not None:
         order = keep.nonzero().squeeze(1).index_select(0, order)
     flat = lambda x: x.transpose(1, 2).reshape(b * s, x.shape[1], d).index_select(0, order)  # noqa: E731
-    out = fcp_attention(flat(q), flat(k), flat(v), view, scale=scale)  # no group needed
+    out = fcp_attention(flat(q), flat(k), flat(v), view, scale=scale, **_window(options, max(lens)))  # no group
     full = q.new_zeros((b * s, hq, d)).index_copy(0, order, out)
     return full.view(b, s, hq, d)
 
@@ -200,7 +227,7 @@ def _document_lengths(position_ids, attention_mask, b: int, s: int) -> list[int]
     return torch.diff(starts, append=torch.tensor([int(start.numel())])).tolist()
 
 
-def _cached(q, k, v, attention_mask, scale, sliding_window) -> Tensor:
+def _cached(q, k, v, attention_mask, scale, options: dict) -> Tensor:
     """KV cache (decoding / generate): the S queries are the last S of the Sk keys of their row.
 
     q (B, Hq, S, D); k/v (B, Hkv, Sk, D); attention_mask None or (B, Sk) bool. Inference only: no autograd.
@@ -218,11 +245,12 @@ def _cached(q, k, v, attention_mask, scale, sliding_window) -> Tensor:
     keep_k = torch.ones((b, sk), dtype=torch.bool, device=q.device) if attention_mask is None \
         else attention_mask[:, -sk:].to(device=q.device, dtype=torch.bool)
     keep_q = keep_k[:, -s:]
-    _check_window(sliding_window, int(keep_k.sum(1).max()))
     rows_q, rows_k = keep_q.reshape(-1).nonzero().squeeze(1), keep_k.reshape(-1).nonzero().squeeze(1)
     cu = lambda m: torch.nn.functional.pad(m.sum(1).cumsum(0), (1, 0))  # noqa: E731
     flat = lambda x, n, rows: x.transpose(1, 2).reshape(b * n, x.shape[1], d).index_select(0, rows)  # noqa: E731
     scale = d ** -0.5 if scale is None else float(scale)
-    out, _ = varlen_forward(flat(q, s, rows_q), flat(k, sk, rows_k), flat(v, sk, rows_k), cu(keep_q),
-                            cu(keep_k), causal=True, scale=scale)
+    out, lse = varlen_forward(flat(q, s, rows_q), flat(k, sk, rows_k), flat(v, sk, rows_k), cu(keep_q),
+                              cu(keep_k), causal=True, scale=scale, window=options["window"], softcap=options["softcap"])
+    if options["sinks"] is not None:
+        out = add_sinks(out, lse, options["sinks"])[0].to(q.dtype)
     return q.new_zeros((b * s, hq, d)).index_copy(0, rows_q, out).view(b, s, hq, d)

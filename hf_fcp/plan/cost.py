@@ -21,6 +21,7 @@ cluster model (:mod:`hf_fcp.simulate.cluster`) carries the same fields to time s
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -177,12 +178,88 @@ def seq_cost(runs: list[tuple[int, int]], kernel: KernelCost) -> float:
     return total + segment_cost(held, held, True, kernel)
 
 
-def rank_work(spans, kernel: KernelCost) -> float:
-    """Work of one rank holding ``spans`` (``(seq, start, end)`` triples): :func:`seq_cost` per sequence."""
+def run_cost(a: int, b: int, kernel: KernelCost) -> float:
+    """Work of the fused segment of a held run ``[a, b)``: its queries against all keys ``[0, b)``, causal
+    (bottom-right), in pairs — ``segment_cost(b - a, b, True, kernel)`` in closed form (the planner's hot
+    path). With :data:`PAIRS` it is the run's causal pairs."""
+    t = kernel.tile
+    ct, cd, cq, ck = kernel.coefficients
+    nq, nk = -(-(b - a) // t), -(-b // t)
+    touched = (nq - 1) * nq // 2 + (nq - 1) * -(-a // t) + nk
+    full = nq * (nq - 1) // 2 + nq * ((a + 1) // t)
+    return ct * touched + cd * (touched - full) + cq * nq + ck * nk
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def window_tiles(q: int, k: int, window: int, tile: int) -> tuple[float, float, float, float]:
+    """:func:`tiles` of a causal (bottom-right) segment under a sliding window of ``window`` keys: query
+    ``i`` sees keys ``i + k - q - window < j <= i + k - q``. Counted per query tile (numpy), so a long
+    segment under a small window costs about ``q × window`` pairs, not ``q²``."""
+    q = min(q, k)
+    if q <= 0 or k <= 0:
+        return 0.0, 0.0, 0.0, 0.0
+    off = k - q
+    r0 = np.arange(0, q, tile, dtype=np.int64)
+    r1 = np.minimum(r0 + tile, q)  # rows [r0, r1) of each query tile
+    lo = np.maximum(0, r0 + off - window + 1) // tile
+    hi = np.minimum(k - 1, r1 - 1 + off) // tile
+    full_lo = -(-(r1 - 1 + off - window + 1).clip(min=0) // tile)
+    full_hi = (r0 + off + 1) // tile - 1
+    touched = (hi - lo + 1).sum()
+    full = np.maximum(0, np.minimum(full_hi, hi) - np.maximum(full_lo, lo) + 1).sum()
+    return float(touched), float(touched - full), float(len(r0)), float(hi.max() - lo.min() + 1)
+
+
+def run_cost_window(a: int, b: int, window: int | None, kernel: KernelCost) -> float:
+    """Work of the fused segment of the held run ``[a, b)`` for a layer with a sliding ``window`` (None:
+    full causal attention, :func:`run_cost`): its queries against keys ``[max(0, a - window + 1), b)``."""
+    if window is None or window >= b:
+        return run_cost(a, b, kernel)
+    k0 = max(0, a - window + 1)
+    return _in_pairs(*window_tiles(b - a, b - k0, window, kernel.tile), kernel)
+
+
+def layered_run_cost(a: int, b: int, layers, kernel: KernelCost) -> float:
+    """Work of the fused run ``[a, b)`` in an average layer of the model's ``layers`` (``((window or None,
+    count), ...)``): :func:`run_cost_window` per kind, weighted by its number of layers."""
+    if len(layers) == 1:
+        return run_cost_window(a, b, layers[0][0], kernel)
+    return sum(n * run_cost_window(a, b, w, kernel) for w, n in layers) / sum(n for _, n in layers)
+
+
+def has_windows(layers) -> bool:
+    """Whether the model's ``layers`` include a sliding window."""
+    return any(w is not None for w, _ in layers)
+
+
+def rank_work(spans, kernel: KernelCost, fused=frozenset(), layers=((None, 1),)) -> float:
+    """Work of one rank holding ``spans`` (``(seq, start, end)`` triples) in an average attention layer of
+    the model's ``layers`` (``((window or None, count), ...)``, ``PlanSettings.attention_layers``): under
+    full attention :func:`run_cost` per run of the sequences in ``fused`` and :func:`seq_cost` for the
+    others (executed split); under a sliding window every run fused, :func:`run_cost_window`."""
     by_seq: dict[int, list[tuple[int, int]]] = {}
     for s, a, b in spans:
         by_seq.setdefault(s, []).append((a, b))
-    return sum(seq_cost(runs, kernel) for runs in by_seq.values())
+    total = 0.0
+    for window, count in layers:
+        if window is None:
+            total += count * sum(sum(run_cost(a, b, kernel) for a, b in _touching(runs)) if s in fused
+                                 else seq_cost(runs, kernel) for s, runs in by_seq.items())
+        else:
+            total += count * sum(run_cost_window(a, b, window, kernel) for runs in by_seq.values()
+                                 for a, b in _touching(runs))
+    return total / sum(count for _, count in layers)
+
+
+def _touching(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs in position order with touching ones merged (the rank views run them as one)."""
+    out: list[list[int]] = []
+    for a, b in sorted(runs):
+        if out and out[-1][1] == a:
+            out[-1][1] = b
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
 
 
 def load_kernel_cost(path: str) -> KernelCost:

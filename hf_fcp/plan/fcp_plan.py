@@ -15,12 +15,12 @@ Terms used throughout:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple
 
 import numpy as np
 
-from .cost import PAIRS, kernel_for, rank_work
+from .cost import kernel_for, rank_work
 from .settings import PlanSettings
 from .spans import Span, span_cost
 
@@ -44,6 +44,14 @@ class Transfer(NamedTuple):
     @property
     def tokens(self) -> int:
         return sum(end - start for _, start, end in self.pieces)
+
+
+class WindowPlan(NamedTuple):
+    """The exchange of a layer kind with a sliding ``window``: its messages and congestion-free rounds."""
+
+    window: int
+    transfers: tuple[Transfer, ...]
+    num_rounds: int
 
 
 class _Record:
@@ -139,6 +147,20 @@ class FCPPlan:
     its spans of the sequences that rank also holds."""
     plan_ms: float = 0.0
     """Wall time the planner took, in milliseconds."""
+    overlap: bool = True
+    """Ranks compute while K/V arrive (stage by stage); False: every K/V arrives first, then all segments
+    run (``PlanSettings.overlap``)."""
+    window: int | None = None
+    """The sliding window (keys) of the layers this plan's exchange serves; None: full causal attention.
+    The main plan serves full attention; ``for_window(w)`` derives the plan of a sliding-window layer."""
+    windows: tuple[WindowPlan, ...] = ()
+    """One smaller exchange per sliding window of ``settings.attention_layers``: a rank receives only the
+    keys inside the windows of its runs."""
+    fused: tuple[frozenset[int], ...] = ()
+    """Per rank, the sequences it runs *fused*: one causal kernel segment per held run against all its
+    keys (received and local, in position order) once they arrived; the others run *split*: a local causal
+    segment at once plus a segment per stage that brings remote keys (:mod:`hf_fcp.plan.tasks`). Empty:
+    every rank runs every sequence split."""
 
     # ---- structure -------------------------------------------------------------------------------------
     @property
@@ -203,6 +225,25 @@ class FCPPlan:
         self._check_rank(rank)
         return build_rank_view(self, rank)
 
+    def fused_on(self, rank: int) -> frozenset[int]:
+        """The sequences ``rank`` runs fused (see ``fused``); every one of them under a sliding window."""
+        if self.window is not None:
+            return frozenset(s for s, _, _ in self.rank_spans[rank])
+        return self.fused[rank] if self.fused else frozenset()
+
+    def for_window(self, window: int | None) -> "FCPPlan":
+        """The plan of the layers with this sliding ``window`` (None: this plan): the same placement with
+        the window's exchange; its rank views run every sequence fused under the window."""
+        if window is None or window == self.window:
+            return self
+        match = [w for w in self.windows if w.window == window]
+        if not match:
+            have = [w.window for w in self.windows]
+            raise ValueError(f"window: got {window}, expected one of the plan's sliding windows {have} (plan with "
+                             f"attention_layers that include ({window}, layers))")
+        return replace(self, transfers=match[0].transfers, num_rounds=match[0].num_rounds, collective=False,
+                       window=window, windows=())
+
     def _check_rank(self, rank) -> None:
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be an integer in [0, {self.world_size}), got {rank!r}")
@@ -220,7 +261,7 @@ class FCPPlan:
                 arr = np.asarray(spans, dtype=np.int64)
                 tokens[r] = int((arr[:, 2] - arr[:, 1]).sum())
                 cost[r] = float(span_cost(arr[:, 1], arr[:, 2]).sum())
-                work[r] = cost[r] if kernel == PAIRS else rank_work(spans, kernel)
+                work[r] = rank_work(spans, kernel, self.fused_on(r), self.settings.attention_layers)
             nspans[r] = len(spans)
         return RankLoads(tokens=tokens, cost=cost, work=work, kv_in=mat.sum(axis=0), kv_out=mat.sum(axis=1),
                          spans=nspans)
@@ -251,6 +292,12 @@ class FCPPlan:
         for t in self.transfers:
             h.update(np.asarray((t.src, t.dst, t.round), dtype=np.int64).tobytes())
             h.update(np.asarray(t.pieces, dtype=np.int64).tobytes())
+        for seqs in self.fused:
+            h.update(np.asarray(sorted(seqs), dtype=np.int64).tobytes() + b"|")
+        for wp in self.windows:
+            h.update(repr((wp.window, wp.num_rounds, [(t.src, t.dst, t.round, t.pieces) for t in wp.transfers])).encode())
+        if self.window is not None:
+            h.update(f"window={self.window}".encode())
         return h.hexdigest()
 
     def to_dict(self, assignment: bool = False) -> dict:

@@ -43,7 +43,16 @@ import math
 import numpy as np
 
 from .baseline_placements import merge_sorted
-from .cost import OVERHEADS, PAIRS, KernelCost, rank_work, segment_costs, seq_cost
+from .cost import (
+    OVERHEADS,
+    PAIRS,
+    KernelCost,
+    has_windows,
+    rank_work,
+    run_cost,
+    segment_costs,
+    seq_cost,
+)
 from .spans import Span, span_cost
 
 SLACK = 0.004  # fraction of the mean cost a rank may exceed it by before an item is split instead
@@ -139,23 +148,25 @@ def _light_fill_density(start: np.ndarray, end: np.ndarray, ratio: np.ndarray) -
 
 
 def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality: float = 0.5,
-              kernel: KernelCost = PAIRS) -> list[list[Span]]:
-    """The FCP placement balancing ``kernel`` (module doc). Under a kernel cost, if the result is more than
-    ``FALLBACK`` above the mean, the pair-balanced placement is also made and kept when its maximum rank
-    work (under ``kernel``) is lower: the kernel-cost greedy misjudges some block sizes (e.g. 1K blocks)."""
-    spans, cost = _place(lens, world, block, cap, locality, kernel)
-    held = _Held(kernel)
+              kernel: KernelCost = PAIRS, fused: bool = True, layers=((None, 1),)) -> list[list[Span]]:
+    """The FCP placement balancing ``kernel`` (module doc) for ranks that run every sequence ``fused``
+    (else split; :mod:`.tasks`), in an average layer of the model's ``layers`` (``((window or None,
+    count), ...)``: sliding-window layers cost about tokens × window). Under a kernel cost, if the result
+    is more than ``FALLBACK`` above the mean, the pair-balanced placement is also made and kept when its
+    maximum rank work (under ``kernel``) is lower: the kernel-cost greedy misjudges some block sizes."""
+    spans, cost = _place(lens, world, block, cap, locality, kernel, fused, layers)
+    held = _Held(kernel, fused, layers)
     if held.pairs or cost.max() <= cost.mean() * (1 + FALLBACK):
         return spans
-    alt = _place(lens, world, block, cap, locality, PAIRS)[0]
+    alt = _place(lens, world, block, cap, locality, PAIRS, fused, layers)[0]
     return alt if max(held.rank_cost(r) for r in alt) < cost.max() else spans
 
 
-def _place(lens, world, block, cap, locality, kernel) -> tuple[list[list[Span]], np.ndarray]:
+def _place(lens, world, block, cap, locality, kernel, fused, layers) -> tuple[list[list[Span]], np.ndarray]:
     arr = np.asarray(lens, dtype=np.int64)
     total = int(arr.sum())
     seq, start, end = _blocks(arr, block)
-    held = _Held(kernel)
+    held = _Held(kernel, fused, layers)
     ratio = held.item_ratios(start, end)  # modelled cost / pairs of each item placed alone
     fill = _light_fill_density(start, end, ratio)
     goal = float((span_cost(start, end) * ratio).sum()) / world
@@ -188,11 +199,14 @@ def _place(lens, world, block, cap, locality, kernel) -> tuple[list[list[Span]],
 
 class _Held:
     """The cost of what each rank holds under ``kernel`` (:mod:`.cost`): plain pair counts for
-    :data:`~hf_fcp.cost.PAIRS`, else per (rank, sequence) the modelled work of its runs."""
+    :data:`~hf_fcp.plan.cost.PAIRS`; else, run ``fused``, the sum of its runs' fused segments (touching
+    runs of a sequence are one run), or, run split, per (rank, sequence) the modelled work of its runs.
+    With sliding-window ``layers``, per (rank, sequence) the average layer's work of its runs."""
 
-    def __init__(self, kernel: KernelCost):
-        self.kernel = kernel
-        self.pairs = kernel.tile == 1 and not any(getattr(kernel, f) for f in OVERHEADS)  # cost = pairs
+    def __init__(self, kernel: KernelCost, fused: bool = True, layers=((None, 1),)):
+        self.kernel, self.fused, self.layers = kernel, fused, layers
+        self.windows = has_windows(layers)
+        self.pairs = kernel.tile == 1 and not any(getattr(kernel, f) for f in OVERHEADS) and not self.windows
         self.runs: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (rank, seq) -> runs held
         self.cost: dict[tuple[int, int], float] = {}  # (rank, seq) -> seq_cost of those runs
 
@@ -201,7 +215,13 @@ class _Held:
         if self.pairs:
             return np.ones(len(start))
         n = (end - start).astype(np.float64)
-        alone = segment_costs(n, start, False, self.kernel) + segment_costs(n, n, True, self.kernel)
+        if self.windows:  # each item alone: its fused run (sliding layers) or its run as executed (full ones)
+            alone = np.array([self._seq_cost([(a, b)]) for a, b in zip(start.tolist(), end.tolist())])
+            return alone / span_cost(start, end)
+        if self.fused:
+            alone = segment_costs(n, end, True, self.kernel)
+        else:
+            alone = segment_costs(n, start, False, self.kernel) + segment_costs(n, n, True, self.kernel)
         return alone / span_cost(start, end)
 
     def add(self, r: int, s: int, a: int, b: int, ratio: float | None = None) -> float:
@@ -217,13 +237,38 @@ class _Held:
             return self.cost[key]
         if runs is None:
             runs = self.runs[key] = []
+        if self.windows:
+            runs.append((a, b))
+            before, self.cost[key] = self.cost.get(key, 0.0), self._seq_cost(runs)
+            return self.cost[key] - before
+        if self.fused:
+            return self._add_fused(runs, a, b)
         runs.append((a, b))
         before, self.cost[key] = self.cost.get(key, 0.0), seq_cost(runs, self.kernel)
         return self.cost[key] - before
 
+    def _add_fused(self, runs: list[tuple[int, int]], a: int, b: int) -> float:
+        """[a, b) joins the (rank, sequence)'s runs, merging with touching ones: the cost change."""
+        k = self.kernel
+        left = next((i for i, (_, e) in enumerate(runs) if e == a), None)
+        right = next((i for i, (st, _) in enumerate(runs) if st == b), None)
+        lo, hi, delta = a, b, 0.0
+        for i in sorted({i for i in (left, right) if i is not None}, reverse=True):
+            st, e = runs.pop(i)
+            delta -= run_cost(st, e, k)
+            lo, hi = min(lo, st), max(hi, e)
+        runs.append((lo, hi))
+        return delta + run_cost(lo, hi, k)
+
+    def _seq_cost(self, runs: list[tuple[int, int]]) -> float:
+        """Average-layer work of one (rank, sequence)'s runs (:func:`.cost.rank_work`)."""
+        return rank_work([(0, a, b) for a, b in runs], self.kernel, frozenset({0}) if self.fused else frozenset(),
+                         self.layers)
+
     def rank_cost(self, spans: list[Span]) -> float:
         """Cost of one rank's whole span list."""
-        return rank_work(spans, self.kernel)
+        return rank_work(spans, self.kernel, frozenset(s for s, _, _ in spans) if self.fused else frozenset(),
+                         self.layers)
 
 
 def _cut(a: int, b: int, m: int, min_piece: int) -> int:

@@ -12,14 +12,18 @@ from __future__ import annotations
 import gc
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any, Sequence
 
+import numpy as np
+
 from .baseline_placements import place_allgather, place_packing, place_ring
+from .candidates import CANDIDATE_WORLD, MIN_BLOCK, alternatives, choose, execution, step_time
 from .checks import check_int, check_seq_lens
 from .cost import kernel_for
-from .fcp_plan import FCPPlan, Span
+from .fcp_plan import FCPPlan, Span, WindowPlan
 from .placement import place_fcp
-from .rounds import colour_rounds, needed_pieces
+from .rounds import colour_rounds, needed_pieces, windowed_pieces
 from .settings import PlanSettings, settings_from
 
 _SIMPLE = {"ring": place_ring, "allgather": place_allgather, "packing": place_packing}
@@ -59,13 +63,29 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
     cap = settings.resolve_tokens_per_rank(sum(lens), world)
     block, strategy = settings.block_size, settings.strategy
     if strategy == "fcp":
-        spans = place_fcp(lens, world, block, cap, locality=float(settings.locality),
-                          kernel=kernel_for(settings.balance, settings.kernel_cost))
+        kernel = kernel_for(settings.balance, settings.kernel_cost)
+        small = world <= CANDIDATE_WORLD
+        fused = settings.fusion == "all" or (settings.fusion == "auto" and small)  # the cost the greedy balances
+        greedy = lambda b: place_fcp(lens, world, b, cap, locality=float(settings.locality), kernel=kernel,  # noqa: E731
+                                     fused=fused, layers=settings.attention_layers)
+        spans = greedy(block)
+        if not small and settings.fusion == "auto" and _runs_fused(spans, settings, kernel):
+            fused = True  # the split-cost placement turned out to run fused: balance fused costs instead
+            spans = greedy(block)
+        if small:
+            finer = max(MIN_BLOCK, min(block, cap // 4))  # small worlds: blocks finer than a quarter rank too
+            spans = choose([spans, *([greedy(finer)] if finer < block else []), *alternatives(lens, world, cap)],
+                           settings, kernel)
     else:
         spans = _SIMPLE[strategy](lens, world, cap)
     comm = "collective" if strategy in ("ring", "allgather") else "p2p"
     return make_plan(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
                      comm=comm, settings=settings, started=t0)
+
+
+def _runs_fused(spans, settings: PlanSettings, kernel) -> bool:
+    """Whether :func:`.candidates.execution` runs ``spans`` fused."""
+    return step_time(spans, settings, kernel, detail=True)[2]
 
 
 def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size: int, block_size: int,
@@ -85,10 +105,25 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
         transfers, rounds = colour_rounds(needed_pieces(spans))
     else:
         raise ValueError(f"comm: got {comm!r}, expected 'p2p' or 'collective'")
-    return FCPPlan(seq_lens=tuple(seq_lens), world_size=world_size, block_size=block_size,
+    settings = settings or PlanSettings()
+    windows = tuple(WindowPlan(w, *colour_rounds(windowed_pieces(spans, w))) for w, _ in settings.attention_layers if w)
+    plan = FCPPlan(seq_lens=tuple(seq_lens), world_size=world_size, block_size=block_size,
                    tokens_per_rank=tokens_per_rank, strategy=strategy, rank_spans=tuple(tuple(s) for s in spans),
-                   transfers=transfers, num_rounds=rounds, settings=settings or PlanSettings(),
-                   collective=comm == "collective", plan_ms=(time.perf_counter() - t0) * 1e3)
+                   transfers=transfers, num_rounds=rounds, settings=settings, collective=comm == "collective",
+                   windows=windows)
+    all_fused = tuple(frozenset(s for s, _, _ in rank) for rank in spans)
+    work = lambda fused: float(replace(plan, fused=all_fused if fused else ()).rank_loads().work.max())  # noqa: E731
+    _, fused, overlap = execution(work, _link_tokens(plan), settings)
+    return replace(plan, fused=all_fused if fused else (), overlap=overlap, plan_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def _link_tokens(plan: FCPPlan) -> float:
+    """The most K/V tokens a rank sends or receives in an average layer (full and sliding-window kinds)."""
+    total = 0.0
+    for window, count in plan.settings.attention_layers:
+        mat = plan.for_window(window).comm_matrix()
+        total = total + count * np.maximum(mat.sum(axis=0), mat.sum(axis=1))
+    return float(np.max(total)) / sum(count for _, count in plan.settings.attention_layers)
 
 
 def _holders(spans) -> dict[int, set[int]]:

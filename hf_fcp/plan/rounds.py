@@ -45,6 +45,35 @@ def needed_pieces(spans) -> dict[tuple[int, int], list[Span]]:
     return pairs
 
 
+def windowed_pieces(spans, window: int) -> dict[tuple[int, int], list[Span]]:
+    """(src, dst) -> the parts of src's spans that dst needs for a layer with a sliding ``window`` (keys):
+    for each of dst's runs ``[a, b)`` the positions ``[max(0, a - window + 1), a)`` it does not hold."""
+    pairs: dict[tuple[int, int], list[Span]] = defaultdict(list)
+    for s, lst in sorted(_spans_by_seq(spans).items()):
+        if len({r for _, _, r in lst}) < 2:
+            continue
+        for dst in sorted({r for _, _, r in lst}):
+            need = _merge([(max(0, a - window + 1), a) for a, _, r in lst if r == dst and a > 0])
+            for a, b, src in lst:
+                if src == dst:
+                    continue
+                for lo, hi in need:
+                    c, d = max(a, lo), min(b, hi)
+                    if c < d:
+                        pairs[(src, dst)].append((s, c, d))
+    return pairs
+
+
+def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        elif hi > lo:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
 def colour_rounds(pairs) -> tuple[tuple[Transfer, ...], int]:
     """Proper edge colouring of the bipartite message graph (senders × receivers) with Δ colours.
 

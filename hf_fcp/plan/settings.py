@@ -16,6 +16,8 @@ from .cost import KernelCost
 STRATEGIES = ("fcp", "ring", "allgather", "packing")
 """Placements ``plan_batch`` makes: this library's (``fcp``) and the simple ones it is compared with."""
 BALANCE = ("kernel", "pairs")
+FUSION = ("auto", "all", "none")
+OVERLAP = ("auto", "always", "never")
 KERNELS = ("torch_cpu", "flash_attn", "torch_cuda", "naive")
 """Attention kernel backends the engine runs (see :mod:`hf_fcp.engine.kernels`); None = automatic."""
 KV_DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "fp8": 1}
@@ -51,6 +53,31 @@ class PlanSettings:
     """The kernel model ``balance="kernel"`` uses: a :class:`hf_fcp.plan.cost.KernelCost` (e.g. a calibrated
     cluster's ``Cluster.kernel_cost()``); ``None``: :data:`hf_fcp.plan.cost.FLASH`, PyTorch's
     FlashAttention-2 kernel measured on an H200."""
+    fusion: str = "auto"
+    """How ranks run a sequence they hold part of: ``"all"`` — *fused*, one causal kernel segment per held
+    run against all its keys (received and local, in position order) once they arrived; ``"none"`` —
+    *split*, a local causal segment at once plus one segment per stage that brings remote keys (more and
+    smaller kernel segments, each able to run as soon as its keys are there); ``"auto"`` — fused exactly
+    when the exchange is not overlapped (``overlap``), since then every key is there before any kernel runs.
+    See :mod:`hf_fcp.plan.tasks`."""
+    overlap: str = "auto"
+    """Whether a rank computes while its K/V arrive. ``"always"``: local work runs at once and each
+    stage's work when the stage arrived (the communication kernels then share the GPU with the attention
+    kernels, ``overlap_slowdown``); ``"never"``: every K/V arrives first, then all segments run (no
+    sharing; the exchange is exposed); ``"auto"``: the plan picks the faster in its step-time model
+    (:func:`hf_fcp.plan.candidates.execution`)."""
+    link_cost: float = 34.0
+    """Time to move one token's K and V between two ranks, in units of the kernel time of one causal
+    (query, key) pair forward + backward: ≈ 34 for Llama-3-70B heads (64 q / 8 kv, head dim 128, bf16) on
+    H200 NVLink (360 GB/s), ≈ 8× that over 400 Gb/s InfiniBand. ``FCPPlugin`` derives it from the model."""
+    overlap_slowdown: float = 0.06
+    """Fraction of the attention kernels' speed lost while communication kernels run beside them (NCCL
+    channels on 8 of an H100/H200's 132 SMs)."""
+    attention_layers: tuple[tuple[int | None, int], ...] = ((None, 1),)
+    """The model's kinds of attention layer as ``((window, layers), ...)``: ``window`` None for full causal
+    attention, else a sliding window of that many keys (transformers' ``sliding_window``), and how many
+    layers use it. The planner balances their summed kernel work, and every window gets its own, smaller
+    exchange (``plan.windows``); ``FCPPlugin`` reads them from the model's config."""
     kernel: str | None = None
     """Attention kernel backend every rank runs this plan's attention with (:data:`KERNELS`); None picks
     the best one for the tensors' device and dtype. It reaches the attention layers with the rank views."""
@@ -65,11 +92,16 @@ class PlanSettings:
         check_int("rounds_per_stage", self.rounds_per_stage)
         check_number("locality", self.locality, high=1.0, low_open=False)
         check_choice("balance", self.balance, BALANCE)
+        check_choice("fusion", self.fusion, FUSION)
+        check_choice("overlap", self.overlap, OVERLAP)
+        check_number("link_cost", self.link_cost, low_open=False)
+        check_number("overlap_slowdown", self.overlap_slowdown, high=0.99, low_open=False)
         if self.kernel_cost is not None and not isinstance(self.kernel_cost, KernelCost):
             raise ValueError(f"kernel_cost: got {type(self.kernel_cost).__name__}, expected an "
                              f"hf_fcp.plan.cost.KernelCost or None")
         if self.kernel is not None:
             check_choice("kernel", self.kernel, KERNELS)
+        _check_layers(self.attention_layers)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -89,6 +121,17 @@ class PlanSettings:
                 f"world_size × tokens_per_rank = {world_size} × {cap} = {cap * world_size}; "
                 f"use tokens_per_rank >= {even} or a smaller batch")
         return cap
+
+
+def _check_layers(layers) -> None:
+    expected = "a non-empty tuple of (window: int >= 1 or None, layers: int >= 1) pairs with distinct windows"
+    ok = isinstance(layers, tuple) and layers and all(isinstance(x, tuple) and len(x) == 2 for x in layers)
+    if ok:
+        ok = all((w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 1))
+                 and isinstance(n, int) and not isinstance(n, bool) and n >= 1 for w, n in layers)
+        ok = ok and len({w for w, _ in layers}) == len(layers)
+    if not ok:
+        raise ValueError(f"attention_layers: got {layers!r}, expected {expected}")
 
 
 def settings_from(settings: PlanSettings | None, overrides: dict) -> PlanSettings:

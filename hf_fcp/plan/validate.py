@@ -98,26 +98,31 @@ def _check_delivery(plan: FCPPlan, held, transfers) -> None:
 
 
 def check_view(plan: FCPPlan, rank: int) -> None:
-    """Every local query row attends to exactly the keys ``0..p`` of its sequence, each once.
+    """Every local query row attends to exactly the keys ``0..p`` of its sequence, each once (under the
+    plan's sliding window ``w``, see ``plan.for_window``: exactly ``max(0, p - w + 1)..p``).
 
-    Vectorised and bounded in memory: a query's visible keys in a segment are a prefix of the segment's keys,
+    Vectorised and bounded in memory: a query's visible keys in a segment are a slice of the segment's keys,
     i.e. a few runs of consecutive positions, so each (query, segment) becomes a few intervals and the check
-    is that each query's intervals tile ``[0, p]`` exactly. Memory O(tokens × runs per segment), never the
-    O(tokens²) key lists (the README's ``[120, 70000, 9, 3000]`` example at 4 ranks: well under 1 GB).
+    is that each query's intervals tile its expected positions exactly. Memory O(tokens × runs per segment),
+    never the O(tokens²) key lists (the README's ``[120, 70000, 9, 3000]`` example at 4 ranks: well under 1 GB).
     """
     view = plan.for_rank(rank)
+    window = plan.window
     pos = view.position_ids.numpy()
     seq = view.seq_index.numpy()
     recv_pos, recv_seq = _received_keys(plan, rank, view)
-    parts = []
+    buf_pos, buf_seq = np.concatenate([recv_pos, pos]), np.concatenate([recv_seq, seq])  # the K/V buffer
     lists = [(view.local_tasks, pos, seq)] + [(st.tasks, recv_pos, recv_seq) for st in view.stages]
+    lists += [(st.fused, buf_pos, buf_seq) for st in view.stages]
+    parts = []
     for tasks, kpos, kseq in lists:
         cu_q, cu_k = tasks.cu_q.tolist(), tasks.cu_k.tolist()
         q_rows, k_rows = tasks.q_rows.numpy(), tasks.k_rows.numpy()
         for i in range(tasks.num_segments):
             qs, ks = q_rows[cu_q[i]:cu_q[i + 1]], k_rows[cu_k[i]:cu_k[i + 1]]
-            parts.append(_segment_intervals(rank, qs, ks, tasks.causal, seq, kpos, kseq))
-    _check_tiling(rank, parts, pos, seq)
+            parts.append(_segment_intervals(rank, qs, ks, tasks.causal, window, seq, kpos, kseq))
+    first = np.zeros_like(pos) if window is None else np.maximum(0, pos - window + 1)
+    _check_tiling(rank, parts, first, pos, seq)
 
 
 def _received_keys(plan: FCPPlan, rank: int, view) -> tuple[np.ndarray, np.ndarray]:
@@ -137,43 +142,51 @@ def _received_keys(plan: FCPPlan, rank: int, view) -> tuple[np.ndarray, np.ndarr
     return recv_pos, recv_seq
 
 
-def _segment_intervals(rank, qs, ks, causal, seq, kpos, kseq):
+def _segment_intervals(rank, qs, ks, causal, window, seq, kpos, kseq):
     """(query rows, starts, ends): the key positions each query of one segment sees, as intervals.
-    Query j sees the first ``L_j`` keys (all, or bottom-right causal); raises if one is of another sequence."""
+
+    Query j sees keys ``[lo_j, hi_j)`` of the segment: all of them, or bottom-right causal (``hi_j = j +
+    shift + 1``) and, under a window ``w``, from ``lo_j = j + shift - w + 1``. Raises if one is of another
+    sequence."""
     nq, nk = len(qs), len(ks)
     empty = np.zeros(0, np.int64)
     if nk == 0 or nq == 0:
         return empty, empty, empty
-    seen = np.full(nq, nk) if not causal else np.clip(np.arange(nq) + (nk - nq) + 1, 0, nk)
+    j = np.arange(nq) + (nk - nq)  # j + shift
+    hi = np.clip(j + 1, 0, nk) if causal else np.full(nq, nk)
+    lo = np.clip(j - window + 1, 0, nk) if causal and window is not None else np.zeros(nq, np.int64)
     k_pos, k_seq = kpos[ks], kseq[ks]
-    other = np.flatnonzero(k_seq != k_seq[0])
-    same_upto = other[0] if other.size else nk  # keys [0, same_upto) share the first key's sequence
-    bad = np.flatnonzero((seen > 0) & ((seq[qs] != k_seq[0]) | (seen > same_upto)))
+    seen = hi > lo
+    same_from = np.maximum.accumulate(np.where(np.r_[True, k_seq[1:] != k_seq[:-1]], np.arange(nk), 0))
+    last = np.maximum(hi - 1, 0)  # keys [same_from[last], last] share last's sequence
+    bad = np.flatnonzero(seen & ((same_from[last] > lo) | (k_seq[last] != seq[qs])))
     if bad.size:
         q = qs[bad[0]]
         raise PlanError(f"rank {rank}: query row {q} (sequence {seq[q]}) attends to another sequence")
     run_starts = np.flatnonzero(np.r_[True, k_pos[1:] != k_pos[:-1] + 1])
     run_ends = np.r_[run_starts[1:], nk]
-    runs = np.searchsorted(run_starts, seen, side="left")  # runs that start inside each query's prefix
+    first_run = np.searchsorted(run_starts, lo, side="right") - 1  # the run holding key lo
+    runs = np.where(seen, np.searchsorted(run_starts, hi, side="left") - first_run, 0)
     rows = np.repeat(np.arange(nq), runs)
-    run = np.arange(int(runs.sum())) - np.repeat(np.cumsum(runs) - runs, runs)
-    stop = np.minimum(run_ends[run], seen[rows])
-    return qs[rows], k_pos[run_starts[run]], k_pos[stop - 1] + 1
+    run = np.repeat(first_run, runs) + np.arange(int(runs.sum())) - np.repeat(np.cumsum(runs) - runs, runs)
+    start = np.maximum(run_starts[run], lo[rows])
+    stop = np.minimum(run_ends[run], hi[rows])
+    return qs[rows], k_pos[start], k_pos[stop - 1] + 1
 
 
-def _check_tiling(rank: int, parts, pos: np.ndarray, seq: np.ndarray) -> None:
-    """Each local query row's intervals must tile ``[0, pos + 1)``: no gap, no overlap, nothing beyond."""
+def _check_tiling(rank: int, parts, first: np.ndarray, pos: np.ndarray, seq: np.ndarray) -> None:
+    """Each local query row's intervals must tile ``[first, pos + 1)``: no gap, no overlap, nothing beyond."""
     n = len(pos)
     q, a, b = (np.concatenate([p[i] for p in parts] + [np.zeros(0, np.int64)]) for i in range(3))
     order = np.lexsort((a, q))
     q, a, b = q[order], a[order], b[order]
-    first = np.r_[True, q[1:] != q[:-1]] if q.size else np.zeros(0, bool)
-    last = np.r_[q[1:] != q[:-1], True] if q.size else np.zeros(0, bool)
+    head = np.r_[True, q[1:] != q[:-1]] if q.size else np.zeros(0, bool)
+    tail = np.r_[q[1:] != q[:-1], True] if q.size else np.zeros(0, bool)
     wrong = np.zeros(n, bool)
-    wrong[q[first & (a != 0)]] = True
-    chained = np.flatnonzero(~first)
+    wrong[q[head & (a != first[q])]] = True
+    chained = np.flatnonzero(~head)
     wrong[q[chained[a[chained] != b[chained - 1]]]] = True
-    wrong[q[last & (b != pos[q] + 1)]] = True
+    wrong[q[tail & (b != pos[q] + 1)]] = True
     present = np.zeros(n, bool)
     present[q] = True
     wrong |= ~present
@@ -181,7 +194,7 @@ def _check_tiling(rank: int, parts, pos: np.ndarray, seq: np.ndarray) -> None:
         r = int(np.flatnonzero(wrong)[0])
         keys = int(np.bincount(q, weights=b - a, minlength=n)[r])
         raise PlanError(f"rank {rank}: query row {r} (sequence {seq[r]}, position {pos[r]}) attends to "
-                        f"{keys} keys, expected exactly positions 0..{pos[r]}")
+                        f"{keys} keys, expected exactly positions {first[r]}..{pos[r]}")
 
 
 def _buffer_start(plan: FCPPlan, rank: int, transfer) -> int:

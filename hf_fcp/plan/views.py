@@ -1,81 +1,29 @@
 """The per-rank view of a plan: what one worker needs to run attention and to cut its shard of the batch.
 
 A :class:`RankView` is picklable and moves with ``.to(device)``. Local token order is the order of
-``plan.spans(rank)``. Attention work is precomputed as varlen batches (:class:`TaskList`), so the engine
-only gathers rows and calls kernels:
-
-* ``local_tasks`` (causal, bottom-right aligned): one segment per held sequence; its held runs, joined
-  in position order, are both the queries and the keys. The positions between runs are not in the
-  segment, so "query i sees keys 0..i of the joined runs" is exactly the causal mask::
-
-      queries = keys:  [ a1 .. b1 | a2 ....... b2 ]     (tokens b1..a2 live on other ranks)
-
-* ``stages[k].tasks`` (not causal): keys are rows of the receive buffer that arrived in stage ``k``.
-  Received pieces never overlap held tokens, so a piece is either wholly before a held run (all pairs
-  visible) or wholly after it (none). Consecutive held runs of a sequence that see the same pieces
-  share one segment, so each query row appears once per stage. Pieces after every run (sent by
-  ``ring``/``allgather``) are skipped.
+``plan.spans(rank)``. Attention work is precomputed as varlen batches (:mod:`.tasks`): ``local_tasks``
+run at once on local K/V; each communication stage's ``tasks`` (split sequences, against the receive
+buffer) and ``fused`` (fused sequences, against the K/V buffer ``[receive buffer | local K/V]``) run once
+the stage's K/V arrived. Which sequences a rank runs fused is the plan's decision (``plan.fused``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from .spans import ranges
+from .tasks import Movable, TaskList, fused_segments, fused_tasks, local_tasks, remote_tasks
 
 
 def _tensor(a) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a, dtype=np.int64))
 
 
-class _Movable:
-    """``.to(device)`` for dataclasses holding tensors, nested views and tuples of views."""
-
-    def to(self, device):
-        changes = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                changes[f.name] = value.to(device)
-            elif isinstance(value, _Movable):
-                changes[f.name] = value.to(device)
-            elif isinstance(value, tuple) and value and isinstance(value[0], _Movable):
-                changes[f.name] = tuple(v.to(device) for v in value)
-        return replace(self, **changes)
-
-
 @dataclass(frozen=True)
-class TaskList(_Movable):
-    """A varlen batch of attention segments. Segment ``i`` has queries ``q[q_rows[cu_q[i]:cu_q[i+1]]]``
-    and keys/values ``kv[k_rows[cu_k[i]:cu_k[i+1]]]`` (``kv`` = local K/V or the receive buffer)."""
-
-    q_rows: torch.Tensor  # int64 (Nq,) local token rows
-    cu_q: torch.Tensor  # int64 (S+1,)
-    k_rows: torch.Tensor  # int64 (Nk,)
-    cu_k: torch.Tensor  # int64 (S+1,)
-    max_q: int
-    max_k: int
-    causal: bool  # bottom-right aligned causal mask when True
-
-    @property
-    def num_segments(self) -> int:
-        return int(self.cu_q.numel()) - 1
-
-    @staticmethod
-    def build(q_runs: list[np.ndarray], k_runs: list[np.ndarray], causal: bool) -> "TaskList":
-        q_len = np.array([len(r) for r in q_runs], dtype=np.int64)
-        k_len = np.array([len(r) for r in k_runs], dtype=np.int64)
-        cat = lambda runs: np.concatenate(runs) if runs else np.zeros(0, np.int64)  # noqa: E731
-        return TaskList(q_rows=_tensor(cat(q_runs)), cu_q=_tensor(np.concatenate([[0], np.cumsum(q_len)])),
-                        k_rows=_tensor(cat(k_runs)), cu_k=_tensor(np.concatenate([[0], np.cumsum(k_len)])),
-                        max_q=int(q_len.max(initial=0)), max_k=int(k_len.max(initial=0)), causal=causal)
-
-
-@dataclass(frozen=True)
-class RoundView(_Movable):
+class RoundView(Movable):
     """This rank's part of one congestion-free round (peer −1: nothing in that direction)."""
 
     send_peer: int
@@ -86,20 +34,22 @@ class RoundView(_Movable):
 
 
 @dataclass(frozen=True)
-class StageView(_Movable):
+class StageView(Movable):
     """Rounds run together as one communication stage, and the attention work their KV unlocks."""
 
     rounds: tuple[RoundView, ...]
-    tasks: TaskList  # keys index the receive buffer; causal=False
+    tasks: TaskList  # split sequences: keys index the receive buffer; causal=False
+    fused: TaskList  # fused sequences whose last needed piece arrived here: keys index the K/V buffer; causal
 
 
 @dataclass(frozen=True)
-class RankView(_Movable):
+class RankView(Movable):
     """Everything rank ``rank`` needs for one batch. Tensors are int64 on CPU until ``.to(device)``."""
 
     rank: int
     world_size: int
     num_tokens: int  # tokens in the global batch
+    longest: int  # tokens in the batch's longest sequence (host-side: no device read)
     fingerprint: str  # the plan's fingerprint (equal on every rank of a consistent plan)
     seq_lens: torch.Tensor  # int64 (num_seqs,) the global batch
     token_index: torch.Tensor  # int64 (n_local,) index of each local token in the concatenated batch
@@ -109,7 +59,11 @@ class RankView(_Movable):
     num_recv: int  # rows of the receive buffer (remote KV tokens)
     local_tasks: TaskList
     stages: tuple[StageView, ...]
+    has_fused: bool  # some stage runs fused segments: the K/V buffer is [receive buffer | local K/V]
+    overlap: bool = True  # compute while K/V arrive; False: wait for every stage first (plan.overlap)
     kernel: str | None = None  # attention kernel backend (the plan's ``settings.kernel``; None: automatic)
+    window: int | None = None  # sliding window of the layers this view serves (None: full causal attention)
+    windows: tuple["RankView", ...] = ()  # the views of the plan's sliding windows (``for_window``)
 
     @property
     def num_local(self) -> int:
@@ -118,6 +72,22 @@ class RankView(_Movable):
     @property
     def num_seqs(self) -> int:
         return int(self.seq_lens.numel())
+
+    def for_window(self, window: int | None) -> "RankView":
+        """The view of the layers with sliding ``window`` (None: full attention, this view): the same tokens
+        with the window's smaller exchange (``plan.for_window(window).for_rank(rank)``)."""
+        if window is None or window == self.window:
+            return self
+        for sub in self.windows:
+            if sub.window == window:
+                return sub
+        if self.world_size == 1:  # nothing is exchanged: the kernels mask the window
+            return replace(self, window=window, windows=())
+        have = [sub.window for sub in self.windows]
+        raise ValueError(f"window: got {window!r}, expected None or one of the plan's sliding windows {have}; plan "
+                         f"the batch for the model's layer kinds: FCPPlugin.collator(model.config) (FCPTrainer "
+                         f"does), or PlanSettings(attention_layers=hf_fcp.integrations.layer_kinds."
+                         f"attention_layers(model.config))")
 
 
 def build_rank_view(plan, rank: int) -> RankView:
@@ -129,34 +99,37 @@ def build_rank_view(plan, rank: int) -> RankView:
     by_seq: dict[int, list[tuple[int, int, int]]] = {}
     for (s, a, b), o in zip(spans.tolist(), local_off.tolist()):
         by_seq.setdefault(s, []).append((a, b, o))
-    for runs in by_seq.values():
-        runs.sort()
+    by_seq = {s: _merge_touching(sorted(runs)) for s, runs in by_seq.items()}
     mine = plan.transfers_of(rank)  # built on demand for ring/allgather plans: once per view
+    num_recv, n_local = sum(t.tokens for t in mine if t.dst == rank), int(lens.sum())
+    fused = plan.fused_on(rank)
+    stages, segments = _stages(plan, rank, mine, by_seq, fused, num_recv, n_local)
+    extra = [(q, k) for stage, q, k in segments if stage < 0]
     return RankView(
-        rank=rank, world_size=plan.world_size, num_tokens=plan.num_tokens, fingerprint=plan.fingerprint,
+        rank=rank, world_size=plan.world_size, num_tokens=plan.num_tokens, longest=max(plan.seq_lens),
+        fingerprint=plan.fingerprint,
         seq_lens=_tensor(plan.seq_lens),
         token_index=_tensor(ranges(offsets[spans[:, 0]] + spans[:, 1], lens)),
         position_ids=_tensor(ranges(spans[:, 1], lens)),
         seq_index=_tensor(np.repeat(spans[:, 0], lens)),
         spans=_tensor(spans),
-        num_recv=sum(t.tokens for t in mine if t.dst == rank),
-        local_tasks=_local_tasks(spans, local_off, by_seq),
-        stages=_stages(plan, rank, mine, spans, local_off, by_seq),
-        kernel=plan.settings.kernel,
+        num_recv=num_recv, local_tasks=local_tasks(by_seq, fused, n_local, extra), stages=stages,
+        has_fused=any(st.fused.num_segments for st in stages), overlap=plan.overlap, kernel=plan.settings.kernel,
+        window=plan.window, windows=tuple(build_rank_view(plan.for_window(w.window), rank) for w in plan.windows),
     )
 
 
-def _local_tasks(spans, local_off, by_seq) -> TaskList:
-    """One causal segment per sequence: its held spans, in position order (which is local order), are
-    both queries and keys; bottom-right causal over the joined runs is exactly the causal mask, because
-    the positions missing between runs are not in the segment."""
-    q_runs = [_rows(by_seq[s]) for s in dict.fromkeys(spans[:, 0].tolist())]
-    return TaskList.build(q_runs, q_runs, causal=True)
-
-
-def _rows(runs) -> np.ndarray:
-    """Local rows of ``runs`` ((start, end, local offset), in position order), concatenated."""
-    return ranges(np.array([o for _, _, o in runs], np.int64), np.array([b - a for a, b, _ in runs], np.int64))
+def _merge_touching(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Held runs (start, end, local offset) in position order, touching ones merged when they are also
+    adjacent in local order (plans from ``make_plan`` may list one run as several spans)."""
+    out = [runs[0]]
+    for a, b, o in runs[1:]:
+        a0, b0, o0 = out[-1]
+        if a == b0 and o == o0 + b0 - a0:
+            out[-1] = (a0, b, o0)
+        else:
+            out.append((a, b, o))
+    return out
 
 
 def _send_rows(pieces, by_seq) -> np.ndarray:
@@ -168,12 +141,13 @@ def _send_rows(pieces, by_seq) -> np.ndarray:
     return ranges(np.array(starts, np.int64), np.array(lens, np.int64))
 
 
-def _stages(plan, rank, mine, spans, local_off, by_seq) -> tuple[StageView, ...]:
+def _stages(plan, rank, mine, by_seq, fused, num_recv: int, n_local: int) -> tuple[tuple[StageView, ...], list]:
+    """The stage views and the fused segments (:func:`.tasks.fused_segments`) of rank ``rank``."""
     sends = {t.round: t for t in mine if t.src == rank}
     recvs = {t.round: t for t in mine if t.dst == rank}
-    out, buf = [], 0
-    for r0, r1 in plan.stages:
-        rounds, pieces = [], []  # pieces: (seq, start, end, buffer row)
+    rounds_of, pieces, buf = [], [], 0  # pieces: (seq, start, end, buffer row, stage)
+    for k, (r0, r1) in enumerate(plan.stages):
+        rounds = []
         for r in range(r0, r1):
             snd, rcv = sends.get(r), recvs.get(r)
             rounds.append(RoundView(
@@ -181,42 +155,12 @@ def _stages(plan, rank, mine, spans, local_off, by_seq) -> tuple[StageView, ...]
                 send_rows=_tensor(_send_rows(snd.pieces, by_seq) if snd else np.zeros(0, np.int64)),
                 recv_peer=rcv.src if rcv else -1, recv_start=buf, recv_len=rcv.tokens if rcv else 0))
             for s, c, d in (rcv.pieces if rcv else ()):
-                pieces.append((s, c, d, buf))
+                pieces.append((s, c, d, buf, k))
                 buf += d - c
-        out.append(StageView(rounds=tuple(rounds), tasks=_remote_tasks(spans, local_off, pieces)))
-    return tuple(out)
-
-
-def _remote_tasks(spans, local_off, pieces) -> TaskList:
-    """Non-causal segments. For a sequence whose held runs start at a_1 < a_2 < ..., the received pieces
-    ending in (a_{j-1}, a_j] are seen by runs j, j+1, ...: one segment per such group, each piece once."""
-    by_seq: dict[int, list[tuple[int, int, int]]] = {}
-    for s, c, d, row in pieces:
-        by_seq.setdefault(s, []).append((c, d, row))
-    runs: dict[int, list[tuple[int, int, int]]] = {}
-    for (s, a, b), o in zip(spans.tolist(), local_off.tolist()):
-        runs.setdefault(s, []).append((a, b, o))
-    for held in runs.values():
-        held.sort()
-    q_runs, k_runs = [], []
-    for s, got in by_seq.items():
-        held, keys, group = runs.get(s, []), [], []
-        got.sort()
-        i = 0
-        for j, (a, _, _) in enumerate(held):
-            new = []
-            while i < len(got) and got[i][1] <= a:
-                c, d, row = got[i]
-                new.append(np.arange(row, row + d - c, dtype=np.int64))
-                i += 1
-            if new and group:  # this run sees more keys than the runs before it: close their segment
-                q_runs.append(_rows(group))
-                k_runs.append(np.concatenate(keys))
-                group = []
-            keys += new
-            if keys:
-                group.append(held[j])
-        if group:
-            q_runs.append(_rows(group))
-            k_runs.append(np.concatenate(keys))
-    return TaskList.build(q_runs, k_runs, causal=False)
+        rounds_of.append(tuple(rounds))
+    segments = fused_segments(by_seq, fused, pieces, num_recv, plan.window)
+    fused_by_stage = fused_tasks(segments, len(rounds_of), n_local, num_recv, plan.overlap)
+    stages = tuple(StageView(rounds=rounds, fused=fused_by_stage[k],
+                             tasks=remote_tasks(by_seq, fused, [p[:4] for p in pieces if p[4] == k], n_local, num_recv))
+                   for k, rounds in enumerate(rounds_of))
+    return stages, segments

@@ -148,12 +148,12 @@ def format_report(report: Report) -> str:
 
 def _compare_table(report: Report) -> list[str]:
     up = speedups(report.rows)
-    out = [f"{'ranks':>5}  {'strategy':<10}{'cp':>4}{'attn MFU':>10}{'step ms':>10}{'comp imb':>10}{'comm imb':>10}"
-           f"{'comm GB':>10}{'exposed ms':>12}{'plan ms':>9}{'fcp speedup':>13}"]
+    out = [f"{'ranks':>5}  {'strategy':<10}{'cp':>4}{'attn MFU':>10}{'of ideal':>10}{'step ms':>10}{'comp imb':>10}"
+           f"{'comm imb':>10}{'comm GB':>10}{'exposed ms':>12}{'plan ms':>9}{'fcp speedup':>13}"]
     for r in report.rows:
         sp = up.get((r.world_size, r.strategy))
-        out.append(f"{r.world_size:>5}  {r.strategy:<10}{r.cp_size:>4}{r.attention_mfu:>10.1%}{r.step_ms:>10.1f}"
-                   f"{r.compute_imbalance:>10.1%}{r.comm_imbalance:>10.1%}{r.comm_bytes / 1e9:>10.1f}"
+        out.append(f"{r.world_size:>5}  {r.strategy:<10}{r.cp_size:>4}{r.attention_mfu:>10.1%}{r.of_ideal:>10.1%}"
+                   f"{r.step_ms:>10.1f}{r.compute_imbalance:>10.1%}{r.comm_imbalance:>10.1%}{r.comm_bytes / 1e9:>10.1f}"
                    f"{r.exposed_comm_ms:>12.1f}{r.plan_ms:>9.1f}{(f'{sp:.2f}x' if sp else '-'):>13}")
     return out
 

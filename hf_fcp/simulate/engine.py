@@ -11,9 +11,10 @@ rank that communicates in a pass computes at ``(num_sms − comm_sms) / num_sms`
 Schedules (how far compute and communication overlap — as implemented, not idealised):
 
 * ``p2p`` (fcp, magi; :func:`hf_fcp.fcp_attention`): forward posts every stage at once (the engine's
-  default ``prefetch``), runs local work, then for each stage k waits for it and runs its work; a rank's
-  exchanges run one after another in stage order (stream order); backward runs stage k's work,
-  posts its dK/dV back to the owners, and ends with local work; owners wait for every dK/dV.
+  default ``prefetch``), runs local work, then for each stage k waits for it and runs its work (split and
+  fused segments, exactly the rank view's task lists); a rank's exchanges run one after another in stage
+  order (stream order); backward runs the stages' work last stage first, posting each stage's dK/dV back
+  to the owners after it, and ends with local work; owners wait for every dK/dV.
 * ``ring`` (TE, ByteScale, WLB-LLM): step i computes against the block held at step i while the next
   block travels; step time = max(compute, transfer); backward moves K/V and dK/dV (2×) plus a last hop
   that returns each dK/dV to its owner.
@@ -152,6 +153,8 @@ def _p2p(run: _Run, cand: Candidate, sp: Spans):
     remote, msgs = p2p_segments(cand.plan, sp)
     nslots = 1 + len(msgs)
     segs = Segments.concat([local_segments(sp), remote])
+    if not cand.plan.overlap:
+        return _p2p_exposed(run, segs, nslots, msgs)
     slow = _slowdown(run, msgs)[:, None]
     cf, cb = run.slot_times(segs, nslots, False) * slow, run.slot_times(segs, nslots, True) * slow
     t = cf[:, 0].copy()
@@ -169,7 +172,8 @@ def _p2p(run: _Run, cand: Candidate, sp: Spans):
         run.note("fwd", "compute", ready, t, f"stage {k}")
     fwd = t
     t, free = np.zeros(run.w), np.zeros(run.w)
-    for k, m in enumerate(msgs):
+    for k in reversed(range(len(msgs))):  # as the engine: a fused segment of stage k holds earlier stages' keys
+        m = msgs[k]
         run.note("bwd", "compute", t, t + cb[:, 1 + k], f"stage {k}")
         t = t + cb[:, 1 + k]
         end, start = run.exchange(np.maximum(t, free), _reverse(m))
@@ -178,6 +182,25 @@ def _p2p(run: _Run, cand: Candidate, sp: Spans):
     run.note("bwd", "compute", t, t + cb[:, 0], "local")
     bwd = np.maximum(t + cb[:, 0], free)
     return fwd, bwd, cf.sum(1), cb.sum(1), segs
+
+
+def _p2p_exposed(run: _Run, segs: Segments, nslots: int, msgs: list[Messages]):
+    """A plan without overlap (``plan.overlap`` False): every stage arrives (stream order), then all work runs
+    at full speed; backward computes everything, then returns every stage's dK/dV."""
+    cf, cb = run.slot_times(segs, nslots, False).sum(1), run.slot_times(segs, nslots, True).sum(1)
+    link = np.zeros(run.w)
+    for k, m in enumerate(msgs):
+        end, start = run.exchange(link, m)
+        run.note("fwd", "comm", start, end, f"stage {k}")
+        link = np.where(np.isfinite(start), end, link)
+    run.note("fwd", "compute", link, link + cf, "attention")
+    t = cb.copy()
+    run.note("bwd", "compute", np.zeros(run.w), t, "attention")
+    for k in reversed(range(len(msgs))):
+        end, start = run.exchange(t, _reverse(msgs[k]))
+        run.note("bwd", "comm", start, end, f"dKV {k}")
+        t = np.where(np.isfinite(start), end, t)
+    return link + cf, t, cf, cb, segs
 
 
 def _ring(run: _Run, cand: Candidate, sp: Spans):
@@ -268,6 +291,28 @@ def simulate(cand: Candidate, model: AttentionModel, cluster: Cluster, *, trace_
         rank_comm_bytes=run.rank_bytes, rank_pairs=pairs, trace=trace)
 
 
+def ideal_step_s(lens, model: AttentionModel, cluster: Cluster) -> float:
+    """The ceiling no placement can beat: the batch's attention on ONE modelled GPU — whole documents, one
+    causal segment each, one kernel launch per pass, no communication. Its MFU (useful FLOPs / (peak ×
+    this time)) is what W GPUs reach at perfect balance and zero overhead of splitting."""
+    n = np.asarray(lens, np.float64)
+    fpp = model.fwd_flops_per_pair
+    fwd = cluster.kernel_seconds(n, n, True, fpp).sum() + cluster.launch_s
+    bwd = cluster.kernel_seconds(n, n, True, fpp * BWD_FLOP_RATIO, backward=True).sum() + cluster.launch_s
+    return float(fwd + bwd)
+
+
+def planner_model(model: AttentionModel, cluster: Cluster, world: int) -> dict:
+    """The fcp planner settings that describe this machine: its kernel (``kernel_cost``), the time to move one
+    token's K and V in units of one causal pair's kernel time (``link_cost``; the slowest link the world
+    uses) and the kernels' slowdown beside communication (``overlap_slowdown``)."""
+    fpp = model.fwd_flops_per_pair
+    pair_s = fpp / (cluster.eff_fwd * cluster.peak_flops) + fpp * BWD_FLOP_RATIO / (cluster.eff_bwd * cluster.peak_flops)
+    bandwidth = cluster.nvlink_bw if world <= cluster.gpus_per_node else min(cluster.nvlink_bw, cluster.ib_bw)
+    return {"kernel_cost": cluster.kernel_cost(), "link_cost": model.kv_bytes_per_token / bandwidth / pair_s,
+            "overlap_slowdown": 1.0 - cluster.compute_share_while_comm}
+
+
 def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, tokens_per_rank: int,
                       model: AttentionModel, cluster: Cluster, cp_size: str | int = "min", stages: int = 4,
                       fcp_options: dict | None = None, trace_rank: int | None = None) -> SimResult:
@@ -276,7 +321,7 @@ def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, toke
     the smallest that holds the longest sequence) until the step time gets worse. Raises
     :class:`.strategies.NotApplicable` when the strategy cannot run the batch."""
     sizes = cp_sizes(lens, world_size, tokens_per_rank, cp_size) if name in FIXED_CP else [cp_size]
-    fcp_options = {"kernel_cost": cluster.kernel_cost(), **(fcp_options or {})}  # fcp balances this kernel
+    fcp_options = {**planner_model(model, cluster, world_size), **(fcp_options or {})}  # fcp plans for this machine
     best: SimResult | None = None
     for c in sizes:
         t0 = time.perf_counter()

@@ -9,10 +9,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..plan.settings import settings_from
+from ..plan.spans import span_cost
 from ..workloads import Distribution, make_batches
 from .cluster import Cluster
-from .engine import SimResult, simulate, simulate_strategy
-from .models import AttentionModel
+from .engine import SimResult, ideal_step_s, simulate, simulate_strategy
+from .models import BWD_FLOP_RATIO, AttentionModel
 from .strategies import STRATEGY_NAMES, NotApplicable, build
 
 SWEEP_BLOCK_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -88,6 +89,9 @@ class Row:
     """Useful FLOPs / (peak × busy compute time), mean over ranks: how well the kernels run."""
     cp_size: int
     """CP group size used (the most frequent over the steps)."""
+    of_ideal: float = 1.0
+    """attention_mfu over the ``ideal`` reference's (the same batches on one modelled GPU: whole
+    documents, one kernel per document, no communication; :func:`.engine.ideal_step_s`)."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -115,7 +119,18 @@ class Report:
         return {"rows": [r.to_json() for r in self.rows], "not_applicable": self.not_applicable}
 
 
-def _aggregate(results: list[SimResult], cluster: Cluster) -> Row:
+def _ideal(batches, s: SimSettings, w: int, block: int) -> Row:
+    """The ``ideal`` row: the same batches' attention on one modelled GPU (:func:`.engine.ideal_step_s`)."""
+    useful = sum(float(span_cost(0, np.asarray(lens)).sum()) for lens in batches) * \
+        s.model.fwd_flops_per_pair * (1 + BWD_FLOP_RATIO)
+    t = sum(ideal_step_s(lens, s.model, s.cluster) for lens in batches)
+    return Row(strategy="ideal", world_size=w, block_size=block, attention_mfu=useful / (s.cluster.peak_flops * t),
+               step_ms=1e3 * t / len(batches) / w, compute_imbalance=0.0, comm_imbalance=0.0, comm_bytes=0.0,
+               exposed_comm_ms=0.0, plan_ms=0.0, flop_imbalance=0.0, memory_imbalance=0.0,
+               kernel_efficiency=useful / (s.cluster.peak_flops * t), cp_size=1)
+
+
+def _aggregate(results: list[SimResult], cluster: Cluster, ideal: Row) -> Row:
     r0, w = results[0], results[0].world_size
     useful = sum(r.useful_flops for r in results)
     mean = lambda f: float(np.mean([getattr(r, f) for r in results]))  # noqa: E731
@@ -127,7 +142,8 @@ def _aggregate(results: list[SimResult], cluster: Cluster) -> Row:
                comm_imbalance=mean("comm_imbalance"), comm_bytes=mean("comm_bytes"),
                exposed_comm_ms=1e3 * mean("exposed_comm_s"), plan_ms=mean("plan_ms"),
                flop_imbalance=mean("flop_imbalance"), memory_imbalance=mean("memory_imbalance"),
-               kernel_efficiency=useful / (w * cluster.peak_flops * busy), cp_size=max(set(cps), key=cps.count))
+               kernel_efficiency=useful / (w * cluster.peak_flops * busy), cp_size=max(set(cps), key=cps.count),
+               of_ideal=useful / (w * cluster.peak_flops * sum(r.step_s for r in results)) / ideal.attention_mfu)
 
 
 def run(settings: SimSettings, progress: bool | None = None) -> Report:
@@ -142,6 +158,9 @@ def run(settings: SimSettings, progress: bool | None = None) -> Report:
     rows, skipped, example = [], [], None
     for w in s.world_sizes:
         batches = make_batches(s.distribution, world_size=w, tokens_per_rank=s.tokens_per_rank, steps=s.steps, seed=s.seed)
+        ideal = _ideal(batches, s, w, s.block_size)
+        if not s.block_sizes:
+            rows.append(ideal)
         for block, name in jobs:
             bar.set_postfix_str(f"W={w} {name} B={block}")
             try:
@@ -152,7 +171,7 @@ def run(settings: SimSettings, progress: bool | None = None) -> Report:
             except NotApplicable as e:
                 skipped.append({"strategy": name, "world_size": w, "block_size": block, "reason": str(e)})
                 continue
-            rows.append(_aggregate(results, s.cluster))
+            rows.append(_aggregate(results, s.cluster, ideal))
             if w == max(s.world_sizes) and not s.block_sizes:
                 example = example or Example(world_size=w)
                 example.rank_compute_s[name] = results[-1].rank_compute_s

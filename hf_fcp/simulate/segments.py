@@ -58,14 +58,23 @@ class Spans:
     b: np.ndarray
     key: np.ndarray
     num_seqs: int
+    fused: np.ndarray
+    """bool: the span's sequence runs fused on its rank (``plan.fused``)."""
 
     @staticmethod
     def of(plan: FCPPlan) -> "Spans":
+        """Every rank's held runs (touching spans of a sequence merged, as the rank views do)."""
         rows = [(r, s, a, b) for r, spans in enumerate(plan.rank_spans) for s, a, b in spans]
         arr = np.asarray(rows, np.int64).reshape(-1, 4)
         arr = arr[np.lexsort((arr[:, 2], arr[:, 1], arr[:, 0]))]
         n = len(plan.seq_lens)
-        return Spans(rank=arr[:, 0], seq=arr[:, 1], a=arr[:, 2], b=arr[:, 3], key=arr[:, 0] * n + arr[:, 1], num_seqs=n)
+        key = arr[:, 0] * n + arr[:, 1]
+        new = np.concatenate([[True], (key[1:] != key[:-1]) | (arr[1:, 2] != arr[:-1, 3])])[:len(arr)]
+        first, last = np.flatnonzero(new), np.flatnonzero(np.append(new[1:], True))
+        arr, key = np.column_stack([arr[first, :3], arr[last, 3]]), key[first]
+        fused_keys = np.asarray([r * n + s for r, seqs in enumerate(plan.fused) for s in seqs], np.int64)
+        return Spans(rank=arr[:, 0], seq=arr[:, 1], a=arr[:, 2], b=arr[:, 3], key=key, num_seqs=n,
+                     fused=np.isin(key, fused_keys))
 
     def match(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """All (i, j) with ``key[i] == self.key[j]`` (self.key is sorted)."""
@@ -81,12 +90,26 @@ def _segs(rank, slot, q, k, pairs) -> Segments:
 
 
 def local_segments(sp: Spans) -> Segments:
-    """Slot 0: one causal segment per held sequence (``views._local_tasks``): the rank's spans of the
-    sequence, joined in position order, are both queries and keys; pairs = each span against the rank's
-    own earlier spans of its sequence plus itself."""
+    """Slot 0 (``tasks.local_tasks``): one causal segment per held sequence run split — the rank's spans of
+    the sequence, joined in position order, are both queries and keys; pairs = each span against the rank's
+    own earlier spans of its sequence plus itself — and a causal square per run starting at 0 of the
+    sequences run fused."""
+    split = local_split_segments(_subset(sp, ~sp.fused))
+    first = sp.fused & (sp.a == 0)
+    n = (sp.b - sp.a)[first]
+    return Segments.concat([split, _segs(sp.rank[first], 0, n, n, span_cost(0, n))])
+
+
+def _subset(sp: Spans, keep: np.ndarray) -> Spans:
+    return Spans(rank=sp.rank[keep], seq=sp.seq[keep], a=sp.a[keep], b=sp.b[keep], key=sp.key[keep],
+                 num_seqs=sp.num_seqs, fused=sp.fused[keep])
+
+
+def local_split_segments(sp: Spans) -> Segments:
+    """One causal segment per held sequence over its spans joined (every sequence run split)."""
     n = sp.b - sp.a
     cum = np.cumsum(n)
-    first = np.concatenate([[True], sp.key[1:] != sp.key[:-1]])
+    first = np.concatenate([[True], sp.key[1:] != sp.key[:-1]])[:len(n)]
     group_start = np.maximum.accumulate(np.where(first, np.arange(len(n)), 0))
     earlier = cum - n - (cum[group_start] - n[group_start])  # own tokens of the sequence before this span
     pairs = earlier * n + n * (n + 1) / 2
@@ -103,15 +126,40 @@ def prefix_segments(sp: Spans) -> Segments:
 
 
 def p2p_segments(plan: FCPPlan, sp: Spans) -> tuple[Segments, list[Messages]]:
-    """Slot 1 + stage: each held span against the pieces of its sequence that arrived in that stage.
-    Also the messages of every stage (forward direction)."""
+    """Slot 1 + stage: the split sequences' held spans against the pieces of their sequence that arrived
+    in that stage, and the fused sequences' runs after position 0 against all their keys, in the slot of
+    the last stage they need (``tasks.remote_tasks`` / ``tasks.fused_tasks``). Also the messages of every
+    stage (forward direction)."""
     per = plan.settings.rounds_per_stage
     num_stages = len(plan.stages)
     rows = [(t.src, t.dst, t.round // per, s, a, b) for t in plan.transfers for s, a, b in t.pieces]
     p = np.asarray(rows, np.int64).reshape(-1, 6)
     src, dst, stage, seq, c, d = p.T
+    msgs = [_aggregate(src[stage == st], dst[stage == st], (d - c)[stage == st], plan.world_size)
+            for st in range(num_stages)]
+    fused = _fused_remote(sp, dst * sp.num_seqs + seq, stage, d)
+    if not plan.overlap:  # the rank views run every fused segment once the last stage arrived
+        fused.slot[:] = num_stages
+    return Segments.concat([_split_remote(sp, dst, stage, seq, c, d, num_stages), fused]), msgs
+
+
+def _fused_remote(sp: Spans, piece_key, stage, d) -> Segments:
+    """Fused runs with a > 0: q = b - a queries against all b keys, causal, in slot 1 + the last stage of
+    the pieces before them (pieces of a (rank, seq) sorted by end: a prefix of them precedes the run)."""
+    runs = np.flatnonzero(sp.fused & (sp.a > 0))
+    order = np.lexsort((d, piece_key))
+    pk, pd = piece_key[order], d[order]
+    big = np.int64(stage.max(initial=0) + 1)
+    last = np.maximum.accumulate(pk * big + stage[order]) - pk * big  # running max stage within a key group
+    at = np.searchsorted(pk * (int(pd.max(initial=0)) + 1) + pd,
+                         sp.key[runs] * (int(pd.max(initial=0)) + 1) + sp.a[runs], "right") - 1
+    q = sp.b[runs] - sp.a[runs]
+    return _segs(sp.rank[runs], 1 + last[at], q, sp.b[runs], span_cost(sp.a[runs], sp.b[runs]))
+
+
+def _split_remote(sp: Spans, dst, stage, seq, c, d, num_stages: int) -> Segments:
     i, j = sp.match(dst * sp.num_seqs + seq)
-    keep = sp.a[j] >= d[i]
+    keep = (sp.a[j] >= d[i]) & ~sp.fused[j]
     i, j = i[keep], j[keep]
     group = j * max(num_stages, 1) + stage[i]  # one segment per (held span, stage)
     uniq, inv = np.unique(group, return_inverse=True)
@@ -126,12 +174,7 @@ def p2p_segments(plan: FCPPlan, sp: Spans) -> tuple[Segments, list[Messages]]:
     g = g.reshape(-1)
     q = np.bincount(g, weights=q, minlength=len(first_idx))
     k = k[first_idx]
-    segs = _segs(sp.rank[j_of][first_idx], 1 + stage_of[first_idx], q, k, q * k)
-    msgs = []
-    for st in range(num_stages):
-        m = stage == st
-        msgs.append(_aggregate(src[m], dst[m], (d - c)[m], plan.world_size))
-    return segs, msgs
+    return _segs(sp.rank[j_of][first_idx], 1 + stage_of[first_idx], q, k, q * k)
 
 
 @dataclass(kw_only=True)
@@ -161,7 +204,7 @@ def ring_schedule(plan: FCPPlan, sp: Spans, cp_size: int) -> RingSchedule:
 
     def step_segments(i: int) -> Segments:
         if i == 0:
-            return local_segments(sp)
+            return local_split_segments(sp)  # ring attention runs every sequence split
         ent, src = src_at(i)
         jj_i, jj = sp.match(src * sp.num_seqs + sp.seq[ent])
         e = ent[jj_i]

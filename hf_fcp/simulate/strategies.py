@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..plan import FCPPlan, make_plan, plan_batch, span_cost
+from ..plan import FCPPlan, PlanSettings, make_plan, plan_batch, span_cost
 from ..plan.baseline_placements import merge_sorted, zigzag
 from ..plan.spans import Span
 
@@ -89,10 +89,13 @@ def _assign_to_groups(lens, groups: int, capacity: int, by_cost: bool) -> list[l
     return out
 
 
+BASELINE_SETTINGS = PlanSettings(fusion="none", overlap="always")  # the baselines as modelled so far
+
+
 def _finish(lens, spans, world, block, cap, name, schedule, cp=1, comm="collective") -> Candidate:
     spans = [merge_sorted(r) for r in spans]
     plan = make_plan(tuple(int(x) for x in lens), spans, world_size=world, block_size=block, tokens_per_rank=cap,
-                     strategy=name, comm=comm)
+                     strategy=name, comm=comm, settings=BASELINE_SETTINGS)
     return Candidate(plan=plan, schedule=schedule, cp_size=cp)
 
 

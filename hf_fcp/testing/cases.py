@@ -41,13 +41,31 @@ class AttentionCase:
     seed: int = 0
     prefetch: int | None = None
     """fcp_attention's forward stages in flight (None: all)."""
+    fusion: str = "auto"
+    """``PlanSettings.fusion``: run sequences fused, split or as the plan decides."""
+    overlap: str = "auto"
+    """``PlanSettings.overlap``: compute while K/V arrive, after, or as the plan decides."""
+    window: int | None = None
+    """Sliding window of every call (the plan is made for full and this window's layers)."""
+    softcap: float | None = None
+    """Logit soft-capping of every call."""
+    sinks: bool = False
+    """Every call adds seeded per-head sink logits (their gradient is compared too)."""
+
+
+def case_sinks(case: AttentionCase) -> torch.Tensor | None:
+    """The case's float64 (Hq,) sink logits (the same on every rank), or None."""
+    if not case.sinks:
+        return None
+    return torch.randn(case.heads[0], generator=torch.Generator().manual_seed(case.seed + 7), dtype=torch.float64)
 
 
 def plan_for(case: AttentionCase, world: int):
     """The plan every rank of a ``world``-rank group uses for ``case`` (head dim 16)."""
+    layers = ((None, 1),) if case.window is None else ((None, 1), (case.window, 1))
     return plan_batch(case.lens, world_size=1 if case.local else world, block_size=case.block, strategy=case.strategy,
                       rounds_per_stage=case.rounds_per_stage, kv_heads=case.heads[1], head_dim=16,
-                      kv_dtype=WIRE[case.dtype])
+                      kv_dtype=WIRE[case.dtype], fusion=case.fusion, overlap=case.overlap, attention_layers=layers)
 
 
 def _op(name: str):
@@ -66,15 +84,19 @@ def run_case(rank: int, world: int, case: AttentionCase) -> dict:
     q, k, v, dout = random_qkv(case.lens, *case.heads, seed=case.seed)
     idx = view.token_index
     xs = [t[idx].to(case.dtype).requires_grad_() for t in (q, k, v)]
+    sinks = case_sinks(case)
+    sinks = None if sinks is None else sinks.float().requires_grad_()
+    kw = {"prefetch": case.prefetch, "window": case.window, "softcap": case.softcap, "sinks": sinks} \
+        if case.op == "fcp" else {}
     with comm.track_comm() as counter:
         out = xs[0]
         for _ in range(case.layers):
-            kw = {"prefetch": case.prefetch} if case.op == "fcp" else {}
             out, lse = _op(case.op)(out, xs[1], xs[2], view, return_lse=True, **kw)
         (out.float() * dout[idx].float()).sum().backward()
     return {"index": idx, "out": out.detach().double(), "lse": lse.double(),
             "grads": [x.grad.double() for x in xs], "bytes": dict(counter.by_tag),
-            "recv_bytes": counter.recv_bytes, "dtype_ok": out.dtype == case.dtype}
+            "recv_bytes": counter.recv_bytes, "dtype_ok": out.dtype == case.dtype,
+            "dsinks": None if sinks is None else sinks.grad.double()}
 
 
 def run_cases(rank: int, world: int, cases: list[AttentionCase]) -> list[dict]:
@@ -101,10 +123,14 @@ def compare_to_reference(case: AttentionCase, parts: list[dict], tol: float | No
     tol = TOL[case.dtype] if tol is None else tol
     n = sum(case.lens)
     q, k, v, dout = random_qkv(case.lens, *case.heads, seed=case.seed)
-    ref = packed_causal_reference(q, k, v, case.lens, dout, layers=case.layers)
+    sinks = case_sinks(case)
+    ref = packed_causal_reference(q, k, v, case.lens, dout, layers=case.layers, window=case.window,
+                                  softcap=case.softcap, sinks=None if sinks is None else sinks.float())
     got = [gather(parts, n, "out"), gather(parts, n, "lse")] + [gather(parts, n, "grads", i) for i in range(3)]
+    if sinks is not None:  # each rank's share of d sinks: its queries' terms
+        got.append(sum(p["dsinks"] for p in parts))
     errors = [] if all(p["dtype_ok"] for p in parts) else [f"output dtype is not {case.dtype}"]
-    for name, g, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+    for name, g, r in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), got, ref):
         limit = max(tol, 2e-6) if name == "lse" else tol
         err = ((g - r).abs().max() / r.abs().max().clamp(min=1.0)).item()
         if not err <= limit:  # also catches NaN

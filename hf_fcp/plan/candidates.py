@@ -1,0 +1,133 @@
+"""The fcp planner's candidates and how it chooses: never worse than its simple alternatives.
+
+For every batch the planner makes the greedy placement (:func:`.placement.place_fcp`, balancing modelled
+kernel work and, as a variant, causal pairs) and — while the world is small enough for it to pay
+(``CANDIDATE_WORLD``) — the simple placements it must beat: every sequence zigzag-split over all ranks,
+only the sequences that must span ranks zigzag-split (the rest whole, largest first onto the least
+loaded rank with room), and contiguous all-gather-style shards. Each is polished by the local search of
+:mod:`.search` and priced by :func:`step_time`, the modelled time of one attention layer as the engine
+will run it; the fastest wins (ties: the earlier candidate, the greedy first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .baseline_placements import merge_sorted, place_allgather, place_ring, zigzag
+from .cost import KernelCost, rank_work
+from .fcp_plan import imbalance
+from .rounds import needed_pieces, windowed_pieces
+from .search import polish
+from .settings import PlanSettings
+from .spans import Span
+
+CANDIDATE_WORLD = 8  # above this (beyond one node) the greedy alone is planned: the alternatives lose at scale
+POLISH_CUTS = 400  # a placement with more cuts is not polished
+POLISHED = 2  # the fastest candidates before polishing that are polished
+MIN_BLOCK = 512  # the finer greedy candidate never uses smaller blocks
+TIE = 1e-3  # candidates this close to the fastest are told apart by their balance
+
+
+def zigzag_long(lens, world: int, cap: int) -> list[list[Span]]:
+    """Sequences longer than ``cap`` zigzag-split over all ranks; the others whole, longest first onto the
+    rank with the fewest causal pairs among those with token room (else the most room)."""
+    out: list[list[Span]] = [[] for _ in range(world)]
+    tokens, pairs = np.zeros(world, np.int64), np.zeros(world)
+    ranks = list(range(world))
+    for s, n in enumerate(lens):
+        if n > cap:
+            for r, a, b in zigzag(0, n, ranks, extra_from=s):
+                out[r].append((s, a, b))
+                tokens[r] += b - a
+                pairs[r] += (b * (b + 1.0) - a * (a + 1.0)) / 2
+    for s in sorted((s for s, n in enumerate(lens) if n <= cap), key=lambda s: (-lens[s], s)):
+        n = lens[s]
+        room = cap - tokens
+        r = int(np.argmin(np.where(room >= n, pairs, np.inf))) if (room >= n).any() else int(np.argmax(room))
+        if room[r] < n:  # no rank has room for it whole: fill the ranks with most room
+            _spread(out, tokens, s, 0, n, cap)
+            continue
+        out[r].append((s, 0, n))
+        tokens[r] += n
+        pairs[r] += n * (n + 1.0) / 2
+    return [merge_sorted(x) for x in out]
+
+
+def _spread(out, tokens, s: int, a: int, b: int, cap: int) -> None:
+    for r in np.argsort(tokens, kind="stable").tolist():
+        take = min(b - a, cap - int(tokens[r]))
+        if take > 0:
+            out[r].append((s, a, a + take))
+            tokens[r] += take
+            a += take
+        if a >= b:
+            return
+
+
+def step_time(spans: list[list[Span]], settings: PlanSettings, kernel: KernelCost, detail: bool = False):
+    """(modelled time of an average attention layer of ``spans`` run as :func:`execution` decides, imbalance
+    of its rank work) — with ``detail``, also whether it runs fused — with the exchange the planner's rounds
+    will carry (every rank receives the prefix of its runs it does not hold; under a sliding window, the
+    window before each run)."""
+    layers = settings.attention_layers
+    works = {}
+
+    def work(fused: bool) -> float:
+        works[fused] = np.array([rank_work(x, kernel, frozenset(s for s, _, _ in x) if fused else frozenset(),
+                                           layers) for x in spans])
+        return float(works[fused].max())
+
+    t, fused, _ = execution(work, link_tokens(spans, layers), settings)
+    return (t, imbalance(works[fused]), fused) if detail else (t, imbalance(works[fused]))
+
+
+def link_tokens(spans: list[list[Span]], layers) -> float:
+    """The most K/V tokens a rank sends or receives in an average layer of the model's ``layers``."""
+    sent, received = np.zeros(len(spans)), np.zeros(len(spans))
+    for window, count in layers:
+        pairs = needed_pieces(spans) if window is None else windowed_pieces(spans, window)
+        for (src, dst), pieces in pairs.items():
+            tokens = count * sum(b - a for _, a, b in pieces)
+            sent[src] += tokens
+            received[dst] += tokens
+    return float(np.maximum(sent, received).max(initial=0.0)) / sum(count for _, count in layers)
+
+
+def execution(work, link_tokens: float, settings: PlanSettings) -> tuple[float, bool, bool]:
+    """(time, fused, overlap): how the ranks run a placement, and its modelled layer time (forward +
+    backward, kernel-work units: causal pairs). ``work(fused)`` is the busiest rank's kernel work run fused
+    or split, ``link_tokens`` the most K/V tokens any rank sends or receives. Without overlap the exchange
+    is exposed once in each direction; with it, it hides behind compute that runs ``overlap_slowdown``
+    slower. ``fusion="auto"`` fuses exactly when not overlapping; ``"auto"`` settings take the fastest."""
+    options = []
+    for overlap in ((True, False) if settings.overlap == "auto" else (settings.overlap == "always",)):
+        fused = (not overlap) if settings.fusion == "auto" else settings.fusion == "all"
+        w = work(fused)
+        if overlap:
+            options.append((w / (1.0 - settings.overlap_slowdown) if link_tokens else w, fused, True))
+        else:
+            options.append((w + 2 * settings.link_cost * link_tokens, fused, False))
+    return min(options, key=lambda o: o[0])
+
+
+def choose(candidates: list[list[list[Span]]], settings: PlanSettings, kernel: KernelCost) -> list[list[Span]]:
+    """The candidate with the lowest :func:`step_time`; among those within ``TIE`` of it, the best balanced
+    (then the first). The ``POLISHED`` fastest are also polished (:func:`.search.polish`) and join in."""
+    world = len(candidates[0])
+    timed = [step_time(c, settings, kernel) for c in candidates]
+    for i in sorted(range(len(candidates)), key=lambda i: (timed[i][0], i))[:POLISHED]:
+        if _cuts(candidates[i]) <= POLISH_CUTS:  # the polished placement joins the candidates
+            candidates.append(polish(candidates[i], world, kernel, settings.attention_layers))
+            timed.append(step_time(candidates[-1], settings, kernel))
+    fastest = min(t for t, _ in timed)
+    return candidates[min((i for i in range(len(candidates)) if timed[i][0] <= fastest * (1 + TIE)),
+                          key=lambda i: (timed[i][1], i))]
+
+
+def _cuts(spans: list[list[Span]]) -> int:
+    return sum(len(x) for x in spans) - len({s for x in spans for s, _, _ in x})
+
+
+def alternatives(lens, world: int, cap: int) -> list[list[list[Span]]]:
+    """The simple placements the fcp planner must not lose to (module doc)."""
+    return [place_ring(lens, world, cap), zigzag_long(lens, world, cap), place_allgather(lens, world, cap)]
