@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     TrainingArguments,
@@ -35,6 +36,7 @@ from arguments import build_parser
 
 from hf_fcp.integrations.accelerate import FCPPlugin
 from hf_fcp.integrations.embedded import byte_tokenizer, tiny_config
+from hf_fcp.integrations.model_support import check_config
 from hf_fcp.integrations.trainer import FCPTrainer, check_training_args
 from hf_fcp.integrations.transformers import register
 from hf_fcp.plan.checks import check_choice, check_int
@@ -233,15 +235,27 @@ def load_model(model_args: ModelArguments, tokenizer, max_positions: int):
     """The model with attn_implementation="fcp" (from scratch by default)."""
     if model_args.model_name_or_path is not None:
         try:
-            return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, attn_implementation="fcp",
-                                                        dtype=torch.float32)
+            config = AutoConfig.from_pretrained(model_args.model_name_or_path)
         except (OSError, ValueError) as err:
-            raise RecipeArgumentError(f"--model_name_or_path: got {model_args.model_name_or_path!r}, expected a "
-                                      f"causal LM checkpoint ({one_line(err)})") from None
+            raise _not_a_checkpoint(model_args, err) from None
+        try:  # the model-support guard before loading: e.g. Falcon would fail inside transformers (KeyError)
+            check_config(config)
+        except ValueError as err:
+            raise RecipeArgumentError(f"--model_name_or_path {model_args.model_name_or_path}: {one_line(err)}") from None
+        try:
+            return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
+                                                        attn_implementation="fcp", dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise _not_a_checkpoint(model_args, err) from None
     config = tiny_config(model_args.model_type, vocab_size=len(tokenizer), hidden_size=model_args.hidden_size,
                          layers=model_args.num_layers, heads=model_args.num_heads,
                          kv_heads=model_args.num_kv_heads, max_positions=max_positions)
     return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="fcp")
+
+
+def _not_a_checkpoint(model_args: ModelArguments, err: Exception) -> RecipeArgumentError:
+    return RecipeArgumentError(f"--model_name_or_path: got {model_args.model_name_or_path!r}, expected a causal LM "
+                               f"checkpoint ({one_line(err)})")
 
 
 def check_data_source(args) -> None:

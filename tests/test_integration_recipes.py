@@ -69,3 +69,15 @@ def test_notebook_executes(tmp_path):
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # the block layout and the loss
     text = "".join(o.get("text", "") for o in outputs)
     assert "identical to sdpa: True" in text and "compute_imbalance" in text and "held-out bits per byte" in text
+
+
+def test_a_local_checkpoint_of_an_unsupported_family_is_refused_before_loading(tmp_path):
+    """The recipes run the model-support guard on the checkpoint's config first: Falcon would otherwise fail
+    inside transformers with a bare KeyError: 'fcp'."""
+    import common
+    from hf_fcp.testing.families import tiny_config
+
+    tiny_config("falcon").save_pretrained(tmp_path)
+    args = common.ModelArguments(model_name_or_path=str(tmp_path))
+    with pytest.raises(common.RecipeArgumentError, match=r"--model_name_or_path .*model_type 'falcon'.*KeyError"):
+        common.load_model(args, tokenizer=None, max_positions=64)

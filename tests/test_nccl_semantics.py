@@ -396,7 +396,6 @@ def _mid_exchange_failure_worker(rank: int, world: int) -> tuple[str, float]:
     after the plan check: the others must raise within the FCP timeout, not hang."""
     from hf_fcp.engine.attention import fcp_attention
 
-    comm.set_timeout(FAIL_TIMEOUT_S)
     view = plan_batch((world * 16,), world_size=world, block_size=16, strategy="allgather").for_rank(rank)
     real, calls = comm.pack_kv, []
 
@@ -408,7 +407,8 @@ def _mid_exchange_failure_worker(rank: int, world: int) -> tuple[str, float]:
 
     comm.pack_kv = pack
     q, k, v = (torch.randn(view.num_local, h, 16) for h in (4, 2, 2))
-    fcp_attention(q, k, v, view)  # first call: plan check and a clean exchange
+    fcp_attention(q, k, v, view)  # first call: plan check and a clean exchange (default timeout: the spawned
+    comm.set_timeout(FAIL_TIMEOUT_S)  # ranks may start seconds apart on a loaded machine)
     return _outcome(lambda: fcp_attention(q, k, v, view))
 
 
@@ -419,5 +419,7 @@ def test_failure_during_exchange_on_one_rank_is_bounded_on_gloo(world):
     for rank in range(1, world):
         msg, elapsed = results[rank]
         assert msg.startswith(f"PeerFailureError: FCP rank {rank} of {world}: forward K/V exchange"), msg
-        assert "from rank 0 failed" in msg or "to rank 0 failed" in msg, msg  # names the failed peer
+        # names the failed peer; when rank 0's process has already exited, gloo reports a closed connection
+        # without saying whose, and the message names every peer of the stage, rank 0 first
+        assert "from rank 0 failed" in msg or "to rank 0 failed" in msg or "Check the log of rank(s) [0" in msg, msg
         assert elapsed < 2 * FAIL_TIMEOUT_S + 5, f"rank {rank} took {elapsed:.1f} s"
