@@ -21,6 +21,7 @@ from hf_fcp.testing.models import (
     assert_close_rel,
     fcp_step,
     grads,
+    labelled_documents,
     reference_step,
     tiny_model,
 )
@@ -38,16 +39,8 @@ def make_model(model_type: str, impl: str, seed: int = 0):
 
 
 def examples(lens=LENS, seed: int = 0):
-    """The global batch: documents with labels, the first one with a masked (-100) prompt."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i, n in enumerate(lens):
-        ids = torch.randint(3, VOCAB, (n,), generator=gen)
-        labels = ids.clone()
-        if i == 0:
-            labels[:min(10, n - 2)] = -100  # an SFT prompt
-        out.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
-    return out
+    """The global batch: documents with labels, the first one with a masked (-100) SFT prompt."""
+    return labelled_documents(lens, VOCAB, min(10, lens[0] - 2), seed)
 
 
 def sdpa_step(model_type: str, lens=LENS):

@@ -190,9 +190,9 @@ class FCPPlugin:
         the model's attention layer kinds (full / sliding windows) the planner plans for."""
         settings = self.plan_settings
         if model_config is not None:
-            settings = replace(settings, attention_layers=attention_layers(model_config))
             heads = getattr(model_config, "num_attention_heads", None)
-            settings = replace(settings, kv_heads=getattr(model_config, "num_key_value_heads", None) or heads or 8,
+            settings = replace(settings, attention_layers=attention_layers(model_config),
+                               kv_heads=getattr(model_config, "num_key_value_heads", None) or heads or 8,
                                head_dim=getattr(model_config, "head_dim", None) or (
                                    model_config.hidden_size // heads if heads else 128),
                                kv_dtype=_kv_dtype(model_config))

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .families import TOKEN_LIMIT, build_model, tiny_config
+from .models import labelled_documents
 
 LENS = (64, 1, 7, 1, 11, 4)  # document 0 spans every rank of 2 and 3 (block 8); two 1-token documents
 BLOCK = 8
@@ -112,15 +113,7 @@ def family_cases(families=None) -> list[Case]:
 
 def documents(lens=LENS, seed: int = 0) -> list[dict]:
     """The global batch: ids in [3, TOKEN_LIMIT); the first document's first tokens carry no loss."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i, n in enumerate(lens):
-        ids = torch.randint(3, TOKEN_LIMIT, (n,), generator=gen)
-        labels = ids.clone()
-        if i == 0:
-            labels[:4] = -100
-        out.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
-    return out
+    return labelled_documents(lens, TOKEN_LIMIT, 4, seed)
 
 
 def _label_count(examples) -> int:

@@ -25,6 +25,20 @@ def tiny_model(model_type: str = "llama", impl: str = "fcp", seed: int = 0, voca
     return AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl)
 
 
+def labelled_documents(lens, vocab: int, prompt: int, seed: int = 0) -> list[dict]:
+    """Seeded documents of ``lens`` tokens (ids in [3, vocab): 0-2 stay special) with ``labels``; the first
+    document's first ``prompt`` labels are -100 (a prompt that carries no loss)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lens):
+        ids = torch.randint(3, vocab, (n,), generator=gen)
+        labels = ids.clone()
+        if i == 0:
+            labels[:prompt] = -100
+        out.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    return out
+
+
 def grads(model) -> dict[str, torch.Tensor]:
     """Copies of every parameter gradient, by name."""
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
