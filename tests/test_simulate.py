@@ -59,9 +59,11 @@ def test_two_equal_sequences_take_one_sequence_time(name):
 
 
 def _split_plan(n: int, overlap: str = "always") -> Candidate:
-    """One sequence of 2n tokens: rank 0 holds [0, n), rank 1 holds [n, 2n) and needs rank 0's K/V."""
+    """One sequence of 2n tokens: rank 0 holds [0, n), rank 1 holds [n, 2n) and needs rank 0's K/V; run
+    split (a local segment first, then the remote one) when overlapped."""
+    settings = PlanSettings(overlap=overlap, fusion="none" if overlap == "always" else "auto")
     plan = make_plan((2 * n,), [[(0, 0, n)], [(0, n, 2 * n)]], world_size=2, block_size=n, tokens_per_rank=n,
-                     strategy="split", comm="p2p", settings=PlanSettings(overlap=overlap))
+                     strategy="split", comm="p2p", settings=settings)
     return Candidate(plan=plan, schedule="p2p")
 
 
@@ -89,6 +91,16 @@ def test_overlap_hides_communication_behind_compute():
     n = 4096
     r = simulate(_split_plan(n), TINY, replace(FLAT, peak_flops=1e9))  # slow compute, same link
     assert r.exposed_comm_s < 0.01 * r.step_s
+
+
+def test_communication_kernels_slow_compute_only_while_they_run():
+    n = 4096
+    cluster = replace(FLAT, peak_flops=1e9)  # compute long after each transfer ended
+    busy, quiet = (simulate(_split_plan(n), TINY, replace(cluster, comm_sms=sms)) for sms in (8, 1e-9))
+    t = 1e-5 + 4 * n / 1e9  # one transfer each way, beside rank 1's local work
+    lost = busy.rank_compute_s - quiet.rank_compute_s
+    assert lost[1] == pytest.approx(2 * t * 8 / cluster.num_sms, rel=1e-4)
+    assert busy.step_s - quiet.step_s < 0.01 * busy.step_s  # not the whole pass slowed: ~1/30000 of it
 
 
 def test_without_overlap_the_exchange_is_exposed_and_compute_runs_at_full_speed():

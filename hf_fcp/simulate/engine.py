@@ -5,8 +5,11 @@ kernel launch per time slot with work (see :mod:`.cluster`). Communication is ti
 message of ``bytes`` on a link takes ``latency + bytes / bandwidth`` (NVLink inside a node, InfiniBand
 between nodes); a rank sends and receives at once (full duplex); its messages of one exchange share its
 link, so a message ends when its sender has sent, and its receiver has received, everything of that
-exchange; a message starts once both ends posted it. Communication kernels hold ``comm_sms`` SMs, so a
-rank that communicates in a pass computes at ``(num_sms − comm_sms) / num_sms`` speed throughout it.
+exchange; a message starts once both ends posted it. Communication kernels hold ``comm_sms`` SMs, so
+compute beside them runs at ``(num_sms − comm_sms) / num_sms`` speed: in the ``p2p`` schedule while the
+rank's own transfers run (its exchanges are timed, and they are short bursts: posted up front forward,
+one per stage backward); in the ``ring`` schedule throughout the pass, as before (a transfer beside every
+step; the GPU replay found the ring model optimistic already, so it is not made more so).
 
 Schedules (how far compute and communication overlap — as implemented, not idealised):
 
@@ -14,7 +17,8 @@ Schedules (how far compute and communication overlap — as implemented, not ide
   default ``prefetch``), runs local work, then for each stage k waits for it and runs its work (split and
   fused segments, exactly the rank view's task lists); a rank's exchanges run one after another in stage
   order (stream order); backward runs the stages' work last stage first, posting each stage's dK/dV back
-  to the owners after it, and ends with local work; owners wait for every dK/dV.
+  to the owners after it, and ends with local work; owners wait for every dK/dV. Plans without overlap
+  (``plan.overlap`` False) receive every stage first and return every dK/dV last, at full compute speed.
 * ``ring`` (TE, ByteScale, WLB-LLM): step i computes against the block held at step i while the next
   block travels; step time = max(compute, transfer); backward moves K/V and dK/dV (2×) plus a last hop
   that returns each dK/dV to its owner.
@@ -149,39 +153,75 @@ def _reverse(m: Messages) -> Messages:
     return Messages(src=m.dst, dst=m.src, tokens=m.tokens)
 
 
+class _Busy:
+    """Per rank, the intervals its transfers run in (stream order: they never overlap on one rank); compute
+    that runs inside one gets ``share`` of the GPU (the communication kernels hold the rest)."""
+
+    def __init__(self, run: _Run):
+        self.share, self.w = run.cluster.compute_share_while_comm, run.w
+        self.spans: list[tuple[np.ndarray, np.ndarray]] = []
+        self.extra = np.zeros(run.w)  # compute time lost to the communication kernels, per rank
+
+    def add(self, start: np.ndarray, end: np.ndarray) -> None:
+        self.spans.append((np.where(np.isfinite(start), start, np.inf), np.where(np.isfinite(start), end, -np.inf)))
+
+    def compute(self, t: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+        """End of ``seconds`` of full-speed compute started at ``t`` (per rank), slowed inside busy intervals."""
+        left, t0 = seconds.astype(np.float64).copy(), t
+        t = t.astype(np.float64).copy()
+        for s, e in self.spans:
+            run = np.clip(s - t, 0.0, left)  # full speed until the transfer starts
+            t, left = t + run, left - run
+            room = np.clip(e - np.maximum(t, s), 0.0, None) * self.share  # full-speed work that fits inside it
+            run = np.where(left > 0, np.minimum(left, room), 0.0)
+            t = np.where(run > 0, np.maximum(t, s) + run / self.share, t)
+            left = left - run
+        end = t + left
+        self.extra += end - t0 - seconds
+        return end
+
+
 def _p2p(run: _Run, cand: Candidate, sp: Spans):
     remote, msgs = p2p_segments(cand.plan, sp)
     nslots = 1 + len(msgs)
     segs = Segments.concat([local_segments(sp), remote])
     if not cand.plan.overlap:
         return _p2p_exposed(run, segs, nslots, msgs)
-    slow = _slowdown(run, msgs)[:, None]
-    cf, cb = run.slot_times(segs, nslots, False) * slow, run.slot_times(segs, nslots, True) * slow
-    t = cf[:, 0].copy()
-    run.note("fwd", "compute", np.zeros(run.w), t, "local")
-    posted = [np.zeros(run.w)] * min(run.prefetch, len(msgs))  # post time of each stage
-    link = np.zeros(run.w)  # a rank's exchanges run one after another (stream order)
-    for k, m in enumerate(msgs):
-        end, start = run.exchange(np.maximum(posted[k], link), m)
+    cf, cb = run.slot_times(segs, nslots, False), run.slot_times(segs, nslots, True)
+    busy, ends, link = _Busy(run), [], np.zeros(run.w)  # a rank's exchanges run one after another (stream order)
+
+    def post(k: int, at: np.ndarray) -> None:
+        nonlocal link
+        end, start = run.exchange(np.maximum(at, link), msgs[k])
         link = np.where(np.isfinite(start), end, link)
+        busy.add(start, end)
+        ends.append(end)
         run.note("fwd", "comm", start, end, f"stage {k}")
-        ready = np.maximum(t, end)  # waited for stage k; stage k + prefetch is posted now
+
+    for k in range(min(run.prefetch, len(msgs))):
+        post(k, np.zeros(run.w))
+    t = busy.compute(np.zeros(run.w), cf[:, 0])
+    run.note("fwd", "compute", np.zeros(run.w), t, "local")
+    for k in range(len(msgs)):
+        ready = np.maximum(t, ends[k])  # waited for stage k; stage k + prefetch is posted now
         if k + run.prefetch < len(msgs):
-            posted.append(ready)
-        t = ready + cf[:, 1 + k]
+            post(k + run.prefetch, ready)
+        t = busy.compute(ready, cf[:, 1 + k])
         run.note("fwd", "compute", ready, t, f"stage {k}")
-    fwd = t
-    t, free = np.zeros(run.w), np.zeros(run.w)
+    fwd, fwd_extra = t, busy.extra
+    busy, t, free = _Busy(run), np.zeros(run.w), np.zeros(run.w)
     for k in reversed(range(len(msgs))):  # as the engine: a fused segment of stage k holds earlier stages' keys
-        m = msgs[k]
-        run.note("bwd", "compute", t, t + cb[:, 1 + k], f"stage {k}")
-        t = t + cb[:, 1 + k]
-        end, start = run.exchange(np.maximum(t, free), _reverse(m))
+        end = busy.compute(t, cb[:, 1 + k])
+        run.note("bwd", "compute", t, end, f"stage {k}")
+        t = end
+        end, start = run.exchange(np.maximum(t, free), _reverse(msgs[k]))
         free = np.where(np.isfinite(start), end, free)
+        busy.add(start, end)
         run.note("bwd", "comm", start, end, f"dKV {k}")
-    run.note("bwd", "compute", t, t + cb[:, 0], "local")
-    bwd = np.maximum(t + cb[:, 0], free)
-    return fwd, bwd, cf.sum(1), cb.sum(1), segs
+    end = busy.compute(t, cb[:, 0])
+    run.note("bwd", "compute", t, end, "local")
+    bwd = np.maximum(end, free)
+    return fwd, bwd, cf.sum(1) + fwd_extra, cb.sum(1) + busy.extra, segs
 
 
 def _p2p_exposed(run: _Run, segs: Segments, nslots: int, msgs: list[Messages]):
