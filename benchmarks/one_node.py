@@ -13,12 +13,14 @@ against its simple alternatives (prints figures; asserts nothing).
 
     python benchmarks/one_node.py            # parts 1 and 2, ~1 min
     python benchmarks/one_node.py --scale    # and part 3, several more minutes
+    python benchmarks/one_node.py --free-exchange   # part 1 with communication free (the kernels' ceiling)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import replace
 
 import numpy as np
 
@@ -31,15 +33,18 @@ from hf_fcp.workloads import make_batch
 OTHERS = ("ring", "allgather", "bytescale", "wlb", "magi", "packing")
 
 
-def simulator_cells(steps: int) -> None:
-    print("## 1. Simulator, W=8, h200, --cp-size best")
+def simulator_cells(steps: int, free_exchange: bool = False) -> None:
+    cluster = load_cluster("h200")
+    if free_exchange:  # what the placements' kernels alone reach: NVLink at 10^16 B/s, no latency to speak of
+        cluster = replace(cluster, nvlink_bw=1e16, nvlink_latency=1e-12)
+    print(f"## 1. Simulator, W=8, h200{' with a free exchange' if free_exchange else ''}, --cp-size best")
     print(f"{'workload':<10}{'model':<12}{'T':>6}{'fcp MFU':>9}{'ideal':>8}{'of ideal':>10}"
           f"{'best other':>20}{'fcp/best':>10}{'fcp imb':>9}")
     for dist in ("lognormal", "stdlib"):
         for model in ("llama3-8b", "llama3-70b"):
             for tpr in (8192, 32768):
                 rep = run(SimSettings(distribution=parse_distribution(dist), model=get_model(model),
-                                      cluster=load_cluster("h200"), world_sizes=(8,), tokens_per_rank=tpr,
+                                      cluster=cluster, world_sizes=(8,), tokens_per_rank=tpr,
                                       steps=steps, cp_size="best", strategies=("fcp", *OTHERS)), progress=False)
                 rows = {r.strategy: r for r in rep.rows}
                 best = max((r for n, r in rows.items() if n in OTHERS), key=lambda r: r.attention_mfu)
@@ -98,8 +103,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="simulated batches per cell (default 3)")
     ap.add_argument("--repeats", type=int, default=3, help="plan-time repeats (median; default 3)")
     ap.add_argument("--scale", action="store_true", help="also simulate 16, 64 and 256 GPUs")
+    ap.add_argument("--free-exchange", action="store_true",
+                    help="part 1 only, with communication free: what the placements' kernels alone reach")
     args = ap.parse_args(argv)
-    simulator_cells(args.steps)
+    simulator_cells(args.steps, args.free_exchange)
+    if args.free_exchange:
+        return 0
     planner_grid(args.repeats)
     if args.scale:
         scale(args.steps)

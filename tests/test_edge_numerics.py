@@ -30,8 +30,9 @@ def _doc(n: int, seed: int, masked: bool = False) -> dict:
 
 
 CASES = {
-    # 80 padding tokens and one short labelled document: at every W the other ranks hold label-free tokens only
-    "rank_without_labels": [_doc(80, 0, masked=True), _doc(5, 1), _doc(1, 2)],
+    # 80 padding tokens and one labelled token (a 2-token document): whatever the placement, every rank but
+    # one holds label-free tokens only
+    "rank_without_labels": [_doc(80, 0, masked=True), _doc(2, 1), _doc(1, 2)],
     # 1-token documents (two of them all-padding; they carry no label after the shift) and one 2-token document
     # holding the batch's only label token: ranks of exactly one token, most ranks without a label
     "one_token_documents": [_doc(1, 4), _doc(1, 5, masked=True), _doc(2, 6), _doc(1, 7, masked=True)],

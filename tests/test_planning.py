@@ -236,11 +236,14 @@ def test_fcp_is_never_slower_than_its_simple_alternatives(lens, world, block, sl
 @given(st.integers(2, 8), st.integers(8192, 40000), st.sampled_from([512, 1024, 2048]))
 def test_one_document_filling_every_rank_is_balanced(world, per_rank, block):
     """One document, every rank exactly full (the hardest case for a contiguous placement): the kernel work
-    of the busiest rank is within 1% of the mean at >= 8K tokens per rank, and no slower than zigzag."""
+    of the busiest rank is within 1% of the mean at >= 8K tokens per rank, and no slower than zigzag (up to
+    the planner's ``TIE``: within it the better balanced placement wins)."""
+    from hf_fcp.plan.candidates import TIE
+
     n = per_rank * world
     plan = plan_batch([n], world_size=world, block_size=block, tokens_per_rank=per_rank)
     loads = plan.rank_loads()
     assert loads.tokens.max() == per_rank and loads.tokens.sum() == n
     assert plan.stats().compute_imbalance <= 0.01, plan.rank_loads().work
     ring = plan_batch([n], world_size=world, block_size=block, tokens_per_rank=per_rank, strategy="ring")
-    assert _layer_time(plan) <= _layer_time(ring) * (1 + 1e-9)
+    assert _layer_time(plan) <= _layer_time(ring) * (1 + TIE + 1e-9)

@@ -6,7 +6,8 @@ Main entry: :func:`plan_batch` with :class:`PlanSettings`; ``plan.for_rank(r)`` 
 :class:`~hf_fcp.plan.views.RankView`. Modules, in import order: :mod:`.checks` (argument checks),
 :mod:`.spans` (span arithmetic), :mod:`.cost` (kernel tile model), :mod:`.settings`, :mod:`.fcp_plan` (plan types and figures),
 :mod:`.baseline_placements` and :mod:`.placement` (who holds what), :mod:`.rounds` (who sends what, when),
-:mod:`.planner` (``plan_batch``), :mod:`.views` (per-rank view), :mod:`.validate` (independent checks).
+:mod:`.execution` (fused or split, overlapped or not: the modelled layer time), :mod:`.search` and
+:mod:`.candidates` (the small-world candidates and the choice), :mod:`.planner` (``plan_batch``), :mod:`.views` (per-rank view), :mod:`.validate` (independent checks).
 """
 
 from .fcp_plan import FCPPlan, PlanStats, RankLoads, Transfer, imbalance

@@ -14,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 
 from .baseline_placements import merge_sorted, place_allgather, place_ring, zigzag
-from .cost import KernelCost, rank_work
+from .cost import KernelCost
+from .execution import RankChoices, execution, link_tokens, remote_sources
 from .fcp_plan import imbalance
-from .rounds import needed_pieces, windowed_pieces
+from .rounds import needed_pieces
 from .search import polish
 from .settings import PlanSettings
 from .spans import Span
@@ -25,7 +26,7 @@ CANDIDATE_WORLD = 8  # above this (beyond one node) the greedy alone is planned:
 POLISH_CUTS = 400  # a placement with more cuts is not polished
 POLISHED = 2  # the fastest candidates before polishing that are polished
 MIN_BLOCK = 512  # the finer greedy candidate never uses smaller blocks
-TIE = 1e-3  # candidates this close to the fastest are told apart by their balance
+TIE = 5e-3  # candidates this close to the fastest are told apart by their balance (the exposure model is coarse)
 
 
 def zigzag_long(lens, world: int, cap: int) -> list[list[Span]]:
@@ -65,49 +66,15 @@ def _spread(out, tokens, s: int, a: int, b: int, cap: int) -> None:
 
 
 def step_time(spans: list[list[Span]], settings: PlanSettings, kernel: KernelCost, detail: bool = False):
-    """(modelled time of an average attention layer of ``spans`` run as :func:`execution` decides, imbalance
-    of its rank work) — with ``detail``, also whether it runs fused — with the exchange the planner's rounds
-    will carry (every rank receives the prefix of its runs it does not hold; under a sliding window, the
-    window before each run)."""
+    """(modelled time of an average attention layer of ``spans`` run as :func:`.execution.execution`
+    decides, imbalance of its rank work) — with ``detail``, also whether it runs every sequence fused — with
+    the exchange the planner's rounds will carry (every rank receives the prefix of its runs it does not
+    hold; under a sliding window, the window before each run)."""
     layers = settings.attention_layers
-    works = {}
-
-    def work(fused: bool) -> float:
-        works[fused] = np.array([rank_work(x, kernel, frozenset(s for s, _, _ in x) if fused else frozenset(),
-                                           layers) for x in spans])
-        return float(works[fused].max())
-
-    t, fused, _ = execution(work, link_tokens(spans, layers), settings)
-    return (t, imbalance(works[fused]), fused) if detail else (t, imbalance(works[fused]))
-
-
-def link_tokens(spans: list[list[Span]], layers) -> float:
-    """The most K/V tokens a rank sends or receives in an average layer of the model's ``layers``."""
-    sent, received = np.zeros(len(spans)), np.zeros(len(spans))
-    for window, count in layers:
-        pairs = needed_pieces(spans) if window is None else windowed_pieces(spans, window)
-        for (src, dst), pieces in pairs.items():
-            tokens = count * sum(b - a for _, a, b in pieces)
-            sent[src] += tokens
-            received[dst] += tokens
-    return float(np.maximum(sent, received).max(initial=0.0)) / sum(count for _, count in layers)
-
-
-def execution(work, link_tokens: float, settings: PlanSettings) -> tuple[float, bool, bool]:
-    """(time, fused, overlap): how the ranks run a placement, and its modelled layer time (forward +
-    backward, kernel-work units: causal pairs). ``work(fused)`` is the busiest rank's kernel work run fused
-    or split, ``link_tokens`` the most K/V tokens any rank sends or receives. Without overlap the exchange
-    is exposed once in each direction; with it, it hides behind compute that runs ``overlap_slowdown``
-    slower. ``fusion="auto"`` fuses exactly when not overlapping; ``"auto"`` settings take the fastest."""
-    options = []
-    for overlap in ((True, False) if settings.overlap == "auto" else (settings.overlap == "always",)):
-        fused = (not overlap) if settings.fusion == "auto" else settings.fusion == "all"
-        w = work(fused)
-        if overlap:
-            options.append((w / (1.0 - settings.overlap_slowdown) if link_tokens else w, fused, True))
-        else:
-            options.append((w + 2 * settings.link_cost * link_tokens, fused, False))
-    return min(options, key=lambda o: o[0])
+    pieces = needed_pieces(spans)
+    choices = RankChoices(spans, kernel, layers, remote_sources(pieces))
+    t, work, split, _ = execution(choices, link_tokens(spans, layers, pieces), settings, kernel)
+    return (t, imbalance(work), not any(split)) if detail else (t, imbalance(work))
 
 
 def choose(candidates: list[list[list[Span]]], settings: PlanSettings, kernel: KernelCost) -> list[list[Span]]:

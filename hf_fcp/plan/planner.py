@@ -18,9 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .baseline_placements import place_allgather, place_packing, place_ring
-from .candidates import CANDIDATE_WORLD, MIN_BLOCK, alternatives, choose, execution, step_time
+from .candidates import CANDIDATE_WORLD, MIN_BLOCK, alternatives, choose, step_time
 from .checks import check_int, check_seq_lens
 from .cost import kernel_for
+from .execution import RankChoices, execution, remote_stages
 from .fcp_plan import FCPPlan, Span, WindowPlan
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
@@ -111,19 +112,32 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
                    tokens_per_rank=tokens_per_rank, strategy=strategy, rank_spans=tuple(tuple(s) for s in spans),
                    transfers=transfers, num_rounds=rounds, settings=settings, collective=comm == "collective",
                    windows=windows)
-    all_fused = tuple(frozenset(s for s, _, _ in rank) for rank in spans)
-    work = lambda fused: float(replace(plan, fused=all_fused if fused else ()).rank_loads().work.max())  # noqa: E731
-    _, fused, overlap = execution(work, _link_tokens(plan), settings)
-    return replace(plan, fused=all_fused if fused else (), overlap=overlap, plan_ms=(time.perf_counter() - t0) * 1e3)
+    return replace(choose_execution(plan), plan_ms=(time.perf_counter() - t0) * 1e3)
 
 
-def _link_tokens(plan: FCPPlan) -> float:
-    """The most K/V tokens a rank sends or receives in an average layer (full and sliding-window kinds)."""
+def choose_execution(plan: FCPPlan) -> FCPPlan:
+    """``plan`` with the execution its settings and the model choose (``overlap``, ``fused``;
+    :func:`.execution.execution`) — again after a change of ``rounds_per_stage``, which changes how many
+    segments a split sequence runs."""
+    settings = plan.settings
+    kernel = kernel_for(settings.balance, settings.kernel_cost)
+    spans = [list(x) for x in plan.rank_spans]
+    segments = remote_stages(plan.transfers, settings.rounds_per_stage)
+    _, _, split, overlap = execution(RankChoices(spans, kernel, settings.attention_layers, segments),
+                                     _link_tokens(plan), settings, kernel)
+    fused = () if settings.fusion == "none" else tuple(frozenset(s for s, _, _ in x) - skip
+                                                         for x, skip in zip(spans, split))
+    return replace(plan, fused=fused, overlap=overlap)
+
+
+def _link_tokens(plan: FCPPlan) -> np.ndarray:
+    """Per rank, the K/V tokens it sends or receives (the larger) in an average layer (full and
+    sliding-window kinds)."""
     total = 0.0
     for window, count in plan.settings.attention_layers:
         mat = plan.for_window(window).comm_matrix()
         total = total + count * np.maximum(mat.sum(axis=0), mat.sum(axis=1))
-    return float(np.max(total)) / sum(count for _, count in plan.settings.attention_layers)
+    return np.zeros(plan.world_size) + total / sum(count for _, count in plan.settings.attention_layers)
 
 
 def _holders(spans) -> dict[int, set[int]]:

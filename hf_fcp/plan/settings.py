@@ -57,13 +57,14 @@ class PlanSettings:
     """How ranks run a sequence they hold part of: ``"all"`` — *fused*, one causal kernel segment per held
     run against all its keys (received and local, in position order) once they arrived; ``"none"`` —
     *split*, a local causal segment at once plus one segment per stage that brings remote keys (more and
-    smaller kernel segments, each able to run as soon as its keys are there); ``"auto"`` — fused exactly
-    when the exchange is not overlapped (``overlap``), since then every key is there before any kernel runs.
-    See :mod:`hf_fcp.plan.tasks`."""
+    smaller kernel segments, each able to run as soon as its keys are there); ``"auto"`` — fused when the
+    exchange is not overlapped (``overlap``: every key is there before any kernel runs), else whichever of
+    the two the step-time model finds faster (:func:`hf_fcp.plan.candidates.execution`). See
+    :mod:`hf_fcp.plan.tasks`."""
     overlap: str = "auto"
     """Whether a rank computes while its K/V arrive. ``"always"``: local work runs at once and each
     stage's work when the stage arrived (the communication kernels then share the GPU with the attention
-    kernels, ``overlap_slowdown``); ``"never"``: every K/V arrives first, then all segments run (no
+    kernels while they run, ``overlap_slowdown``); ``"never"``: every K/V arrives first, then all segments run (no
     sharing; the exchange is exposed); ``"auto"``: the plan picks the faster in its step-time model
     (:func:`hf_fcp.plan.candidates.execution`)."""
     link_cost: float = 34.0

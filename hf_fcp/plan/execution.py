@@ -1,0 +1,159 @@
+"""How the ranks run a placement, and its modelled layer time: the planner's execution model.
+
+A rank either receives every K/V first and then runs every held sequence *fused* (one causal segment per
+held run against all its keys), or *overlaps* the exchange with compute. Overlapped, a transfer costs the
+kernels beside it ``overlap_slowdown`` of their speed while it runs, and is exposed where it outlasts the
+rank's *independent* work — the work that needs no remote K/V: whole documents and runs at position 0
+when a sequence runs fused, every held sequence's local causal segment when it runs split (then the
+remote keys get one more segment per stage that brings them). Fused is less kernel work, split more work
+that can hide the transfer: :func:`execution` prices exchange-first, overlapped fused and overlapped split
+(every rank alike) and takes the fastest. (Choosing per rank and sequence, by the most hiding per extra
+work, modelled faster but ran slower in the simulator — a rank's exposure also delays the ranks waiting
+for its dK/dV — so the choice stays uniform; the engine runs any per-rank mix, ``FCPPlan.fused``.)
+
+Times are in kernel-work units (causal pairs, forward + backward; :mod:`.cost`); ``link_cost`` converts
+K/V tokens moved into them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cost import KernelCost, layered_run_cost, run_cost, segment_cost, seq_cost
+from .rounds import needed_pieces, windowed_pieces
+from .settings import PlanSettings
+from .spans import Span
+
+
+def link_tokens(spans: list[list[Span]], layers, pieces=None) -> np.ndarray:
+    """Per rank, the K/V tokens it sends or receives (the larger) in an average layer of the model's
+    ``layers`` (``pieces``: :func:`.rounds.needed_pieces` of ``spans``, when known)."""
+    sent, received = np.zeros(len(spans)), np.zeros(len(spans))
+    if pieces is None:
+        pieces = needed_pieces(spans) if any(w is None for w, _ in layers) else {}
+    for window, count in layers:
+        pairs = pieces if window is None else windowed_pieces(spans, window)
+        for (src, dst), got in pairs.items():
+            tokens = count * sum(b - a for _, a, b in got)
+            sent[src] += tokens
+            received[dst] += tokens
+    return np.maximum(sent, received) / sum(count for _, count in layers)
+
+
+def remote_sources(pieces) -> dict[tuple[int, int], int]:
+    """(rank, seq) -> how many ranks send it K/V of the sequence (``pieces``: :func:`.rounds.needed_pieces`):
+    the remote segments it runs split when every round is its own stage (``rounds_per_stage=1``)."""
+    out: dict[tuple[int, int], int] = {}
+    for (_, dst), got in pieces.items():
+        for s in {s for s, _, _ in got}:
+            out[dst, s] = out.get((dst, s), 0) + 1
+    return out
+
+
+def remote_stages(transfers, rounds_per_stage: int) -> dict[tuple[int, int], int]:
+    """(rank, seq) -> in how many communication stages K/V of the sequence reach the rank: the remote
+    segments it runs split (one per stage that brings keys)."""
+    stages: dict[tuple[int, int], set[int]] = {}
+    for t in transfers:
+        for s, _, _ in t.pieces:
+            stages.setdefault((t.dst, s), set()).add(t.round // rounds_per_stage)
+    return {key: len(v) for key, v in stages.items()}
+
+
+def split_extra(spans: list[list[Span]], segments, kernel: KernelCost, layers) -> np.ndarray:
+    """Per rank, what its sequences cost run split beyond :func:`.cost.seq_cost`'s one remote segment:
+    each further remote segment (``segments``: (rank, seq) -> their number, :func:`remote_sources` or
+    :func:`remote_stages`) pays the held queries' tile set-ups again."""
+    out = np.zeros(len(spans))
+    for (r, _), extra in _split_extra_by_seq(spans, segments, kernel, layers).items():
+        out[r] += extra
+    return out
+
+
+def _split_extra_by_seq(spans, segments, kernel: KernelCost, layers) -> dict[tuple[int, int], float]:
+    held: dict[tuple[int, int], int] = {}
+    for r, x in enumerate(spans):
+        for s, a, b in x:
+            held[r, s] = held.get((r, s), 0) + b - a
+    _, _, cq, ck = kernel.coefficients
+    full = _full_share(layers)  # cuts fall on tiles (placement.ALIGN): no partial key tiles to add
+    return {(r, s): full * (n - 1) * (cq * -(-held[r, s] // kernel.tile) + ck) for (r, s), n in segments.items()}
+
+
+def _full_share(layers) -> float:
+    return sum(count for w, count in layers if w is None) / sum(count for _, count in layers)
+
+
+class RankChoices:
+    """Per rank: the work and independent work with every sequence fused, and per sequence that needs
+    remote keys what running it split adds to each (``(seq, extra work, extra independent work)``).
+    ``segments``: (rank, seq) -> remote segments when split (:func:`remote_stages`, :func:`remote_sources`)."""
+
+    def __init__(self, spans: list[list[Span]], kernel: KernelCost, layers, segments):
+        extra = _split_extra_by_seq(spans, segments, kernel, layers)
+        full = _full_share(layers)
+        self.work, self.free = np.zeros(len(spans)), np.zeros(len(spans))
+        self.options: list[list[tuple[int, float, float]]] = []
+        for r, x in enumerate(spans):
+            opts = []
+            for s, runs in _by_seq(x).items():
+                fused = sum(layered_run_cost(a, b, layers, kernel) for a, b in runs)
+                head = sum(layered_run_cost(0, b, layers, kernel) for a, b in runs if a == 0)
+                self.work[r] += fused
+                self.free[r] += head
+                if runs[-1][0] > 0 and full > 0:  # some run needs remote keys: splitting it is a choice
+                    full_fused = sum(run_cost(a, b, kernel) for a, b in runs)
+                    full_head = sum(run_cost(0, b, kernel) for a, b in runs if a == 0)
+                    held = sum(b - a for a, b in runs)
+                    opts.append((s, full * (seq_cost(runs, kernel) - full_fused) + extra.get((r, s), 0.0),
+                                 full * (segment_cost(held, held, True, kernel) - full_head)))
+            self.options.append(opts)
+
+
+def _by_seq(spans: list[Span]) -> dict[int, list[tuple[int, int]]]:
+    """Per sequence its held runs in position order, touching ones merged (as the rank views run them)."""
+    out: dict[int, list[list[int]]] = {}
+    for s, a, b in sorted(spans):
+        runs = out.setdefault(s, [])
+        if runs and runs[-1][1] == a:
+            runs[-1][1] = b
+        else:
+            runs.append([a, b])
+    return {s: [(a, b) for a, b in runs] for s, runs in out.items()}
+
+
+def _overlapped(work: float, free: float, comm: float, settings: PlanSettings, fwd: float) -> float:
+    """A rank's modelled time with its transfer (``comm`` each way) beside ``work``, ``free`` of it
+    independent of remote K/V (module doc)."""
+    if not comm:
+        return work
+    exposed = max(0.0, comm - fwd * free) + max(0.0, comm - (1 - fwd) * free)
+    return work + 2 * settings.overlap_slowdown * comm + exposed
+
+
+def execution(choices: RankChoices, link: np.ndarray, settings: PlanSettings, kernel: KernelCost):
+    """(time, per-rank work, per-rank sequences run split, overlap) of the fastest way to run a placement
+    that the ``fusion`` and ``overlap`` settings allow (module doc). ``link``: per rank, the K/V tokens it
+    sends or receives (:func:`link_tokens`)."""
+    fwd = 1.0 / (1.0 + kernel.bwd_weight)  # the forward's share of a pair's kernel time
+    comm = settings.link_cost * link
+    options = []
+    for overlap in (True, False):
+        if settings.overlap != ("never" if overlap else "always"):
+            for split in ((False, True) if settings.fusion == "auto" and overlap else
+                          (settings.fusion == "none",)):
+                options.append(_uniform(choices, comm, settings, fwd, overlap, split))
+    return min(options, key=lambda o: o[0])
+
+
+def _uniform(choices: RankChoices, comm: np.ndarray, settings: PlanSettings, fwd: float, overlap: bool,
+             split: bool):
+    """Every rank runs every sequence split (``split``) or fused; the exchange overlapped or first."""
+    extra = np.array([sum(d for _, d, _ in opts) for opts in choices.options]) if split else 0.0
+    gain = np.array([sum(g for _, _, g in opts) for opts in choices.options]) if split else 0.0
+    work, free = choices.work + extra, choices.free + gain
+    sets = [frozenset(s for s, _, _ in opts) if split else frozenset() for opts in choices.options]
+    if not overlap:
+        return float(work.max() + 2 * comm.max()), work, sets, False
+    times = [_overlapped(w, f, c, settings, fwd) for w, f, c in zip(work, free, comm)]
+    return float(max(times, default=0.0)), work, sets, True

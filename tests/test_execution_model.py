@@ -1,0 +1,99 @@
+"""The planner's execution model (``plan.execution``): exchange first and run every sequence fused, or
+overlap the exchange with compute — each sequence fused or split per rank, whichever the model finds
+faster — and the plan records the choice the engine then runs."""
+
+import numpy as np
+import pytest
+
+from hf_fcp import PlanSettings, plan_batch
+from hf_fcp.plan.cost import FLASH, run_cost, segment_cost, seq_cost
+from hf_fcp.plan.execution import RankChoices, execution, remote_sources, remote_stages, split_extra
+from hf_fcp.plan.rounds import needed_pieces
+
+LAYERS = ((None, 1),)
+
+
+def _run(spans, link_cost, **settings):
+    pieces = needed_pieces(spans)
+    choices = RankChoices(spans, FLASH, LAYERS, remote_sources(pieces))
+    link = np.zeros(len(spans))
+    for (src, dst), got in pieces.items():
+        link[src] += sum(b - a for _, a, b in got)
+        link[dst] += sum(b - a for _, a, b in got)
+    return choices, execution(choices, link, PlanSettings(link_cost=link_cost, **settings), FLASH)
+
+
+# rank 1 holds the second half of a 4096-token document (needs 2048 K/V tokens) and, in the second case,
+# short whole documents that can hide the transfer on their own
+HALVES = [[(0, 0, 2048)], [(0, 2048, 4096)]]
+WITH_SHORT = [[(0, 0, 2048), (1, 0, 1024)], [(0, 2048, 4096), (2, 0, 1024)]]
+
+
+def test_the_choices_price_fused_and_split_runs():
+    choices = RankChoices(HALVES, FLASH, LAYERS, remote_sources(needed_pieces(HALVES)))
+    assert choices.work[1] == pytest.approx(run_cost(2048, 4096, FLASH))
+    assert choices.free[1] == 0  # its one run needs the first half
+    [(seq, extra, gain)] = choices.options[1]
+    assert seq == 0 and extra == pytest.approx(seq_cost([(2048, 4096)], FLASH) - run_cost(2048, 4096, FLASH))
+    assert gain == pytest.approx(segment_cost(2048, 2048, True, FLASH))
+    assert choices.options[0] == []  # rank 0's run is at position 0: nothing to choose
+
+
+def test_overlapped_fused_when_independent_work_hides_the_transfer():
+    choices, (t, work, split, overlap) = _run(WITH_SHORT, link_cost=2.0)
+    assert overlap and split == [frozenset(), frozenset()]
+    assert t == pytest.approx(choices.work.max() + 2 * 0.06 * 2.0 * 2048)  # only the SM share beside it
+
+
+def test_overlapped_split_when_only_the_local_segment_can_hide_it():
+    choices, (t, work, split, overlap) = _run(HALVES, link_cost=100.0)
+    assert overlap and split == [frozenset(), frozenset({0})]
+    assert work[1] == pytest.approx(choices.work[1] + choices.options[1][0][1])
+
+
+def test_exchange_first_when_nothing_hides_it():
+    choices, (t, work, split, overlap) = _run(HALVES, link_cost=2.0)  # a cheap transfer: not worth splitting
+    assert not overlap and split == [frozenset(), frozenset()]
+    assert t == pytest.approx(choices.work.max() + 2 * 2.0 * 2048)
+
+
+@pytest.mark.parametrize("fusion, overlap", [("all", "always"), ("none", "always"), ("all", "never"),
+                                             ("none", "never")])
+def test_fixed_settings_are_obeyed(fusion, overlap):
+    _, (_, _, split, overlapped) = _run(WITH_SHORT, link_cost=100.0, fusion=fusion, overlap=overlap)
+    assert overlapped == (overlap == "always")
+    assert split[1] == (frozenset({0}) if fusion == "none" else frozenset())
+
+
+def test_a_split_sequence_pays_the_tile_set_ups_of_one_more_segment_per_sending_rank():
+    spans = [[(0, 0, 1000)], [(0, 1000, 2000)], [(0, 2000, 3000)], [(0, 3000, 3300)]]  # rank 3: 3 senders
+    extra = split_extra(spans, remote_sources(needed_pieces(spans)), FLASH, LAYERS)
+    _, _, cq, ck = FLASH.coefficients
+    per_segment = lambda held: cq * -(-held // FLASH.tile) + ck  # noqa: E731
+    assert extra[3] == pytest.approx(2 * per_segment(300))
+    assert extra[2] == pytest.approx(per_segment(1000))  # two senders
+    assert extra[0] == extra[1] == 0  # none, one
+
+
+def test_a_split_sequence_runs_one_remote_segment_per_stage_that_brings_keys():
+    plan = plan_batch([4096], world_size=4, block_size=512, tokens_per_rank=1024, balance="pairs")
+    rounds: dict = {}
+    for t in plan.transfers:
+        for s, _, _ in t.pieces:
+            rounds.setdefault((t.dst, s), set()).add(t.round)
+    for per in (1, 2, 3):
+        assert remote_stages(plan.transfers, per) == {k: len({r // per for r in v}) for k, v in rounds.items()}
+    assert max(remote_stages(plan.transfers, 1).values()) > max(remote_stages(plan.transfers, 3).values())
+
+
+def test_plans_record_the_execution_the_model_chose():
+    lens = [24576] + [512] * 16  # one long document, many short ones: every rank has whole documents to run
+    plan = plan_batch(lens, world_size=4, block_size=2048, tokens_per_rank=8192, link_cost=40.0)
+    assert plan.overlap and plan.fused
+    split = [{s for s, _, _ in spans} - plan.fused_on(r) for r, spans in enumerate(plan.rank_spans)]
+    assert all(s == {0} or not s for s in split)  # only the long document may run split
+    first = plan_batch([32768], world_size=4, block_size=2048, tokens_per_rank=8192, link_cost=40.0,
+                       overlap="never")
+    assert not first.overlap and all(first.fused_on(r) == {0} for r in range(4))  # every key first: fused
+    none = plan_batch(lens, world_size=4, block_size=2048, tokens_per_rank=8192, fusion="none")
+    assert none.fused == ()
