@@ -19,6 +19,8 @@ from .spans import Span
 
 MAX_MOVES = 200  # cut-pair moves per polish
 CHOICES = 8  # per partner, the cut pairs priced exactly (three-rank cycles: dense / light cuts)
+HALVINGS = 3  # a three-rank cycle tries its step, then half and a quarter of it
+DONE = 1e-3  # the polish stops once the busiest rank is this close to the mean
 
 
 class Placement:
@@ -124,10 +126,14 @@ def _best_move(p: Placement, hi: int, tile: int):
                     options.append((abs(excess - steps * tile * gap), steps, give_cut, take_cut))
         options.sort(key=lambda o: o[0])
         for _, steps, (s1, j1, hi_left1), (s2, j2, hi_left2) in options[:CHOICES]:
-            d = steps * tile
-            m1 = (s1, j1, -d if hi_left1 else d)  # hi's side of cut 1 shrinks by d
-            m2 = (s2, j2, d if hi_left2 else -d)  # hi's side of cut 2 grows by d
-            after = _pair_max(p, m1, m2, hi, partner)
+            while steps:  # halving: a run may be short
+                d = steps * tile
+                m1 = (s1, j1, -d if hi_left1 else d)  # hi's side of cut 1 shrinks by d
+                m2 = (s2, j2, d if hi_left2 else -d)  # hi's side of cut 2 grows by d
+                after = _pair_max(p, m1, m2, hi, partner)
+                if after is not None:
+                    break
+                steps //= 2
             if after is not None and after < best_max:
                 best, best_max = (m1, m2), after
     return best
@@ -151,12 +157,17 @@ def _best_cycle(p: Placement, hi: int, tile: int):
                 continue
             for s3, j3, p1_left in [(s, j, left) for s, j, o, left in partner_cuts[p1] if o == p2][:CHOICES]:
                 steps = max(1, int((p.work[hi] - p.work.mean()) / (give - take) // tile))
-                d = steps * tile
-                moves = ((s1, j1, -d if hi_left1 else d), (s2, j2, d if hi_left2 else -d),
-                         (s3, j3, -d if p1_left else d))  # p1's side of the third cut shrinks by d
-                after = _cycle_max(p, moves, (hi, p1, p2))
-                if after is not None and after < best_max:
-                    best, best_max = moves, after
+                for _ in range(HALVINGS):  # halving: a run may be short, a partner may overshoot
+                    d = steps * tile
+                    moves = ((s1, j1, -d if hi_left1 else d), (s2, j2, d if hi_left2 else -d),
+                             (s3, j3, -d if p1_left else d))  # p1's side of the third cut shrinks by d
+                    after = _cycle_max(p, moves, (hi, p1, p2))
+                    if after is not None and after < best_max:
+                        best, best_max = moves, after
+                        break
+                    steps //= 2
+                    if not steps:
+                        break
     return best
 
 
@@ -184,6 +195,8 @@ def polish(spans: list[list[Span]], world: int, kernel: KernelCost, layers=((Non
     tile = max(1, kernel.tile)
     for _ in range(MAX_MOVES):
         hi = int(np.argmax(p.work))
+        if p.work[hi] <= p.work.mean() * (1 + DONE):
+            break
         move = _best_move(p, hi, tile) or _best_cycle(p, hi, tile)
         if move is None:
             break
