@@ -94,16 +94,19 @@ class RankChoices:
         full = _full_share(layers)
         self.work, self.free = np.zeros(len(spans)), np.zeros(len(spans))
         self.options: list[list[tuple[int, float, float]]] = []
+        windows = any(w is not None for w, _ in layers)
         for r, x in enumerate(spans):
             opts = []
             for s, runs in _by_seq(x).items():
-                fused = sum(layered_run_cost(a, b, layers, kernel) for a, b in runs)
-                head = sum(layered_run_cost(0, b, layers, kernel) for a, b in runs if a == 0)
-                self.work[r] += fused
-                self.free[r] += head
+                full_fused = sum(run_cost(a, b, kernel) for a, b in runs)
+                full_head = run_cost(0, runs[0][1], kernel) if runs[0][0] == 0 else 0.0
+                if windows:  # the layer-weighted average over full and sliding-window layers
+                    self.work[r] += sum(layered_run_cost(a, b, layers, kernel) for a, b in runs)
+                    self.free[r] += layered_run_cost(0, runs[0][1], layers, kernel) if runs[0][0] == 0 else 0.0
+                else:
+                    self.work[r] += full_fused
+                    self.free[r] += full_head
                 if runs[-1][0] > 0 and full > 0:  # some run needs remote keys: splitting it is a choice
-                    full_fused = sum(run_cost(a, b, kernel) for a, b in runs)
-                    full_head = sum(run_cost(0, b, kernel) for a, b in runs if a == 0)
                     held = sum(b - a for a, b in runs)
                     opts.append((s, full * (seq_cost(runs, kernel) - full_fused) + extra.get((r, s), 0.0),
                                  full * (segment_cost(held, held, True, kernel) - full_head)))

@@ -66,12 +66,12 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
     if strategy == "fcp":
         kernel = kernel_for(settings.balance, settings.kernel_cost)
         small = world <= CANDIDATE_WORLD
-        fused = settings.fusion == "all" or (settings.fusion == "auto" and small)  # the cost the greedy balances
+        fused = settings.fusion != "none"  # the cost the greedy balances: fused, how most plans run
         greedy = lambda b: place_fcp(lens, world, b, cap, locality=float(settings.locality), kernel=kernel,  # noqa: E731
                                      fused=fused, layers=settings.attention_layers)
         spans = greedy(block)
-        if not small and settings.fusion == "auto" and _runs_fused(spans, settings, kernel):
-            fused = True  # the split-cost placement turned out to run fused: balance fused costs instead
+        if not small and settings.fusion == "auto" and not _runs_fused(spans, settings, kernel):
+            fused = False  # the fused-cost placement turned out to run split: balance split costs instead
             spans = greedy(block)
         if small:
             finer = max(MIN_BLOCK, min(block, cap // 4))  # small worlds: blocks finer than a quarter rank too
@@ -85,7 +85,7 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
 
 
 def _runs_fused(spans, settings: PlanSettings, kernel) -> bool:
-    """Whether :func:`.candidates.execution` runs ``spans`` fused."""
+    """Whether the execution model (:func:`.execution.execution`) runs every sequence of ``spans`` fused."""
     return step_time(spans, settings, kernel, detail=True)[2]
 
 
