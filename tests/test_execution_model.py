@@ -7,7 +7,7 @@ import pytest
 
 from hf_fcp import PlanSettings, plan_batch
 from hf_fcp.plan.cost import FLASH, run_cost, segment_cost, seq_cost
-from hf_fcp.plan.execution import RankChoices, execution, remote_sources, remote_stages, split_extra
+from hf_fcp.plan.execution import RankChoices, execution, remote_sources, remote_stages
 from hf_fcp.plan.rounds import needed_pieces
 
 LAYERS = ((None, 1),)
@@ -67,12 +67,14 @@ def test_fixed_settings_are_obeyed(fusion, overlap):
 
 def test_a_split_sequence_pays_the_tile_set_ups_of_one_more_segment_per_sending_rank():
     spans = [[(0, 0, 1000)], [(0, 1000, 2000)], [(0, 2000, 3000)], [(0, 3000, 3300)]]  # rank 3: 3 senders
-    extra = split_extra(spans, remote_sources(needed_pieces(spans)), FLASH, LAYERS)
+    choices = RankChoices(spans, FLASH, LAYERS, remote_sources(needed_pieces(spans)))
     _, _, cq, ck = FLASH.coefficients
     per_segment = lambda held: cq * -(-held // FLASH.tile) + ck  # noqa: E731
-    assert extra[3] == pytest.approx(2 * per_segment(300))
-    assert extra[2] == pytest.approx(per_segment(1000))  # two senders
-    assert extra[0] == extra[1] == 0  # none, one
+    beyond = lambda r, a, b: choices.options[r][0][1] - (seq_cost([(a, b)], FLASH) - run_cost(a, b, FLASH))  # noqa: E731
+    assert beyond(3, 3000, 3300) == pytest.approx(2 * per_segment(300))
+    assert beyond(2, 2000, 3000) == pytest.approx(per_segment(1000))  # two senders
+    assert beyond(1, 1000, 2000) == pytest.approx(0, abs=1e-6)  # one
+    assert choices.options[0] == []  # rank 0 needs nothing
 
 
 def test_a_split_sequence_runs_one_remote_segment_per_stage_that_brings_keys():

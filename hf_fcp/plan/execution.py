@@ -60,17 +60,10 @@ def remote_stages(transfers, rounds_per_stage: int) -> dict[tuple[int, int], int
     return {key: len(v) for key, v in stages.items()}
 
 
-def split_extra(spans: list[list[Span]], segments, kernel: KernelCost, layers) -> np.ndarray:
-    """Per rank, what its sequences cost run split beyond :func:`.cost.seq_cost`'s one remote segment:
-    each further remote segment (``segments``: (rank, seq) -> their number, :func:`remote_sources` or
-    :func:`remote_stages`) pays the held queries' tile set-ups again."""
-    out = np.zeros(len(spans))
-    for (r, _), extra in _split_extra_by_seq(spans, segments, kernel, layers).items():
-        out[r] += extra
-    return out
-
-
 def _split_extra_by_seq(spans, segments, kernel: KernelCost, layers) -> dict[tuple[int, int], float]:
+    """(rank, seq) -> what the sequence costs run split beyond :func:`.cost.seq_cost`'s one remote segment:
+    each further remote segment (``segments``: (rank, seq) -> their number) pays the held queries' tile
+    set-ups again."""
     held: dict[tuple[int, int], int] = {}
     for r, x in enumerate(spans):
         for s, a, b in x:
