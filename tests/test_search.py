@@ -1,5 +1,6 @@
 """The cut-moving polish (``plan.search.polish``): it keeps every rank's tokens and every token placed once,
-never raises the busiest rank's modelled work, and finds moves whose first step would empty a short run."""
+never raises the busiest rank's modelled work, finds moves whose first step would empty a short run, and
+goes on in finer steps when whole-tile moves are stuck."""
 
 import numpy as np
 import pytest
@@ -49,3 +50,17 @@ def test_a_step_that_would_empty_a_short_run_is_halved_not_dropped():
     before, after = _work(spans), _work(polish(spans, 8, FLASH))
     assert before.max() / before.mean() > 1.09
     assert after.max() < 0.97 * before.max()
+
+
+def test_when_whole_tile_moves_are_stuck_finer_steps_go_on(monkeypatch):
+    from hf_fcp.plan import search
+
+    rng = np.random.default_rng(24)
+    world, cap = int(rng.integers(2, 5)), int(rng.choice([8192, 32768]))
+    lens = make_batch(parse_distribution("paper"), world * cap, rng)  # W=3, 8K tokens per rank, 14 documents
+    spans = place_fcp(tuple(lens), world, 4096, cap, kernel=FLASH, fused=True)
+    finer = _work(polish(spans, world, FLASH))
+    monkeypatch.setattr(search, "FINEST", 1)  # whole tiles only
+    tiles = _work(polish(spans, world, FLASH))
+    assert tiles.max() / tiles.mean() - 1 > 0.012
+    assert finer.max() / finer.mean() - 1 < 0.01

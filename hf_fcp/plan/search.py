@@ -6,8 +6,11 @@ same two ranks — one where the busy rank holds the denser side, one where it h
 move together by ``δ`` tokens: the busy rank hands ``δ`` dense tokens to its partner and takes ``δ`` light
 ones back, so token counts stay and about ``δ × (difference of the two positions)`` causal work moves.
 ``δ`` steps in whole kernel tiles (a cut inside a tile makes both runs pay the whole tile), so aligned
-cuts stay aligned. Every candidate move is priced with the kernel model (:mod:`.cost`) on the four runs it
-touches; the best improvement is applied until none lowers the maximum. Whole sequences never move.
+cuts stay aligned; a step that would empty a short run is halved. Every candidate move is priced with the
+kernel model (:mod:`.cost`) on the four runs it touches; the best improvement is applied until none lowers
+the maximum — then moves of an eighth of a tile are tried (off the tile grid: worth it only where the
+partial tiles they cost are cheap) — or the busiest rank is within ``DONE`` of the mean. Whole sequences
+never move.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from .spans import Span
 
 MAX_MOVES = 200  # cut-pair moves per polish
 CHOICES = 8  # per partner, the cut pairs priced exactly (three-rank cycles: dense / light cuts)
-HALVINGS = 3  # a three-rank cycle tries its step, then half and a quarter of it
+HALVINGS = 3  # a three-rank cycle whose partner overshoots tries its step, then half and a quarter of it
 DONE = 1e-3  # the polish stops once the busiest rank is this close to the mean
+FINEST = 8  # once no whole-tile move helps, steps of tile / FINEST tokens are tried
 
 
 class Placement:
@@ -157,7 +161,8 @@ def _best_cycle(p: Placement, hi: int, tile: int):
                 continue
             for s3, j3, p1_left in [(s, j, left) for s, j, o, left in partner_cuts[p1] if o == p2][:CHOICES]:
                 steps = max(1, int((p.work[hi] - p.work.mean()) / (give - take) // tile))
-                for _ in range(HALVINGS):  # halving: a run may be short, a partner may overshoot
+                overshoots = 0
+                while steps:  # halving while a run would vanish, or (HALVINGS times) a partner overshoots
                     d = steps * tile
                     moves = ((s1, j1, -d if hi_left1 else d), (s2, j2, d if hi_left2 else -d),
                              (s3, j3, -d if p1_left else d))  # p1's side of the third cut shrinks by d
@@ -165,9 +170,10 @@ def _best_cycle(p: Placement, hi: int, tile: int):
                     if after is not None and after < best_max:
                         best, best_max = moves, after
                         break
-                    steps //= 2
-                    if not steps:
+                    overshoots += after is not None
+                    if overshoots >= HALVINGS:
                         break
+                    steps //= 2
     return best
 
 
@@ -193,13 +199,18 @@ def polish(spans: list[list[Span]], world: int, kernel: KernelCost, layers=((Non
     an average layer of the model's ``layers`` (``PlanSettings.attention_layers``)."""
     p = Placement(spans, world, kernel, layers)
     tile = max(1, kernel.tile)
-    for _ in range(MAX_MOVES):
+    moves = 0
+    while moves < MAX_MOVES:
         hi = int(np.argmax(p.work))
         if p.work[hi] <= p.work.mean() * (1 + DONE):
             break
         move = _best_move(p, hi, tile) or _best_cycle(p, hi, tile)
         if move is None:
-            break
+            if tile <= max(1, kernel.tile // FINEST):
+                break
+            tile //= FINEST  # stuck on whole tiles (short runs): finer steps, cuts off the tile grid
+            continue
         for s, j, d in move:
             _apply(p, s, j, d)
+        moves += 1
     return p.spans()
