@@ -8,8 +8,9 @@ ones back, so token counts stay and about ``δ × (difference of the two positio
 ``δ`` steps in whole kernel tiles (a cut inside a tile makes both runs pay the whole tile), so aligned
 cuts stay aligned; a step that would empty a short run is halved. Every candidate move is priced with the
 kernel model (:mod:`.cost`) on the four runs it touches; the best improvement is applied until none lowers
-the maximum — then moves of an eighth of a tile are tried (off the tile grid: worth it only where the
-partial tiles they cost are cheap) — or the busiest rank is within ``DONE`` of the mean. Whole sequences
+the maximum — then, while the busiest rank is over ``FINE_ABOVE`` above the mean, moves of an eighth of a
+tile are tried (off the tile grid: worth it only where the partial tiles they cost are cheap) — or the
+busiest rank is within ``DONE`` of the mean. Whole sequences
 never move.
 """
 
@@ -24,7 +25,8 @@ MAX_MOVES = 200  # cut-pair moves per polish
 CHOICES = 8  # per partner, the cut pairs priced exactly (three-rank cycles: dense / light cuts)
 HALVINGS = 3  # a three-rank cycle whose partner overshoots tries its step, then half and a quarter of it
 DONE = 1e-3  # the polish stops once the busiest rank is this close to the mean
-FINEST = 8  # once no whole-tile move helps, steps of tile / FINEST tokens are tried
+FINEST = 8  # once no whole-tile move helps, steps of tile / FINEST tokens are tried ...
+FINE_ABOVE = 5e-3  # ... while the busiest rank is more than this above the mean
 
 
 class Placement:
@@ -206,7 +208,7 @@ def polish(spans: list[list[Span]], world: int, kernel: KernelCost, layers=((Non
             break
         move = _best_move(p, hi, tile) or _best_cycle(p, hi, tile)
         if move is None:
-            if tile <= max(1, kernel.tile // FINEST):
+            if tile <= max(1, kernel.tile // FINEST) or p.work[hi] <= p.work.mean() * (1 + FINE_ABOVE):
                 break
             tile //= FINEST  # stuck on whole tiles (short runs): finer steps, cuts off the tile grid
             continue
