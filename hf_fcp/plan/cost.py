@@ -243,15 +243,15 @@ def rank_work(spans, kernel: KernelCost, fused=frozenset(), layers=((None, 1),))
     total = 0.0
     for window, count in layers:
         if window is None:
-            total += count * sum(sum(run_cost(a, b, kernel) for a, b in _touching(runs)) if s in fused
+            total += count * sum(sum(run_cost(a, b, kernel) for a, b in touching_runs(runs)) if s in fused
                                  else seq_cost(runs, kernel) for s, runs in by_seq.items())
         else:
             total += count * sum(run_cost_window(a, b, window, kernel) for runs in by_seq.values()
-                                 for a, b in _touching(runs))
+                                 for a, b in touching_runs(runs))
     return total / sum(count for _, count in layers)
 
 
-def _touching(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def touching_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Runs in position order with touching ones merged (the rank views run them as one)."""
     out: list[list[int]] = []
     for a, b in sorted(runs):

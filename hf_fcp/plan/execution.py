@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cost import KernelCost, layered_run_cost, run_cost, segment_cost, seq_cost
+from .cost import KernelCost, layered_run_cost, run_cost, segment_cost, seq_cost, touching_runs
 from .rounds import needed_pieces, windowed_pieces
 from .settings import PlanSettings
 from .spans import Span
@@ -108,14 +108,10 @@ class RankChoices:
 
 def _by_seq(spans: list[Span]) -> dict[int, list[tuple[int, int]]]:
     """Per sequence its held runs in position order, touching ones merged (as the rank views run them)."""
-    out: dict[int, list[list[int]]] = {}
+    out: dict[int, list[tuple[int, int]]] = {}
     for s, a, b in sorted(spans):
-        runs = out.setdefault(s, [])
-        if runs and runs[-1][1] == a:
-            runs[-1][1] = b
-        else:
-            runs.append([a, b])
-    return {s: [(a, b) for a, b in runs] for s, runs in out.items()}
+        out.setdefault(s, []).append((a, b))
+    return {s: touching_runs(runs) for s, runs in out.items()}
 
 
 def _overlapped(work: float, free: float, comm: float, settings: PlanSettings, fwd: float) -> float:

@@ -38,7 +38,8 @@ import torch
 from .spans import ranges
 
 
-def _tensor(a, dtype=np.int64) -> torch.Tensor:
+def index_tensor(a, dtype=np.int64) -> torch.Tensor:
+    """``a`` as a contiguous CPU tensor of ``dtype`` (row indices, offsets)."""
     return torch.as_tensor(np.ascontiguousarray(a, dtype=dtype))
 
 
@@ -86,8 +87,9 @@ class TaskList(Movable):
         offs_q = np.concatenate([[0], np.cumsum([len(r) for r in q_runs], dtype=np.int64)])
         offs_k = np.concatenate([[0], np.cumsum([len(r) for r in k_runs], dtype=np.int64)])
         whole = lambda rows, n: len(rows) == n and bool((rows == np.arange(n)).all())  # noqa: E731
-        return TaskList(q_rows=_tensor(q_rows), k_rows=_tensor(k_rows), cu_q=_tensor(offs_q, np.int32),
-                        cu_k=_tensor(offs_k, np.int32), offs_q=tuple(offs_q.tolist()), offs_k=tuple(offs_k.tolist()),
+        return TaskList(q_rows=index_tensor(q_rows), k_rows=index_tensor(k_rows),
+                        cu_q=index_tensor(offs_q, np.int32), cu_k=index_tensor(offs_k, np.int32),
+                        offs_q=tuple(offs_q.tolist()), offs_k=tuple(offs_k.tolist()),
                         max_q=int(np.diff(offs_q).max(initial=0)), max_k=int(np.diff(offs_k).max(initial=0)),
                         causal=causal, q_all=whole(q_rows, n_q), k_all=whole(k_rows, n_k))
 

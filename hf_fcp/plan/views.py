@@ -15,11 +15,7 @@ import numpy as np
 import torch
 
 from .spans import ranges
-from .tasks import Movable, TaskList, fused_segments, fused_tasks, local_tasks, remote_tasks
-
-
-def _tensor(a) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(a, dtype=np.int64))
+from .tasks import Movable, TaskList, fused_segments, fused_tasks, index_tensor, local_tasks, remote_tasks
 
 
 @dataclass(frozen=True)
@@ -108,11 +104,11 @@ def build_rank_view(plan, rank: int) -> RankView:
     return RankView(
         rank=rank, world_size=plan.world_size, num_tokens=plan.num_tokens, longest=max(plan.seq_lens),
         fingerprint=plan.fingerprint,
-        seq_lens=_tensor(plan.seq_lens),
-        token_index=_tensor(ranges(offsets[spans[:, 0]] + spans[:, 1], lens)),
-        position_ids=_tensor(ranges(spans[:, 1], lens)),
-        seq_index=_tensor(np.repeat(spans[:, 0], lens)),
-        spans=_tensor(spans),
+        seq_lens=index_tensor(plan.seq_lens),
+        token_index=index_tensor(ranges(offsets[spans[:, 0]] + spans[:, 1], lens)),
+        position_ids=index_tensor(ranges(spans[:, 1], lens)),
+        seq_index=index_tensor(np.repeat(spans[:, 0], lens)),
+        spans=index_tensor(spans),
         num_recv=num_recv, local_tasks=local_tasks(by_seq, fused, n_local, extra), stages=stages,
         has_fused=any(st.fused.num_segments for st in stages), overlap=plan.overlap, kernel=plan.settings.kernel,
         window=plan.window, windows=tuple(build_rank_view(plan.for_window(w.window), rank) for w in plan.windows),
@@ -152,7 +148,7 @@ def _stages(plan, rank, mine, by_seq, fused, num_recv: int, n_local: int) -> tup
             snd, rcv = sends.get(r), recvs.get(r)
             rounds.append(RoundView(
                 send_peer=snd.dst if snd else -1,
-                send_rows=_tensor(_send_rows(snd.pieces, by_seq) if snd else np.zeros(0, np.int64)),
+                send_rows=index_tensor(_send_rows(snd.pieces, by_seq) if snd else np.zeros(0, np.int64)),
                 recv_peer=rcv.src if rcv else -1, recv_start=buf, recv_len=rcv.tokens if rcv else 0))
             for s, c, d in (rcv.pieces if rcv else ()):
                 pieces.append((s, c, d, buf, k))

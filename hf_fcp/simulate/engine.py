@@ -158,7 +158,7 @@ class _Busy:
     that runs inside one gets ``share`` of the GPU (the communication kernels hold the rest)."""
 
     def __init__(self, run: _Run):
-        self.share, self.w = run.cluster.compute_share_while_comm, run.w
+        self.share = run.cluster.compute_share_while_comm
         self.spans: list[tuple[np.ndarray, np.ndarray]] = []
         self.extra = np.zeros(run.w)  # compute time lost to the communication kernels, per rank
 
