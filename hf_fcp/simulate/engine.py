@@ -13,7 +13,8 @@ step; the GPU replay found the ring model optimistic already, so it is not made 
 
 Schedules (how far compute and communication overlap — as implemented, not idealised):
 
-* ``p2p`` (fcp, magi; :func:`hf_fcp.fcp_attention`): forward posts every stage at once (the engine's
+* ``p2p`` (fcp, magi; :func:`hf_fcp.fcp_attention`; the overlapped timeline is :mod:`hf_fcp.plan.timeline`,
+  which the fcp planner runs too, in kernel-work units): forward posts every stage at once (the engine's
   default ``prefetch``), runs local work, then for each stage k waits for it and runs its work (split and
   fused segments, exactly the rank view's task lists); a rank's exchanges run one after another in stage
   order (stream order); backward runs the stages' work last stage first, posting each stage's dK/dV back
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..plan import timeline
 from ..plan.fcp_plan import imbalance, span_cost
 from .cluster import Cluster
 from .models import BWD_FLOP_RATIO, AttentionModel
@@ -121,15 +123,7 @@ class _Run:
         nbytes = msgs.tokens * self.model.kv_bytes_per_token * scale
         self.rank_bytes += np.bincount(src, weights=nbytes, minlength=w) + np.bincount(dst, weights=nbytes, minlength=w)
         bw, lat = self.cluster.link(src, dst)
-        t = nbytes / bw
-        send, recv = np.bincount(src, weights=t, minlength=w), np.bincount(dst, weights=t, minlength=w)
-        start_m = np.maximum(avail[src], avail[dst])
-        end_m = start_m + lat + np.maximum(send[src], recv[dst])  # the sender's and receiver's queues
-        end, start = avail.copy(), np.full(w, np.inf)
-        for ends in (src, dst):
-            np.maximum.at(end, ends, end_m)
-            np.minimum.at(start, ends, start_m)
-        return end, start
+        return timeline.exchange(avail, src, dst, nbytes / bw, lat)
 
     def note(self, phase: str, kind: str, start, end, label: str) -> None:
         r = self.trace_rank
@@ -153,34 +147,6 @@ def _reverse(m: Messages) -> Messages:
     return Messages(src=m.dst, dst=m.src, tokens=m.tokens)
 
 
-class _Busy:
-    """Per rank, the intervals its transfers run in (stream order: they never overlap on one rank); compute
-    that runs inside one gets ``share`` of the GPU (the communication kernels hold the rest)."""
-
-    def __init__(self, run: _Run):
-        self.share = run.cluster.compute_share_while_comm
-        self.spans: list[tuple[np.ndarray, np.ndarray]] = []
-        self.extra = np.zeros(run.w)  # compute time lost to the communication kernels, per rank
-
-    def add(self, start: np.ndarray, end: np.ndarray) -> None:
-        self.spans.append((np.where(np.isfinite(start), start, np.inf), np.where(np.isfinite(start), end, -np.inf)))
-
-    def compute(self, t: np.ndarray, seconds: np.ndarray) -> np.ndarray:
-        """End of ``seconds`` of full-speed compute started at ``t`` (per rank), slowed inside busy intervals."""
-        left, t0 = seconds.astype(np.float64).copy(), t
-        t = t.astype(np.float64).copy()
-        for s, e in self.spans:
-            run = np.clip(s - t, 0.0, left)  # full speed until the transfer starts
-            t, left = t + run, left - run
-            room = np.clip(e - np.maximum(t, s), 0.0, None) * self.share  # full-speed work that fits inside it
-            run = np.where(left > 0, np.minimum(left, room), 0.0)
-            t = np.where(run > 0, np.maximum(t, s) + run / self.share, t)
-            left = left - run
-        end = t + left
-        self.extra += end - t0 - seconds
-        return end
-
-
 def _p2p(run: _Run, cand: Candidate, sp: Spans):
     remote, msgs = p2p_segments(cand.plan, sp)
     nslots = 1 + len(msgs)
@@ -188,40 +154,10 @@ def _p2p(run: _Run, cand: Candidate, sp: Spans):
     if not cand.plan.overlap:
         return _p2p_exposed(run, segs, nslots, msgs)
     cf, cb = run.slot_times(segs, nslots, False), run.slot_times(segs, nslots, True)
-    busy, ends, link = _Busy(run), [], np.zeros(run.w)  # a rank's exchanges run one after another (stream order)
-
-    def post(k: int, at: np.ndarray) -> None:
-        nonlocal link
-        end, start = run.exchange(np.maximum(at, link), msgs[k])
-        link = np.where(np.isfinite(start), end, link)
-        busy.add(start, end)
-        ends.append(end)
-        run.note("fwd", "comm", start, end, f"stage {k}")
-
-    for k in range(min(run.prefetch, len(msgs))):
-        post(k, np.zeros(run.w))
-    t = busy.compute(np.zeros(run.w), cf[:, 0])
-    run.note("fwd", "compute", np.zeros(run.w), t, "local")
-    for k in range(len(msgs)):
-        ready = np.maximum(t, ends[k])  # waited for stage k; stage k + prefetch is posted now
-        if k + run.prefetch < len(msgs):
-            post(k + run.prefetch, ready)
-        t = busy.compute(ready, cf[:, 1 + k])
-        run.note("fwd", "compute", ready, t, f"stage {k}")
-    fwd, fwd_extra = t, busy.extra
-    busy, t, free = _Busy(run), np.zeros(run.w), np.zeros(run.w)
-    for k in reversed(range(len(msgs))):  # as the engine: a fused segment of stage k holds earlier stages' keys
-        end = busy.compute(t, cb[:, 1 + k])
-        run.note("bwd", "compute", t, end, f"stage {k}")
-        t = end
-        end, start = run.exchange(np.maximum(t, free), _reverse(msgs[k]))
-        free = np.where(np.isfinite(start), end, free)
-        busy.add(start, end)
-        run.note("bwd", "comm", start, end, f"dKV {k}")
-    end = busy.compute(t, cb[:, 0])
-    run.note("bwd", "compute", t, end, "local")
-    bwd = np.maximum(end, free)
-    return fwd, bwd, cf.sum(1) + fwd_extra, cb.sum(1) + busy.extra, segs
+    exchange = lambda avail, k, back: run.exchange(avail, _reverse(msgs[k]) if back else msgs[k])  # noqa: E731
+    fwd, bwd, cf_busy, cb_busy = timeline.overlapped(cf, cb, exchange, run.cluster.compute_share_while_comm,
+                                                     run.prefetch, run.note)
+    return fwd, bwd, cf_busy, cb_busy, segs
 
 
 def _p2p_exposed(run: _Run, segs: Segments, nslots: int, msgs: list[Messages]):
