@@ -145,6 +145,15 @@ def segment_costs(q, k, causal, kernel: KernelCost) -> np.ndarray:
     return _in_pairs(*tile_counts(q, k, causal, kernel.tile), kernel)
 
 
+def segment_parts(q: int, k: int, causal: bool, kernel: KernelCost) -> tuple[float, float]:
+    """(forward, backward) work of one segment in pairs; they add up to :func:`segment_cost`."""
+    touched, diag, nq, nk = tiles(q, k, causal, kernel.tile)
+    w, t2 = kernel.bwd_weight, float(kernel.tile ** 2) / (1.0 + kernel.bwd_weight)
+    fwd = touched + kernel.fwd_diag * diag + kernel.fwd_q_tile * nq + kernel.fwd_k_tile * nk
+    bwd = touched + kernel.bwd_diag * diag + kernel.bwd_q_tile * nq + kernel.bwd_k_tile * nk
+    return fwd * t2, w * bwd * t2
+
+
 def _in_pairs(touched, diag, nq, nk, kernel: KernelCost):
     ct, cd, cq, ck = kernel.coefficients
     return ct * touched + cd * diag + cq * nq + ck * nk

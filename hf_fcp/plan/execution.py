@@ -90,7 +90,7 @@ class RankChoices:
         windows = any(w is not None for w, _ in layers)
         for r, x in enumerate(spans):
             opts = []
-            for s, runs in _by_seq(x).items():
+            for s, runs in held_runs(x).items():
                 full_fused = sum(run_cost(a, b, kernel) for a, b in runs)
                 full_head = run_cost(0, runs[0][1], kernel) if runs[0][0] == 0 else 0.0
                 if windows:  # the layer-weighted average over full and sliding-window layers
@@ -106,7 +106,7 @@ class RankChoices:
             self.options.append(opts)
 
 
-def _by_seq(spans: list[Span]) -> dict[int, list[tuple[int, int]]]:
+def held_runs(spans) -> dict[int, list[tuple[int, int]]]:
     """Per sequence its held runs in position order, touching ones merged (as the rank views run them)."""
     out: dict[int, list[tuple[int, int]]] = {}
     for s, a, b in sorted(spans):

@@ -25,6 +25,7 @@ from .execution import RankChoices, execution, remote_stages
 from .fcp_plan import FCPPlan, Span, WindowPlan
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
+from .schedule import choose_rounds
 from .settings import PlanSettings, settings_from
 
 _SIMPLE = {"ring": place_ring, "allgather": place_allgather, "packing": place_packing}
@@ -112,7 +113,18 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
                    tokens_per_rank=tokens_per_rank, strategy=strategy, rank_spans=tuple(tuple(s) for s in spans),
                    transfers=transfers, num_rounds=rounds, settings=settings, collective=comm == "collective",
                    windows=windows)
-    return replace(choose_execution(plan), plan_ms=(time.perf_counter() - t0) * 1e3)
+    return replace(schedule(plan), plan_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def schedule(plan: FCPPlan) -> FCPPlan:
+    """``plan`` with its execution chosen (:func:`choose_execution`) and, for an fcp plan of a small world
+    (``CANDIDATE_WORLD``), the colouring of its exchange that the timeline model finds fastest
+    (:func:`.schedule.choose_rounds`) — again after a change of ``rounds_per_stage``."""
+    plan = choose_execution(plan)
+    if plan.strategy != "fcp" or plan.collective or plan.world_size > CANDIDATE_WORLD:
+        return plan
+    kernel = kernel_for(plan.settings.balance, plan.settings.kernel_cost)
+    return choose_rounds(plan, needed_pieces([list(x) for x in plan.rank_spans]), kernel)
 
 
 def choose_execution(plan: FCPPlan) -> FCPPlan:

@@ -74,13 +74,14 @@ def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in out]
 
 
-def colour_rounds(pairs) -> tuple[tuple[Transfer, ...], int]:
+def colour_rounds(pairs, order=None) -> tuple[tuple[Transfer, ...], int]:
     """Proper edge colouring of the bipartite message graph (senders × receivers) with Δ colours.
 
     Each edge takes the lowest colour free at both ends when one below Δ exists (almost always);
     otherwise Kőnig's alternating-path swap frees one (the colour -> peer maps that needs are built on
-    the first such swap only). Edges go in the (deterministic) order of ``pairs``."""
-    edges = list(pairs)  # needed_pieces inserts in a deterministic order; no sort needed
+    the first such swap only). Edges go in the (deterministic) order of ``pairs``, or of ``order`` (the
+    same edges in another order)."""
+    edges = list(pairs if order is None else order)
     if not edges:
         return (), 0
     n = 1 + max(max(u, v) for u, v in edges)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..plan import FCPPlan, PlanSettings, make_plan, plan_batch, span_cost
-from ..plan.planner import choose_execution
+from ..plan.planner import schedule
 from ..plan.baseline_placements import merge_sorted, zigzag
 from ..plan.spans import Span
 
@@ -191,7 +191,7 @@ def magi(lens, world, block, cap, *, cp_size="min", stages=4, **_) -> list[Candi
 def _with_stages(cand: Candidate, stages: int) -> Candidate:
     """Coalesce the plan's rounds into ``stages`` communication stages (0: one stage per round)."""
     per = max(1, math.ceil(cand.plan.num_rounds / stages)) if stages else 1
-    cand.plan = choose_execution(replace(cand.plan, settings=replace(cand.plan.settings, rounds_per_stage=per)))
+    cand.plan = schedule(replace(cand.plan, settings=replace(cand.plan.settings, rounds_per_stage=per)))
     return cand
 
 
