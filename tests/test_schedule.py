@@ -13,7 +13,7 @@ from hf_fcp.plan import timeline
 from hf_fcp.plan.cost import kernel_for
 from hf_fcp.plan.planner import choose_execution
 from hf_fcp.plan.rounds import colour_rounds, needed_pieces
-from hf_fcp.plan.schedule import layer_time, slot_work
+from hf_fcp.plan.schedule import StageWork, choose_rounds, executions, layer_time, layer_times, slot_work
 from hf_fcp.simulate import get_model, load_cluster
 from hf_fcp.simulate.engine import _Run, planner_model, simulate
 from hf_fcp.simulate.models import BWD_FLOP_RATIO
@@ -80,21 +80,30 @@ def _messages(plan):
     return sorted((t.src, t.dst, t.pieces) for t in plan.transfers)
 
 
-def test_the_chosen_colouring_moves_the_same_messages_faster():
+def test_the_chosen_schedule_moves_the_same_messages_faster():
     # two documents over 3 ranks: the message graph's own colouring makes a rank wait for its prefix
     plan = plan_batch([3400, 2744], world_size=3, block_size=512, tokens_per_rank=2048, **MACHINE)
     default = _default(plan)
-    assert plan.overlap and _messages(plan) == _messages(default)
-    assert plan.num_rounds == default.num_rounds
+    assert _messages(plan) == _messages(default) and plan.num_rounds == default.num_rounds
     for r in range(plan.num_rounds):  # still congestion-free: one send and one receive per rank and round
         edges = [(t.src, t.dst) for t in plan.transfers if t.round == r]
         assert max(Counter(s for s, _ in edges).values()) == 1 and max(Counter(d for _, d in edges).values()) == 1
-    assert [(t.src, t.dst, t.round) for t in plan.transfers] != [(t.src, t.dst, t.round) for t in default.transfers]
     assert layer_time(plan, KERNEL) < layer_time(default, KERNEL) * 0.97
     fast, slow = (simulate(Candidate(plan=p, schedule="p2p"), MODEL, CLUSTER).step_s for p in (plan, default))
     assert fast < slow * 0.95  # the simulator agrees (7.7% here)
     again = plan_batch([3400, 2744], world_size=3, block_size=512, tokens_per_rank=2048, **MACHINE)
-    assert again.transfers == plan.transfers  # a pure function of the batch
+    assert (again.transfers, again.fused, again.overlap) == (plan.transfers, plan.fused, plan.overlap)  # pure
+
+
+def test_the_colouring_alone_can_make_the_difference():
+    default = _default(plan_batch([3400, 2744], world_size=3, block_size=512, tokens_per_rank=2048, **MACHINE))
+    chosen = choose_rounds(default, needed_pieces([list(x) for x in default.rank_spans]), KERNEL)
+    assert (chosen.overlap, chosen.fused) == (default.overlap, default.fused)
+    assert _messages(chosen) == _messages(default)
+    assert [(t.src, t.dst, t.round) for t in chosen.transfers] != [(t.src, t.dst, t.round) for t in default.transfers]
+    assert layer_time(chosen, KERNEL) < layer_time(default, KERNEL) * 0.97
+    times = layer_times([default, chosen], StageWork(default, KERNEL))  # both in one timeline: the same
+    assert times.tolist() == pytest.approx([layer_time(default, KERNEL), layer_time(chosen, KERNEL)], rel=1e-12)
 
 
 @pytest.mark.parametrize("seed,world", [(5, 5), (9, 4), (17, 5), (39, 6)])
@@ -106,8 +115,24 @@ def test_the_choice_never_models_slower_than_the_graphs_own_colouring(seed, worl
     assert layer_time(plan, KERNEL) <= layer_time(default, KERNEL)
 
 
-@pytest.mark.parametrize("settings", [{"overlap": "never"}, {"attention_layers": ((None, 2), (512, 2))},
-                                      {"world_size": 9}])
+@pytest.mark.parametrize("overlap,fusion,allowed", [
+    ("never", "auto", {(False, "fused")}), ("always", "auto", {(True, "fused"), (True, "split")}),
+    ("auto", "none", {(True, "none"), (False, "none")}), ("auto", "all", {(True, "fused"), (False, "fused")})])
+def test_the_execution_chosen_is_one_the_settings_allow(overlap, fusion, allowed):
+    lens = _batch(11, 5, 2048)
+    plan = plan_batch(lens, world_size=5, block_size=512, tokens_per_rank=2048, overlap=overlap, fusion=fusion,
+                      **MACHINE)
+    ways = {(p.overlap, _way(p)) for p in executions(plan)}
+    assert ways == allowed and (plan.overlap, _way(plan)) in allowed
+
+
+def _way(plan) -> str:
+    if not plan.fused:
+        return "none"
+    return "fused" if all(f == {s for s, _, _ in x} for f, x in zip(plan.fused, plan.rank_spans)) else "split"
+
+
+@pytest.mark.parametrize("settings", [{"attention_layers": ((None, 2), (512, 2))}, {"world_size": 9}])
 def test_plans_the_timeline_does_not_price_keep_the_graphs_colouring(settings):
     settings = {"world_size": 3, **settings}
     world = settings.pop("world_size")

@@ -25,7 +25,7 @@ from .execution import RankChoices, execution, remote_stages
 from .fcp_plan import FCPPlan, Span, WindowPlan
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
-from .schedule import choose_rounds
+from .schedule import choose_schedule
 from .settings import PlanSettings, settings_from
 
 _SIMPLE = {"ring": place_ring, "allgather": place_allgather, "packing": place_packing}
@@ -124,7 +124,7 @@ def schedule(plan: FCPPlan) -> FCPPlan:
     if plan.strategy != "fcp" or plan.collective or plan.world_size > CANDIDATE_WORLD:
         return plan
     kernel = kernel_for(plan.settings.balance, plan.settings.kernel_cost)
-    return choose_rounds(plan, needed_pieces([list(x) for x in plan.rank_spans]), kernel)
+    return choose_schedule(plan, needed_pieces([list(x) for x in plan.rank_spans]), kernel)
 
 
 def choose_execution(plan: FCPPlan) -> FCPPlan:

@@ -12,6 +12,7 @@ first; the first order (the message graph's own) wins ties, so the choice is a p
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import replace
 
@@ -25,94 +26,192 @@ from .rounds import colour_rounds
 
 ORDERS = 8
 """Colourings tried: the message graph's order, reversed, by size both ways, and seeded shuffles."""
+RECOLOUR = 0.03
+"""Executions more than this slower than the fastest, each with the message graph's colouring, are not
+recoloured (the colouring moved a layer by at most ~2% in the simulator)."""
 MARGIN = 1e-6
 """A colouring replaces the incumbent only if it is this much faster (relative): a near tie is not left to
 float rounding, which could differ between the ranks' machines (they must agree on the plan)."""
 
 
-def layer_time(plan: FCPPlan, kernel: KernelCost) -> float:
-    """Modelled forward + backward time of one full-attention layer of an overlapped plan (slowest rank
-    of each pass), in kernel-work units (:mod:`.timeline`)."""
-    cf, cb = slot_work(plan, kernel)
-    per = plan.settings.rounds_per_stage
-    msgs = [[] for _ in range(cf.shape[1] - 1)]
-    for t in plan.transfers:
-        msgs[t.round // per].append((t.src, t.dst, sum(b - a for _, a, b in t.pieces)))
-    arrays = [tuple(np.asarray(x, dtype) for x, dtype in zip(zip(*m), (np.int64, np.int64, np.float64)))
-              if m else (np.zeros(0, np.int64),) * 2 + (np.zeros(0),) for m in msgs]
-    cost = plan.settings.link_cost
+def layer_time(plan: FCPPlan, kernel: KernelCost, work: "StageWork | None" = None) -> float:
+    """Modelled forward + backward time of one full-attention layer of a p2p plan (slowest rank of each
+    pass), in kernel-work units (:mod:`.timeline`). ``work``: ``StageWork(plan, kernel)`` when known."""
+    return float(layer_times([plan], work or StageWork(plan, kernel))[0])
+
+
+def layer_times(plans: list[FCPPlan], work: "StageWork") -> np.ndarray:
+    """:func:`layer_time` of plans that differ only in their colouring (``work``: their
+    :class:`StageWork`), all in one timeline: plan i's ranks are ranks ``i·W ... i·W + W − 1`` of it."""
+    w, nstages = work.world, len(plans[0].stages)
+    slots = [slot_work(p, work.kernel, work) for p in plans]
+    cf, cb = (np.concatenate([x[j] for x in slots]) for j in (0, 1))
+    msgs: list[list[tuple[int, int, int]]] = [[] for _ in range(nstages)]
+    for i, p in enumerate(plans):
+        per = p.settings.rounds_per_stage
+        for t in p.transfers:
+            msgs[t.round // per].append((i * w + t.src, i * w + t.dst, sum(b - a for _, a, b in t.pieces)))
+    arrays = [(np.array([m[0] for m in x], np.int64), np.array([m[1] for m in x], np.int64),
+               np.array([m[2] for m in x], np.float64)) for x in msgs]
+    settings = plans[0].settings
 
     def exchange(avail, k, back):
         src, dst, tokens = arrays[k]
-        return timeline.exchange(avail, dst if back else src, src if back else dst, tokens * cost, 0.0)
+        return timeline.exchange(avail, dst if back else src, src if back else dst, tokens * settings.link_cost, 0.0)
 
-    fwd, bwd, _, _ = timeline.overlapped(cf, cb, exchange, 1.0 - plan.settings.overlap_slowdown, len(msgs))
-    return float(fwd.max() + bwd.max())
+    if plans[0].overlap:
+        fwd, bwd, _, _ = timeline.overlapped(cf, cb, exchange, 1.0 - settings.overlap_slowdown, nstages)
+    else:
+        fwd, bwd, _, _ = timeline.exposed(cf, cb, exchange)
+    return fwd.reshape(len(plans), w).max(1) + bwd.reshape(len(plans), w).max(1)
 
 
-def slot_work(plan: FCPPlan, kernel: KernelCost) -> tuple[np.ndarray, np.ndarray]:
+def slot_work(plan: FCPPlan, kernel: KernelCost, work: "StageWork | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """(forward, backward) work (W, 1 + stages) per rank of its local work and of each stage's work, as
     the rank views run the plan (:mod:`.tasks`: fused runs in the stage of their last piece, split
     sequences' remote segments per stage, consecutive runs that see the same pieces in one segment)."""
-    per, nstages = plan.settings.rounds_per_stage, len(plan.stages)
-    arrived: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # (rank, seq) -> (start, end, stage)
-    for t in plan.transfers:
-        for s, a, b in t.pieces:
-            arrived.setdefault((t.dst, s), []).append((a, b, t.round // per))
-    cf, cb = np.zeros((plan.world_size, 1 + nstages)), np.zeros((plan.world_size, 1 + nstages))
+    per = plan.settings.rounds_per_stage
+    stage_of = {(t.src, t.dst): t.round // per for t in plan.transfers}
+    return (work or StageWork(plan, kernel)).arrays(stage_of, len(plan.stages))
 
-    def add(r: int, slot: int, q: int, k: int, causal: bool) -> None:
-        f, b = segment_parts(q, k, causal, kernel)
-        cf[r, slot] += f
-        cb[r, slot] += b
 
-    for r, spans in enumerate(plan.rank_spans):
-        fused = plan.fused_on(r)
-        for s, runs in held_runs(spans).items():
-            got = arrived.get((r, s), [])
-            if s in fused:
+class StageWork:
+    """The kernel work of a placement run as ``plan.fused`` says, ready to be laid out in the stages of any
+    colouring of its messages: per rank the work that needs no remote K/V, each fused run with the ranks
+    whose messages it waits for, each split sequence with the pieces it receives and from whom."""
+
+    def __init__(self, plan: FCPPlan, kernel: KernelCost):
+        self.kernel, self.world = kernel, plan.world_size
+        got: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # (rank, seq) -> (sender, start, end)
+        for t in plan.transfers:
+            for s, a, b in t.pieces:
+                got.setdefault((t.dst, s), []).append((t.src, a, b))
+        self.local = np.zeros((2, self.world))
+        self.fused: list[tuple[int, float, float, frozenset[int]]] = []
+        self.split: list[tuple[int, list[tuple[int, int]], list[tuple[int, int, int]]]] = []
+        for r, spans in enumerate(plan.rank_spans):
+            fused = plan.fused_on(r)
+            for s, runs in held_runs(spans).items():
+                pieces = got.get((r, s), [])
+                if s not in fused:
+                    held = sum(b - a for a, b in runs)
+                    self.local[:, r] += _parts(held, held, True, kernel)
+                    if pieces:
+                        self.split.append((r, runs, pieces))
+                    continue
                 for a, b in runs:
-                    add(r, 1 + max((st for _, d, st in got if d <= a), default=-1), b - a, b, True)
-                continue
-            held = sum(b - a for a, b in runs)
-            add(r, 0, held, held, True)
-            for st in {st for _, _, st in got}:
-                _split_stage(add, r, 1 + st, runs, sorted((a, b) for a, b, x in got if x == st))
-    return cf, cb
+                    senders = frozenset(src for src, _, d in pieces if d <= a)
+                    f, bw = _parts(b - a, b, True, kernel)
+                    if senders:
+                        self.fused.append((r, f, bw, senders))
+                    else:
+                        self.local[:, r] += (f, bw)
+
+    def arrays(self, stage_of: dict[tuple[int, int], int], nstages: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`slot_work` for the colouring whose message ``(src, dst)`` goes in stage ``stage_of[src, dst]``."""
+        out = np.zeros((2, self.world, 1 + nstages))
+        out[:, :, 0] = self.local
+        for r, f, b, senders in self.fused:
+            slot = 1 + max(stage_of[src, r] for src in senders)
+            out[0, r, slot] += f
+            out[1, r, slot] += b
+        for r, runs, pieces in self.split:
+            by_stage: dict[int, list[tuple[int, int]]] = {}
+            for src, a, b in pieces:
+                by_stage.setdefault(stage_of[src, r], []).append((a, b))
+            for st, got in by_stage.items():
+                for q, k in _split_segments(runs, sorted(got)):
+                    out[:, r, 1 + st] += _parts(q, k, False, self.kernel)
+        return out[0], out[1]
 
 
-def _split_stage(add, r: int, slot: int, runs, pieces) -> None:
-    """A split sequence's segments against one stage's pieces: runs seeing the same pieces share one."""
-    q, keys = 0, 0
+@functools.lru_cache(maxsize=1 << 16)
+def _parts(q: int, k: int, causal: bool, kernel: KernelCost) -> tuple[float, float]:
+    return segment_parts(q, k, causal, kernel)
+
+
+def _split_segments(runs, pieces) -> list[tuple[int, int]]:
+    """(queries, keys) of a split sequence's segments against one stage's pieces: runs that see the same
+    pieces share one."""
+    out, q, keys = [], 0, 0
     for a, b in runs:
         k = sum(d - c for c, d in pieces if d <= a)
         if k != keys:
             if keys:
-                add(r, slot, q, keys, False)
+                out.append((q, keys))
             q, keys = 0, k
         q += b - a
     if keys:
-        add(r, slot, q, keys, False)
+        out.append((q, keys))
+    return out
 
 
-def choose_rounds(plan: FCPPlan, pieces, kernel: KernelCost) -> FCPPlan:
-    """``plan`` with the colouring of ``pieces`` (:func:`.rounds.needed_pieces` of its placement) whose
-    :func:`layer_time` is lowest among :data:`ORDERS` orders (module doc). Plans that do not overlap their
-    exchange, or that have a sliding-window layer, keep theirs."""
-    if not plan.overlap or plan.num_rounds < 2 or any(w is not None for w, _ in plan.settings.attention_layers):
+def choose_schedule(plan: FCPPlan, pieces, kernel: KernelCost) -> FCPPlan:
+    """``plan`` run the way, and with the colouring, of lowest :func:`layer_time`: each execution its
+    settings allow (:func:`executions`; ``plan``'s own first, which ties keep) with its own colouring
+    chosen (:func:`choose_rounds`). Plans with a sliding-window layer keep theirs (the timeline prices full
+    attention only)."""
+    if not plan.num_rounds or any(w is not None for w, _ in plan.settings.attention_layers):
         return plan
-    best, best_t = plan, layer_time(plan, kernel)  # its colouring, maybe chosen for other stages
-    seen = {_colouring(plan.transfers)}
+    ways = [(p, StageWork(p, kernel)) for p in executions(plan)]
+    timed = [layer_time(p, kernel, work) for p, work in ways]
+    options = colourings(plan, pieces)  # the same for every execution
+    best, best_t = None, np.inf
+    for (p, work), t in zip(ways, timed):
+        if t > min(timed) * (1 + RECOLOUR):
+            continue  # no colouring makes up for that much
+        p = choose_rounds(p, pieces, kernel, work, options)
+        t = layer_time(p, kernel)
+        if best is None or t < best_t * (1 - MARGIN):
+            best, best_t = p, t
+    return best
+
+
+def executions(plan: FCPPlan) -> list[FCPPlan]:
+    """``plan`` as given, then run each other way its ``overlap`` and ``fusion`` settings allow: the
+    exchange overlapped with every sequence fused or every sequence split, or the exchange first and
+    every sequence fused (split when ``fusion="none"``)."""
+    settings = plan.settings
+    fused = tuple(frozenset(s for s, _, _ in x) for x in plan.rank_spans)
+    split = () if settings.fusion == "none" else tuple(frozenset() for _ in plan.rank_spans)
+    out, seen = [plan], {(plan.overlap, plan.fused)}
+    for overlap in (True, False):
+        if settings.overlap == ("never" if overlap else "always"):
+            continue
+        ways = {"all": [fused], "none": [split], "auto": [fused, split] if overlap else [fused]}[settings.fusion]
+        for way in ways:
+            if (overlap, way) not in seen:
+                seen.add((overlap, way))
+                out.append(replace(plan, overlap=overlap, fused=way))
+    return out
+
+
+def choose_rounds(plan: FCPPlan, pieces, kernel: KernelCost, work: StageWork | None = None,
+                  options: list | None = None) -> FCPPlan:
+    """``plan`` with the colouring of ``pieces`` (:func:`.rounds.needed_pieces` of its placement) whose
+    :func:`layer_time` is lowest among its own and :data:`ORDERS` orders' (module doc; ``options``:
+    :func:`colourings`, when known); ties keep the earlier. Plans with a sliding-window layer keep theirs."""
+    if plan.num_rounds < 2 or any(w is not None for w, _ in plan.settings.attention_layers):
+        return plan
+    plans = [replace(plan, transfers=t, num_rounds=n) for t, n in options or colourings(plan, pieces)]
+    times = layer_times(plans, work or StageWork(plan, kernel))  # the same work for every colouring
+    best = 0
+    for i, t in enumerate(times):
+        if t < times[best] * (1 - MARGIN):
+            best = i
+    return plans[best]
+
+
+def colourings(plan: FCPPlan, pieces) -> list[tuple[tuple, int]]:
+    """``(transfers, rounds)`` of ``plan``'s own colouring (maybe chosen for other stages), then of every
+    other one :data:`ORDERS` orders of ``pieces`` give."""
+    out, seen = [(plan.transfers, plan.num_rounds)], {_colouring(plan.transfers)}
     for order in _orders(pieces):
         transfers, rounds = colour_rounds(pieces, order)
-        if _colouring(transfers) in seen:
-            continue
-        seen.add(_colouring(transfers))
-        other = replace(plan, transfers=transfers, num_rounds=rounds)
-        t = layer_time(other, kernel)
-        if t < best_t * (1 - MARGIN):
-            best, best_t = other, t
-    return best
+        if _colouring(transfers) not in seen:
+            seen.add(_colouring(transfers))
+            out.append((transfers, rounds))
+    return out
 
 
 def _colouring(transfers) -> frozenset[tuple[int, int, int]]:

@@ -1,6 +1,7 @@
-"""Timeline of one attention layer of an overlapped p2p plan, as ``fcp_attention`` runs it — in any unit of
-time (the simulator's seconds, the planner's kernel-work units).
+"""Timeline of one attention layer of a p2p plan, as ``fcp_attention`` runs it — in any unit of time (the
+simulator's seconds, the planner's kernel-work units).
 
+Overlapped (:func:`overlapped`, ``plan.overlap``):
 Forward: every stage's exchange is posted at once (the engine's default ``prefetch``); a rank's exchanges
 run one after another (stream order); the rank runs its local work, then each stage's work once that stage
 arrived. Backward: the stages' work last stage first, posting each stage's dK/dV back to the owners after
@@ -8,6 +9,9 @@ it, then the local work; an owner is done when every dK/dV it waits for arrived.
 both ends posted it and ends when its sender has sent, and its receiver received, everything of that
 exchange. While a rank's transfers run, the communication kernels hold part of its GPU: its compute runs
 at ``share`` of full speed (:class:`Busy`).
+
+Exchange first (:func:`exposed`): every stage arrives, then all the work runs at full speed; the backward
+computes everything, then returns every stage's dK/dV.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class Busy:
         while self.spans and (self.spans[0][1] <= t).all():  # over for every rank: no later call meets it
             self.spans.pop(0)
         for s, e in self.spans:
+            if not left.any():  # done before the later transfers
+                break
             run = np.minimum(np.maximum(s - t, 0.0), left)  # full speed until the transfer starts
             t, left = t + run, left - run
             room = np.maximum(e - np.maximum(t, s), 0.0) * self.share  # full-speed work that fits inside it
@@ -109,3 +115,23 @@ def overlapped(cf: np.ndarray, cb: np.ndarray, exchange: Exchange, share: float,
     end = busy.compute(t, cb[:, 0])
     note("bwd", "compute", t, end, "local")
     return fwd, np.maximum(end, free), fwd_busy, cb.sum(1) + busy.extra
+
+
+def exposed(cf: np.ndarray, cb: np.ndarray, exchange: Exchange,
+            note=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Like :func:`overlapped` for a plan that receives every stage before computing (module doc)."""
+    note = note or (lambda *_: None)
+    w, nstages = cf.shape[0], cf.shape[1] - 1
+    cf, cb, link = cf.sum(1), cb.sum(1), np.zeros(w)
+    for k in range(nstages):
+        end, start = exchange(link, k, False)
+        note("fwd", "comm", start, end, f"stage {k}")
+        link = np.where(np.isfinite(start), end, link)
+    note("fwd", "compute", link, link + cf, "attention")
+    t = cb.copy()
+    note("bwd", "compute", np.zeros(w), t, "attention")
+    for k in reversed(range(nstages)):
+        end, start = exchange(t, k, True)
+        note("bwd", "comm", start, end, f"dKV {k}")
+        t = np.where(np.isfinite(start), end, t)
+    return link + cf, t, cf, cb

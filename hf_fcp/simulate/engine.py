@@ -151,32 +151,12 @@ def _p2p(run: _Run, cand: Candidate, sp: Spans):
     remote, msgs = p2p_segments(cand.plan, sp)
     nslots = 1 + len(msgs)
     segs = Segments.concat([local_segments(sp), remote])
-    if not cand.plan.overlap:
-        return _p2p_exposed(run, segs, nslots, msgs)
     cf, cb = run.slot_times(segs, nslots, False), run.slot_times(segs, nslots, True)
     exchange = lambda avail, k, back: run.exchange(avail, _reverse(msgs[k]) if back else msgs[k])  # noqa: E731
-    fwd, bwd, cf_busy, cb_busy = timeline.overlapped(cf, cb, exchange, run.cluster.compute_share_while_comm,
-                                                     run.prefetch, run.note)
-    return fwd, bwd, cf_busy, cb_busy, segs
-
-
-def _p2p_exposed(run: _Run, segs: Segments, nslots: int, msgs: list[Messages]):
-    """A plan without overlap (``plan.overlap`` False): every stage arrives (stream order), then all work runs
-    at full speed; backward computes everything, then returns every stage's dK/dV."""
-    cf, cb = run.slot_times(segs, nslots, False).sum(1), run.slot_times(segs, nslots, True).sum(1)
-    link = np.zeros(run.w)
-    for k, m in enumerate(msgs):
-        end, start = run.exchange(link, m)
-        run.note("fwd", "comm", start, end, f"stage {k}")
-        link = np.where(np.isfinite(start), end, link)
-    run.note("fwd", "compute", link, link + cf, "attention")
-    t = cb.copy()
-    run.note("bwd", "compute", np.zeros(run.w), t, "attention")
-    for k in reversed(range(len(msgs))):
-        end, start = run.exchange(t, _reverse(msgs[k]))
-        run.note("bwd", "comm", start, end, f"dKV {k}")
-        t = np.where(np.isfinite(start), end, t)
-    return link + cf, t, cf, cb, segs
+    if not cand.plan.overlap:
+        return (*timeline.exposed(cf, cb, exchange, run.note), segs)
+    return (*timeline.overlapped(cf, cb, exchange, run.cluster.compute_share_while_comm, run.prefetch, run.note),
+            segs)
 
 
 def _ring(run: _Run, cand: Candidate, sp: Spans):
