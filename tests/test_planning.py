@@ -174,6 +174,7 @@ def test_validator_catches_a_broken_plan():
     (dict(seq_lens=[3], world_size=2, bogus=1), r"unknown planner setting\(s\) \['bogus'\]"),
     (dict(seq_lens=[3], world_size=2, kv_dtype="int4"), "kv_dtype: got 'int4', expected one of"),
     (dict(seq_lens=[3], world_size=2, locality=2), r"locality: got 2, expected a number in \[0, 1\]"),
+    (dict(seq_lens=[3], world_size=2, link_latency=-1.0), r"link_latency: got -1.0"),
 ])
 def test_bad_input_is_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -13,7 +13,8 @@ from hf_fcp.plan import timeline
 from hf_fcp.plan.cost import kernel_for
 from hf_fcp.plan.planner import choose_execution
 from hf_fcp.plan.rounds import colour_rounds, needed_pieces
-from hf_fcp.plan.schedule import StageWork, choose_rounds, executions, layer_time, layer_times, slot_work
+from hf_fcp.plan.schedule import StageWork, choose_rounds, executions, layer_time, layer_times, slot_work, swap_rounds
+from hf_fcp.plan.validate import check_plan
 from hf_fcp.simulate import get_model, load_cluster
 from hf_fcp.simulate.engine import _Run, planner_model, simulate
 from hf_fcp.simulate.models import BWD_FLOP_RATIO
@@ -106,6 +107,18 @@ def test_the_colouring_alone_can_make_the_difference():
     assert times.tolist() == pytest.approx([layer_time(default, KERNEL), layer_time(chosen, KERNEL)], rel=1e-12)
 
 
+def test_swapping_rounds_keeps_a_valid_plan_and_can_speed_it_up():
+    plan = _default(plan_batch(_batch(7, 5, 2048), world_size=5, block_size=512, tokens_per_rank=2048, **MACHINE))
+    plan = choose_rounds(plan, needed_pieces([list(x) for x in plan.rank_spans]), KERNEL)
+    swapped = swap_rounds(plan, StageWork(plan, KERNEL))
+    check_plan(swapped)  # every round still a matching, every needed K/V arrives once
+    assert _messages(swapped) == _messages(plan) and swapped.num_rounds == plan.num_rounds
+    assert layer_time(swapped, KERNEL) < layer_time(plan, KERNEL) * 0.98
+    fast, slow = (simulate(Candidate(plan=p, schedule="p2p"), MODEL, CLUSTER).step_s for p in (swapped, plan))
+    assert fast < slow * 0.99  # the simulator agrees (2.1% here)
+    assert swap_rounds(swapped, StageWork(swapped, KERNEL)).transfers == swapped.transfers  # a local optimum
+
+
 @pytest.mark.parametrize("seed,world", [(5, 5), (9, 4), (17, 5), (39, 6)])
 def test_the_choice_never_models_slower_than_the_graphs_own_colouring(seed, world):
     plan = plan_batch(_batch(seed, world, 2048), world_size=world, block_size=512, tokens_per_rank=2048,
@@ -139,3 +152,17 @@ def test_plans_the_timeline_does_not_price_keep_the_graphs_colouring(settings):
     lens = [3400, 2744] if world == 3 else _batch(7, world, 2048)
     plan = plan_batch(lens, world_size=world, block_size=512, tokens_per_rank=2048, **MACHINE, **settings)
     assert plan.transfers == colour_rounds(needed_pieces([list(x) for x in plan.rank_spans]))[0]
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,link_cost,link_latency", [
+    (64, 8, 128, 34.0, 880.0),  # the defaults describe Llama-3-70B heads
+    (32, 8, 128, 68.0, 880.0),  # Llama-3-8B: half the attention work per K/V byte
+    (8, 2, 16, 68.0, 28160.0)])  # 128 bytes of K/V per token: 32x the tokens per message latency
+def test_the_plugin_scales_the_link_to_the_model(q_heads, kv_heads, head_dim, link_cost, link_latency):
+    from transformers import LlamaConfig
+
+    from hf_fcp import FCPPlugin
+    cfg = LlamaConfig(num_attention_heads=q_heads, num_key_value_heads=kv_heads, hidden_size=q_heads * head_dim,
+                      head_dim=head_dim, dtype="bfloat16")
+    settings = FCPPlugin().collator(cfg).settings
+    assert (settings.link_cost, settings.link_latency) == pytest.approx((link_cost, link_latency))

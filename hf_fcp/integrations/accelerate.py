@@ -196,6 +196,7 @@ class FCPPlugin:
                                head_dim=getattr(model_config, "head_dim", None) or (
                                    model_config.hidden_size // heads if heads else 128),
                                kv_dtype=_kv_dtype(model_config))
+            settings = _links_for_model(settings, heads)
         pad = getattr(model_config, "pad_token_id", None)
         return FCPCollator(world_size=self.world_size, rank=self.rank, settings=settings,
                            return_stats=self.log_stats, pad_token_id=pad if isinstance(pad, int) else 0)
@@ -305,3 +306,20 @@ def _kv_dtype(model_config) -> str:
     dtype = str(getattr(model_config, "dtype", None) or "float32")
     name = dtype.replace("torch.", "")
     return name if name in ("bfloat16", "float16", "float32") else "float32"
+
+
+def _links_for_model(settings: PlanSettings, q_heads: int | None) -> PlanSettings:
+    """``link_cost`` and ``link_latency`` left at their defaults (H200 NVLink, Llama-3-70B heads) scaled to
+    the model: moving a token takes ∝ its K/V bytes, a causal pair's kernel time ∝ query heads × head dim."""
+    ref, nbytes, changes = PlanSettings(), settings.kv_bytes_per_token, {}
+    if settings.link_cost == ref.link_cost and q_heads:
+        per_flop = lambda s, heads: s.kv_bytes_per_token / (heads * s.head_dim)  # noqa: E731
+        changes["link_cost"] = ref.link_cost * per_flop(settings, q_heads) / per_flop(ref, REFERENCE_Q_HEADS)
+    if settings.link_latency == ref.link_latency:
+        changes["link_latency"] = ref.link_latency * ref.kv_bytes_per_token / nbytes
+    return replace(settings, **changes)
+
+
+REFERENCE_Q_HEADS = 64
+"""Query heads of the model the default ``link_cost`` describes (Llama-3-70B; its 8 kv heads of 128 are
+``PlanSettings``' default K/V shape)."""

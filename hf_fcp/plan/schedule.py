@@ -1,13 +1,14 @@
-"""Which congestion-free colouring of the exchange an fcp plan runs, chosen by its modelled layer time.
+"""How an fcp plan runs its exchange — the execution and the colouring — chosen by its modelled layer time.
 
 Any proper colouring of the message graph moves the same K/V in the same number of rounds, but not at the
 same time: a stage's exchange waits for both ends of every message in it, a rank's exchanges run in
 stream order, a fused run waits for the last stage that brings its keys, and in the backward an owner
-waits for the last of its dK/dV. Measured in the simulator, the colouring alone moves one layer's time by
-±2% on 8 ranks. So for small worlds the planner colours the messages in a few deterministic orders and
-keeps the colouring whose :mod:`.timeline` — the engine's overlapped schedule, in kernel-work units (the
-rank views' segments priced by the kernel model, a message's time its tokens × ``link_cost``) — ends
-first; the first order (the message graph's own) wins ties, so the choice is a pure function of the plan.
+waits for the last of its dK/dV. In the simulator, ten random colourings of the same W=8 plans differed
+by 2–3% of a layer. So for small worlds the planner prices, on the engine's :mod:`.timeline` in
+kernel-work units (the rank views' segments priced by the kernel model, a message's time its tokens plus
+``link_latency`` × ``link_cost``), each execution the settings allow with the messages coloured in :data:`ORDERS`
+deterministic orders, keeps the fastest, and then swaps pairs of its rounds while that helps
+(:func:`swap_rounds`). Earlier options win ties, so the choice is a pure function of the plan.
 """
 
 from __future__ import annotations
@@ -21,17 +22,22 @@ import numpy as np
 from . import timeline
 from .cost import KernelCost, segment_parts
 from .execution import held_runs
-from .fcp_plan import FCPPlan
+from .fcp_plan import FCPPlan, Transfer
 from .rounds import colour_rounds
 
 ORDERS = 8
 """Colourings tried: the message graph's order, reversed, by size both ways, and seeded shuffles."""
+SWAP_PASSES = 4
+"""Rounds of best-improvement pair swaps of the chosen colouring's rounds, at most."""
 RECOLOUR = 0.03
 """Executions more than this slower than the fastest, each with the message graph's colouring, are not
-recoloured (the colouring moved a layer by at most ~2% in the simulator)."""
-MARGIN = 1e-6
-"""A colouring replaces the incumbent only if it is this much faster (relative): a near tie is not left to
+recoloured (the colouring moved a layer by at most ~3% in the simulator)."""
+MARGIN = 1e-5
+"""An option replaces the incumbent only if it is this much faster (relative): a near tie is not left to
 float rounding, which could differ between the ranks' machines (they must agree on the plan)."""
+
+Message = tuple[int, int, int, int]
+"""(sender, receiver, K/V tokens, round) of one message."""
 
 
 def layer_time(plan: FCPPlan, kernel: KernelCost, work: "StageWork | None" = None) -> float:
@@ -41,29 +47,38 @@ def layer_time(plan: FCPPlan, kernel: KernelCost, work: "StageWork | None" = Non
 
 
 def layer_times(plans: list[FCPPlan], work: "StageWork") -> np.ndarray:
-    """:func:`layer_time` of plans that differ only in their colouring (``work``: their
-    :class:`StageWork`), all in one timeline: plan i's ranks are ranks ``i·W ... i·W + W − 1`` of it."""
-    w, nstages = work.world, len(plans[0].stages)
-    slots = [slot_work(p, work.kernel, work) for p in plans]
-    cf, cb = (np.concatenate([x[j] for x in slots]) for j in (0, 1))
+    """:func:`layer_time` of plans that differ only in their colouring (``work``: their :class:`StageWork`),
+    all in one timeline (:func:`_times`)."""
+    return _times([_messages(p) for p in plans], plans[0], work)
+
+
+def _messages(plan: FCPPlan) -> list[Message]:
+    return [(t.src, t.dst, sum(b - a for _, a, b in t.pieces), t.round) for t in plan.transfers]
+
+
+def _times(candidates: list[list[Message]], plan: FCPPlan, work: "StageWork") -> np.ndarray:
+    """Layer time of ``plan`` with each candidate's rounds, in one timeline: candidate i's ranks are ranks
+    ``i·W ... i·W + W − 1`` of a larger world (the timeline's work is per rank and per message)."""
+    w, per, nstages, settings = work.world, plan.settings.rounds_per_stage, len(plan.stages), plan.settings
+    cf, cb = np.zeros((len(candidates) * w, 1 + nstages)), np.zeros((len(candidates) * w, 1 + nstages))
     msgs: list[list[tuple[int, int, int]]] = [[] for _ in range(nstages)]
-    for i, p in enumerate(plans):
-        per = p.settings.rounds_per_stage
-        for t in p.transfers:
-            msgs[t.round // per].append((i * w + t.src, i * w + t.dst, sum(b - a for _, a, b in t.pieces)))
-    arrays = [(np.array([m[0] for m in x], np.int64), np.array([m[1] for m in x], np.int64),
-               np.array([m[2] for m in x], np.float64)) for x in msgs]
-    settings = plans[0].settings
+    for i, cand in enumerate(candidates):
+        cf[i * w:(i + 1) * w], cb[i * w:(i + 1) * w] = work.arrays({(s, d): r // per for s, d, _, r in cand}, nstages)
+        for s, d, tokens, r in cand:
+            msgs[r // per].append((i * w + s, i * w + d, tokens))
+    arrays = [tuple(np.array([m[j] for m in x], dtype) for j, dtype in enumerate((np.int64, np.int64, np.float64)))
+              for x in msgs]
 
     def exchange(avail, k, back):
         src, dst, tokens = arrays[k]
-        return timeline.exchange(avail, dst if back else src, src if back else dst, tokens * settings.link_cost, 0.0)
+        return timeline.exchange(avail, dst if back else src, src if back else dst, tokens * settings.link_cost,
+                                 settings.link_latency * settings.link_cost)
 
-    if plans[0].overlap:
+    if plan.overlap:
         fwd, bwd, _, _ = timeline.overlapped(cf, cb, exchange, 1.0 - settings.overlap_slowdown, nstages)
     else:
         fwd, bwd, _, _ = timeline.exposed(cf, cb, exchange)
-    return fwd.reshape(len(plans), w).max(1) + bwd.reshape(len(plans), w).max(1)
+    return fwd.reshape(len(candidates), w).max(1) + bwd.reshape(len(candidates), w).max(1)
 
 
 def slot_work(plan: FCPPlan, kernel: KernelCost, work: "StageWork | None" = None) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +93,7 @@ def slot_work(plan: FCPPlan, kernel: KernelCost, work: "StageWork | None" = None
 class StageWork:
     """The kernel work of a placement run as ``plan.fused`` says, ready to be laid out in the stages of any
     colouring of its messages: per rank the work that needs no remote K/V, each fused run with the ranks
-    whose messages it waits for, each split sequence with the pieces it receives and from whom."""
+    whose messages it waits for, each split sequence with the pieces it receives, by sender."""
 
     def __init__(self, plan: FCPPlan, kernel: KernelCost):
         self.kernel, self.world = kernel, plan.world_size
@@ -89,6 +104,7 @@ class StageWork:
         self.local = np.zeros((2, self.world))
         self.fused: list[tuple[int, float, float, frozenset[int]]] = []
         self.split: list[tuple[int, list[tuple[int, int]], list[tuple[int, int, int]]]] = []
+        self._stage_cost: dict[tuple[int, frozenset[int]], np.ndarray] = {}
         for r, spans in enumerate(plan.rank_spans):
             fused = plan.fused_on(r)
             for s, runs in held_runs(spans).items():
@@ -115,14 +131,23 @@ class StageWork:
             slot = 1 + max(stage_of[src, r] for src in senders)
             out[0, r, slot] += f
             out[1, r, slot] += b
-        for r, runs, pieces in self.split:
-            by_stage: dict[int, list[tuple[int, int]]] = {}
-            for src, a, b in pieces:
-                by_stage.setdefault(stage_of[src, r], []).append((a, b))
-            for st, got in by_stage.items():
-                for q, k in _split_segments(runs, sorted(got)):
-                    out[:, r, 1 + st] += _parts(q, k, False, self.kernel)
+        for i, (r, _, pieces) in enumerate(self.split):
+            by_stage: dict[int, set[int]] = {}
+            for src, _, _ in pieces:
+                by_stage.setdefault(stage_of[src, r], set()).add(src)
+            for st, senders in by_stage.items():
+                out[:, r, 1 + st] += self._split_cost(i, frozenset(senders))
         return out[0], out[1]
+
+    def _split_cost(self, i: int, senders: frozenset[int]) -> np.ndarray:
+        """(forward, backward) work of split entry ``i``'s segments against the pieces of ``senders``."""
+        key = (i, senders)
+        if key not in self._stage_cost:
+            _, runs, pieces = self.split[i]
+            got = sorted((a, b) for src, a, b in pieces if src in senders)
+            self._stage_cost[key] = sum((np.asarray(_parts(q, k, False, self.kernel)) for q, k in
+                                         _split_segments(runs, got)), np.zeros(2))
+        return self._stage_cost[key]
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -148,23 +173,23 @@ def _split_segments(runs, pieces) -> list[tuple[int, int]]:
 
 def choose_schedule(plan: FCPPlan, pieces, kernel: KernelCost) -> FCPPlan:
     """``plan`` run the way, and with the colouring, of lowest :func:`layer_time`: each execution its
-    settings allow (:func:`executions`; ``plan``'s own first, which ties keep) with its own colouring
-    chosen (:func:`choose_rounds`). Plans with a sliding-window layer keep theirs (the timeline prices full
-    attention only)."""
+    settings allow (:func:`executions`; ``plan``'s own first) with its colouring chosen
+    (:func:`choose_rounds`), then the fastest one's rounds swapped (:func:`swap_rounds`). Plans with a
+    sliding-window layer keep theirs (the timeline prices full attention only)."""
     if not plan.num_rounds or any(w is not None for w, _ in plan.settings.attention_layers):
         return plan
     ways = [(p, StageWork(p, kernel)) for p in executions(plan)]
     timed = [layer_time(p, kernel, work) for p, work in ways]
     options = colourings(plan, pieces)  # the same for every execution
-    best, best_t = None, np.inf
+    best, best_t, best_work = plan, np.inf, ways[0][1]
     for (p, work), t in zip(ways, timed):
         if t > min(timed) * (1 + RECOLOUR):
             continue  # no colouring makes up for that much
         p = choose_rounds(p, pieces, kernel, work, options)
-        t = layer_time(p, kernel)
-        if best is None or t < best_t * (1 - MARGIN):
-            best, best_t = p, t
-    return best
+        t = layer_time(p, kernel, work)
+        if t < best_t * (1 - MARGIN):
+            best, best_t, best_work = p, t, work
+    return swap_rounds(best, best_work)
 
 
 def executions(plan: FCPPlan) -> list[FCPPlan]:
@@ -194,15 +219,18 @@ def choose_rounds(plan: FCPPlan, pieces, kernel: KernelCost, work: StageWork | N
     if plan.num_rounds < 2 or any(w is not None for w, _ in plan.settings.attention_layers):
         return plan
     plans = [replace(plan, transfers=t, num_rounds=n) for t, n in options or colourings(plan, pieces)]
-    times = layer_times(plans, work or StageWork(plan, kernel))  # the same work for every colouring
+    return plans[_fastest(layer_times(plans, work or StageWork(plan, kernel)))]
+
+
+def _fastest(times: np.ndarray) -> int:
     best = 0
     for i, t in enumerate(times):
         if t < times[best] * (1 - MARGIN):
             best = i
-    return plans[best]
+    return best
 
 
-def colourings(plan: FCPPlan, pieces) -> list[tuple[tuple, int]]:
+def colourings(plan: FCPPlan, pieces) -> list[tuple[tuple[Transfer, ...], int]]:
     """``(transfers, rounds)`` of ``plan``'s own colouring (maybe chosen for other stages), then of every
     other one :data:`ORDERS` orders of ``pieces`` give."""
     out, seen = [(plan.transfers, plan.num_rounds)], {_colouring(plan.transfers)}
@@ -212,6 +240,34 @@ def colourings(plan: FCPPlan, pieces) -> list[tuple[tuple, int]]:
             seen.add(_colouring(transfers))
             out.append((transfers, rounds))
     return out
+
+
+def swap_rounds(plan: FCPPlan, work: StageWork) -> FCPPlan:
+    """``plan`` after up to :data:`SWAP_PASSES` best-improvement swaps of two of its rounds (the rounds'
+    order decides what arrives first and which rounds share a stage; any order stays a proper colouring).
+    Swaps within one stage change nothing and are not tried."""
+    n, per = plan.num_rounds, plan.settings.rounds_per_stage
+    if n < 2 or any(w is not None for w, _ in plan.settings.attention_layers):
+        return plan
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if i // per != j // per]
+    order, msgs = list(range(n)), _messages(plan)
+    best_t = _times([msgs], plan, work)[0]
+    for _ in range(SWAP_PASSES):
+        if not pairs:
+            break
+        swapped = [[(s, d, tokens, j if order[r] == i else i if order[r] == j else order[r]) for s, d, tokens, r in msgs]
+                   for i, j in pairs]
+        times = _times(swapped, plan, work)
+        k = int(np.argmin(times))
+        if not times[k] < best_t * (1 - MARGIN):
+            break
+        i, j = pairs[k]
+        order = [j if x == i else i if x == j else x for x in order]
+        best_t = times[k]
+    if order == list(range(n)):
+        return plan
+    moved = (Transfer(t.src, t.dst, order[t.round], t.pieces) for t in plan.transfers)
+    return replace(plan, transfers=tuple(sorted(moved, key=lambda t: (t.round, t.src, t.dst))))
 
 
 def _colouring(transfers) -> frozenset[tuple[int, int, int]]:

@@ -70,10 +70,17 @@ class PlanSettings:
     link_cost: float = 34.0
     """Time to move one token's K and V between two ranks, in units of the kernel time of one causal
     (query, key) pair forward + backward: ≈ 34 for Llama-3-70B heads (64 q / 8 kv, head dim 128, bf16) on
-    H200 NVLink (360 GB/s), ≈ 8× that over 400 Gb/s InfiniBand. ``FCPPlugin`` derives it from the model."""
+    H200 NVLink (360 GB/s), ≈ 8× that over 400 Gb/s InfiniBand. Left at this default, ``FCPPlugin``
+    scales it to the model's heads and K/V dtype (K/V bytes per token over attention FLOPs per pair: 68
+    for Llama-3-8B's 32 q / 8 kv heads)."""
     overlap_slowdown: float = 0.06
     """Fraction of the attention kernels' speed lost while communication kernels run beside them (NCCL
     channels on 8 of an H100/H200's 132 SMs)."""
+    link_latency: float = 880.0
+    """Fixed time of one message beside its bytes (link latency, NCCL set-up), in tokens of K/V moved
+    (each ``link_cost``): ≈ 880 for 10 µs on H200 NVLink at 4 KiB of K and V per token (8 kv heads of 128,
+    bf16). It prices the exchange's schedule (:mod:`hf_fcp.plan.schedule`); ``FCPPlugin`` scales it, and
+    ``link_cost``, to the model when they are left at their defaults."""
     attention_layers: tuple[tuple[int | None, int], ...] = ((None, 1),)
     """The model's kinds of attention layer as ``((window, layers), ...)``: ``window`` None for full causal
     attention, else a sliding window of that many keys (transformers' ``sliding_window``), and how many
@@ -97,6 +104,7 @@ class PlanSettings:
         check_choice("overlap", self.overlap, OVERLAP)
         check_number("link_cost", self.link_cost, low_open=False)
         check_number("overlap_slowdown", self.overlap_slowdown, high=0.99, low_open=False)
+        check_number("link_latency", self.link_latency, low_open=False)
         if self.kernel_cost is not None and not isinstance(self.kernel_cost, KernelCost):
             raise ValueError(f"kernel_cost: got {type(self.kernel_cost).__name__}, expected an "
                              f"hf_fcp.plan.cost.KernelCost or None")

@@ -261,12 +261,16 @@ def ideal_step_s(lens, model: AttentionModel, cluster: Cluster) -> float:
 def planner_model(model: AttentionModel, cluster: Cluster, world: int) -> dict:
     """The fcp planner settings that describe this machine: its kernel (``kernel_cost``), the time to move one
     token's K and V in units of one causal pair's kernel time (``link_cost``; the slowest link the world
-    uses) and the kernels' slowdown beside communication (``overlap_slowdown``)."""
+    uses), the kernels' slowdown beside communication (``overlap_slowdown``) and a message's fixed latency
+    in tokens moved (``link_latency``)."""
     fpp = model.fwd_flops_per_pair
     pair_s = fpp / (cluster.eff_fwd * cluster.peak_flops) + fpp * BWD_FLOP_RATIO / (cluster.eff_bwd * cluster.peak_flops)
-    bandwidth = cluster.nvlink_bw if world <= cluster.gpus_per_node else min(cluster.nvlink_bw, cluster.ib_bw)
+    inside = world <= cluster.gpus_per_node
+    bandwidth = cluster.nvlink_bw if inside else min(cluster.nvlink_bw, cluster.ib_bw)
+    latency = cluster.nvlink_latency if inside else max(cluster.nvlink_latency, cluster.ib_latency)
     return {"kernel_cost": cluster.kernel_cost(), "link_cost": model.kv_bytes_per_token / bandwidth / pair_s,
-            "overlap_slowdown": 1.0 - cluster.compute_share_while_comm}
+            "overlap_slowdown": 1.0 - cluster.compute_share_while_comm,
+            "link_latency": latency * bandwidth / model.kv_bytes_per_token}
 
 
 def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, tokens_per_rank: int,
