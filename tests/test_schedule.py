@@ -91,7 +91,7 @@ def test_the_chosen_schedule_moves_the_same_messages_faster():
         assert max(Counter(s for s, _ in edges).values()) == 1 and max(Counter(d for _, d in edges).values()) == 1
     assert layer_time(plan, KERNEL) < layer_time(default, KERNEL) * 0.97
     fast, slow = (simulate(Candidate(plan=p, schedule="p2p"), MODEL, CLUSTER).step_s for p in (plan, default))
-    assert fast < slow * 0.95  # the simulator agrees (7.7% here)
+    assert fast < slow * 0.95  # the simulator agrees (6.5% here)
     again = plan_batch([3400, 2744], world_size=3, block_size=512, tokens_per_rank=2048, **MACHINE)
     assert (again.transfers, again.fused, again.overlap) == (plan.transfers, plan.fused, plan.overlap)  # pure
 

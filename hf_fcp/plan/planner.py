@@ -117,9 +117,10 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
 
 
 def schedule(plan: FCPPlan) -> FCPPlan:
-    """``plan`` with its execution chosen (:func:`choose_execution`) and, for an fcp plan of a small world
-    (``CANDIDATE_WORLD``), the colouring of its exchange that the timeline model finds fastest
-    (:func:`.schedule.choose_rounds`) — again after a change of ``rounds_per_stage``."""
+    """``plan`` with its execution chosen by the per-rank model (:func:`choose_execution`) and, for an fcp
+    plan of a small world (``CANDIDATE_WORLD``), the execution and colouring of its exchange that the
+    timeline finds fastest (:func:`.schedule.choose_schedule`) — again after a change of
+    ``rounds_per_stage``."""
     plan = choose_execution(plan)
     if plan.strategy != "fcp" or plan.collective or plan.world_size > CANDIDATE_WORLD:
         return plan

@@ -59,14 +59,14 @@ class PlanSettings:
     *split*, a local causal segment at once plus one segment per stage that brings remote keys (more and
     smaller kernel segments, each able to run as soon as its keys are there); ``"auto"`` — fused when the
     exchange is not overlapped (``overlap``: every key is there before any kernel runs), else whichever of
-    the two the step-time model finds faster (:func:`hf_fcp.plan.candidates.execution`). See
+    the two the planner finds faster (at most 8 ranks: on the engine's timeline,
+    :mod:`hf_fcp.plan.schedule`; else its per-rank model, :func:`hf_fcp.plan.execution.execution`). See
     :mod:`hf_fcp.plan.tasks`."""
     overlap: str = "auto"
     """Whether a rank computes while its K/V arrive. ``"always"``: local work runs at once and each
     stage's work when the stage arrived (the communication kernels then share the GPU with the attention
     kernels while they run, ``overlap_slowdown``); ``"never"``: every K/V arrives first, then all segments run (no
-    sharing; the exchange is exposed); ``"auto"``: the plan picks the faster in its step-time model
-    (:func:`hf_fcp.plan.candidates.execution`)."""
+    sharing; the exchange is exposed); ``"auto"``: the planner picks the faster (as for ``fusion``)."""
     link_cost: float = 34.0
     """Time to move one token's K and V between two ranks, in units of the kernel time of one causal
     (query, key) pair forward + backward: ≈ 34 for Llama-3-70B heads (64 q / 8 kv, head dim 128, bf16) on
