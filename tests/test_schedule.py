@@ -130,7 +130,7 @@ def test_the_choice_never_models_slower_than_the_graphs_own_colouring(seed, worl
 
 @pytest.mark.parametrize("overlap,fusion,allowed", [
     ("never", "auto", {(False, "fused")}), ("always", "auto", {(True, "fused"), (True, "split")}),
-    ("auto", "none", {(True, "none"), (False, "none")}), ("auto", "all", {(True, "fused"), (False, "fused")})])
+    ("auto", "none", {(True, "split"), (False, "split")}), ("auto", "all", {(True, "fused"), (False, "fused")})])
 def test_the_execution_chosen_is_one_the_settings_allow(overlap, fusion, allowed):
     lens = _batch(11, 5, 2048)
     plan = plan_batch(lens, world_size=5, block_size=512, tokens_per_rank=2048, overlap=overlap, fusion=fusion,
@@ -141,8 +141,8 @@ def test_the_execution_chosen_is_one_the_settings_allow(overlap, fusion, allowed
 
 def _way(plan) -> str:
     if not plan.fused:
-        return "none"
-    return "fused" if all(f == {s for s, _, _ in x} for f, x in zip(plan.fused, plan.rank_spans)) else "split"
+        return "split"
+    return "fused" if all(f == {s for s, _, _ in x} for f, x in zip(plan.fused, plan.rank_spans)) else "mixed"
 
 
 @pytest.mark.parametrize("settings", [{"attention_layers": ((None, 2), (512, 2))}, {"world_size": 9}])

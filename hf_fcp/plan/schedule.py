@@ -198,7 +198,7 @@ def executions(plan: FCPPlan) -> list[FCPPlan]:
     every sequence fused (split when ``fusion="none"``)."""
     settings = plan.settings
     fused = tuple(frozenset(s for s, _, _ in x) for x in plan.rank_spans)
-    split = () if settings.fusion == "none" else tuple(frozenset() for _ in plan.rank_spans)
+    split = ()  # every rank runs every sequence split (``FCPPlan.fused``)
     out, seen = [plan], {(plan.overlap, plan.fused)}
     for overlap in (True, False):
         if settings.overlap == ("never" if overlap else "always"):
