@@ -9,7 +9,8 @@ ones back, so token counts stay and about ``δ × (difference of the two positio
 cuts stay aligned; a step that would empty a short run is halved. Every candidate move is priced with the
 kernel model (:mod:`.cost`) on the four runs it touches; the best improvement is applied until none lowers
 the maximum — then, while the busiest rank is over ``FINE_ABOVE`` above the mean, moves of an eighth of a
-tile are tried (off the tile grid: worth it only where the partial tiles they cost are cheap) — or the
+tile are tried too (off the tile grid: worth it only where the partial tiles they cost are cheap; whole-tile
+moves still come first, as a finer move can open one up again) — or the
 busiest rank is within ``DONE`` of the mean. Whole sequences
 never move.
 """
@@ -200,13 +201,17 @@ def polish(spans: list[list[Span]], world: int, kernel: KernelCost, layers=((Non
     partner, else three-rank cycles (module doc); token counts of every rank are unchanged. Work is that of
     an average layer of the model's ``layers`` (``PlanSettings.attention_layers``)."""
     p = Placement(spans, world, kernel, layers)
-    tile = max(1, kernel.tile)
+    tile = full = max(1, kernel.tile)
     moves = 0
     while moves < MAX_MOVES:
         hi = int(np.argmax(p.work))
         if p.work[hi] <= p.work.mean() * (1 + DONE):
             break
-        move = _best_move(p, hi, tile) or _best_cycle(p, hi, tile)
+        move = None
+        for step in sorted({full, tile}, reverse=True):  # whole tiles first, even once finer steps began
+            move = _best_move(p, hi, step) or _best_cycle(p, hi, step)
+            if move is not None:
+                break
         if move is None:
             if tile <= max(1, kernel.tile // FINEST) or p.work[hi] <= p.work.mean() * (1 + FINE_ABOVE):
                 break
