@@ -1,6 +1,7 @@
-"""The exchange's colouring, chosen by the modelled layer time (``plan.schedule``, ``plan.timeline``): the
-timeline's rules, the planner's per-stage work against what the simulator times, and a chosen colouring
-that moves the same messages in as many rounds, faster in the model and in the simulator."""
+"""How a plan runs its exchange — execution, colouring, round order — chosen by the modelled layer time
+(``plan.schedule`` on ``plan.timeline``): the timeline's rules, the planner's per-stage work against what
+the simulator times, chosen schedules that move the same messages in as many rounds, faster in the model
+and in the simulator, only executions the settings allow, and the link figures FCPPlugin derives."""
 
 from collections import Counter
 from dataclasses import replace
