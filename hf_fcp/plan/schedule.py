@@ -185,11 +185,10 @@ def choose_schedule(plan: FCPPlan, pieces, kernel: KernelCost) -> FCPPlan:
     for (p, work), t in zip(ways, timed):
         if t > min(timed) * (1 + RECOLOUR):
             continue  # no colouring makes up for that much
-        p = choose_rounds(p, pieces, kernel, work, options)
-        t = layer_time(p, kernel, work)
+        p, t = _best_colouring(p, work, options)
         if t < best_t * (1 - MARGIN):
             best, best_t, best_work = p, t, work
-    return swap_rounds(best, best_work)
+    return swap_rounds(best, best_work, best_t)
 
 
 def executions(plan: FCPPlan) -> list[FCPPlan]:
@@ -218,16 +217,18 @@ def choose_rounds(plan: FCPPlan, pieces, kernel: KernelCost, work: StageWork | N
     :func:`colourings`, when known); ties keep the earlier. Plans with a sliding-window layer keep theirs."""
     if plan.num_rounds < 2 or any(w is not None for w, _ in plan.settings.attention_layers):
         return plan
-    plans = [replace(plan, transfers=t, num_rounds=n) for t, n in options or colourings(plan, pieces)]
-    return plans[_fastest(layer_times(plans, work or StageWork(plan, kernel)))]
+    return _best_colouring(plan, work or StageWork(plan, kernel), options or colourings(plan, pieces))[0]
 
 
-def _fastest(times: np.ndarray) -> int:
+def _best_colouring(plan: FCPPlan, work: StageWork, options: list) -> tuple[FCPPlan, float]:
+    """(``plan`` with the fastest of ``options``' colourings, its :func:`layer_time`); ties keep the earlier."""
+    plans = [replace(plan, transfers=t, num_rounds=n) for t, n in options]
+    times = layer_times(plans, work)  # the same work for every colouring
     best = 0
     for i, t in enumerate(times):
         if t < times[best] * (1 - MARGIN):
             best = i
-    return best
+    return plans[best], float(times[best])
 
 
 def colourings(plan: FCPPlan, pieces) -> list[tuple[tuple[Transfer, ...], int]]:
@@ -242,16 +243,17 @@ def colourings(plan: FCPPlan, pieces) -> list[tuple[tuple[Transfer, ...], int]]:
     return out
 
 
-def swap_rounds(plan: FCPPlan, work: StageWork) -> FCPPlan:
+def swap_rounds(plan: FCPPlan, work: StageWork, time: float | None = None) -> FCPPlan:
     """``plan`` after up to :data:`SWAP_PASSES` best-improvement swaps of two of its rounds (the rounds'
     order decides what arrives first and which rounds share a stage; any order stays a proper colouring).
-    Swaps within one stage change nothing and are not tried."""
+    Swaps within one stage change nothing and are not tried. ``time``: ``plan``'s :func:`layer_time`, when
+    known."""
     n, per = plan.num_rounds, plan.settings.rounds_per_stage
     if n < 2 or any(w is not None for w, _ in plan.settings.attention_layers):
         return plan
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if i // per != j // per]
     order, msgs = list(range(n)), _messages(plan)
-    best_t = _times([msgs], plan, work)[0]
+    best_t = _times([msgs], plan, work)[0] if time is None else time
     for _ in range(SWAP_PASSES):
         if not pairs:
             break
