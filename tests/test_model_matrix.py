@@ -12,7 +12,8 @@ and the way out): ``wrong`` (silently wrong) or ``error`` (unclear) fails.
   a case with a refusal switched off, which the matrix must catch as silently wrong;
 * ``-m slow``: every causal-LM family of the installed transformers and every setting of
   :func:`~hf_fcp.testing.matrix.variant_cases`, and the guard's allow-list checked against what the
-  reference-attention run verifies (re-generate it with ``python benchmarks/model_matrix.py --write``).
+  reference-attention run verifies of the installed transformers
+  (re-generate it with ``python benchmarks/model_matrix.py --write``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ DOZEN = {  # case → (expected status, a phrase the refusal must contain)
     Case("gemma2", "soft-capping 0.01, window 6", {"attn_logit_softcapping": 0.01, "sliding_window": 6}):
         ("exact", None),
     Case("gpt_oss", "sliding layers, window 6", {"sliding_window": 6}): ("exact", None),  # and sinks
-    Case("falcon"): ("refused", "KeyError: 'fcp'"),  # before loading: transformers itself would fail
+    Case("falcon"): ("refused", "not among the families FCP has verified exact"),  # before loading
     Case("falcon_h1"): ("refused", "token mixing outside attention"),
     Case("stablelm", "layers trusted", unguarded=("modules",)): ("refused", "got no fcp_plan inside a distributed"),
     Case("mistral", "sliding window 6", {"sliding_window": 6}): ("exact", None),
@@ -108,10 +109,10 @@ def _check_allow_list(results, cases):
     verified = sorted(c.family for c in cases if c.variant == "default" and results[c.name]["reference"] == "ok"
                       and all(o.status == "exact" for k, o in results[c.name].items()
                               if k != "reference" and k[1] == "fcp_reference"))
-    assert verified == sorted(verified_models.EXACT_FAMILIES), (
-        "the allow-list is stale: run `python benchmarks/model_matrix.py --write`; "
-        f"newly exact {sorted(set(verified) - set(verified_models.EXACT_FAMILIES))}, "
-        f"no longer exact {sorted(set(verified_models.EXACT_FAMILIES) - set(verified))}")
+    listed = verified_models.current().families
+    assert verified == sorted(listed), (
+        f"the allow-list is stale: run `{verified_models.REGENERATE}`; "
+        f"newly exact {sorted(set(verified) - listed)}, no longer exact {sorted(listed - set(verified))}")
 
 
 def _check_engine_features(results, cases):

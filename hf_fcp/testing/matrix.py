@@ -190,17 +190,14 @@ def _run_mode(case: Case, mode: str, rank: int, size: int, group, examples):
     from ..integrations import model_support
     from .reference_attention import CALLS
 
-    saved = dict(model_support.ENGINE_SUPPORTS), set(model_support._EXTRA_CLASSES)
+    engine = {f: True for f in case.unguarded if f in model_support.ENGINE_SUPPORTS}
     try:
-        if mode == "fcp":
-            model_support.ENGINE_SUPPORTS.update({f: True for f in case.unguarded if f in saved[0]})
-            if "modules" not in case.unguarded:
-                model_support.check_config(tiny_config(case.family, **case.overrides))
+        if mode == "fcp" and "modules" not in case.unguarded:
+            model_support.check_config(tiny_config(case.family, **case.overrides), engine=engine)
         model = _build(case, mode)
         if mode == "fcp":
-            if "modules" in case.unguarded:
-                model_support.allow_classes(*module_classes(model))
-            model_support.check_model(model)
+            trusted = module_classes(model) if "modules" in case.unguarded else ()
+            model_support.check_model(model, engine=engine, extra_classes=trusted)
         CALLS[0] = 0
         vec = sharded_step(model, rank, size, examples)
         if mode == "fcp_reference" and CALLS[0] == 0:
@@ -210,10 +207,6 @@ def _run_mode(case: Case, mode: str, rank: int, size: int, group, examples):
         return Outcome("refused", str(err)), None
     except Exception as err:  # noqa: BLE001 — an unclear error is a matrix failure, reported with its origin
         return Outcome("error", f"{type(err).__name__}: {err} | {_origin()}"), None
-    finally:
-        model_support.ENGINE_SUPPORTS.update(saved[0])
-        model_support._EXTRA_CLASSES.clear()
-        model_support._EXTRA_CLASSES.update(saved[1])
 
 
 def module_classes(model) -> set[str]:
