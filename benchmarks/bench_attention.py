@@ -17,6 +17,7 @@ tensors leave RSS at once). Then W=1: fcp_attention against the bare varlen kern
 the same packed batch (the engine's overhead).
 
     python benchmarks/bench_attention.py            # defaults: W=2,4; 2048 tokens/rank, block 256, 3 batches
+    python benchmarks/bench_attention.py --write    # and the table in docs/performance.md
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from hf_fcp import plan_batch
 from hf_fcp.testing import run_workers
+from hf_fcp.testing.markers import replace_block, table
 from hf_fcp.workloads import Distribution, make_batch
 
 METHODS = {  # name -> (placement strategy, attention op, planner settings)
@@ -128,7 +130,8 @@ def _worker(rank, world, batches, args):
     return out
 
 
-def bench_world(world, args):
+def bench_world(world, args) -> list[list]:
+    """Runs every method at world size ``world``, prints its figures and returns the table's rows."""
     budget = world * args.tokens_per_rank
     batches = [lognormal_batch(budget, args.mu, args.sigma, seed=100 * world + i, max_len=budget // 2)
                for i in range(args.batches)]
@@ -141,7 +144,7 @@ def bench_world(world, args):
     print(f"{'method':10} {'median ms':>10} {'vs fcp':>7} {'kv MB sent':>11} {'plan MB':>9} {'grad MB':>8} "
           f"{'peak MiB/rank':>14} {'imbalance':>9} {'CPU ms (sum)':>12} {'CPU ms (max)':>12} {'calls/rank':>10} "
           f"{'segs/rank':>9}")
-    medians = {}
+    medians, rows = {}, []
     for name, (strategy, _, settings) in METHODS.items():
         times, sent, plan_b, grad, peak, imb, cpu_sum, cpu_max = [], 0, 0, 0, 0, 0.0, [], []
         calls = [r[name, b, "calls"] for r in per_rank for b in range(len(batches))]
@@ -163,6 +166,9 @@ def bench_world(world, args):
               f"{plan_b / 1e6:9.2f} {grad / 1e6:8.2f} {peak / 1024:14.1f} {imb:9.3f} "
               f"{1e3 * statistics.mean(cpu_sum):12.1f} {1e3 * statistics.mean(cpu_max):12.1f} "
               f"{statistics.mean(c for c, _ in calls):10.1f} {statistics.mean(g for _, g in calls):9.1f}")
+        rows.append([world, name, f"{1e3 * medians[name] / len(batches):.1f}", f"{1e3 * statistics.mean(cpu_max):.1f}",
+                     f"{statistics.mean(c for c, _ in calls):.1f}", f"{statistics.mean(g for _, g in calls):.1f}",
+                     f"{sent / 1e6:.2f}", f"{plan_b / 1e6:.2f}"])
     print("median ms: mean over batches of the median (over steps) of the slowest rank's fwd+bwd; kv MB: "
           "K/V bytes sent by all ranks in one step (ring_attn re-rotates K/V in backward: 2(W-1) blocks); "
           "plan MB: plan.stats()['comm_bytes'] (forward K/V); grad MB: dK/dV bytes sent; imbalance: plan "
@@ -170,6 +176,7 @@ def bench_world(world, args):
           "over ranks (total work, independent of how the ranks share the cores) and of the busiest rank (its "
           "work, what the step would take with a core per rank and no waits), mean over batches; calls/rank, "
           "segs/rank: varlen kernel calls and attention segments of one forward + backward per rank per layer")
+    return rows
 
 
 def bench_world1(args):
@@ -226,13 +233,17 @@ def main(argv=None):
     p.add_argument("--threads-w1", type=int, default=2)
     p.add_argument("--iters-w1", type=int, default=10)
     p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--write", action="store_true", help="write the table into docs/performance.md")
     args = p.parse_args(argv)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # inherited by the spawned ranks (peak RSS)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; gloo loopback, 1 thread per rank"
           + (" (W > CPUs: ranks oversubscribe the cores)" if max(args.worlds) > (os.cpu_count() or 1) else ""))
-    for world in args.worlds:
-        bench_world(world, args)
+    rows = [row for world in args.worlds for row in bench_world(world, args)]
     bench_world1(args)
+    if args.write:
+        replace_block("docs/performance.md", "attention", "benchmarks/bench_attention.py", table(
+            ["W", "method", "median ms", "CPU ms (max)", "kernel calls / rank", "segments / rank", "K/V MB sent",
+             "plan's prediction MB"], rows, "rlrrrrrr"))
 
 
 if __name__ == "__main__":

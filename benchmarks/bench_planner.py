@@ -7,6 +7,7 @@ and ``allgather`` (Llama-3-70B KV: 8 kv heads, head dim 128, bf16), rounds, and 
 
     python benchmarks/bench_planner.py                       # W = 8, 64, 256; 32768 tokens/rank
     python benchmarks/bench_planner.py --world-sizes 8 --repeats 3    # workloads: hf_fcp.simulate.workloads
+    python benchmarks/bench_planner.py --world-sizes 8,64,256 --seeds 2 --write   # and docs/performance.md
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import statistics
 import sys
 
 from hf_fcp import plan_batch
+from hf_fcp.testing.markers import replace_block, table
 from hf_fcp.workloads import make_batches, parse_distribution
 
 WORKLOADS = {  # hf_fcp.simulate.workloads specs (see its docstring)
@@ -51,17 +53,41 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3, help="batches per (workload, world size)")
+    ap.add_argument("--write", action="store_true", help="write the table into docs/performance.md (block 'planner')")
     args = ap.parse_args(argv)
+    rows = []
     print(f"{'workload':<27} {'W':>4} {'seqs':>5} {'comp.imb':>9} {'pairs.imb':>9} {'mem.imb':>8} {'fcp GB':>8} "
           f"{'ring/fcp':>9} {'ag/fcp':>7} {'rounds':>6} {'plan ms':>8} {'(max)':>7}")
     for name, spec in WORKLOADS.items():
         for world in [int(w) for w in args.world_sizes.split(",")]:
+            cell = []
             for lens in batches(spec, world, args.tokens_per_rank, args.seeds):
                 r = measure(lens, world, args.tokens_per_rank, args.block_size, args.repeats)
+                cell.append(r)
                 print(f"{name:<27} {world:>4} {r['seqs']:>5} {r['ci']:>8.2%} {r['pi']:>8.2%} {r['mi']:>7.2%} {r['gb']:>8.2f} "
                       f"{r['ring_x']:>8.1f}x {r['ag_x']:>6.1f}x {r['rounds']:>6} {r['ms']:>8.1f} {r['ms_max']:>7.1f}",
                       flush=True)
+            rows.append(table_row(name, world, cell))
+    if args.write:
+        replace_block("docs/performance.md", "planner", "benchmarks/bench_planner.py", table(
+            ["workload", "W", "compute imbalance", "pairs imbalance", "memory imbalance", "fcp K/V moved",
+             "ring / fcp bytes", "rounds", "plan ms"], rows))
     return 0
+
+
+def span(values, fmt: str, unit: str = "") -> str:
+    """``lo–hi`` over a cell's batches (one value when they agree at this precision)."""
+    lo, hi = format(min(values), fmt), format(max(values), fmt)
+    return f"{lo}{unit}" if lo == hi else f"{lo}–{hi}{unit}"
+
+
+def table_row(name: str, world: int, cell: list[dict]) -> list:
+    def col(key):
+        return [r[key] for r in cell]
+
+    return [name, world, span(col("ci"), ".2%"), span(col("pi"), ".1%"), span(col("mi"), ".2%"),
+            span(col("gb"), ".3g", " GB"), span(col("ring_x"), ".1f", "×"), span(col("rounds"), "d"),
+            span(col("ms"), ".1f")]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ against its simple alternatives (prints figures; asserts nothing).
     python benchmarks/one_node.py            # parts 1 and 2, ~1 min
     python benchmarks/one_node.py --scale    # and part 3, several more minutes
     python benchmarks/one_node.py --free-exchange   # part 1 with communication free (the kernels' ceiling)
+    python benchmarks/one_node.py --write    # parts 1 and 2, and their tables in docs/performance.md + README
 """
 
 from __future__ import annotations
@@ -28,18 +29,23 @@ from hf_fcp import plan_batch
 from hf_fcp.plan.cost import FLASH, segment_cost
 from hf_fcp.plan.fcp_plan import imbalance
 from hf_fcp.simulate import SimSettings, get_model, load_cluster, parse_distribution, run
+from hf_fcp.testing.markers import replace_block, table
 from hf_fcp.workloads import make_batch
+
+SCRIPT = "benchmarks/one_node.py"
 
 OTHERS = ("ring", "allgather", "bytescale", "wlb", "magi", "packing")
 
 
-def simulator_cells(steps: int, free_exchange: bool = False) -> None:
+def simulator_cells(steps: int, free_exchange: bool = False) -> list[list[str]]:
+    """Part 1; returns the table's rows (workload, model, tokens/GPU, fcp MFU, ideal, of ideal, best other, ratio)."""
     cluster = load_cluster("h200")
     if free_exchange:  # what the placements' kernels alone reach: NVLink at 10^16 B/s, no latency to speak of
         cluster = replace(cluster, nvlink_bw=1e16, nvlink_latency=1e-12)
     print(f"## 1. Simulator, W=8, h200{' with a free exchange' if free_exchange else ''}, --cp-size best")
     print(f"{'workload':<10}{'model':<12}{'T':>6}{'fcp MFU':>9}{'ideal':>8}{'of ideal':>10}"
           f"{'best other':>20}{'fcp/best':>10}{'fcp imb':>9}")
+    out = []
     for dist in ("lognormal", "stdlib"):
         for model in ("llama3-8b", "llama3-70b"):
             for tpr in (8192, 32768):
@@ -52,6 +58,11 @@ def simulator_cells(steps: int, free_exchange: bool = False) -> None:
                 print(f"{dist:<10}{model:<12}{tpr:>6}{fcp.attention_mfu:>9.1%}{rows['ideal'].attention_mfu:>8.1%}"
                       f"{fcp.of_ideal:>10.1%}{best.strategy:>12} {best.attention_mfu:>6.1%}"
                       f"{fcp.attention_mfu / best.attention_mfu:>9.3f}x{fcp.compute_imbalance:>9.2%}", flush=True)
+                out.append([dist, model, f"{tpr // 1024}K", f"{fcp.attention_mfu:.1%}",
+                            f"{rows['ideal'].attention_mfu:.1%}", f"{fcp.of_ideal:.1%}",
+                            f"{best.strategy} {best.attention_mfu:.1%}",
+                            f"{fcp.attention_mfu / best.attention_mfu:.3f}×"])
+    return out
 
 
 def planner_batches(world: int, tpr: int) -> dict[str, list[int]]:
@@ -62,11 +73,12 @@ def planner_batches(world: int, tpr: int) -> dict[str, list[int]]:
             "stdlib files": make_batch(parse_distribution("stdlib"), total, rng)}
 
 
-def planner_grid(repeats: int) -> None:
+def planner_grid(repeats: int) -> list[list[str]]:
+    """Part 2; returns the table's rows."""
     print("\n## 2. Planner vs zigzag, kernel-model work as the engine runs each plan")
     print(f"{'W':>2}{'T':>6}  {'batch':<13}{'fcp imb':>9}{'zigzag imb':>11}{'fcp max/ideal':>14}"
           f"{'zigzag max/ideal':>17}{'plan ms':>9}")
-    worse = 0
+    worse, out = 0, []
     for world in (2, 4, 8):
         for tpr in (2048, 8192, 32768):
             for name, lens in planner_batches(world, tpr).items():
@@ -81,7 +93,10 @@ def planner_grid(repeats: int) -> None:
                 worse += imbalance(w) > imbalance(z) + 0.0025
                 print(f"{world:>2}{tpr:>6}  {name:<13}{imbalance(w):>9.2%}{imbalance(z):>11.2%}"
                       f"{w.max() / ideal:>14.3f}{z.max() / ideal:>17.3f}{statistics.median(times):>9.1f}", flush=True)
+                out.append([world, f"{tpr // 1024}K", name, f"{imbalance(w):.2%}", f"{imbalance(z):.2%}",
+                            f"{w.max() / ideal:.3f}", f"{z.max() / ideal:.3f}", f"{statistics.median(times):.1f}"])
     print(f"batches where fcp's imbalance is more than 0.25 points above zigzag's: {worse} of 36")
+    return out
 
 
 def scale(steps: int) -> None:
@@ -98,6 +113,18 @@ def scale(steps: int) -> None:
                   f"{best.attention_mfu:.1%}  fcp imbalance {rows['fcp'].compute_imbalance:.2%}", flush=True)
 
 
+def write_tables(cells: list[list[str]], grid: list[list[str]]) -> None:
+    replace_block("docs/performance.md", "one-node", SCRIPT, table(
+        ["workload", "model", "tokens/GPU", "fcp MFU", "ideal", "fcp of ideal", "best other", "fcp / best other"],
+        cells, "lllrrrlr"))
+    replace_block("README.md", "one-node-summary", SCRIPT, table(
+        ["workload", "model", "tokens/GPU", "fcp of ideal", "best other (MFU)", "fcp / best other"],
+        [[c[0], c[1], c[2], c[5], c[6], c[7]] for c in cells], "lllrlr"))
+    replace_block("docs/performance.md", "one-node-planner", SCRIPT, table(
+        ["W", "tokens/rank", "batch", "fcp imbalance", "zigzag imbalance", "fcp max / ideal", "zigzag max / ideal",
+         "plan ms"], grid, "rrlrrrrr"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="simulated batches per cell (default 3)")
@@ -105,11 +132,17 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", action="store_true", help="also simulate 16, 64 and 256 GPUs")
     ap.add_argument("--free-exchange", action="store_true",
                     help="part 1 only, with communication free: what the placements' kernels alone reach")
+    ap.add_argument("--write", action="store_true",
+                    help="write the tables of parts 1 and 2 into docs/performance.md and the README's summary")
     args = ap.parse_args(argv)
-    simulator_cells(args.steps, args.free_exchange)
+    if args.write and args.free_exchange:
+        ap.error("--write: the tables are of the real exchange; leave out --free-exchange")
+    cells = simulator_cells(args.steps, args.free_exchange)
     if args.free_exchange:
         return 0
-    planner_grid(args.repeats)
+    grid = planner_grid(args.repeats)
+    if args.write:
+        write_tables(cells, grid)
     if args.scale:
         scale(args.steps)
     return 0

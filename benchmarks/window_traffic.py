@@ -8,6 +8,7 @@ rank; per batch the bytes a full-attention layer moves (``plan.stats().comm_byte
 whose layers are all full, and the modelled compute imbalance and plan time of the mixed plan::
 
     python benchmarks/window_traffic.py            # ~1 min on 2 cores
+    python benchmarks/window_traffic.py --write    # and the table in docs/performance.md
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import numpy as np
 
 from hf_fcp import plan_batch
+from hf_fcp.testing.markers import replace_block, table
 from hf_fcp.workloads import make_batch, parse_distribution
 
 MODELS = {  # name: attention_layers as transformers' configs give them (layer_types, sliding_window)
@@ -33,7 +35,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2, help="batches per cell (median reported)")
     parser.add_argument("--tokens-per-rank", type=int, default=32768)
+    parser.add_argument("--write", action="store_true", help="write the table into docs/performance.md")
     args = parser.parse_args()
+    out = []
     print(f"{'model':<24}{'dist':<11}{'W':>3}{'full MB':>10}{'window MB':>11}{'full/win':>9}"
           f"{'model bytes vs all-full':>24}{'imbalance':>11}{'plan ms':>9}")
     for name, layers in MODELS.items():
@@ -43,6 +47,12 @@ def main() -> None:
                 med = [statistics.median(col) for col in zip(*rows)]
                 print(f"{name:<24}{dist:<11}{world:>3}{med[0] / 1e6:>10.1f}{med[1] / 1e6:>11.2f}"
                       f"{med[0] / max(med[1], 1):>9.1f}{med[2]:>24.2f}{med[3]:>10.2%}{med[4]:>9.0f}")
+                out.append([name, dist, world, f"{med[0] / 1e6:.1f}", f"{med[1] / 1e6:.1f}",
+                            f"{med[0] / max(med[1], 1):.1f}", f"{med[2]:.2f}"])
+    if args.write:
+        replace_block("docs/performance.md", "window-traffic", "benchmarks/window_traffic.py", table(
+            ["layer mix (window)", "workload", "W", "full layer MB", "sliding layer MB", "full / sliding",
+             "model bytes vs all layers full"], out, "llrrrrr"))
 
 
 def _cell(layers, dist: str, world: int, tpr: int, step: int) -> tuple[float, ...]:

@@ -30,6 +30,8 @@ _EXPORTS = {  # name -> module that defines it
     **dict.fromkeys(("ATTN_IMPLEMENTATION", "register"), "hf_fcp.integrations.transformers"),
 }
 
+_MOVED = ("comm", "cost")  # modules that moved into a layer; hf_fcp.<name> is a deprecated alias of the new place
+
 register_on_import()  # attn_implementation="fcp" works from here on
 
 
@@ -38,6 +40,8 @@ def __getattr__(name):
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value  # later lookups skip this function
         return value
+    if name in _MOVED:
+        return import_module(f"hf_fcp.{name}")  # warns once, then is an attribute of the package
     raise AttributeError(f"module 'hf_fcp' has no attribute {name!r}")
 
 

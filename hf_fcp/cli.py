@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .plan.settings import STRATEGIES
+from .plan.settings import STRATEGIES, PlanSettings, help_of
 
 
 class CLIError(ValueError):
@@ -24,13 +24,15 @@ def _plan_parser(sub) -> None:
     p.add_argument("--lengths", required=True, metavar="FILE",
                    help="sequence lengths: a JSON list of integers or one integer per line")
     p.add_argument("--world-size", type=int, required=True, metavar="N", help="number of ranks")
-    p.add_argument("--block-size", type=int, default=4096, metavar="B", help="tokens per block (default 4096)")
-    p.add_argument("--tokens-per-rank", type=int, default=None, metavar="T",
-                   help="per-rank token cap (default: an even share of the batch)")
-    p.add_argument("--strategy", default="fcp", choices=STRATEGIES, help="placement strategy (default fcp)")
-    p.add_argument("--rounds-per-stage", type=int, default=1, metavar="K", help="coalesce K rounds per stage")
-    p.add_argument("--kv-heads", type=int, default=8, help="KV heads, for byte counts (default 8)")
-    p.add_argument("--head-dim", type=int, default=128, help="head dimension, for byte counts (default 128)")
+    defaults = PlanSettings()  # every default is the planner's own
+    p.add_argument("--block-size", type=int, default=defaults.block_size, metavar="B", help=help_of("block_size"))
+    p.add_argument("--tokens-per-rank", type=int, default=defaults.tokens_per_rank, metavar="T",
+                   help=help_of("tokens_per_rank", "None"))
+    p.add_argument("--strategy", default=defaults.strategy, choices=STRATEGIES, help=help_of("strategy"))
+    p.add_argument("--rounds-per-stage", type=int, default=defaults.rounds_per_stage, metavar="K",
+                   help=help_of("rounds_per_stage"))
+    p.add_argument("--kv-heads", type=int, default=defaults.kv_heads, help=help_of("kv_heads"))
+    p.add_argument("--head-dim", type=int, default=defaults.head_dim, help=help_of("head_dim"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--assignment", action="store_true",
                    help="with --json: add 'ranks', each rank's [seq_index, start, end] spans in local order")

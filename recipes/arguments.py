@@ -7,16 +7,19 @@ dataclass default. ``--help`` lists the recipe's groups first, then every ``Trai
 
 from __future__ import annotations
 
-import ast
-import inspect
+import argparse
 import os
-import textwrap
 from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_fcp.integrations.accelerate import FCPPlugin
+
+EMBEDDED_FCP_DEFAULTS = ["--block_size", "512", "--tokens_per_rank", "2048"]
+"""The recipes' FCP defaults, smaller than the plugin's on purpose: the embedded tiny model trains on two
+CPU processes, where a 2 × 2048-token batch of 512-token blocks spreads a document over both ranks in
+seconds per step (the plugin's defaults, from ``PlanSettings``, are sized for GPUs)."""
 
 USAGE = ("%(prog)s [--FLAG VALUE ...]\n\nFlags are grouped below: model, data, FCP and run (this recipe), then "
          "every transformers.TrainingArguments flag. Defaults shown are this recipe's.")
@@ -43,16 +46,16 @@ class TrainerArguments(TrainingArguments):
     _argument_group_name = "Trainer (transformers.TrainingArguments)"
 
 
-def attribute_docs(cls) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string right below each field), one line each."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None (an FCP flag left at None takes ``FCP_<NAME>``, else the default
+    its help names); an FCP flag's recipe default is shown as "This recipe: X." after the plugin's own."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        if "FCP_" in (action.help or ""):
+            return action.help + " This recipe: %(default)s."
+        return super()._get_help_string(action)
 
 
 def recipe_defaults(defaults: list[str]) -> dict[str, str]:
@@ -69,15 +72,8 @@ def recipe_defaults(defaults: list[str]) -> dict[str, str]:
 def build_parser(model_cls, data_cls, defaults: list[str]) -> HfArgumentParser:
     """The parser of one recipe; ``parse_args_into_dataclasses`` returns (model, data, FCPArguments,
     RunArguments, TrainerArguments, remaining strings)."""
-    parser = HfArgumentParser((model_cls, data_cls, FCPArguments, RunArguments, TrainerArguments))
+    parser = HfArgumentParser((model_cls, data_cls, FCPArguments, RunArguments, TrainerArguments),
+                              formatter_class=HelpFormatter)  # help: each field's metadata
     parser.usage = USAGE
     parser.set_defaults(**recipe_defaults(defaults))
-    docs = attribute_docs(FCPPlugin)
-    for action in parser._actions:
-        if action.dest in docs and not action.help:
-            env = os.environ.get(f"FCP_{action.dest.upper()}")
-            shown = f" [now: FCP_{action.dest.upper()}={env}]" if env else ""
-            # a field without a recipe default is None (the docstring names the real default): hide "None"
-            recipe = " This recipe: %(default)s." if action.default is not None else "%(default).0s"  # no "None"
-            action.help = docs[action.dest] + shown + recipe
     return parser

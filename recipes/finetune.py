@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 from dataclasses import asdict, dataclass, field
 
+from arguments import EMBEDDED_FCP_DEFAULTS
 from common import (
     RecipeArgumentError,
     check_data_source,
@@ -36,8 +37,7 @@ from hf_fcp.workloads import stdlib_files
 DEFAULTS = ["--output_dir", "outputs/finetune", "--max_steps", "60", "--learning_rate", "1e-3",
             "--warmup_steps", "5", "--lr_scheduler_type", "cosine", "--logging_steps", "10",
             "--save_strategy", "steps", "--save_steps", "20", "--save_total_limit", "2", "--report_to", "none",
-            "--block_size", "512", "--tokens_per_rank", "2048",
-            "--long_sequence_policy", "error", "--seed", "0"]
+            *EMBEDDED_FCP_DEFAULTS, "--long_sequence_policy", "error", "--seed", "0"]
 TEMPLATE = "### Docstring\n{doc}\n### Code\n"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from arguments import EMBEDDED_FCP_DEFAULTS
 from common import (
     RecipeArgumentError,
     check_data_source,
@@ -35,7 +36,7 @@ DEFAULTS = ["--output_dir", "outputs/pretrain", "--max_steps", "150", "--learnin
             "--warmup_steps", "10", "--lr_scheduler_type", "cosine", "--weight_decay", "0.01",
             "--logging_steps", "10", "--save_strategy", "steps", "--save_steps", "50", "--save_total_limit", "2",
             "--report_to", "none",
-            "--block_size", "512", "--tokens_per_rank", "2048", "--seed", "0"]
+            *EMBEDDED_FCP_DEFAULTS, "--seed", "0"]
 
 
 @dataclass

@@ -33,6 +33,7 @@ from ..engine import comm
 from ..engine.kernels import select_backend
 from ..plan import KERNELS, PlanSettings
 from ..plan.checks import check_choice
+from ..plan.settings import BATCH_TOKENS_PER_RANK
 from ..plan.cost import load_kernel_cost
 from .collator import FCPCollator
 from .sampler import (
@@ -54,34 +55,36 @@ class FCPPlugin:
     """FCP settings for Accelerate / Trainer. ``None`` fields take the ``FCP_<NAME>`` environment
     variable, else the default shown."""
 
-    block_size: int | None = None
-    """Tokens per block (FCP_BLOCK_SIZE, default 4096)."""
-    tokens_per_rank: int | None = None
-    """Tokens each rank holds per step (FCP_TOKENS_PER_RANK, default 16384); a global batch holds up to
-    world_size × tokens_per_rank tokens."""
-    kernel: str | None = None
-    """Attention kernel backend: auto, torch_cpu, flash_attn, torch_cuda or naive (FCP_KERNEL, default auto);
-    it reaches every attention layer with the batch's plan (``PlanSettings.kernel``)."""
-    overlap: bool | None = None
-    """Run attention while the K/V exchange is in flight, one congestion-free round at a time (true), or
-    exchange everything first and then run fused kernels without communication beside them (false)
-    (FCP_OVERLAP; unset: the planner decides per batch by its cost model, ``PlanSettings.overlap="auto"``)."""
-    long_sequence_policy: str | None = None
-    """Documents longer than a global batch: split, truncate or error (FCP_LONG_SEQUENCE_POLICY, split)."""
-    strategy: str | None = None
-    """Placement strategy, for comparisons (FCP_STRATEGY, default fcp)."""
-    balance: str | None = None
-    """What fcp equalises across ranks: kernel (modelled attention-kernel work) or pairs (FCP_BALANCE,
-    default kernel); see ``hf_fcp.PlanSettings.balance``."""
-    kernel_cost: str | None = None
-    """Calibration file of your GPU's attention kernel, written by ``benchmarks/calibrate_attention.py``
-    (FCP_KERNEL_COST; default: the kernel measured on an H200, ``hf_fcp.cost.FLASH``)."""
-    log_stats: bool = True
-    """Emit plan figures with each batch (FCPTrainer logs them)."""
-    timeout_s: float | None = None
-    """Timeout of the FCP process group and of every FCP wait (FCP_TIMEOUT_S, else the job's timeout:
-    ``TrainingArguments.ddp_timeout`` under FCPTrainer, else 300). On gloo a dead or stuck peer then makes
-    every surviving rank raise ``PeerFailureError``; on NCCL the group's watchdog ends the job after it."""
+    # Each field's help is metadata, so HfArgumentParser shows it (the recipes' --help); None fields read
+    # FCP_<NAME>, else the default named there, which for planner settings is PlanSettings' own.
+    block_size: int | None = field(default=None, metadata={
+        "help": f"Tokens per block (FCP_BLOCK_SIZE; default {PlanSettings.block_size})."})
+    tokens_per_rank: int | None = field(default=None, metadata={
+        "help": f"Tokens each rank holds per step (FCP_TOKENS_PER_RANK; default {BATCH_TOKENS_PER_RANK}): a global "
+                f"batch holds up to world_size × tokens_per_rank tokens."})
+    kernel: str | None = field(default=None, metadata={
+        "help": "Attention kernel backend: auto, torch_cpu, flash_attn, torch_cuda or naive (FCP_KERNEL; default "
+                "auto); it reaches every attention layer with the batch's plan (PlanSettings.kernel)."})
+    overlap: bool | None = field(default=None, metadata={
+        "help": "Run attention while the K/V exchange is in flight, one congestion-free round at a time (true), "
+                "or exchange everything first and then run fused kernels (false) (FCP_OVERLAP; unset: the "
+                "planner decides per batch by its cost model, PlanSettings.overlap='auto')."})
+    long_sequence_policy: str | None = field(default=None, metadata={
+        "help": "Documents longer than a global batch: split, truncate or error (FCP_LONG_SEQUENCE_POLICY; "
+                "default split)."})
+    strategy: str | None = field(default=None, metadata={
+        "help": f"Placement strategy, for comparisons (FCP_STRATEGY; default {PlanSettings.strategy})."})
+    balance: str | None = field(default=None, metadata={
+        "help": f"What fcp equalises across ranks: kernel (modelled attention-kernel work) or pairs (FCP_BALANCE; "
+                f"default {PlanSettings.balance}); see hf_fcp.PlanSettings.balance."})
+    kernel_cost: str | None = field(default=None, metadata={
+        "help": "Calibration file of your GPU's attention kernel, written by benchmarks/calibrate_attention.py "
+                "(FCP_KERNEL_COST; default: the kernel measured on an H200, hf_fcp.plan.cost.FLASH)."})
+    log_stats: bool = field(default=True, metadata={"help": "Emit plan figures with each batch (FCPTrainer logs them)."})
+    timeout_s: float | None = field(default=None, metadata={
+        "help": "Timeout of the FCP process group and of every FCP wait (FCP_TIMEOUT_S, else the job's timeout: "
+                "TrainingArguments.ddp_timeout under FCPTrainer, else 300 s). On gloo a dead or stuck peer then "
+                "makes every surviving rank raise PeerFailureError; on NCCL the group's watchdog ends the job."})
 
     world_size: int = field(default=1, init=False)
     rank: int = field(default=0, init=False)
@@ -94,14 +97,14 @@ class FCPPlugin:
     """The planner settings these fields make (built and validated once, in ``__post_init__``)."""
 
     def __post_init__(self) -> None:
-        self.block_size = _env("block_size", self.block_size, 4096, int)
-        self.tokens_per_rank = _env("tokens_per_rank", self.tokens_per_rank, 16384, int)
+        self.block_size = _env("block_size", self.block_size, PlanSettings.block_size, int)
+        self.tokens_per_rank = _env("tokens_per_rank", self.tokens_per_rank, BATCH_TOKENS_PER_RANK, int)
         self.kernel = check_choice("kernel", _env("kernel", self.kernel, "auto", str), KERNEL_CHOICES)
         self.overlap = _env("overlap", self.overlap, None, _to_bool)
         self.long_sequence_policy = check_choice("long_sequence_policy", _env(
             "long_sequence_policy", self.long_sequence_policy, "split", str), LONG_SEQUENCE_POLICIES)
-        self.strategy = _env("strategy", self.strategy, "fcp", str)
-        self.balance = _env("balance", self.balance, "kernel", str)
+        self.strategy = _env("strategy", self.strategy, PlanSettings.strategy, str)
+        self.balance = _env("balance", self.balance, PlanSettings.balance, str)
         self.kernel_cost = _env("kernel_cost", self.kernel_cost, None, str)
         self.plan_settings = PlanSettings(  # every planner setting, validated once here
             block_size=self.block_size, tokens_per_rank=self.tokens_per_rank, strategy=self.strategy,

@@ -67,5 +67,44 @@ def check_seq_lens(seq_lens: Sequence[Any]) -> tuple[int, ...]:
     return tuple(out)
 
 
+MAX_TOKENS_PER_RANK = 2**31 - 1
+"""A rank's token count must fit the int32 offsets the varlen kernels index with."""
+MAX_WORLD_SIZE = 4096
+MAX_BLOCKS, MAX_BLOCKS_PER_RANK = 65536, 1024
+MAX_SPAN_PAIRS, MAX_BLOCK_SPANS = 2**16, 2**21
+"""What the planner places in seconds (docs/planner.md, "Size limits"). A batch holds at most
+``min(MAX_BLOCKS, max(world_size, 8) × MAX_BLOCKS_PER_RANK)`` blocks (a sequence of n tokens is
+``ceil(n / block_size)`` of them). A sequence spans about ``ceil(n / tokens per rank)`` ranks (at most the
+world size), and every rank it spans needs K/V from the earlier ones, so the fcp planner's work grows with
+the squared spans (at most ``MAX_SPAN_PAIRS`` summed over sequences) and with blocks × span (at most
+``MAX_BLOCK_SPANS``)."""
+
+
+def check_plan_size(seq_lens: Sequence[int], world_size: int, block_size: int, tokens_per_rank: int,
+                    strategy: str = "fcp") -> None:
+    """Refuses, before anything is allocated, a batch no machine plans: a rank's tokens beyond the kernels'
+    int32 range, or more ranks, blocks or exchange work than the planner handles in seconds (the limits
+    above; the exchange limits bind the ``fcp`` placement, the simple strategies place without a search).
+    ``tokens_per_rank`` is the batch's resolved per-rank cap; ``seq_lens`` are checked lengths."""
+    if world_size > MAX_WORLD_SIZE:
+        _fail("world_size", world_size, f"at most {MAX_WORLD_SIZE}, the largest world the planner is sized for")
+    if tokens_per_rank > MAX_TOKENS_PER_RANK:
+        _fail("tokens per rank", f"{tokens_per_rank} ({sum(seq_lens)} tokens over {world_size} ranks)",
+              f"at most {MAX_TOKENS_PER_RANK} (the kernels' int32 token offsets): more ranks or a smaller batch")
+    blocks = [-(-n // block_size) for n in seq_lens]
+    spans = [min(world_size, -(-n // tokens_per_rank)) for n in seq_lens]
+    where = f"({len(seq_lens)} sequences in blocks of {block_size} tokens over {world_size} ranks)"
+    limits = (("blocks", sum(blocks), min(MAX_BLOCKS, max(world_size, 8) * MAX_BLOCKS_PER_RANK),
+               f"min({MAX_BLOCKS}, max(world_size, 8) × {MAX_BLOCKS_PER_RANK})"),
+              ("sum of squared sequence spans (ranks a sequence covers)", sum(s * s for s in spans),
+               MAX_SPAN_PAIRS, "MAX_SPAN_PAIRS"),
+              ("sum of blocks × span over sequences", sum(b * s for b, s in zip(blocks, spans)), MAX_BLOCK_SPANS,
+               "MAX_BLOCK_SPANS"))
+    for name, value, limit, rule in limits[:1] if strategy != "fcp" else limits:
+        if value > limit:
+            _fail(name, f"{value} {where}", f"at most {limit} = {rule}, what the planner places in seconds: "
+                                           f"fewer or shorter sequences per batch, or a larger block_size")
+
+
 def _fail(name: str, got: str, expected: str):
     raise ValueError(f"{name}: got {got}, expected {expected}")

@@ -19,7 +19,7 @@ import numpy as np
 
 from .baseline_placements import place_allgather, place_packing, place_ring
 from .candidates import CANDIDATE_WORLD, MIN_BLOCK, alternatives, choose, step_time
-from .checks import check_int, check_seq_lens
+from .checks import check_int, check_plan_size, check_seq_lens
 from .cost import kernel_for
 from .execution import RankChoices, execution, remote_stages
 from .fcp_plan import FCPPlan, Span, WindowPlan
@@ -63,6 +63,7 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
     lens = check_seq_lens(seq_lens)
     world = check_int("world_size", world_size)
     cap = settings.resolve_tokens_per_rank(sum(lens), world)
+    check_plan_size(lens, world, settings.block_size, cap, settings.strategy)  # before anything is allocated
     block, strategy = settings.block_size, settings.strategy
     if strategy == "fcp":
         kernel = kernel_for(settings.balance, settings.kernel_cost)

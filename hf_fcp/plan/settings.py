@@ -8,7 +8,7 @@ what is allowed ("got X, expected Y"), before any process group exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 
 from .checks import check_choice, check_int, check_number
 from .cost import KernelCost
@@ -21,27 +21,34 @@ OVERLAP = ("auto", "always", "never")
 KERNELS = ("torch_cpu", "flash_attn", "torch_cuda", "naive")
 """Attention kernel backends the engine runs (see :mod:`hf_fcp.engine.kernels`); None = automatic."""
 KV_DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "fp8": 1}
+BATCH_TOKENS_PER_RANK = 16384
+"""Tokens per rank of a global batch when nothing sets the budget: ``FCPPlugin``'s sampler fills
+``world_size × BATCH_TOKENS_PER_RANK`` tokens (the planner itself caps a rank at ``tokens_per_rank``, by
+default an even share of whatever batch it gets)."""
+WEAK_SCALING_TOKENS_PER_RANK = 32768
+"""Tokens per rank of the simulator's weak-scaling batches (the setting of the FCP paper and of
+docs/performance.md's tables): 2× :data:`BATCH_TOKENS_PER_RANK`, the long-context GPU budget they model."""
 
 
 @dataclass(kw_only=True, frozen=True)
 class PlanSettings:
     """How to plan a global batch (everything but the lengths and the world size)."""
 
-    block_size: int = 4096
-    """Tokens per block: sequences are cut into blocks of this size (the last one may be partial)."""
-    tokens_per_rank: int | None = None
-    """Hard cap on the tokens a rank holds; None: an even share of each batch, ``ceil(total / W)``."""
-    strategy: str = "fcp"
-    """``fcp`` (this library), or for comparison ``ring`` (zigzag over all ranks), ``allgather`` (contiguous
-    shards, K/V all-gathered) and ``packing`` (whole sequences, no context parallelism)."""
-    kv_heads: int = 8
-    """Key/value heads per token, used only to convert KV tokens into bytes in ``stats()``."""
-    head_dim: int = 128
-    """Head dimension, used only for byte counts in ``stats()``."""
+    # the fields a command line exposes carry their help as metadata (HfArgumentParser reads it; see help_of)
+    block_size: int = field(default=4096, metadata={
+        "help": "Tokens per block: sequences are cut into blocks of this size (the last one may be partial)."})
+    tokens_per_rank: int | None = field(default=None, metadata={
+        "help": "Hard cap on the tokens a rank holds; None: an even share of each batch, ceil(total / W)."})
+    strategy: str = field(default="fcp", metadata={
+        "help": "Placement: fcp (this library), or for comparison ring (zigzag over all ranks), allgather "
+                "(contiguous shards, K/V all-gathered) and packing (whole sequences, no context parallelism)."})
+    kv_heads: int = field(default=8, metadata={
+        "help": "Key/value heads per token, used only to convert K/V tokens into bytes in stats()."})
+    head_dim: int = field(default=128, metadata={"help": "Head dimension, used only for byte counts in stats()."})
     kv_dtype: str = "bf16"
     """Element type of K and V on the wire: one of bf16, fp16, fp32, fp8 (bytes in ``stats()``)."""
-    rounds_per_stage: int = 1
-    """Coalesce this many consecutive congestion-free rounds into one communication stage (≥ 1)."""
+    rounds_per_stage: int = field(default=1, metadata={
+        "help": "Coalesce this many consecutive congestion-free rounds into one communication stage (>= 1)."})
     locality: float = 0.5
     """fcp only: keep a sequence's next block on the rank holding its neighbour while that rank still
     needs at least ``locality`` × the work of the neediest rank (0 = always, 1 = never prefer locality)."""
@@ -130,6 +137,14 @@ class PlanSettings:
                 f"world_size × tokens_per_rank = {world_size} × {cap} = {cap * world_size}; "
                 f"use tokens_per_rank >= {even} or a smaller batch")
         return cap
+
+
+def help_of(name: str, default=None) -> str:
+    """The help of ``PlanSettings.<name>`` (its field metadata) followed by the default a command line shows:
+    ``default`` if given (a tool that differs on purpose), else the field's."""
+    f = next(f for f in fields(PlanSettings) if f.name == name)
+    shown = f.default if default is None else default
+    return f"{f.metadata['help']} (default {shown})"
 
 
 def _check_layers(layers) -> None:

@@ -18,6 +18,7 @@ import json
 import sys
 
 from ..plan.checks import check_int
+from ..plan.settings import help_of
 from ..workloads import parse_distribution
 from .cluster import load_cluster
 from .models import MODELS, get_model
@@ -78,9 +79,11 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                      help="lognormal[:mu,sigma,max] (default: 6.35,2.34,2M), paper (tails to 512K), light (sigma 1.5), "
                           "bimodal[:p_long], stdlib (this machine's Python stdlib files)")
     p.add_argument("--world-sizes", type=_int_list, default=(16, 64, 256), metavar="LIST", help="default 16,64,256")
-    p.add_argument("--tokens-per-rank", type=_positive, default=32768, metavar="T", help="default 32768")
+    p.add_argument("--tokens-per-rank", type=_positive, default=SimSettings.tokens_per_rank, metavar="T",
+                   help=f"default {SimSettings.tokens_per_rank}")
     blk = p.add_mutually_exclusive_group()
-    blk.add_argument("--block-size", type=_positive, default=4096, metavar="B", help="fcp block size (default 4096)")
+    blk.add_argument("--block-size", type=_positive, default=SimSettings.block_size, metavar="B",
+                     help=help_of("block_size"))
     blk.add_argument("--sweep-block-size", type=_int_list, nargs="?", const=SWEEP_BLOCK_SIZES, default=None,
                      metavar="LIST", help="sweep fcp's block size (default 512,...,32768) instead of comparing")
     p.add_argument("--model", default="llama3-70b", choices=sorted(MODELS), help="attention shape (default llama3-70b)")

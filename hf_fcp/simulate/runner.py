@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..plan.settings import settings_from
+from ..plan.settings import WEAK_SCALING_TOKENS_PER_RANK, PlanSettings, settings_from
 from ..plan.spans import span_cost
 from ..workloads import Distribution, make_batches
 from .cluster import Cluster
@@ -33,9 +33,9 @@ class SimSettings:
     """Hardware model (:func:`.cluster.load_cluster`)."""
     world_sizes: tuple[int, ...] = (16, 64, 256)
     """Ranks (GPUs) to simulate."""
-    tokens_per_rank: int = 32768
+    tokens_per_rank: int = WEAK_SCALING_TOKENS_PER_RANK  # the paper's weak-scaling setting, not a training budget
     """Tokens per rank; a batch holds exactly world_size × tokens_per_rank tokens."""
-    block_size: int = 4096
+    block_size: int = PlanSettings.block_size
     """fcp block size (and magi's dispatch chunk)."""
     block_sizes: tuple[int, ...] = ()
     """Non-empty: sweep fcp over these block sizes instead of comparing strategies."""

@@ -1,0 +1,10 @@
+"""Deprecated alias of :mod:`hf_fcp.plan.cost`, where this module moved; earlier docs named ``hf_fcp.cost``, so
+the name stays importable (with a DeprecationWarning) and is the same module object."""
+
+import sys
+import warnings
+from importlib import import_module
+
+warnings.warn("hf_fcp.cost is deprecated: it moved to hf_fcp.plan.cost; import that instead", DeprecationWarning,
+              stacklevel=2)
+sys.modules[__name__] = import_module("hf_fcp.plan.cost")
