@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import comm
-from . import layer_kinds, verified_models
+from . import adapters, layer_kinds, verified_models
 
 ENGINE_SUPPORTS: dict[str, bool] = {
     "sliding_window": True,  # a window shorter than a document: per-window exchange + windowed kernels
@@ -188,7 +188,8 @@ def _layer_kind(config, layer_idx) -> str | None:
 
 # ----------------------------------------------------------------------------- checks
 def _check_modules(model: torch.nn.Module, name: str) -> None:
-    allowed = verified_models.classes() | _EXTRA_CLASSES
+    adapters.check_adapters(model, name)  # PEFT: virtual-token adapters refused, token-local ones verified
+    allowed = verified_models.classes() | _EXTRA_CLASSES | adapters.verified_classes()
     unverified = []
     for path, module in model.named_modules():
         unverified += [(path or "(the model)", module, f"{c.__module__}.{c.__qualname__}")
