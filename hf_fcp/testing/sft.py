@@ -177,3 +177,10 @@ def plain_predict(output_dir: str, test_dataset) -> dict:
                       eval_dataset=test_dataset, data_collator=DataCollatorForLanguageModeling(pad_token_id=257))
     out["trainer"] = _predict_outputs(trainer, test_dataset)
     return out
+
+
+def arithmetic_chats_for_test(n: int = 8):
+    """A few conversational examples (for trainers that only need a train dataset to exist)."""
+    from ..integrations.embedded_chat import arithmetic_chats
+
+    return arithmetic_chats(n, seed=3, dataset_format="messages")
