@@ -101,3 +101,11 @@ def test_virtual_token_adapters_are_refused(config, what):
     with pytest.raises(ValueError, match=f"adapter 'default' is {what} .*adds virtual tokens.*use a token-local "
                                          f"adapter \\(lora"):
         FCPPlugin().prepare_model(model)
+
+
+def test_unverified_adapter_types_are_refused_as_adapters():
+    config = peft.AdaLoraConfig(total_step=10, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    model = peft.get_peft_model(tiny_model("llama", "fcp", vocab_size=VOCAB), config)
+    with pytest.raises(ValueError, match="adapter 'default' is ADALORA .*not verified exact; use a verified "
+                                         "token-local adapter \\(lora, ia3"):
+        FCPPlugin().prepare_model(model)

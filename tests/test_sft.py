@@ -2,6 +2,7 @@
 tiny Llama on the embedded arithmetic chats: every logged loss to 1e-5 and the update of the trained
 parameters to 1e-4 relative, for text, prompt/completion with completion_only_loss, conversational with
 assistant_only_loss, LoRA, LoRA + FSDP2 + activation checkpointing and LoRA with gradient accumulation.
+(Every case runs with activation checkpointing: TRL's default.)
 The LoRA adapter saved by the FCP run, loaded with plain PEFT and sdpa in one process, gives the FCP run's
 eval_loss. evaluate() / predict() / compute_metrics of FCPSFTTrainer and FCPTrainer equal TRL's SFTTrainer
 and transformers' Trainer on one process (whole documents in dataset order, no repeated rows).
@@ -27,11 +28,10 @@ from hf_fcp.testing.sft import (
 )
 
 REFERENCE = {"lora+fsdp2+checkpointing": "lora"}  # the math of FSDP2 and checkpointing is the plain run's
-WORLDS = {"lora+accumulation": (2,)}
 
 
 def cases_for(world: int) -> list[str]:
-    return [case for case in CASES if world in WORLDS.get(case, (2, 3))] + ["predict"]
+    return [*CASES, "predict"]
 
 
 @pytest.fixture(scope="module")

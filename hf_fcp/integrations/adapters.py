@@ -45,8 +45,8 @@ def verified_classes() -> set[str]:
 
 
 def check_adapters(model: torch.nn.Module, name: str) -> None:
-    """Raise ``ValueError`` when ``model`` carries a PEFT adapter that adds virtual tokens, naming the
-    adapter and the way out. A model without PEFT adapters passes."""
+    """Raise ``ValueError`` when ``model`` carries a PEFT adapter that adds virtual tokens, or one of a type
+    not in :data:`VERIFIED_ADAPTERS`, naming the adapter and the way out. A model without adapters passes."""
     for module in model.modules():
         configs = getattr(module, "peft_config", None)
         if not isinstance(configs, dict):
@@ -55,11 +55,20 @@ def check_adapters(model: torch.nn.Module, name: str) -> None:
             kind = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
             if kind in VIRTUAL_TOKEN_ADAPTERS or getattr(config, "is_prompt_learning", False):
                 raise ValueError(_virtual_token_message(name, adapter, kind, config))
+            if kind not in VERIFIED_ADAPTERS:
+                raise ValueError(f"{name}: PEFT adapter {adapter!r} is {kind or type(config).__name__} "
+                                 f"({type(config).__name__}), which FCP has not verified exact; use a verified "
+                                 f"token-local adapter ({_verified_names()}), or train it with plain data parallelism "
+                                 f"(attn_implementation='sdpa' and DDP/FSDP)")
+
+
+def _verified_names() -> str:
+    return ", ".join(k.lower() for k in VERIFIED_ADAPTERS)
 
 
 def _virtual_token_message(name: str, adapter: str, kind: str, config) -> str:
     what = VIRTUAL_TOKEN_ADAPTERS.get(kind, kind.lower() or type(config).__name__)
-    verified = ", ".join(k.lower() for k in VERIFIED_ADAPTERS)
+    verified = _verified_names()
     return (f"{name}: PEFT adapter {adapter!r} is {what} ({type(config).__name__}), which adds virtual tokens to "
             f"every sequence; under FCP a rank holds pieces of several documents in one row, so the virtual tokens "
             f"cannot be placed once per document and the result would be silently wrong. FCP refuses it: use a "
