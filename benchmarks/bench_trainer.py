@@ -13,7 +13,12 @@ standard-library files, byte tokens, long documents split at the budget) on the 
   graph break per layer);
 * ``ddp_flatten``: plain ``Trainer`` + DDP; each global batch's documents are dealt round-robin to the
   ranks (whole sequences per rank, as a distributed sampler does) and packed by
-  ``DataCollatorWithFlattening``. A rank left without a document gets a 1-token dummy without labels.
+  ``DataCollatorWithFlattening``. A rank left without a document gets a 1-token dummy without labels;
+* ``sft_fcp`` (TRL): ``hf_fcp.FCPSFTTrainer`` + DDP on the same documents (TRL's fused-LM-head loss,
+  its default activation checkpointing);
+* ``sft_padding_free`` (TRL): TRL's ``SFTTrainer`` + DDP with ``padding_free=True`` (what users run today),
+  the global batches dealt round-robin as for ``ddp_flatten``. Side by side with ``sft_fcp``:
+  ``--modes sft_fcp sft_padding_free``.
 
 All use ``attn_implementation="fcp"`` (the ``ddp_flatten`` run without a plan: exact varlen attention
 from ``position_ids``). Peak RSS is each process's resident high-water mark during ``train()`` (reset
@@ -47,7 +52,7 @@ from transformers import (
 )
 
 from hf_fcp.integrations.accelerate import FCPPlugin, shutdown
-from hf_fcp.integrations.embedded import stdlib_corpus, tiny_config
+from hf_fcp.integrations.embedded import byte_tokenizer, stdlib_corpus, tiny_config
 from hf_fcp.integrations.sampler import (
     PieceDataset,
     TokenBudgetSampler,
@@ -101,8 +106,9 @@ class DummyAware(PieceDataset):
         return super().__getitem__(piece)
 
 
-class FlattenTrainer(Trainer):
-    """Standard Trainer whose loader deals the shared global batches round-robin (whole documents)."""
+class RoundRobinMixin:
+    """A Trainer whose loader deals the shared global batches round-robin (whole documents), collated by
+    ``self.round_robin_collator()``."""
 
     def __init__(self, *args, sampler: TokenBudgetSampler, **kwargs):
         super().__init__(*args, **kwargs)
@@ -113,9 +119,27 @@ class FlattenTrainer(Trainer):
 
         batches = RoundRobinBatches(self.global_sampler, self.args.process_index, self.args.world_size)
         loader = DataLoader(DummyAware(self.train_dataset), batch_sampler=batches,
-                            collate_fn=DataCollatorWithFlattening(return_position_ids=True))
+                            collate_fn=self.round_robin_collator())
         return prepare_data_loader(loader, device=self.args.device, num_processes=1, process_index=0,
                                    put_on_device=True, use_seedable_sampler=False)
+
+
+class FlattenTrainer(RoundRobinMixin, Trainer):
+    """Standard Trainer + ``DataCollatorWithFlattening`` over round-robin dealt global batches."""
+
+    def round_robin_collator(self):
+        return DataCollatorWithFlattening(return_position_ids=True)
+
+
+def padding_free_sft_trainer(*args, **kwargs):
+    """TRL's ``SFTTrainer`` with its own padding-free collator over round-robin dealt global batches."""
+    from trl import SFTTrainer
+
+    class PaddingFreeSFT(RoundRobinMixin, SFTTrainer):
+        def round_robin_collator(self):
+            return self.data_collator  # TRL's DataCollatorForLanguageModeling(padding_free=True)
+
+    return PaddingFreeSFT(*args, **kwargs)
 
 
 def round_robin_imbalance(sampler: TokenBudgetSampler, steps: int, world: int) -> dict[str, float]:
@@ -132,7 +156,8 @@ def round_robin_imbalance(sampler: TokenBudgetSampler, steps: int, world: int) -
 
 FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
 MODES = {"fcp": {}, "fcp_ckpt": {"activation_checkpointing": True}, "fcp_fsdp2": FSDP2, "ddp_flatten": {},
-         "fcp_compile": {"torch_compile": True}}  # compile (inductor): on request, --modes fcp fcp_compile
+         "fcp_compile": {"torch_compile": True},  # compile (inductor): on request, --modes fcp fcp_compile
+         "sft_fcp": {}, "sft_padding_free": {"padding_free": True}}  # TRL: on request
 DEFAULT_MODES = ["fcp", "fcp_ckpt", "fcp_fsdp2", "ddp_flatten"]
 
 
@@ -164,16 +189,28 @@ def run(mode: str, opts, data, world: int) -> dict:
     torch.manual_seed(0)
     config = tiny_config("llama", hidden_size=opts.hidden_size, layers=opts.layers, heads=4, kv_heads=2)
     model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="fcp")
-    args = TrainingArguments(output_dir=f"outputs/bench_trainer/{mode}", max_steps=opts.steps, learning_rate=1e-3,
-                             logging_steps=opts.steps, save_strategy="no", report_to=[], disable_tqdm=True,
-                             use_cpu=not torch.cuda.is_available(), seed=0, **MODES[mode])
+    settings = dict(output_dir=f"outputs/bench_trainer/{mode}", max_steps=opts.steps, learning_rate=1e-3,
+                    logging_steps=opts.steps, save_strategy="no", report_to=[], disable_tqdm=True,
+                    use_cpu=not torch.cuda.is_available(), seed=0, **MODES[mode])
     timer = StepTimer()
     sampler = TokenBudgetSampler(dataset_lengths(data), max_tokens=world * opts.tokens_per_rank, seed=0)
-    if mode.startswith("fcp"):
-        plugin = FCPPlugin(block_size=opts.block_size, tokens_per_rank=opts.tokens_per_rank)
-        trainer = FCPTrainer(model=model, args=args, train_dataset=data, fcp_plugin=plugin, callbacks=[timer])
+    plugin = FCPPlugin(block_size=opts.block_size, tokens_per_rank=opts.tokens_per_rank)
+    if mode.startswith("sft"):  # TRL: fp32 like the other rows, documents already tokenised and split by the sampler
+        from trl import SFTConfig
+
+        from hf_fcp.integrations.sft import FCPSFTTrainer
+
+        args = SFTConfig(**settings, bf16=False, max_length=None)
+        common = {"model": model, "args": args, "train_dataset": data, "processing_class": byte_tokenizer(),
+                  "callbacks": [timer]}
+        trainer = (FCPSFTTrainer(**common, fcp_plugin=plugin) if mode == "sft_fcp" else
+                   padding_free_sft_trainer(**common, sampler=sampler))
+    elif mode.startswith("fcp"):
+        trainer = FCPTrainer(model=model, args=TrainingArguments(**settings), train_dataset=data, fcp_plugin=plugin,
+                             callbacks=[timer])
     else:
-        trainer = FlattenTrainer(model=model, args=args, train_dataset=data, sampler=sampler, callbacks=[timer])
+        trainer = FlattenTrainer(model=model, args=TrainingArguments(**settings), train_dataset=data, sampler=sampler,
+                                 callbacks=[timer])
     gc.collect()
     peak_rss_reset()
     start_rss = peak_rss_mb()
@@ -186,11 +223,13 @@ def run(mode: str, opts, data, world: int) -> dict:
            "tokens_per_s": tokens / float(seconds.sum()), "loss": logs["loss"], "peak_rss_mb": rss,
            "rss_growth_mb": grown,
            "wrapped": type(trainer.model_wrapped).__name__}
-    if mode.startswith("fcp"):
+    if "fcp" in mode:
         out.update({k: logs[f"fcp/{k}"] for k in ("compute_imbalance", "memory_imbalance", "comm_MB")})
     else:
         out.update(round_robin_imbalance(sampler, opts.steps, world))
     trainer.accelerator.free_memory()
+    if hasattr(trainer, "fcp"):
+        trainer.fcp.teardown()  # unbind FCP's group: a later plain run calls the attention without a plan
     del trainer, model
     for key in [k for k in os.environ if k == "ACCELERATE_USE_FSDP" or k.startswith("FSDP_")]:
         del os.environ[key]  # Accelerate exports its FSDP settings; the next run starts clean
@@ -217,11 +256,11 @@ def main(argv=None) -> list[dict]:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"\nworld_size={world} tokens_per_rank={opts.tokens_per_rank} block_size={opts.block_size} "
               f"model=llama h{opts.hidden_size}x{opts.layers} steps={opts.steps} (first {opts.warmup} untimed)")
-        print(f"{'mode':<12} {'tokens/s':>9} {'s/step':>7} {'peak RSS MB/rank':>17} {'growth in train()':>17} "
+        print(f"{'mode':<16} {'tokens/s':>9} {'s/step':>7} {'peak RSS MB/rank':>17} {'growth in train()':>17} "
               f"{'compute imb':>11} {'memory imb':>10} {'loss':>6}  model")
         for r in results:
             rss, grown = ("/".join(f"{x:.0f}" for x in r[k]) for k in ("peak_rss_mb", "rss_growth_mb"))
-            print(f"{r['mode']:<12} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.3f} {rss:>17} {grown:>17} "
+            print(f"{r['mode']:<16} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.3f} {rss:>17} {grown:>17} "
                   f"{r['compute_imbalance']:>11.3f} {r['memory_imbalance']:>10.3f} {r['loss']:>6.3f}  {r['wrapped']}")
         os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
         with open(opts.out, "w") as f:

@@ -3,7 +3,7 @@
 Main entry points: :func:`plan_batch` (plan a global batch: placement + P2P rounds) with
 :class:`PlanSettings`, the per-rank view ``plan.for_rank(rank)``, :func:`fcp_attention` (the exact
 distributed attention op), and for training ``attn_implementation="fcp"`` (registered by importing this
-package), :class:`FCPCollator`, :class:`FCPPlugin` and :class:`FCPTrainer`.
+package), :class:`FCPCollator`, :class:`FCPPlugin` and :class:`FCPTrainer` (TRL: :class:`FCPSFTTrainer`).
 
 Importing the package is cheap: every name below loads its layer on first use, and ``"fcp"`` is
 registered with transformers the moment transformers' attention and mask interfaces are loaded (at once
@@ -26,7 +26,8 @@ _EXPORTS = {  # name -> module that defines it
     "FCPCollator": "hf_fcp.integrations.collator",
     **dict.fromkeys(("PieceDataset", "TokenBudgetSampler"), "hf_fcp.integrations.sampler"),
     "FCPPlugin": "hf_fcp.integrations.accelerate",
-    "FCPTrainer": "hf_fcp.integrations.trainer",
+    **dict.fromkeys(("FCPTrainer", "FCPTrainerMixin"), "hf_fcp.integrations.trainer"),
+    "FCPSFTTrainer": "hf_fcp.integrations.sft",
     **dict.fromkeys(("ATTN_IMPLEMENTATION", "register"), "hf_fcp.integrations.transformers"),
 }
 

@@ -69,10 +69,10 @@ def recipe_defaults(defaults: list[str]) -> dict[str, str]:
     return out
 
 
-def build_parser(model_cls, data_cls, defaults: list[str]) -> HfArgumentParser:
+def build_parser(model_cls, data_cls, defaults: list[str], training_cls=TrainerArguments) -> HfArgumentParser:
     """The parser of one recipe; ``parse_args_into_dataclasses`` returns (model, data, FCPArguments,
-    RunArguments, TrainerArguments, remaining strings)."""
-    parser = HfArgumentParser((model_cls, data_cls, FCPArguments, RunArguments, TrainerArguments),
+    RunArguments, ``training_cls`` (TrainerArguments, or e.g. TRL's SFTConfig), remaining strings)."""
+    parser = HfArgumentParser((model_cls, data_cls, FCPArguments, RunArguments, training_cls),
                               formatter_class=HelpFormatter)  # help: each field's metadata
     parser.usage = USAGE
     parser.set_defaults(**recipe_defaults(defaults))

@@ -123,12 +123,13 @@ def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
     return value
 
 
-def parse(data_cls, defaults: list[str]):
-    """(model_args, data_args, training_args, fcp_plugin) from the command line over recipe defaults.
+def parse(data_cls, defaults: list[str], model_cls=None, training_cls=None):
+    """(model_args, data_args, training_args, fcp_plugin) from the command line over recipe defaults
+    (``model_cls`` / ``training_cls``: subclasses of ModelArguments / TrainingArguments, e.g. TRL's SFTConfig).
 
     Every argument is validated here, before TrainingArguments (which may join a process group) exists.
     """
-    parser = build_parser(ModelArguments, data_cls, defaults)
+    parser = build_parser(model_cls or ModelArguments, data_cls, defaults, *([training_cls] if training_cls else []))
     check_world_env()
     try:
         model_args, data_args, plugin, run_args, training_args, unknown = parser.parse_args_into_dataclasses(
@@ -286,14 +287,15 @@ def load_hub_dataset(args):
 
 
 def run(model, tokenizer, train_dataset, training_args: TrainingArguments, plugin: FCPPlugin,
-        eval_dataset=None) -> dict:
-    """Train with FCPTrainer, save the model and tokenizer, end the process group cleanly."""
+        eval_dataset=None, trainer_cls=FCPTrainer, **trainer_kwargs) -> dict:
+    """Train with FCPTrainer (or ``trainer_cls``, given ``trainer_kwargs``), save the model and tokenizer, end
+    the process group cleanly."""
     if len(train_dataset) == 0:
         raise RecipeArgumentError("training data: got 0 examples after filtering, expected at least one; check "
                                   "--max_documents / --max_examples / --max_length / --tokens_per_rank")
     try:  # FCP settings the trainer rejects (e.g. a kernel this machine lacks), before any FCP traffic
-        trainer = FCPTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                             eval_dataset=eval_dataset, processing_class=tokenizer, fcp_plugin=plugin)
+        trainer = trainer_cls(model=model, args=training_args, train_dataset=train_dataset,
+                              eval_dataset=eval_dataset, processing_class=tokenizer, fcp_plugin=plugin, **trainer_kwargs)
     except (ValueError, ImportError) as err:
         raise RecipeArgumentError(one_line(err)) from None
     logger.info("FCP: world_size=%d block_size=%d tokens_per_rank=%d kernel=%s documents=%d",

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import comm
-from . import layer_kinds, verified_models
+from . import adapters, layer_kinds, verified_models
 
 ENGINE_SUPPORTS: Mapping[str, bool] = {
     "chunked_attention": False,  # Llama 4 ``attention_chunk_size`` shorter than a document
@@ -230,7 +230,8 @@ def _layer_kind(config, layer_idx) -> str | None:
 
 # ----------------------------------------------------------------------------- checks
 def _check_modules(model: torch.nn.Module, name: str, matrix: verified_models.Matrix, extra: set[str]) -> None:
-    allowed = matrix.classes | _EXTRA_CLASSES | extra
+    adapters.check_adapters(model, name)  # PEFT: virtual-token adapters refused, token-local ones verified
+    allowed = matrix.classes | _EXTRA_CLASSES | extra | adapters.verified_classes()
     unverified = []
     for path, module in model.named_modules():
         unverified += [(path or "(the model)", module, f"{c.__module__}.{c.__qualname__}")

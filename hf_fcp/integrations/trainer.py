@@ -1,12 +1,18 @@
 """``FCPTrainer``: ``transformers.Trainer`` with FCP dataloaders, exact token-level loss and plan stats.
 
-Changes from ``Trainer`` (nothing else):
+Changes from ``Trainer`` (nothing else), all in :class:`FCPTrainerMixin`, which makes any ``Trainer``
+subclass FCP (``FCPTrainer`` = mixin + ``Trainer``; ``hf_fcp.FCPSFTTrainer`` = mixin + TRL's ``SFTTrainer``):
 
 * train/eval dataloaders come from :meth:`FCPPlugin.prepare_dataloader`: every rank iterates the same
   token-budget global batches and keeps its FCP shard (``per_device_*_batch_size`` is not used: a batch
-  holds up to ``world_size × tokens_per_rank`` tokens);
+  holds up to ``world_size × tokens_per_rank`` tokens); evaluation and prediction batches hold consecutive
+  examples, in dataset order;
 * the loss is a token mean over the GLOBAL batch although ranks hold different token counts: Trainer's
-  ``num_items_in_batch`` counts ``shift_labels`` across ranks in training; evaluation gets the same;
+  ``num_items_in_batch`` counts ``shift_labels`` across ranks in training; evaluation gets the same, and
+  ``eval_loss`` is the one-process value (never scaled by the world size);
+* ``predict()`` and ``compute_metrics`` get whole documents in dataset order, as under plain ``Trainer``:
+  logits ``(num_examples, longest, vocab)`` and labels ``(num_examples, longest)``, padded with -100
+  (:mod:`.predict`), with no row repeated per rank;
 * plan figures (imbalance, comm MB, rounds, planner time, tokens) are averaged over the logging interval and
   logged as ``fcp/<name>``;
 * ``ddp_find_unused_parameters`` defaults to False (every parameter of a causal LM is used; DDP's search
@@ -25,6 +31,8 @@ from transformers import Trainer
 
 from ..plan.checks import check_int
 from .accelerate import FCPPlugin, shutdown
+from .predict import gather_documents, whole_document_check
+from .sampler import PieceDataset, TokenBudgetSampler, dataset_lengths
 
 LOGGED_STATS = {"compute_imbalance": ("compute_imbalance", 1.0), "memory_imbalance": ("memory_imbalance", 1.0),
                 "comm_bytes": ("comm_MB", 1e-6), "rounds": ("rounds", 1.0), "plan_ms": ("plan_ms", 1.0),
@@ -32,11 +40,12 @@ LOGGED_STATS = {"compute_imbalance": ("compute_imbalance", 1.0), "memory_imbalan
 """``PlanStats`` field → (logged as ``fcp/<name>``, scale); each the mean over the logging interval."""
 
 
-class FCPTrainer(Trainer):
-    """``Trainer`` for models loaded with ``attn_implementation="fcp"``.
+class FCPTrainerMixin:
+    """Makes a ``transformers.Trainer`` subclass train models loaded with ``attn_implementation="fcp"``:
+    ``class MyFCPTrainer(FCPTrainerMixin, MyTrainer)``. The changes are listed in this module's docstring.
 
     Args:
-        *args, **kwargs: as for ``transformers.Trainer`` (``data_collator`` is ignored: FCP collates).
+        *args, **kwargs: as for the ``Trainer`` subclass (``data_collator`` is ignored: FCP collates).
         fcp_plugin: FCP settings (default ``FCPPlugin()``, i.e. ``FCP_*`` environment variables).
     """
 
@@ -61,19 +70,37 @@ class FCPTrainer(Trainer):
     # ---- data ----------------------------------------------------------------------------------------
     def get_train_dataloader(self):
         if self.train_dataset is None:
-            raise ValueError("FCPTrainer: training requires a train_dataset.")
+            raise ValueError(f"{type(self).__name__}: training requires a train_dataset.")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return self.fcp.prepare_dataloader(self.train_dataset, self.accelerator, shuffle=True, seed=seed,
                                            model_config=self.model.config, **self._loader_kwargs())
 
     def get_eval_dataloader(self, eval_dataset=None):
         if eval_dataset is None and self.eval_dataset is None:
-            raise ValueError("FCPTrainer: evaluation requires an eval_dataset.")
+            raise ValueError(f"{type(self).__name__}: evaluation requires an eval_dataset.")
         if isinstance(eval_dataset, str):
             eval_dataset = self.eval_dataset[eval_dataset]
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        return self.fcp.prepare_dataloader(dataset, self.accelerator, shuffle=False,
-                                           model_config=self.model.config, **self._loader_kwargs())
+        return self._in_order_loader(eval_dataset if eval_dataset is not None else self.eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._in_order_loader(test_dataset)
+
+    def _in_order_loader(self, dataset):
+        """Evaluation / prediction: batches of consecutive examples (first-fit looks no further than the next
+        example), so per-document outputs come back in dataset order."""
+        from accelerate.data_loader import prepare_data_loader
+
+        self.fcp.setup(self.accelerator)
+        sampler = TokenBudgetSampler(dataset_lengths(dataset), max_tokens=self._global_budget(), shuffle=False,
+                                     long_sequence_policy=self.fcp.long_sequence_policy, window=1)
+        loader = torch.utils.data.DataLoader(PieceDataset(dataset), batch_sampler=sampler,
+                                             collate_fn=self.fcp.collator(self.model.config), **self._loader_kwargs())
+        return prepare_data_loader(loader, device=self.accelerator.device, num_processes=1, process_index=0,
+                                   put_on_device=True, rng_types=None, non_blocking=self.accelerator.non_blocking,
+                                   use_seedable_sampler=False)
+
+    def _global_budget(self) -> int:
+        return self.fcp.world_size * self.fcp.tokens_per_rank
 
     def _loader_kwargs(self) -> dict:
         workers = self.args.dataloader_num_workers
@@ -98,6 +125,34 @@ class FCPTrainer(Trainer):
             count = self.accelerator.reduce(count, reduction="sum")
         return count
 
+    # ---- evaluation and prediction --------------------------------------------------------------------
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        loss_only = self.args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        if not loss_only:
+            whole_document_check(dataset_lengths(dataloader.dataset.dataset), self._global_budget())
+        self.gather_function = _already_whole  # prediction_step returns the whole global batch on every rank
+        return super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                       ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The parent's step on this rank's shard; then the loss averaged over ranks (each rank's share is
+        scaled ×world against DDP averaging, as in training) and logits / labels gathered into whole documents
+        (:func:`.predict.gather_documents`): the same on every rank."""
+        view, labels = inputs["fcp_plan"], inputs.get("labels")
+        loss, logits, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        if loss is not None and self.fcp.world_size > 1:
+            loss = self.accelerator.reduce(loss.detach().float(), reduction="mean")
+        if prediction_loss_only or logits is None:
+            return loss, None, None
+        if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.shape[:2] != labels.shape[:2]:
+            shapes = [tuple(t.shape) for t in logits] if isinstance(logits, (tuple, list)) else type(logits).__name__
+            raise ValueError(f"{type(self).__name__}.predict: got model outputs {shapes} besides the loss, expected "
+                             f"one per-token tensor (the logits, (1, tokens, vocab)); FCP gathers per-token outputs "
+                             f"only: drop the others with ignore_keys / keys_to_ignore_at_inference")
+        group = self.fcp.group
+        return loss, gather_documents(logits, view, group), gather_documents(labels, view, group)
+
     # ---- logging -------------------------------------------------------------------------------------
     def _record(self, stats) -> None:  # a PlanStats
         for field, (name, scale) in LOGGED_STATS.items():
@@ -121,10 +176,24 @@ class FCPTrainer(Trainer):
         shutdown(destroy_process_group=destroy_process_group)
 
 
+class FCPTrainer(FCPTrainerMixin, Trainer):
+    """``transformers.Trainer`` for models loaded with ``attn_implementation="fcp"`` (see :class:`FCPTrainerMixin`).
+
+    Args:
+        *args, **kwargs: as for ``transformers.Trainer`` (``data_collator`` is ignored: FCP collates).
+        fcp_plugin: FCP settings (default ``FCPPlugin()``, i.e. ``FCP_*`` environment variables).
+    """
+
+
+def _already_whole(tensor):
+    """The evaluation loop's gather under FCP: every rank already holds the whole global batch."""
+    return tensor
+
+
 def check_training_args(args, flag_prefix: str = "") -> None:
     """``TrainingArguments`` that transformers accepts but that break or silently distort an FCP run raise
     ``ValueError`` naming the setting (``flag_prefix + name``: the recipes pass ``"--"``)."""
-    name = lambda field: flag_prefix + field  # noqa: E731
+    name = lambda field: flag_prefix + field
     if args.max_steps == 0 or args.max_steps < -1 or (args.max_steps == -1 and args.num_train_epochs <= 0):
         raise ValueError(f"{name('max_steps')}: got {args.max_steps} ({name('num_train_epochs')} "
                          f"{args.num_train_epochs}), expected a positive number of steps, or -1 with "
@@ -140,6 +209,10 @@ def check_training_args(args, flag_prefix: str = "") -> None:
     if args.label_smoothing_factor:
         raise ValueError(f"{name('label_smoothing_factor')}: got {args.label_smoothing_factor}, expected 0 (the "
                          f"label smoother re-shifts labels; FCP batches carry shift_labels computed before cutting)")
+    if "inputs" in (args.include_for_metrics or []):
+        raise ValueError(f"{name('include_for_metrics')}: got {args.include_for_metrics}, expected no 'inputs' (a rank "
+                         f"holds pieces of documents in the plan's order; 'loss' is supported, and the labels and "
+                         f"logits compute_metrics gets are whole documents)")
     if args.world_size > 1 and not args.average_tokens_across_devices:
         raise ValueError(f"{name('average_tokens_across_devices')}: got False, expected True (ranks hold "
                          f"different token counts; the loss is exact only when the label count is summed over ranks)")
@@ -167,5 +240,7 @@ def _promote_fsdp_on_cpu(accelerator, args) -> bool:
         plugin.set_mixed_precision(state.mixed_precision)
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState.__init__ does
+    # Accelerate has no setter for the job's distributed type; PartialState is a Borg (every instance shares one
+    # attribute dict), so assigning the public attribute updates it for all, as AcceleratorState.__init__ does.
+    PartialState().distributed_type = DistributedType.FSDP
     return True
