@@ -6,10 +6,11 @@ message of ``bytes`` on a link takes ``latency + bytes / bandwidth`` (NVLink ins
 between nodes); a rank sends and receives at once (full duplex); its messages of one exchange share its
 link, so a message ends when its sender has sent, and its receiver has received, everything of that
 exchange; a message starts once both ends posted it. Communication kernels hold ``comm_sms`` SMs, so
-compute beside them runs at ``(num_sms − comm_sms) / num_sms`` speed: in the ``p2p`` schedule while the
-rank's own transfers run (its exchanges are timed, and they are short bursts: posted up front forward,
-one per stage backward); in the ``ring`` schedule throughout the pass, as before (a transfer beside every
-step; the GPU replay found the ring model optimistic already, so it is not made more so).
+compute beside them runs at ``(num_sms − comm_sms) / num_sms`` speed. One rule for every schedule: a
+rank's compute is slowed exactly while that rank's own transfers are in flight (from the first of its
+messages of an exchange starting to the last ending, :class:`hf_fcp.plan.timeline.Busy`) — ``p2p``
+stages, ``ring`` steps (each step's transfer of the next block beside that step's compute); transfers
+that no compute overlaps (``allgather``, a p2p plan without overlap, ring's last dK/dV hop) slow nothing.
 
 Schedules (how far compute and communication overlap — as implemented, not idealised):
 
@@ -21,8 +22,8 @@ Schedules (how far compute and communication overlap — as implemented, not ide
   to the owners after it, and ends with local work; owners wait for every dK/dV. Plans without overlap
   (``plan.overlap`` False) receive every stage first and return every dK/dV last, at full compute speed.
 * ``ring`` (TE, ByteScale, WLB-LLM): step i computes against the block held at step i while the next
-  block travels; step time = max(compute, transfer); backward moves K/V and dK/dV (2×) plus a last hop
-  that returns each dK/dV to its owner.
+  block travels (compute slowed while it does); step time = max(compute, transfer); backward moves K/V
+  and dK/dV (2×) plus a last hop that returns each dK/dV to its owner.
 * ``allgather`` (Llama 3): all-gather K/V (ring algorithm, exposed), compute; backward computes, then
   reduce-scatters dK/dV (exposed).
 * ``local`` (packing): compute only.
@@ -134,15 +135,6 @@ class _Run:
 PREFETCH = 10**9  # forward stages posted ahead of compute: fcp_attention's default (prefetch=None: all)
 
 
-def _slowdown(run: _Run, msgs: list[Messages]) -> np.ndarray:
-    """Per-rank compute-time factor: 1 / compute share for ranks that communicate, else 1."""
-    talks = np.zeros(run.w, bool)
-    for m in msgs:
-        talks[m.src] = True
-        talks[m.dst] = True
-    return np.where(talks, 1.0 / run.cluster.compute_share_while_comm, 1.0)
-
-
 def _reverse(m: Messages) -> Messages:
     return Messages(src=m.dst, dst=m.src, tokens=m.tokens)
 
@@ -162,33 +154,34 @@ def _p2p(run: _Run, cand: Candidate, sp: Spans):
 def _ring(run: _Run, cand: Candidate, sp: Spans):
     sched = ring_schedule(cand.plan, sp, cand.cp_size)
     nsteps = sched.nsteps
-    slow = _slowdown(run, sched.steps)[:, None]
     cf, cb, pairs = np.zeros((run.w, nsteps)), np.zeros((run.w, nsteps)), np.zeros(run.w)
     for i in range(nsteps):  # one step's segments at a time: all of them at once need O(steps × spans) memory
         seg = sched.step_segments(i)
         cf += run.slot_times(seg, nsteps, False)
         cb += run.slot_times(seg, nsteps, True)
         pairs += np.bincount(seg.rank, weights=seg.pairs, minlength=run.w)
-    cf, cb = cf * slow, cb * slow
-    out = []
+    out, busy_compute = [], []
     for phase, c, scale in (("fwd", cf, 1.0), ("bwd", cb, 2.0)):
+        busy = timeline.Busy(run.w, run.cluster.compute_share_while_comm)
         start = np.zeros(run.w)
         for i in range(nsteps):
-            finish = start + c[:, i]
-            run.note(phase, "compute", start, finish, f"step {i}")
             end = start
-            if i < nsteps - 1:
+            if i < nsteps - 1:  # the next block travels beside this step's compute
                 end, s0 = run.exchange(start, sched.steps[i], scale)
+                busy.add(s0, end)
                 run.note(phase, "comm", s0, end, f"step {i}")
+            finish = busy.compute(start, c[:, i])
+            run.note(phase, "compute", start, finish, f"step {i}")
             start = np.maximum(finish, end)
         if phase == "bwd":
             end, s0 = run.exchange(start, sched.final)
             run.note(phase, "comm", s0, end, "dKV home")
             start = np.maximum(start, end)
         out.append(start)
+        busy_compute.append(c.sum(1) + busy.extra)
     per_rank = Segments(rank=np.arange(run.w), slot=np.zeros(run.w, np.int64), q=np.zeros(run.w), k=np.zeros(run.w),
                         pairs=pairs)  # only the per-rank pair totals are used downstream
-    return out[0], out[1], cf.sum(1), cb.sum(1), per_rank
+    return out[0], out[1], busy_compute[0], busy_compute[1], per_rank
 
 
 def _allgather(run: _Run, cand: Candidate, sp: Spans):
