@@ -188,6 +188,31 @@ def test_every_strategy_covers_every_token_once(name, seed):
         assert r.rank_pairs.sum() == pytest.approx(float(span_cost(0, np.asarray(lens)).sum()))
 
 
+def test_magi_gets_fcps_settings_execution_colouring_and_chunks():
+    """magi's plans are scheduled exactly as fcp's: the same planner settings (the machine's model), the
+    execution and colouring chosen by ``planner.schedule`` before and after coalescing the rounds into
+    stages, and one candidate per block size fcp tries."""
+    from hf_fcp.plan.candidates import tried_blocks
+    from hf_fcp.plan.planner import schedule
+    from hf_fcp.plan.rounds import colour_rounds, needed_pieces
+    from hf_fcp.simulate.engine import planner_model
+
+    lens = make_batch(parse_distribution("paper"), 4 * 8192, np.random.default_rng(3))
+    options = planner_model(get_model("llama3-70b"), PRESETS["h200"], 4)
+    cands = build("magi", lens, world_size=4, block_size=4096, tokens_per_rank=8192, cp_size=4, stages=2,
+                  fcp_options=options)
+    assert sorted(c.plan.block_size for c in cands) == sorted(tried_blocks(4096, 8192, 4)) == [2048, 4096]
+    for cand in cands:
+        plan = cand.plan
+        assert plan.settings == PlanSettings(**options, rounds_per_stage=plan.settings.rounds_per_stage)
+        transfers, rounds = colour_rounds(needed_pieces([list(x) for x in plan.rank_spans]))
+        expect = schedule(replace(plan, transfers=transfers, num_rounds=rounds,
+                                  settings=replace(plan.settings, rounds_per_stage=1)))
+        expect = schedule(replace(expect, settings=plan.settings))
+        assert (expect.transfers, expect.fused, expect.overlap) == (plan.transfers, plan.fused, plan.overlap)
+        assert expect.transfers != transfers or plan.num_rounds < 2  # the colouring was chosen, not the graph's
+
+
 def test_packing_covers_or_is_not_applicable():
     cand = build("packing", [100, 50, 50, 100, 60, 40], world_size=4, block_size=64, tokens_per_rank=100)[0]
     _covers_once(cand.plan)

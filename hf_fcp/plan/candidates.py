@@ -29,6 +29,13 @@ MIN_BLOCK = 512  # the finer greedy candidate never uses smaller blocks
 TIE = 5e-3  # candidates this close to the fastest are told apart by their balance (the exposure model is coarse)
 
 
+def tried_blocks(block: int, cap: int, world: int) -> list[int]:
+    """The block sizes the fcp planner places with: ``block``, and in a small world (``CANDIDATE_WORLD``)
+    also a finer one, a quarter of a rank's tokens but at least ``MIN_BLOCK`` (when that is finer)."""
+    finer = max(MIN_BLOCK, min(block, cap // 4))
+    return [block, finer] if world <= CANDIDATE_WORLD and finer < block else [block]
+
+
 def zigzag_long(lens, world: int, cap: int) -> list[list[Span]]:
     """Sequences longer than ``cap`` zigzag-split over all ranks; the others whole, longest first onto the
     rank with the fewest causal pairs among those with token room (else the most room)."""

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .baseline_placements import place_allgather, place_packing, place_ring
-from .candidates import CANDIDATE_WORLD, MIN_BLOCK, alternatives, choose, step_time
+from .candidates import CANDIDATE_WORLD, alternatives, choose, step_time, tried_blocks
 from .checks import check_int, check_seq_lens
 from .cost import kernel_for
 from .execution import RankChoices, execution, remote_stages
@@ -74,10 +74,9 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
         if not small and settings.fusion == "auto" and not _runs_fused(spans, settings, kernel):
             fused = False  # the fused-cost placement turned out to run split: balance split costs instead
             spans = greedy(block)
-        if small:
-            finer = max(MIN_BLOCK, min(block, cap // 4))  # small worlds: blocks finer than a quarter rank too
-            spans = choose([spans, *([greedy(finer)] if finer < block else []), *alternatives(lens, world, cap)],
-                           settings, kernel)
+        if small:  # small worlds: blocks finer than a quarter rank too, and the simple placements
+            finer = [greedy(b) for b in tried_blocks(block, cap, world)[1:]]
+            spans = choose([spans, *finer, *alternatives(lens, world, cap)], settings, kernel)
     else:
         spans = _SIMPLE[strategy](lens, world, cap)
     comm = "collective" if strategy in ("ring", "allgather") else "p2p"
@@ -117,12 +116,12 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
 
 
 def schedule(plan: FCPPlan) -> FCPPlan:
-    """``plan`` with its execution chosen by the per-rank model (:func:`choose_execution`) and, for an fcp
-    plan of a small world (``CANDIDATE_WORLD``), the execution and colouring of its exchange that the
-    timeline finds fastest (:func:`.schedule.choose_schedule`) — again after a change of
-    ``rounds_per_stage``."""
+    """``plan`` with its execution chosen by the per-rank model (:func:`choose_execution`) and, for a p2p
+    plan (fcp's, or any placement given to :func:`make_plan`) of a small world (``CANDIDATE_WORLD``), the
+    execution and colouring of its exchange that the timeline finds fastest
+    (:func:`.schedule.choose_schedule`) — again after a change of ``rounds_per_stage``."""
     plan = choose_execution(plan)
-    if plan.strategy != "fcp" or plan.collective or plan.world_size > CANDIDATE_WORLD:
+    if plan.collective or plan.world_size > CANDIDATE_WORLD:
         return plan
     kernel = kernel_for(plan.settings.balance, plan.settings.kernel_cost)
     return choose_schedule(plan, needed_pieces([list(x) for x in plan.rank_spans]), kernel)

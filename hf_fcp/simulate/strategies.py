@@ -19,8 +19,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..plan import FCPPlan, PlanSettings, make_plan, plan_batch, span_cost
-from ..plan.planner import schedule
 from ..plan.baseline_placements import merge_sorted, zigzag
+from ..plan.candidates import tried_blocks
+from ..plan.planner import schedule
+from ..plan.settings import settings_from
 from ..plan.spans import Span
 
 STRATEGY_NAMES = ("fcp", "ring", "allgather", "bytescale", "wlb", "magi", "packing")
@@ -90,13 +92,14 @@ def _assign_to_groups(lens, groups: int, capacity: int, by_cost: bool) -> list[l
     return out
 
 
-BASELINE_SETTINGS = PlanSettings(fusion="none", overlap="always")  # the baselines as modelled so far
+COLLECTIVE_SETTINGS = PlanSettings(fusion="none", overlap="always")  # ring-style plans: every sequence split
 
 
-def _finish(lens, spans, world, block, cap, name, schedule, cp=1, comm="collective") -> Candidate:
+def _finish(lens, spans, world, block, cap, name, schedule, cp=1, comm="collective",
+            settings: PlanSettings = COLLECTIVE_SETTINGS) -> Candidate:
     spans = [merge_sorted(r) for r in spans]
     plan = make_plan(tuple(int(x) for x in lens), spans, world_size=world, block_size=block, tokens_per_rank=cap,
-                     strategy=name, comm=comm, settings=BASELINE_SETTINGS)
+                     strategy=name, comm=comm, settings=settings)
     return Candidate(plan=plan, schedule=schedule, cp_size=cp)
 
 
@@ -163,29 +166,43 @@ def _zigzag_concat(docs: list[tuple[int, int]], ranks: list[int], out: list[list
         pos += n
 
 
-def magi(lens, world, block, cap, *, cp_size="min", stages=4, **_) -> list[Candidate]:
+def magi(lens, world, block, cap, *, cp_size="min", stages=4, fcp_options=None, **_) -> list[Candidate]:
     """MagiAttention (SandAI 2025, github.com/SandAI-org/MagiAttention): the group's packed sequence is
-    cut into equal chunks (``block`` tokens), dispatched with a min-heap so every rank of the fixed CP group
-    gets the same number of chunks and a balanced mask area; only the needed K/V is sent (GroupCast, here
-    the coloured P2P rounds), overlapped in ``stages`` stages (its multi-stage overlap). Simplified: no
-    dynamic solver, no Q/O communication; groups are data parallel, filled by tokens."""
+    cut into equal chunks, dispatched with a min-heap so every rank of the fixed CP group gets the same
+    number of chunks and a balanced mask area; only the needed K/V is sent (GroupCast, here the coloured
+    P2P rounds), overlapped in ``stages`` stages (its multi-stage overlap). It gets what fcp gets: the
+    planner settings of ``fcp_options`` (the same kernel, link and overlap model), the execution (fused or
+    split, overlapped or exchange first) and colouring of its rounds chosen the way fcp's are
+    (:func:`hf_fcp.plan.planner.schedule`), and one candidate per chunk size fcp tries
+    (:func:`hf_fcp.plan.candidates.tried_blocks`; the engine keeps the fastest). Simplified: no dynamic
+    solver, no Q/O communication; groups are data parallel, filled by tokens."""
+    settings = settings_from(None, dict(fcp_options or {}))
     out = []
     for c, groups in _in_groups(lens, world, cap, cp_size):
-        spans: list[list[Span]] = [[] for _ in range(world)]
-        for ranks, seqs in groups:
-            chunks = _chunks([(s, int(lens[s])) for s in seqs], block)
-            area = [sum(span_cost(a, b) for _, a, b in ch) for ch in chunks]
-            per_rank = -(-len(chunks) // c)
-            heap = [(0.0, r) for r in ranks]
-            count = dict.fromkeys(ranks, 0)
-            for i in sorted(range(len(chunks)), key=lambda i: (-area[i], i)):
-                load, r = heapq.heappop(heap)
-                spans[r].extend(chunks[i])
-                count[r] += 1
-                if count[r] < per_rank:
-                    heapq.heappush(heap, (load + area[i], r))
-        out.append(_with_stages(_finish(lens, spans, world, block, cap, "magi", "p2p", c, comm="p2p"), stages))
+        for chunk in tried_blocks(block, cap, world):
+            spans = _magi_dispatch(lens, groups, chunk, world)
+            cand = _finish(lens, spans, world, chunk, cap, "magi", "p2p", c, comm="p2p", settings=settings)
+            out.append(_with_stages(cand, stages))
     return out
+
+
+def _magi_dispatch(lens, groups, chunk: int, world: int) -> list[list[Span]]:
+    """Every group's sequences concatenated, cut into ``chunk``-token chunks, largest mask area first to
+    the least-loaded rank of the group that has fewer than its equal share of chunks."""
+    spans: list[list[Span]] = [[] for _ in range(world)]
+    for ranks, seqs in groups:
+        chunks = _chunks([(s, int(lens[s])) for s in seqs], chunk)
+        area = [sum(span_cost(a, b) for _, a, b in ch) for ch in chunks]
+        per_rank = -(-len(chunks) // len(ranks))
+        heap = [(0.0, r) for r in ranks]
+        count = dict.fromkeys(ranks, 0)
+        for i in sorted(range(len(chunks)), key=lambda i: (-area[i], i)):
+            load, r = heapq.heappop(heap)
+            spans[r].extend(chunks[i])
+            count[r] += 1
+            if count[r] < per_rank:
+                heapq.heappush(heap, (load + area[i], r))
+    return spans
 
 
 def _with_stages(cand: Candidate, stages: int) -> Candidate:
