@@ -267,12 +267,13 @@ def planner_model(model: AttentionModel, cluster: Cluster, world: int) -> dict:
 
 
 def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, tokens_per_rank: int,
-                      model: AttentionModel, cluster: Cluster, cp_size: str | int = "min", stages: int = 4,
+                      model: AttentionModel, cluster: Cluster, cp_size: str | int = "best", stages: int = 4,
                       fcp_options: dict | None = None, trace_rank: int | None = None) -> SimResult:
     """Build ``name``'s candidate plan(s) for one batch (:func:`.strategies.build`) and time them; the
-    fastest wins. ``cp_size="best"`` tries the fixed-CP strategies at growing CP sizes (powers of two from
-    the smallest that holds the longest sequence) until the step time gets worse. Raises
-    :class:`.strategies.NotApplicable` when the strategy cannot run the batch."""
+    fastest wins. ``cp_size="best"`` tries the fixed-CP strategies at every CP size of
+    :func:`.strategies.cp_sizes` (powers of two from the smallest that holds the longest sequence up to
+    the world) and keeps the fastest. Raises :class:`.strategies.NotApplicable` when the strategy cannot
+    run the batch."""
     sizes = cp_sizes(lens, world_size, tokens_per_rank, cp_size) if name in FIXED_CP else [cp_size]
     fcp_options = {**planner_model(model, cluster, world_size), **(fcp_options or {})}  # fcp plans for this machine
     best: SimResult | None = None
@@ -283,7 +284,6 @@ def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, toke
         plan_ms = (time.perf_counter() - t0) * 1e3 / len(cands)
         result = min((simulate(cd, model, cluster, trace_rank=trace_rank, plan_ms=plan_ms) for cd in cands),
                      key=lambda r: r.step_s)
-        if best is not None and result.step_s > best.step_s:
-            break
-        best = result
+        if best is None or result.step_s < best.step_s:
+            best = result
     return best
