@@ -189,9 +189,9 @@ def test_every_strategy_covers_every_token_once(name, seed):
 
 
 def test_magi_gets_fcps_settings_execution_colouring_and_chunks():
-    """magi's plans are scheduled exactly as fcp's: the same planner settings (the machine's model), the
-    execution and colouring chosen by ``planner.schedule`` before and after coalescing the rounds into
-    stages, and one candidate per block size fcp tries."""
+    """magi's plans are scheduled exactly as fcp's: the same planner settings (the machine's model), its
+    rounds coalesced into the same number of stages, the execution and colouring chosen by
+    ``planner.schedule``, and one candidate per block size fcp tries."""
     from hf_fcp.plan.candidates import tried_blocks
     from hf_fcp.plan.planner import schedule
     from hf_fcp.plan.rounds import colour_rounds, needed_pieces
@@ -201,14 +201,13 @@ def test_magi_gets_fcps_settings_execution_colouring_and_chunks():
     options = planner_model(get_model("llama3-70b"), PRESETS["h200"], 4)
     cands = build("magi", lens, world_size=4, block_size=4096, tokens_per_rank=8192, cp_size=4, stages=2,
                   fcp_options=options)
-    assert sorted(c.plan.block_size for c in cands) == sorted(tried_blocks(4096, 8192, 4)) == [2048, 4096]
+    assert sorted(c.plan.block_size for c in cands) == sorted(tried_blocks(4096, 8192, 4, lens)) == [2048, 4096]
     for cand in cands:
         plan = cand.plan
-        assert plan.settings == PlanSettings(**options, rounds_per_stage=plan.settings.rounds_per_stage)
+        assert plan.settings == PlanSettings(**options, max_stages=2, rounds_per_stage=plan.settings.rounds_per_stage)
         transfers, rounds = colour_rounds(needed_pieces([list(x) for x in plan.rank_spans]))
-        expect = schedule(replace(plan, transfers=transfers, num_rounds=rounds,
-                                  settings=replace(plan.settings, rounds_per_stage=1)))
-        expect = schedule(replace(expect, settings=plan.settings))
+        assert plan.settings.max_stages == 2 and plan.settings.rounds_per_stage == -(-rounds // 2)
+        expect = schedule(replace(plan, transfers=transfers, num_rounds=rounds))
         assert (expect.transfers, expect.fused, expect.overlap) == (plan.transfers, plan.fused, plan.overlap)
         assert expect.transfers != transfers or plan.num_rounds < 2  # the colouring was chosen, not the graph's
 

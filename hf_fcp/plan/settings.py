@@ -42,6 +42,10 @@ class PlanSettings:
     """Element type of K and V on the wire: one of bf16, fp16, fp32, fp8 (bytes in ``stats()``)."""
     rounds_per_stage: int = 1
     """Coalesce this many consecutive congestion-free rounds into one communication stage (≥ 1)."""
+    max_stages: int = 0
+    """0: stages of ``rounds_per_stage`` rounds. N ≥ 1: coalesce each plan's rounds into at most N stages
+    (its ``rounds_per_stage`` becomes ``ceil(rounds / N)``, the value the plan's settings then hold), so
+    the placements the planner compares are each priced with the stages they will run in."""
     locality: float = 0.5
     """fcp only: keep a sequence's next block on the rank holding its neighbour while that rank still
     needs at least ``locality`` × the work of the neediest rank (0 = always, 1 = never prefer locality)."""
@@ -98,6 +102,7 @@ class PlanSettings:
         check_int("head_dim", self.head_dim)
         check_choice("kv_dtype", self.kv_dtype, sorted(KV_DTYPE_BYTES))
         check_int("rounds_per_stage", self.rounds_per_stage)
+        check_int("max_stages", self.max_stages, 0)
         check_number("locality", self.locality, high=1.0, low_open=False)
         check_choice("balance", self.balance, BALANCE)
         check_choice("fusion", self.fusion, FUSION)

@@ -12,16 +12,13 @@ whole sequences do not fill the groups exactly (real loaders vary micro-batch le
 
 from __future__ import annotations
 
-import heapq
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..plan import FCPPlan, PlanSettings, make_plan, plan_batch, span_cost
-from ..plan.baseline_placements import merge_sorted, zigzag
+from ..plan.baseline_placements import assign_to_groups, dispatch, merge_sorted, zigzag
 from ..plan.candidates import tried_blocks
-from ..plan.planner import schedule
 from ..plan.settings import settings_from
 from ..plan.spans import Span
 
@@ -76,22 +73,6 @@ def _put(spans: list[list[Span]], s: int, pieces) -> None:
         spans[r].append((s, a, b))
 
 
-def _assign_to_groups(lens, groups: int, capacity: int, by_cost: bool) -> list[list[int]]:
-    """Whole sequences to DP groups, largest first: to the group with most token room (token balance),
-    or (``by_cost``) to the group with the least attention cost among those with room for it."""
-    lens = np.asarray(lens, np.int64)
-    key = span_cost(0, lens) if by_cost else lens.astype(np.float64)
-    tok, cost = np.zeros(groups, np.int64), np.zeros(groups)
-    out: list[list[int]] = [[] for _ in range(groups)]
-    for s in np.lexsort((np.arange(len(lens)), -key)).tolist():
-        fits = tok + lens[s] <= capacity
-        g = int(np.argmin(np.where(fits, cost, np.inf))) if by_cost and fits.any() else int(np.argmin(tok))
-        out[g].append(s)
-        tok[g] += lens[s]
-        cost[g] += span_cost(0, lens[s])
-    return out
-
-
 COLLECTIVE_SETTINGS = PlanSettings(fusion="none", overlap="always")  # ring-style plans: every sequence split
 
 
@@ -106,7 +87,7 @@ def _finish(lens, spans, world, block, cap, name, schedule, cp=1, comm="collecti
 def _in_groups(lens, world: int, cap: int, cp_size, by_cost: bool = False):
     """(c, group index, ranks of the group, its sequences) for every tried CP size c and DP group."""
     for c in cp_sizes(lens, world, cap, cp_size):
-        groups = _assign_to_groups(lens, world // c, c * cap, by_cost=by_cost)
+        groups = assign_to_groups(lens, world // c, c * cap, by_cost=by_cost)
         yield c, [(list(range(g * c, (g + 1) * c)), seqs) for g, seqs in enumerate(groups)]
 
 
@@ -176,57 +157,13 @@ def magi(lens, world, block, cap, *, cp_size="min", stages=4, fcp_options=None, 
     (:func:`hf_fcp.plan.planner.schedule`), and one candidate per chunk size fcp tries
     (:func:`hf_fcp.plan.candidates.tried_blocks`; the engine keeps the fastest). Simplified: no dynamic
     solver, no Q/O communication; groups are data parallel, filled by tokens."""
-    settings = settings_from(None, dict(fcp_options or {}))
+    settings = settings_from(None, {**(fcp_options or {}), "max_stages": stages})
     out = []
     for c, groups in _in_groups(lens, world, cap, cp_size):
-        for chunk in tried_blocks(block, cap, world):
-            spans = _magi_dispatch(lens, groups, chunk, world)
-            cand = _finish(lens, spans, world, chunk, cap, "magi", "p2p", c, comm="p2p", settings=settings)
-            out.append(_with_stages(cand, stages))
+        for chunk in tried_blocks(block, cap, world, lens):
+            spans = dispatch(lens, groups, chunk, world)
+            out.append(_finish(lens, spans, world, chunk, cap, "magi", "p2p", c, comm="p2p", settings=settings))
     return out
-
-
-def _magi_dispatch(lens, groups, chunk: int, world: int) -> list[list[Span]]:
-    """Every group's sequences concatenated, cut into ``chunk``-token chunks, largest mask area first to
-    the least-loaded rank of the group that has fewer than its equal share of chunks."""
-    spans: list[list[Span]] = [[] for _ in range(world)]
-    for ranks, seqs in groups:
-        chunks = _chunks([(s, int(lens[s])) for s in seqs], chunk)
-        area = [sum(span_cost(a, b) for _, a, b in ch) for ch in chunks]
-        per_rank = -(-len(chunks) // len(ranks))
-        heap = [(0.0, r) for r in ranks]
-        count = dict.fromkeys(ranks, 0)
-        for i in sorted(range(len(chunks)), key=lambda i: (-area[i], i)):
-            load, r = heapq.heappop(heap)
-            spans[r].extend(chunks[i])
-            count[r] += 1
-            if count[r] < per_rank:
-                heapq.heappush(heap, (load + area[i], r))
-    return spans
-
-
-def _with_stages(cand: Candidate, stages: int) -> Candidate:
-    """Coalesce the plan's rounds into ``stages`` communication stages (0: one stage per round)."""
-    per = max(1, math.ceil(cand.plan.num_rounds / stages)) if stages else 1
-    cand.plan = schedule(replace(cand.plan, settings=replace(cand.plan.settings, rounds_per_stage=per)))
-    return cand
-
-
-def _chunks(docs: list[tuple[int, int]], size: int) -> list[list[Span]]:
-    """The concatenation of ``docs`` cut every ``size`` tokens; each chunk as its per-document spans."""
-    out: list[list[Span]] = [[]]
-    room = size
-    for s, n in docs:
-        a = 0
-        while a < n:
-            b = min(n, a + room)
-            out[-1].append((s, a, b))
-            room -= b - a
-            a = b
-            if room == 0:
-                out.append([])
-                room = size
-    return [ch for ch in out if ch]
 
 
 def bytescale(lens, world, block, cap, **_) -> list[Candidate]:
@@ -283,9 +220,10 @@ def _contiguous(n: int, room: np.ndarray) -> list[tuple[int, int, int]]:
 def fcp(lens, world, block, cap, *, stages=4, fcp_options=None, **_) -> list[Candidate]:
     """This library's planner (``plan_batch(strategy="fcp", **fcp_options)``; default options unless
     given): blocks of every sequence bin-packed over all ranks, targeted P2P K/V sends in congestion-free
-    rounds, coalesced into ``stages`` communication stages (``rounds_per_stage``; 0: one per round)."""
-    plan = plan_batch(list(lens), world_size=world, block_size=block, tokens_per_rank=cap, **(fcp_options or {}))
-    return [_with_stages(Candidate(plan=plan, schedule="p2p"), stages)]
+    rounds, coalesced into at most ``stages`` communication stages (``max_stages``; 0: one per round)."""
+    plan = plan_batch(list(lens), world_size=world, block_size=block, tokens_per_rank=cap,
+                      **{**(fcp_options or {}), "max_stages": stages})
+    return [Candidate(plan=plan, schedule="p2p")]
 
 
 def packing(lens, world, block, cap, **_) -> list[Candidate]:
