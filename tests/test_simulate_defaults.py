@@ -54,3 +54,27 @@ def test_speedup_over_a_baseline_that_chose_another_chunk():
                           strategies=("fcp", "magi")), progress=False)
     assert {r.strategy for r in rep.rows} == {"ideal", "fcp", "magi"}
     assert (4, "magi") in speedups(rep.rows)
+
+
+def test_the_communication_floor_never_exceeds_the_simulated_step():
+    """``best`` skips a CP size whose communication floor outlasts the best step so far: the floor must be
+    a true lower bound of that size's simulated step (or the skip could drop the fastest size)."""
+    import numpy as np
+
+    from hf_fcp.simulate import get_model, load_cluster, parse_distribution
+    from hf_fcp.simulate.engine import comm_floor_s, simulate_strategy
+    from hf_fcp.simulate.strategies import cp_sizes
+    from hf_fcp.workloads import make_batch
+
+    model, cluster = get_model("llama3-70b"), load_cluster("h200")
+    tight = 0.0
+    for dist, seed in (("stdlib", 0), ("lognormal", 1), ("bimodal", 2)):
+        lens = make_batch(parse_distribution(dist), 32 * 2048, np.random.default_rng(seed))
+        for name in ("ring", "wlb", "allgather"):
+            for c in cp_sizes(lens, 32, 2048, "best"):
+                step = simulate_strategy(name, lens, world_size=32, block_size=1024, tokens_per_rank=2048, cp_size=c,
+                                         model=model, cluster=cluster).step_s
+                floor = comm_floor_s(name, lens, 32, 2048, c, model, cluster)
+                assert floor <= step, (dist, name, c)
+                tight = max(tight, floor / step)
+    assert tight > 0.5, tight  # the floor is not vacuous

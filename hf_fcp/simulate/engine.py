@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..plan import timeline
+from ..plan.baseline_placements import assign_to_groups
 from ..plan.fcp_plan import imbalance, span_cost
 from .cluster import Cluster
 from .models import BWD_FLOP_RATIO, AttentionModel
@@ -266,6 +267,27 @@ def planner_model(model: AttentionModel, cluster: Cluster, world: int) -> dict:
             "link_latency": latency * bandwidth / model.kv_bytes_per_token}
 
 
+def comm_floor_s(name: str, lens, world: int, cap: int, c: int, model: AttentionModel, cluster: Cluster) -> float:
+    """A lower bound of the step time of fixed-CP strategy ``name`` at CP size ``c`` from its communication
+    alone (0 for p2p strategies): a ring rank receives every other group member's K/V one step after
+    another, forward, and K/V with dK/dV backward; an all-gather does the same exposed, forward and
+    backward. A rank holds at most its group's even share plus two tokens per sequence (two zigzag chunks
+    rounded up); the slowest link a group of more than a node uses is the network's."""
+    if c == 1 or name == "magi":
+        return 0.0
+    inside = c <= cluster.gpus_per_node
+    bw, lat = (cluster.nvlink_bw, cluster.nvlink_latency) if inside else (cluster.ib_bw, cluster.ib_latency)
+    worst = 0.0
+    for seqs in assign_to_groups(lens, world // c, c * cap, by_cost=name == "wlb"):
+        group = float(sum(lens[s] for s in seqs))
+        if name == "allgather":  # (c - 1) hops of at least the group's mean share, each way
+            t = 2 * (c - 1) * (lat + group / c * model.kv_bytes_per_token / bw)
+        else:  # others' K/V forward, K/V and dK/dV backward (latency left out: empty blocks are not sent)
+            t = 3 * max(0.0, group * (c - 1) / c - 2 * len(seqs)) * model.kv_bytes_per_token / bw
+        worst = max(worst, t)
+    return worst
+
+
 def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, tokens_per_rank: int,
                       model: AttentionModel, cluster: Cluster, cp_size: str | int = "best", stages: int = 4,
                       fcp_options: dict | None = None, trace_rank: int | None = None) -> SimResult:
@@ -278,6 +300,9 @@ def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, toke
     fcp_options = {**planner_model(model, cluster, world_size), **(fcp_options or {})}  # fcp plans for this machine
     best: SimResult | None = None
     for c in sizes:
+        if best is not None and name in FIXED_CP and comm_floor_s(name, lens, world_size, tokens_per_rank, c, model,
+                                                                   cluster) >= best.step_s:
+            continue  # its communication alone outlasts the best size's step: it cannot be the fastest
         t0 = time.perf_counter()
         cands = build(name, lens, world_size=world_size, block_size=block_size, tokens_per_rank=tokens_per_rank,
                       cp_size=c, stages=stages, fcp_options=fcp_options)
