@@ -187,3 +187,18 @@ def test_the_plugin_scales_the_link_to_the_model(q_heads, kv_heads, head_dim, li
                       head_dim=head_dim, dtype="bfloat16")
     settings = FCPPlugin().collator(cfg).settings
     assert (settings.link_cost, settings.link_latency) == pytest.approx((link_cost, link_latency))
+
+
+def test_a_message_inside_a_node_costs_the_node_link():
+    """The timeline prices a message between ranks of one node (``node_size``) at ``node_link_cost``, one
+    between nodes at ``link_cost``: an exchange-first layer of one message each way differs by exactly that."""
+    from hf_fcp.plan import PlanSettings, make_plan
+
+    def layer(node_size):
+        settings = PlanSettings(overlap="never", link_cost=10.0, node_link_cost=1.0, link_latency=0.0,
+                                node_size=node_size)
+        plan = make_plan((2048,), [[(0, 0, 1024)], [(0, 1024, 2048)]], world_size=2, block_size=1024,
+                         tokens_per_rank=1024, strategy="fcp", settings=settings)
+        return layer_time(plan, KERNEL)
+
+    assert layer(1) - layer(2) == pytest.approx(2 * 1024 * (10.0 - 1.0))  # K/V forward, dK/dV back

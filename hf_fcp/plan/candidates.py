@@ -119,13 +119,49 @@ def alternatives(lens, world: int, cap: int) -> list[list[list[Span]]]:
     return [place_ring(lens, world, cap), zigzag_long(lens, world, cap), place_allgather(lens, world, cap)]
 
 
-def grouped(lens, world: int, cap: int, block: int) -> list[list[list[Span]]]:
+def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[list[list[Span]]]:
     """The grouped placements the fcp planner must not lose to, at every world size: MagiAttention's
     chunk dispatch over all ranks (:func:`.baseline_placements.place_dispatch`) with each block size fcp
-    tries; those that would put more than ``cap`` tokens on a rank are left out."""
-    out = []
-    for b in tried_blocks(block, cap, world, lens):
-        spans = place_dispatch(lens, world, b, cap)
-        if max(sum(e - a for _, a, e in x) for x in spans) <= cap:
-            out.append(spans)
-    return out
+    tries, and ``place`` (fcp's greedy: ``place(lengths, ranks, cap)``) restricted to node-aligned groups
+    of ``node × 2^k < world`` ranks (:func:`in_groups`). Placements that would put more than ``cap``
+    tokens on a rank are left out."""
+    out = [place_dispatch(lens, world, b, cap) for b in tried_blocks(block, cap, world, lens)]
+    c = node
+    while 1 < c < world and world % c == 0:
+        out.append(in_groups(lens, world, cap, c, place))
+        c *= 2
+    return [x for x in out if max(sum(e - a for _, a, e in spans) for spans in x) <= cap]
+
+
+def in_groups(lens, world: int, cap: int, group: int, place) -> list[list[Span]]:
+    """A placement restricted to groups of ``group`` consecutive ranks: whole sequences to the groups,
+    largest causal cost first, to the cheapest group with token room; one that fits no group whole is cut
+    over the groups with most room (its pieces then need K/V from the groups before them). Inside each
+    group ``place(lengths, group, cap)`` places its items as if each were a sequence of its own."""
+    lens = np.asarray(lens, np.int64)
+    ngroups = world // group
+    room, cost = np.full(ngroups, group * cap, np.int64), np.zeros(ngroups)
+    items: list[list[tuple[int, int, int]]] = [[] for _ in range(ngroups)]
+    for s in np.lexsort((np.arange(len(lens)), -lens)).tolist():
+        n = int(lens[s])
+        fits = room >= n
+        if fits.any():
+            g = int(np.argmin(np.where(fits, cost, np.inf)))
+            items[g].append((s, 0, n))
+            room[g] -= n
+            cost[g] += n * (n + 1.0) / 2
+            continue
+        a = 0
+        for g in np.lexsort((np.arange(ngroups), -room)).tolist():
+            take = min(int(room[g]), n - a)
+            if take > 0:
+                items[g].append((s, a, a + take))
+                room[g] -= take
+                cost[g] += (a + take) * (a + take + 1.0) / 2 - a * (a + 1.0) / 2
+                a += take
+    out: list[list[Span]] = [[] for _ in range(world)]
+    for g, its in enumerate(items):
+        if its:
+            for i, spans in enumerate(place(tuple(b - a for _, a, b in its), group, cap)):
+                out[g * group + i] = [(its[k][0], its[k][1] + x, its[k][1] + y) for k, x, y in spans]
+    return [merge_sorted(x) for x in out]

@@ -80,7 +80,10 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
             spans = choose([spans, *finer, *alternatives(lens, world, cap)], settings, kernel)
         plan = make_plan(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
                          settings=settings, started=t0)
-        return _fastest(plan, grouped(lens, world, cap, block), kernel, t0)
+        in_group = lambda g_lens, ranks, g_cap: place_fcp(g_lens, ranks, block, g_cap,  # noqa: E731
+                                                          locality=float(settings.locality), kernel=kernel,
+                                                          fused=fused, layers=settings.attention_layers)
+        return _fastest(plan, grouped(lens, world, cap, block, settings.node_size, in_group), kernel, t0)
     spans = _SIMPLE[strategy](lens, world, cap)
     comm = "collective" if strategy in ("ring", "allgather") else "p2p"
     return make_plan(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,

@@ -6,10 +6,10 @@ stream order, a fused run waits for the last stage that brings its keys, and in 
 waits for the last of its dK/dV. In the simulator, ten random colourings of the same W=8 plans differed
 by 2–3% of a layer. So while the search fits its budget (:data:`SEARCH_WORK`, at any world size) the
 planner prices, on the engine's :mod:`.timeline` in kernel-work units (the rank views' segments priced by
-the kernel model, a message's time its tokens plus ``link_latency`` × ``link_cost``), each execution the
-settings allow with the messages coloured in :data:`ORDERS` deterministic orders, keeps the fastest, and
-then swaps pairs of its rounds while that helps (:func:`swap_rounds`). Earlier options win ties, so the
-choice is a pure function of the plan.
+the kernel model, a message's time its tokens × ``link_cost`` — ``node_link_cost`` inside a node — plus
+``link_latency`` × ``link_cost``), each execution the settings allow with the messages coloured in
+:data:`ORDERS` deterministic orders, keeps the fastest, and then swaps pairs of its rounds while that helps
+(:func:`swap_rounds`). Earlier options win ties, so the choice is a pure function of the plan.
 """
 
 from __future__ import annotations
@@ -67,17 +67,19 @@ def _times(candidates: list[list[Message]], plan: FCPPlan, work: "StageWork") ->
     ``i·W ... i·W + W − 1`` of a larger world (the timeline's work is per rank and per message)."""
     w, per, nstages, settings = work.world, plan.settings.rounds_per_stage, len(plan.stages), plan.settings
     cf, cb = np.zeros((len(candidates) * w, 1 + nstages)), np.zeros((len(candidates) * w, 1 + nstages))
-    msgs: list[list[tuple[int, int, int]]] = [[] for _ in range(nstages)]
+    msgs: list[list[tuple[int, int, float]]] = [[] for _ in range(nstages)]
+    node, inside = settings.node_size, settings.node_link_cost
     for i, cand in enumerate(candidates):
         cf[i * w:(i + 1) * w], cb[i * w:(i + 1) * w] = work.arrays({(s, d): r // per for s, d, _, r in cand}, nstages)
         for s, d, tokens, r in cand:
-            msgs[r // per].append((i * w + s, i * w + d, tokens))
+            cost = inside if inside is not None and s // node == d // node else settings.link_cost
+            msgs[r // per].append((i * w + s, i * w + d, tokens * cost))
     arrays = [tuple(np.array([m[j] for m in x], dtype) for j, dtype in enumerate((np.int64, np.int64, np.float64)))
               for x in msgs]
 
     def exchange(avail, k, back):
-        src, dst, tokens = arrays[k]
-        return timeline.exchange(avail, dst if back else src, src if back else dst, tokens * settings.link_cost,
+        src, dst, duration = arrays[k]
+        return timeline.exchange(avail, dst if back else src, src if back else dst, duration,
                                  settings.link_latency * settings.link_cost)
 
     if plan.overlap:

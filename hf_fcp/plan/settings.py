@@ -80,6 +80,13 @@ class PlanSettings:
     overlap_slowdown: float = 0.06
     """Fraction of the attention kernels' speed lost while communication kernels run beside them (NCCL
     channels on 8 of an H100/H200's 132 SMs)."""
+    node_size: int = 8
+    """GPUs per node (one NVLink domain): ranks r and q share a node when r // node_size == q // node_size.
+    The planner aligns its grouped placements to nodes (:func:`hf_fcp.plan.candidates.grouped`) and, with
+    ``node_link_cost``, prices messages inside a node at that cost."""
+    node_link_cost: float | None = None
+    """``link_cost`` of a message between two ranks of one node (NVLink); None: ``link_cost`` for every
+    message. The simulator's cluster presets give both (``link_cost`` then prices the network)."""
     link_latency: float = 880.0
     """Fixed time of one message beside its bytes (link latency, NCCL set-up), in tokens of K/V moved
     (each ``link_cost``): ≈ 880 for 10 µs on H200 NVLink at 4 KiB of K and V per token (8 kv heads of 128,
@@ -110,6 +117,8 @@ class PlanSettings:
         check_number("link_cost", self.link_cost, low_open=False)
         check_number("overlap_slowdown", self.overlap_slowdown, high=0.99, low_open=False)
         check_number("link_latency", self.link_latency, low_open=False)
+        check_int("node_size", self.node_size)
+        check_number("node_link_cost", self.node_link_cost, low_open=False, optional=True)
         if self.kernel_cost is not None and not isinstance(self.kernel_cost, KernelCost):
             raise ValueError(f"kernel_cost: got {type(self.kernel_cost).__name__}, expected an "
                              f"hf_fcp.plan.cost.KernelCost or None")

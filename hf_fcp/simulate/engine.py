@@ -255,8 +255,9 @@ def ideal_step_s(lens, model: AttentionModel, cluster: Cluster) -> float:
 def planner_model(model: AttentionModel, cluster: Cluster, world: int) -> dict:
     """The fcp planner settings that describe this machine: its kernel (``kernel_cost``), the time to move one
     token's K and V in units of one causal pair's kernel time (``link_cost``; the slowest link the world
-    uses), the kernels' slowdown beside communication (``overlap_slowdown``) and a message's fixed latency
-    in tokens moved (``link_latency``)."""
+    uses), the kernels' slowdown beside communication (``overlap_slowdown``), a message's fixed latency
+    in tokens moved (``link_latency``), the node size and the link cost inside a node (``node_size``,
+    ``node_link_cost``)."""
     fpp = model.fwd_flops_per_pair
     pair_s = fpp / (cluster.eff_fwd * cluster.peak_flops) + fpp * BWD_FLOP_RATIO / (cluster.eff_bwd * cluster.peak_flops)
     inside = world <= cluster.gpus_per_node
@@ -264,7 +265,8 @@ def planner_model(model: AttentionModel, cluster: Cluster, world: int) -> dict:
     latency = cluster.nvlink_latency if inside else max(cluster.nvlink_latency, cluster.ib_latency)
     return {"kernel_cost": cluster.kernel_cost(), "link_cost": model.kv_bytes_per_token / bandwidth / pair_s,
             "overlap_slowdown": 1.0 - cluster.compute_share_while_comm,
-            "link_latency": latency * bandwidth / model.kv_bytes_per_token}
+            "link_latency": latency * bandwidth / model.kv_bytes_per_token, "node_size": cluster.gpus_per_node,
+            "node_link_cost": model.kv_bytes_per_token / cluster.nvlink_bw / pair_s}
 
 
 def comm_floor_s(name: str, lens, world: int, cap: int, c: int, model: AttentionModel, cluster: Cluster) -> float:
