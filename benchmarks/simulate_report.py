@@ -218,15 +218,19 @@ Every strategy runs under the same cost rules, and every baseline at its best se
   plan, ring's last dK/dV hop) slow nothing (`tests/test_simulate.py` pins this for every schedule).
 * **CP group**: the fixed-group baselines (ring, allgather, wlb, magi) try every power-of-two group from
   the smallest that holds the longest sequence up to the whole world, per batch, and keep the fastest
-  (`--cp-size best`, the default: the best group in hindsight, which a launched job cannot pick per batch).
+  (`--cp-size best`, the default: the best group in hindsight, which a launched job cannot pick per batch;
+  a size whose communication alone outlasts the best step so far is skipped, which never drops the best).
   `--cp-size min` (the smallest such group, the conventional setting) is in the sensitivity tables.
-* **fcp**: the real planner (`plan_batch`, default options, given the cluster's kernel, link and overlap
-  model), its rounds coalesced into 4 communication stages (`--stages 4`).
+* **fcp**: the real planner (`plan_batch`, default options, given the cluster's kernel, link, node and
+  overlap model), its rounds coalesced into at most 4 communication stages (`--stages 4`). It also plans
+  MagiAttention's dispatch over all GPUs and its own placement inside node-aligned groups, and keeps the
+  plan its timeline model finds fastest.
 * **MagiAttention (magi)**: chunks dispatched by its min-heap inside each group; it gets what fcp gets —
   the same planner settings (kernel, link and overlap model), the same 4 stages, the execution (fused or
   split, overlapped or exchange first) and colouring of its rounds chosen on the same timeline with the
-  same round swaps, and one candidate per block size fcp tries (the 4096 block, and at one node also the
-  finer one fcp tries, a quarter of a rank's tokens but at least 512); the fastest is kept.
+  same round swaps, and one candidate per block size fcp tries (the 4096 block, and while fcp's candidate
+  search runs — sequences × GPUs ≤ 2048 — also its finer block, a quarter of a GPU's tokens but at least
+  512); the fastest is kept.
 * **WLB-LLM (wlb)**: per-document and per-sequence sharding both simulated, the faster kept (its adaptive
   selector). **ByteScale**: its dynamic CP groups per sequence (no fixed group to choose).
 
