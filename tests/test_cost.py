@@ -162,7 +162,8 @@ def test_kernel_balance_evens_modelled_kernel_time(dist):
     pairs = plan_batch(lens, **opts, balance="pairs")
     assert _modelled_imbalance(kernel, cluster) <= 0.02
     assert _modelled_imbalance(kernel, cluster) < _modelled_imbalance(pairs, cluster)
-    assert pairs.stats()["compute_imbalance"] <= 0.005  # pairs mode still balances pairs tightly
+    assert pairs.stats()["compute_imbalance"] <= 0.01  # pairs mode still balances pairs tightly (the planner
+    # may keep a grouped placement the timeline finds faster, a little less even)
 
 
 def test_bad_balance_options_name_the_setting():

@@ -249,3 +249,33 @@ def test_one_document_filling_every_rank_is_balanced(world, per_rank, block):
     assert plan.stats().compute_imbalance <= 0.01, plan.rank_loads().work
     ring = plan_batch([n], world_size=world, block_size=block, tokens_per_rank=per_rank, strategy="ring")
     assert _layer_time(plan) <= _layer_time(ring) * (1 + TIE + 1e-9)
+
+
+def test_the_planner_never_models_slower_than_the_grouped_placements():
+    """At any world size the planner also plans MagiAttention's dispatch over all ranks with each block it
+    tries and its own greedy inside node-aligned groups, and keeps whichever plan the engine's timeline
+    finds fastest (here a grouped one in some batches, its own in others)."""
+    from hf_fcp.plan import make_plan
+    from hf_fcp.plan.candidates import grouped
+    from hf_fcp.plan.cost import kernel_for
+    from hf_fcp.plan.placement import place_fcp
+    from hf_fcp.plan.schedule import layer_time
+    from hf_fcp.simulate import get_model, load_cluster, parse_distribution
+    from hf_fcp.simulate.engine import planner_model
+
+    machine = planner_model(get_model("llama3-70b"), load_cluster("h200"), 16)
+    kernel = kernel_for("kernel", machine["kernel_cost"])
+    place = lambda lens, w, cap: place_fcp(lens, w, 1024, cap, kernel=kernel)  # noqa: E731  the planner's greedy
+    picked = []
+    for seed in range(6):
+        lens = make_batch(parse_distribution("light"), 16 * 4096, np.random.default_rng(seed))
+        plan = plan_batch(lens, world_size=16, block_size=1024, tokens_per_rank=4096, max_stages=4, fusion="all",
+                          **machine)
+        others = grouped(lens, 16, 4096, 1024, 8, place)
+        assert len(others) >= 2  # the dispatch, fcp in groups of 8
+        for spans in others:
+            alt = make_plan(tuple(lens), spans, world_size=16, block_size=1024, tokens_per_rank=4096,
+                            strategy="fcp", settings=plan.settings)
+            assert layer_time(plan, kernel) <= layer_time(alt, kernel) * (1 + 1e-9)
+        picked.append(any(plan.rank_spans == tuple(tuple(x) for x in spans) for spans in others))
+    assert any(picked) and not all(picked), picked

@@ -103,6 +103,62 @@ def test_communication_kernels_slow_compute_only_while_they_run():
     assert busy.step_s - quiet.step_s < 0.01 * busy.step_s  # not the whole pass slowed: ~1/30000 of it
 
 
+def test_ring_compute_is_slowed_only_while_its_steps_transfer():
+    """Ring's transfer windows come from its steps: rank r's step-0 compute runs beside the next block
+    (forward: K/V; backward: K/V and dK/dV), the rest of the pass at full speed."""
+    n = 4096
+    cluster = replace(FLAT, peak_flops=1e9)  # each step's compute outlasts its transfer
+    cand = replace(_split_plan(n), schedule="ring", cp_size=2)
+    busy, quiet = (simulate(cand, TINY, replace(cluster, comm_sms=sms)) for sms in (8, 1e-9))
+    t = (1e-5 + 4 * n / 1e9) + (1e-5 + 2 * 4 * n / 1e9)  # one step's transfer forward, one backward
+    lost = busy.rank_compute_s - quiet.rank_compute_s
+    np.testing.assert_allclose(lost, 2 * [t * 8 / cluster.num_sms], rtol=1e-4)
+
+
+def _merged(intervals):
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _overlap_with_comm(trace) -> float:
+    """Wall time of the traced rank's compute that ran while one of its transfers was in flight."""
+    comm = _merged([(s, e) for _, kind, s, e, _ in trace if kind == "comm"])
+    return sum(max(0.0, min(e, ce) - max(s, cs)) for _, kind, s, e, _ in trace if kind == "compute"
+               for cs, ce in comm)
+
+
+SCHEDULE_CASES = [("fcp", {"overlap": "always"}, "p2p"), ("fcp", {"overlap": "never"}, "p2p"), ("magi", {}, "p2p"),
+                  ("ring", {}, "ring"), ("wlb", {}, "ring"), ("bytescale", {}, "ring"), ("allgather", {}, "allgather"),
+                  ("packing", {}, "local")]
+
+
+@pytest.mark.parametrize("name, options, sched", SCHEDULE_CASES)
+def test_one_rule_for_every_schedule_compute_slowed_exactly_while_the_ranks_transfers_run(name, options, sched):
+    """Every strategy pays the communication kernels' SM share on exactly the compute that overlaps its own
+    rank's transfers: lost compute time = (1 − share) × that overlap, per rank (0 where nothing overlaps)."""
+    lens = [3000, 700, 900, 400, 1200, 600, 800, 400] if name == "packing" else [6000, 700, 900, 400]
+    cluster = replace(FLAT, peak_flops=2e9, comm_sms=8)
+    kw = dict(world_size=4, block_size=1024, tokens_per_rank=2000, model=TINY, cp_size=4, fcp_options=options)
+    if name == "packing":
+        kw["tokens_per_rank"] = 3000
+    quiet = simulate_strategy(name, lens, cluster=replace(cluster, comm_sms=1e-9), **kw)
+    overlapped = 0.0
+    for r in range(4):
+        busy = simulate_strategy(name, lens, cluster=cluster, trace_rank=r, **kw)
+        assert busy.cp_size == quiet.cp_size
+        both = _overlap_with_comm(busy.trace)
+        overlapped += both
+        lost = busy.rank_compute_s[r] - quiet.rank_compute_s[r]
+        assert lost == pytest.approx(both * 8 / cluster.num_sms, rel=1e-6, abs=1e-15), (name, r)
+    if sched in ("p2p", "ring") and options.get("overlap") != "never":
+        assert overlapped > 0  # the rule was exercised, not only its empty case
+
+
 def test_without_overlap_the_exchange_is_exposed_and_compute_runs_at_full_speed():
     n = 4096
     cluster = replace(FLAT, peak_flops=1e9)
@@ -130,6 +186,30 @@ def test_every_strategy_covers_every_token_once(name, seed):
         _covers_once(cand.plan)
         r = simulate(cand, TINY, FLAT)
         assert r.rank_pairs.sum() == pytest.approx(float(span_cost(0, np.asarray(lens)).sum()))
+
+
+def test_magi_gets_fcps_settings_execution_colouring_and_chunks():
+    """magi's plans are scheduled exactly as fcp's: the same planner settings (the machine's model), its
+    rounds coalesced into the same number of stages, the execution and colouring chosen by
+    ``planner.schedule``, and one candidate per block size fcp tries."""
+    from hf_fcp.plan.candidates import tried_blocks
+    from hf_fcp.plan.planner import schedule
+    from hf_fcp.plan.rounds import colour_rounds, needed_pieces
+    from hf_fcp.simulate.engine import planner_model
+
+    lens = make_batch(parse_distribution("paper"), 4 * 8192, np.random.default_rng(3))
+    options = planner_model(get_model("llama3-70b"), PRESETS["h200"], 4)
+    cands = build("magi", lens, world_size=4, block_size=4096, tokens_per_rank=8192, cp_size=4, stages=2,
+                  fcp_options=options)
+    assert sorted(c.plan.block_size for c in cands) == sorted(tried_blocks(4096, 8192, 4, lens)) == [2048, 4096]
+    for cand in cands:
+        plan = cand.plan
+        assert plan.settings == PlanSettings(**options, max_stages=2, rounds_per_stage=plan.settings.rounds_per_stage)
+        transfers, rounds = colour_rounds(needed_pieces([list(x) for x in plan.rank_spans]))
+        assert plan.settings.max_stages == 2 and plan.settings.rounds_per_stage == -(-rounds // 2)
+        expect = schedule(replace(plan, transfers=transfers, num_rounds=rounds))
+        assert (expect.transfers, expect.fused, expect.overlap) == (plan.transfers, plan.fused, plan.overlap)
+        assert expect.transfers != transfers or plan.num_rounds < 2  # the colouring was chosen, not the graph's
 
 
 def test_packing_covers_or_is_not_applicable():

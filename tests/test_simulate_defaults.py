@@ -14,3 +14,67 @@ def test_simulate_defaults_to_h200_and_says_so(capsys):
         pass
     help_text = " ".join(capsys.readouterr().out.split())
     assert "default h200" in help_text and "README" in help_text
+
+
+def test_baselines_default_to_their_best_cp_group_and_min_stays_available():
+    from hf_fcp.simulate.cli import settings_from_args
+    from hf_fcp.simulate.engine import simulate_strategy
+    from hf_fcp.simulate.runner import SimSettings
+    import inspect
+
+    parser = build_parser()
+    assert settings_from_args(parser.parse_args(["simulate"])).cp_size == "best"
+    assert settings_from_args(parser.parse_args(["simulate", "--cp-size", "min"])).cp_size == "min"
+    assert SimSettings.__dataclass_fields__["cp_size"].default == "best"
+    assert inspect.signature(simulate_strategy).parameters["cp_size"].default == "best"
+
+
+def test_best_cp_group_is_the_fastest_of_every_size(monkeypatch):
+    """``best`` keeps the fastest of every CP size, also past a slower one (step times need not be unimodal
+    in the CP size)."""
+    from types import SimpleNamespace
+
+    from hf_fcp.simulate import engine, get_model, load_cluster
+
+    step = {2: 3.0, 4: 4.0, 8: 1.0, 16: 2.0}  # CP 8 is fastest, after a slower CP 4
+    monkeypatch.setattr(engine, "simulate", lambda cand, *a, **k: SimpleNamespace(step_s=step[cand.cp_size],
+                                                                                  cp_size=cand.cp_size))
+    lens = [9000] + [1000] * 23  # the longest needs CP 2 at 4608 tokens per rank
+    r = engine.simulate_strategy("ring", lens, world_size=16, block_size=1024, tokens_per_rank=4608,
+                                 model=get_model("llama3-8b"), cluster=load_cluster("h200"))
+    assert r.cp_size == 8
+
+
+def test_speedup_over_a_baseline_that_chose_another_chunk():
+    """magi may keep a finer chunk than fcp's block (its own best): fcp's speedup over it is still reported."""
+    from hf_fcp.simulate import SimSettings, get_model, load_cluster, parse_distribution, run, speedups
+
+    rep = run(SimSettings(distribution=parse_distribution("paper"), model=get_model("llama3-70b"),
+                          cluster=load_cluster("h200"), world_sizes=(4,), tokens_per_rank=8192, steps=1,
+                          strategies=("fcp", "magi")), progress=False)
+    assert {r.strategy for r in rep.rows} == {"ideal", "fcp", "magi"}
+    assert (4, "magi") in speedups(rep.rows)
+
+
+def test_the_communication_floor_never_exceeds_the_simulated_step():
+    """``best`` skips a CP size whose communication floor outlasts the best step so far: the floor must be
+    a true lower bound of that size's simulated step (or the skip could drop the fastest size)."""
+    import numpy as np
+
+    from hf_fcp.simulate import get_model, load_cluster, parse_distribution
+    from hf_fcp.simulate.engine import comm_floor_s, simulate_strategy
+    from hf_fcp.simulate.strategies import cp_sizes
+    from hf_fcp.workloads import make_batch
+
+    model, cluster = get_model("llama3-70b"), load_cluster("h200")
+    tight = 0.0
+    for dist, seed in (("stdlib", 0), ("lognormal", 1), ("bimodal", 2)):
+        lens = make_batch(parse_distribution(dist), 32 * 2048, np.random.default_rng(seed))
+        for name in ("ring", "wlb", "allgather"):
+            for c in cp_sizes(lens, 32, 2048, "best"):
+                step = simulate_strategy(name, lens, world_size=32, block_size=1024, tokens_per_rank=2048, cp_size=c,
+                                         model=model, cluster=cluster).step_s
+                floor = comm_floor_s(name, lens, 32, 2048, c, model, cluster)
+                assert floor <= step, (dist, name, c)
+                tight = max(tight, floor / step)
+    assert tight > 0.5, tight  # the floor is not vacuous

@@ -1,6 +1,7 @@
 """The simple placements fcp is compared with, sharing its output type (per rank, a list of ``(seq, start,
-end)`` spans in local order): zigzag (``ring``), contiguous shards (``allgather``) and whole sequences
-(``packing``). :func:`zigzag` and :func:`contiguous` also serve the simulator's fixed-group baselines.
+end)`` spans in local order): zigzag (``ring``), contiguous shards (``allgather``), whole sequences
+(``packing``) and MagiAttention's chunk dispatch (:func:`place_dispatch`). :func:`zigzag`,
+:func:`contiguous` and the dispatch also serve the simulator's fixed-group baselines.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import heapq
 
 import numpy as np
 
-from .spans import Span
+from .spans import Span, span_cost
 
 Piece = tuple[int, int, int]  # (rank, start, end)
 
@@ -90,3 +91,65 @@ def place_packing(lens, world: int, cap: int) -> list[list[Span]]:
         out[r].append((s, 0, lens[s]))
         heapq.heappush(tok, (used + lens[s], r))
     return [sorted(spans) for spans in out]
+
+
+def assign_to_groups(lens, groups: int, capacity: int, by_cost: bool = False) -> list[list[int]]:
+    """Whole sequences to ``groups`` data-parallel groups, largest first: to the group with most token room
+    (token balance), or (``by_cost``) to the group with the least attention cost among those with room."""
+    lens = np.asarray(lens, np.int64)
+    key = span_cost(0, lens) if by_cost else lens.astype(np.float64)
+    tok, cost = np.zeros(groups, np.int64), np.zeros(groups)
+    out: list[list[int]] = [[] for _ in range(groups)]
+    for s in np.lexsort((np.arange(len(lens)), -key)).tolist():
+        fits = tok + lens[s] <= capacity
+        g = int(np.argmin(np.where(fits, cost, np.inf))) if by_cost and fits.any() else int(np.argmin(tok))
+        out[g].append(s)
+        tok[g] += lens[s]
+        cost[g] += span_cost(0, lens[s])
+    return out
+
+
+def chunked(docs: list[tuple[int, int]], size: int) -> list[list[Span]]:
+    """The concatenation of ``docs`` ((seq, length) pairs) cut every ``size`` tokens; each chunk as its
+    per-document spans."""
+    out: list[list[Span]] = [[]]
+    room = size
+    for s, n in docs:
+        a = 0
+        while a < n:
+            b = min(n, a + room)
+            out[-1].append((s, a, b))
+            room -= b - a
+            a = b
+            if room == 0:
+                out.append([])
+                room = size
+    return [ch for ch in out if ch]
+
+
+def dispatch(lens, groups: list[tuple[list[int], list[int]]], chunk: int, world: int) -> list[list[Span]]:
+    """MagiAttention's dispatch: per ``(ranks, sequences)`` group, the sequences concatenated, cut into
+    ``chunk``-token chunks, largest causal area first to the least-loaded rank of the group among those
+    with fewer than their equal share of chunks."""
+    spans: list[list[Span]] = [[] for _ in range(world)]
+    for ranks, seqs in groups:
+        chunks = chunked([(s, int(lens[s])) for s in seqs], chunk)
+        area = [sum(span_cost(a, b) for _, a, b in ch) for ch in chunks]
+        per_rank = -(-len(chunks) // len(ranks))
+        heap = [(0.0, r) for r in ranks]
+        count = dict.fromkeys(ranks, 0)
+        for i in sorted(range(len(chunks)), key=lambda i: (-area[i], i)):
+            load, r = heapq.heappop(heap)
+            spans[r].extend(chunks[i])
+            count[r] += 1
+            if count[r] < per_rank:
+                heapq.heappush(heap, (load + area[i], r))
+    return [merge_sorted(x) for x in spans]
+
+
+def place_dispatch(lens, world: int, chunk: int, cap: int, group: int | None = None) -> list[list[Span]]:
+    """:func:`dispatch` over groups of ``group`` consecutive ranks (None: one group of all ranks), the
+    sequences assigned to the groups by tokens (:func:`assign_to_groups`; ``cap``: tokens per rank)."""
+    c = group or world
+    seqs = assign_to_groups(lens, world // c, c * cap)
+    return dispatch(lens, [(list(range(g * c, (g + 1) * c)), x) for g, x in enumerate(seqs)], chunk, world)

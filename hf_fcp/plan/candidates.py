@@ -1,19 +1,21 @@
 """The fcp planner's candidates and how it chooses: never worse than its simple alternatives.
 
 For every batch the planner makes the greedy placement (:func:`.placement.place_fcp`, balancing modelled
-kernel work and, as a variant, causal pairs) and — while the world is small enough for it to pay
-(``CANDIDATE_WORLD``) — the simple placements it must beat: every sequence zigzag-split over all ranks,
-only the sequences that must span ranks zigzag-split (the rest whole, largest first onto the least
-loaded rank with room), and contiguous all-gather-style shards. Each is polished by the local search of
-:mod:`.search` and priced by :func:`step_time`, the modelled time of one attention layer as the engine
-will run it; the fastest wins (ties: the earlier candidate, the greedy first).
+kernel work and, as a variant, causal pairs) and — while the search fits its budget (:func:`searched`) —
+a finer-block greedy placement and the simple placements it must beat: every sequence zigzag-split over
+all ranks, only the sequences that must span ranks zigzag-split (the rest whole, largest first onto the
+least loaded rank with room), and contiguous all-gather-style shards. Each is polished by the local
+search of :mod:`.search` and priced by :func:`step_time`, the modelled time of one attention layer as
+the engine will run it; the fastest wins (ties: the earlier candidate, the greedy first). At every world
+size the planner then also plans the grouped placements (:func:`grouped`) and keeps, of those plans and
+its own, the one the engine's timeline finds fastest (:func:`hf_fcp.plan.planner.plan_batch`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .baseline_placements import merge_sorted, place_allgather, place_ring, zigzag
+from .baseline_placements import merge_sorted, place_allgather, place_dispatch, place_ring, zigzag
 from .cost import KernelCost
 from .execution import RankChoices, execution, link_tokens, remote_sources
 from .fcp_plan import imbalance
@@ -22,11 +24,28 @@ from .search import polish
 from .settings import PlanSettings
 from .spans import Span
 
-CANDIDATE_WORLD = 8  # above this (beyond one node) the greedy alone is planned: the alternatives lose at scale
+SEARCH_SPANS = 2048
+"""The candidate search runs while sequences × ranks (the spans of the all-rank zigzag, the largest
+candidate) is at most this. Rule: a search of at most ~250 ms on two shared CPU cores, measured on
+``light`` and ``bimodal`` batches (seeds 100-101, W = 8-64, 8K and 32K tokens per rank), workloads and
+seeds the benchmarks do not use; its cost grows about linearly in that count (~0.1 ms per span)."""
 POLISH_CUTS = 400  # a placement with more cuts is not polished
 POLISHED = 2  # the fastest candidates before polishing that are polished
 MIN_BLOCK = 512  # the finer greedy candidate never uses smaller blocks
 TIE = 5e-3  # candidates this close to the fastest are told apart by their balance (the exposure model is coarse)
+
+
+def searched(lens, world: int) -> bool:
+    """Whether the planner searches beyond its greedy placement for this batch (:data:`SEARCH_SPANS`)."""
+    return len(lens) * world <= SEARCH_SPANS
+
+
+def tried_blocks(block: int, cap: int, world: int, lens) -> list[int]:
+    """The block sizes the fcp planner places ``lens`` with: ``block``, and when it searches
+    (:func:`searched`) also a finer one, a quarter of a rank's tokens but at least ``MIN_BLOCK`` (when
+    that is finer)."""
+    finer = max(MIN_BLOCK, min(block, cap // 4))
+    return [block, finer] if searched(lens, world) and finer < block else [block]
 
 
 def zigzag_long(lens, world: int, cap: int) -> list[list[Span]]:
@@ -98,3 +117,51 @@ def _cuts(spans: list[list[Span]]) -> int:
 def alternatives(lens, world: int, cap: int) -> list[list[list[Span]]]:
     """The simple placements the fcp planner must not lose to (module doc)."""
     return [place_ring(lens, world, cap), zigzag_long(lens, world, cap), place_allgather(lens, world, cap)]
+
+
+def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[list[list[Span]]]:
+    """The grouped placements the fcp planner must not lose to, at every world size: MagiAttention's
+    chunk dispatch over all ranks (:func:`.baseline_placements.place_dispatch`) with each block size fcp
+    tries, and ``place`` (fcp's greedy: ``place(lengths, ranks, cap)``) restricted to node-aligned groups
+    of ``node × 2^k < world`` ranks (:func:`in_groups`). Placements that would put more than ``cap``
+    tokens on a rank are left out."""
+    out = [place_dispatch(lens, world, b, cap) for b in tried_blocks(block, cap, world, lens)]
+    c = node
+    while 1 < c < world and world % c == 0:
+        out.append(in_groups(lens, world, cap, c, place))
+        c *= 2
+    return [x for x in out if max(sum(e - a for _, a, e in spans) for spans in x) <= cap]
+
+
+def in_groups(lens, world: int, cap: int, group: int, place) -> list[list[Span]]:
+    """A placement restricted to groups of ``group`` consecutive ranks: whole sequences to the groups,
+    largest causal cost first, to the cheapest group with token room; one that fits no group whole is cut
+    over the groups with most room (its pieces then need K/V from the groups before them). Inside each
+    group ``place(lengths, group, cap)`` places its items as if each were a sequence of its own."""
+    lens = np.asarray(lens, np.int64)
+    ngroups = world // group
+    room, cost = np.full(ngroups, group * cap, np.int64), np.zeros(ngroups)
+    items: list[list[tuple[int, int, int]]] = [[] for _ in range(ngroups)]
+    for s in np.lexsort((np.arange(len(lens)), -lens)).tolist():
+        n = int(lens[s])
+        fits = room >= n
+        if fits.any():
+            g = int(np.argmin(np.where(fits, cost, np.inf)))
+            items[g].append((s, 0, n))
+            room[g] -= n
+            cost[g] += n * (n + 1.0) / 2
+            continue
+        a = 0
+        for g in np.lexsort((np.arange(ngroups), -room)).tolist():
+            take = min(int(room[g]), n - a)
+            if take > 0:
+                items[g].append((s, a, a + take))
+                room[g] -= take
+                cost[g] += (a + take) * (a + take + 1.0) / 2 - a * (a + 1.0) / 2
+                a += take
+    out: list[list[Span]] = [[] for _ in range(world)]
+    for g, its in enumerate(items):
+        if its:
+            for i, spans in enumerate(place(tuple(b - a for _, a, b in its), group, cap)):
+                out[g * group + i] = [(its[k][0], its[k][1] + x, its[k][1] + y) for k, x, y in spans]
+    return [merge_sorted(x) for x in out]

@@ -18,14 +18,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from .baseline_placements import place_allgather, place_packing, place_ring
-from .candidates import CANDIDATE_WORLD, MIN_BLOCK, alternatives, choose, step_time
+from .candidates import alternatives, choose, grouped, searched, step_time, tried_blocks
 from .checks import check_int, check_plan_size, check_seq_lens
 from .cost import kernel_for
 from .execution import RankChoices, execution, remote_stages
 from .fcp_plan import FCPPlan, Span, WindowPlan
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
-from .schedule import choose_schedule
+from .schedule import MARGIN, choose_schedule, layer_time, search_work
+from .schedule import SEARCH_WORK
 from .settings import PlanSettings, settings_from
 
 _SIMPLE = {"ring": place_ring, "allgather": place_allgather, "packing": place_packing}
@@ -67,7 +68,7 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
     block, strategy = settings.block_size, settings.strategy
     if strategy == "fcp":
         kernel = kernel_for(settings.balance, settings.kernel_cost)
-        small = world <= CANDIDATE_WORLD
+        small = searched(lens, world)
         fused = settings.fusion != "none"  # the cost the greedy balances: fused, how most plans run
         greedy = lambda b: place_fcp(lens, world, b, cap, locality=float(settings.locality), kernel=kernel,  # noqa: E731
                                      fused=fused, layers=settings.attention_layers)
@@ -75,15 +76,35 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
         if not small and settings.fusion == "auto" and not _runs_fused(spans, settings, kernel):
             fused = False  # the fused-cost placement turned out to run split: balance split costs instead
             spans = greedy(block)
-        if small:
-            finer = max(MIN_BLOCK, min(block, cap // 4))  # small worlds: blocks finer than a quarter rank too
-            spans = choose([spans, *([greedy(finer)] if finer < block else []), *alternatives(lens, world, cap)],
-                           settings, kernel)
-    else:
-        spans = _SIMPLE[strategy](lens, world, cap)
+        if small:  # within the search budget: blocks finer than a quarter rank too, and the simple placements
+            finer = [greedy(b) for b in tried_blocks(block, cap, world, lens)[1:]]
+            spans = choose([spans, *finer, *alternatives(lens, world, cap)], settings, kernel)
+        plan = make_plan(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
+                         settings=settings, started=t0)
+        in_group = lambda g_lens, ranks, g_cap: place_fcp(g_lens, ranks, block, g_cap,  # noqa: E731
+                                                          locality=float(settings.locality), kernel=kernel,
+                                                          fused=fused, layers=settings.attention_layers)
+        return _fastest(plan, grouped(lens, world, cap, block, settings.node_size, in_group), kernel, t0)
+    spans = _SIMPLE[strategy](lens, world, cap)
     comm = "collective" if strategy in ("ring", "allgather") else "p2p"
     return make_plan(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
                      comm=comm, settings=settings, started=t0)
+
+
+def _fastest(plan: FCPPlan, others: list[list[list[Span]]], kernel, t0: float) -> FCPPlan:
+    """``plan`` or the plan of one of the ``others`` placements, whichever the engine's timeline
+    (:func:`.schedule.layer_time`) finds fastest; ties keep ``plan``. Models with sliding-window layers
+    keep ``plan`` (the timeline prices full attention only)."""
+    if not others or not plan.num_rounds or any(w is not None for w, _ in plan.settings.attention_layers):
+        return plan
+    best, best_t = plan, layer_time(plan, kernel)
+    for spans in others:
+        alt = make_plan(plan.seq_lens, spans, world_size=plan.world_size, block_size=plan.block_size,
+                        tokens_per_rank=plan.tokens_per_rank, strategy=plan.strategy, settings=plan.settings)
+        t = layer_time(alt, kernel)
+        if t < best_t * (1 - MARGIN):
+            best, best_t = alt, t
+    return replace(best, plan_ms=(time.perf_counter() - t0) * 1e3)
 
 
 def _runs_fused(spans, settings: PlanSettings, kernel) -> bool:
@@ -106,6 +127,8 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
                                                        for s in range(len(seq_lens))) else 0)
     elif comm == "p2p":
         transfers, rounds = colour_rounds(needed_pieces(spans))
+        if settings is not None and settings.max_stages:
+            settings = replace(settings, rounds_per_stage=max(1, -(-rounds // settings.max_stages)))
     else:
         raise ValueError(f"comm: got {comm!r}, expected 'p2p' or 'collective'")
     settings = settings or PlanSettings()
@@ -118,12 +141,12 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
 
 
 def schedule(plan: FCPPlan) -> FCPPlan:
-    """``plan`` with its execution chosen by the per-rank model (:func:`choose_execution`) and, for an fcp
-    plan of a small world (``CANDIDATE_WORLD``), the execution and colouring of its exchange that the
-    timeline finds fastest (:func:`.schedule.choose_schedule`) — again after a change of
-    ``rounds_per_stage``."""
+    """``plan`` with its execution chosen by the per-rank model (:func:`choose_execution`) and, for a p2p
+    plan (fcp's, or any placement given to :func:`make_plan`) whose schedule search fits its budget
+    (:data:`.schedule.SEARCH_WORK`), the execution and colouring of its exchange that the timeline finds
+    fastest (:func:`.schedule.choose_schedule`) — again after a change of ``rounds_per_stage``."""
     plan = choose_execution(plan)
-    if plan.strategy != "fcp" or plan.collective or plan.world_size > CANDIDATE_WORLD:
+    if plan.collective or search_work(plan) > SEARCH_WORK:
         return plan
     kernel = kernel_for(plan.settings.balance, plan.settings.kernel_cost)
     return choose_schedule(plan, needed_pieces([list(x) for x in plan.rank_spans]), kernel)

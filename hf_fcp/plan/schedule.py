@@ -4,10 +4,11 @@ Any proper colouring of the message graph moves the same K/V in the same number 
 same time: a stage's exchange waits for both ends of every message in it, a rank's exchanges run in
 stream order, a fused run waits for the last stage that brings its keys, and in the backward an owner
 waits for the last of its dK/dV. In the simulator, ten random colourings of the same W=8 plans differed
-by 2–3% of a layer. So for small worlds the planner prices, on the engine's :mod:`.timeline` in
-kernel-work units (the rank views' segments priced by the kernel model, a message's time its tokens plus
-``link_latency`` × ``link_cost``), each execution the settings allow with the messages coloured in :data:`ORDERS`
-deterministic orders, keeps the fastest, and then swaps pairs of its rounds while that helps
+by 2–3% of a layer. So while the search fits its budget (:data:`SEARCH_WORK`, at any world size) the
+planner prices, on the engine's :mod:`.timeline` in kernel-work units (the rank views' segments priced by
+the kernel model, a message's time its tokens × ``link_cost`` — ``node_link_cost`` inside a node — plus
+``link_latency`` × ``link_cost``), each execution the settings allow with the messages coloured in
+:data:`ORDERS` deterministic orders, keeps the fastest, and then swaps pairs of its rounds while that helps
 (:func:`swap_rounds`). Earlier options win ties, so the choice is a pure function of the plan.
 """
 
@@ -32,6 +33,11 @@ SWAP_PASSES = 4
 RECOLOUR = 0.03
 """Executions more than this slower than the fastest, each with the message graph's colouring, are not
 recoloured (the colouring moved a layer by at most ~3% in the simulator)."""
+SEARCH_WORK = 30_000
+"""The colouring search (:func:`choose_schedule`) runs on a plan whose :func:`search_work` is at most this.
+Rule: a search of at most ~250 ms on two shared CPU cores (~5-10 µs per unit), measured on ``light`` and
+``bimodal`` batches (seeds 100-101, W = 8-64, 8K and 32K tokens per rank), workloads and seeds the
+benchmarks do not use. One-node plans need 2-10 thousand units; plans of thousands of messages, millions."""
 MARGIN = 1e-5
 """An option replaces the incumbent only if it is this much faster (relative): a near tie is not left to
 float rounding, which could differ between the ranks' machines (they must agree on the plan)."""
@@ -61,17 +67,19 @@ def _times(candidates: list[list[Message]], plan: FCPPlan, work: "StageWork") ->
     ``i·W ... i·W + W − 1`` of a larger world (the timeline's work is per rank and per message)."""
     w, per, nstages, settings = work.world, plan.settings.rounds_per_stage, len(plan.stages), plan.settings
     cf, cb = np.zeros((len(candidates) * w, 1 + nstages)), np.zeros((len(candidates) * w, 1 + nstages))
-    msgs: list[list[tuple[int, int, int]]] = [[] for _ in range(nstages)]
+    msgs: list[list[tuple[int, int, float]]] = [[] for _ in range(nstages)]
+    node, inside = settings.node_size, settings.node_link_cost
     for i, cand in enumerate(candidates):
         cf[i * w:(i + 1) * w], cb[i * w:(i + 1) * w] = work.arrays({(s, d): r // per for s, d, _, r in cand}, nstages)
         for s, d, tokens, r in cand:
-            msgs[r // per].append((i * w + s, i * w + d, tokens))
+            cost = inside if inside is not None and s // node == d // node else settings.link_cost
+            msgs[r // per].append((i * w + s, i * w + d, tokens * cost))
     arrays = [tuple(np.array([m[j] for m in x], dtype) for j, dtype in enumerate((np.int64, np.int64, np.float64)))
               for x in msgs]
 
     def exchange(avail, k, back):
-        src, dst, tokens = arrays[k]
-        return timeline.exchange(avail, dst if back else src, src if back else dst, tokens * settings.link_cost,
+        src, dst, duration = arrays[k]
+        return timeline.exchange(avail, dst if back else src, src if back else dst, duration,
                                  settings.link_latency * settings.link_cost)
 
     if plan.overlap:
@@ -169,6 +177,14 @@ def _split_segments(runs, pieces) -> list[tuple[int, int]]:
     if keys:
         out.append((q, keys))
     return out
+
+
+def search_work(plan: FCPPlan) -> int:
+    """Size of :func:`choose_schedule`'s search on ``plan``: the layer timelines it may price (each
+    execution's colourings, then every pass of round swaps) times a timeline's size (messages + ranks)."""
+    n, per = plan.num_rounds, plan.settings.rounds_per_stage
+    pairs = n * (n - 1) // 2 - sum(k * (k - 1) // 2 for k in (min(per, n - i) for i in range(0, n, per)))
+    return (3 * ORDERS + SWAP_PASSES * pairs) * (len(plan.transfers) + plan.world_size)
 
 
 def choose_schedule(plan: FCPPlan, pieces, kernel: KernelCost) -> FCPPlan:

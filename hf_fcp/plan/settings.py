@@ -49,6 +49,10 @@ class PlanSettings:
     """Element type of K and V on the wire: one of bf16, fp16, fp32, fp8 (bytes in ``stats()``)."""
     rounds_per_stage: int = field(default=1, metadata={
         "help": "Coalesce this many consecutive congestion-free rounds into one communication stage (>= 1)."})
+    max_stages: int = 0
+    """0: stages of ``rounds_per_stage`` rounds. N ≥ 1: coalesce each plan's rounds into at most N stages
+    (its ``rounds_per_stage`` becomes ``ceil(rounds / N)``, the value the plan's settings then hold), so
+    the placements the planner compares are each priced with the stages they will run in."""
     locality: float = 0.5
     """fcp only: keep a sequence's next block on the rank holding its neighbour while that rank still
     needs at least ``locality`` × the work of the neediest rank (0 = always, 1 = never prefer locality)."""
@@ -83,6 +87,13 @@ class PlanSettings:
     overlap_slowdown: float = 0.06
     """Fraction of the attention kernels' speed lost while communication kernels run beside them (NCCL
     channels on 8 of an H100/H200's 132 SMs)."""
+    node_size: int = 8
+    """GPUs per node (one NVLink domain): ranks r and q share a node when r // node_size == q // node_size.
+    The planner aligns its grouped placements to nodes (:func:`hf_fcp.plan.candidates.grouped`) and, with
+    ``node_link_cost``, prices messages inside a node at that cost."""
+    node_link_cost: float | None = None
+    """``link_cost`` of a message between two ranks of one node (NVLink); None: ``link_cost`` for every
+    message. The simulator's cluster presets give both (``link_cost`` then prices the network)."""
     link_latency: float = 880.0
     """Fixed time of one message beside its bytes (link latency, NCCL set-up), in tokens of K/V moved
     (each ``link_cost``): ≈ 880 for 10 µs on H200 NVLink at 4 KiB of K and V per token (8 kv heads of 128,
@@ -105,6 +116,7 @@ class PlanSettings:
         check_int("head_dim", self.head_dim)
         check_choice("kv_dtype", self.kv_dtype, sorted(KV_DTYPE_BYTES))
         check_int("rounds_per_stage", self.rounds_per_stage)
+        check_int("max_stages", self.max_stages, 0)
         check_number("locality", self.locality, high=1.0, low_open=False)
         check_choice("balance", self.balance, BALANCE)
         check_choice("fusion", self.fusion, FUSION)
@@ -112,6 +124,8 @@ class PlanSettings:
         check_number("link_cost", self.link_cost, low_open=False)
         check_number("overlap_slowdown", self.overlap_slowdown, high=0.99, low_open=False)
         check_number("link_latency", self.link_latency, low_open=False)
+        check_int("node_size", self.node_size)
+        check_number("node_link_cost", self.node_link_cost, low_open=False, optional=True)
         if self.kernel_cost is not None and not isinstance(self.kernel_cost, KernelCost):
             raise ValueError(f"kernel_cost: got {type(self.kernel_cost).__name__}, expected an "
                              f"hf_fcp.plan.cost.KernelCost or None")

@@ -3,7 +3,7 @@
     hf-fcp simulate (--lengths FILE | --distribution lognormal[:mu,sigma,max] | paper | light | bimodal | stdlib)
         --world-sizes 16,64,256 --tokens-per-rank 32768 [--block-size B | --sweep-block-size [LIST]]
         [--model llama3-70b|llama3-8b|...] [--cluster h200|h100|FILE] [--steps N] [--json] [--plot DIR]
-        [--strategies fcp,ring,...] [--cp-size min|best|N] [--stages N] [--fcp-option K=V] [--seed S]
+        [--strategies fcp,ring,...] [--cp-size best|min|N] [--stages N] [--fcp-option K=V] [--seed S]
 
 ``--json`` prints ``{"rows": [{"strategy", "world_size", "attention_mfu", "step_ms", "compute_imbalance",
 "comm_imbalance", "comm_bytes", "exposed_comm_ms", "plan_ms", ...}], "not_applicable": [...]}``; the
@@ -93,9 +93,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, default=3, metavar="N", help="batches per world size (default 3)")
     p.add_argument("--strategies", type=_strategy_list, default=STRATEGY_NAMES, metavar="LIST",
                    help=f"default {','.join(STRATEGY_NAMES)}")
-    p.add_argument("--cp-size", type=_cp_size, default="min", metavar="min|best|N",
-                   help="CP group of ring/allgather/wlb/magi: smallest holding the longest sequence (min, default), "
-                        "fastest per batch (best) or N")
+    p.add_argument("--cp-size", type=_cp_size, default="best", metavar="best|min|N",
+                   help="CP group of ring/allgather/wlb/magi: the fastest per batch (best, default), the smallest "
+                        "holding the longest sequence (min) or N")
     p.add_argument("--stages", type=int, default=4, metavar="N",
                    help="communication stages of fcp and magi (rounds coalesced; 0 = one per round; default 4)")
     p.add_argument("--fcp-option", type=_option, action="append", default=[], metavar="KEY=VALUE",

@@ -6,10 +6,11 @@ message of ``bytes`` on a link takes ``latency + bytes / bandwidth`` (NVLink ins
 between nodes); a rank sends and receives at once (full duplex); its messages of one exchange share its
 link, so a message ends when its sender has sent, and its receiver has received, everything of that
 exchange; a message starts once both ends posted it. Communication kernels hold ``comm_sms`` SMs, so
-compute beside them runs at ``(num_sms − comm_sms) / num_sms`` speed: in the ``p2p`` schedule while the
-rank's own transfers run (its exchanges are timed, and they are short bursts: posted up front forward,
-one per stage backward); in the ``ring`` schedule throughout the pass, as before (a transfer beside every
-step; the GPU replay found the ring model optimistic already, so it is not made more so).
+compute beside them runs at ``(num_sms − comm_sms) / num_sms`` speed. One rule for every schedule: a
+rank's compute is slowed exactly while that rank's own transfers are in flight (from the first of its
+messages of an exchange starting to the last ending, :class:`hf_fcp.plan.timeline.Busy`) — ``p2p``
+stages, ``ring`` steps (each step's transfer of the next block beside that step's compute); transfers
+that no compute overlaps (``allgather``, a p2p plan without overlap, ring's last dK/dV hop) slow nothing.
 
 Schedules (how far compute and communication overlap — as implemented, not idealised):
 
@@ -21,8 +22,8 @@ Schedules (how far compute and communication overlap — as implemented, not ide
   to the owners after it, and ends with local work; owners wait for every dK/dV. Plans without overlap
   (``plan.overlap`` False) receive every stage first and return every dK/dV last, at full compute speed.
 * ``ring`` (TE, ByteScale, WLB-LLM): step i computes against the block held at step i while the next
-  block travels; step time = max(compute, transfer); backward moves K/V and dK/dV (2×) plus a last hop
-  that returns each dK/dV to its owner.
+  block travels (compute slowed while it does); step time = max(compute, transfer); backward moves K/V
+  and dK/dV (2×) plus a last hop that returns each dK/dV to its owner.
 * ``allgather`` (Llama 3): all-gather K/V (ring algorithm, exposed), compute; backward computes, then
   reduce-scatters dK/dV (exposed).
 * ``local`` (packing): compute only.
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..plan import timeline
+from ..plan.baseline_placements import assign_to_groups
 from ..plan.fcp_plan import imbalance, span_cost
 from .cluster import Cluster
 from .models import BWD_FLOP_RATIO, AttentionModel
@@ -134,15 +136,6 @@ class _Run:
 PREFETCH = 10**9  # forward stages posted ahead of compute: fcp_attention's default (prefetch=None: all)
 
 
-def _slowdown(run: _Run, msgs: list[Messages]) -> np.ndarray:
-    """Per-rank compute-time factor: 1 / compute share for ranks that communicate, else 1."""
-    talks = np.zeros(run.w, bool)
-    for m in msgs:
-        talks[m.src] = True
-        talks[m.dst] = True
-    return np.where(talks, 1.0 / run.cluster.compute_share_while_comm, 1.0)
-
-
 def _reverse(m: Messages) -> Messages:
     return Messages(src=m.dst, dst=m.src, tokens=m.tokens)
 
@@ -162,33 +155,34 @@ def _p2p(run: _Run, cand: Candidate, sp: Spans):
 def _ring(run: _Run, cand: Candidate, sp: Spans):
     sched = ring_schedule(cand.plan, sp, cand.cp_size)
     nsteps = sched.nsteps
-    slow = _slowdown(run, sched.steps)[:, None]
     cf, cb, pairs = np.zeros((run.w, nsteps)), np.zeros((run.w, nsteps)), np.zeros(run.w)
     for i in range(nsteps):  # one step's segments at a time: all of them at once need O(steps × spans) memory
         seg = sched.step_segments(i)
         cf += run.slot_times(seg, nsteps, False)
         cb += run.slot_times(seg, nsteps, True)
         pairs += np.bincount(seg.rank, weights=seg.pairs, minlength=run.w)
-    cf, cb = cf * slow, cb * slow
-    out = []
+    out, busy_compute = [], []
     for phase, c, scale in (("fwd", cf, 1.0), ("bwd", cb, 2.0)):
+        busy = timeline.Busy(run.w, run.cluster.compute_share_while_comm)
         start = np.zeros(run.w)
         for i in range(nsteps):
-            finish = start + c[:, i]
-            run.note(phase, "compute", start, finish, f"step {i}")
             end = start
-            if i < nsteps - 1:
+            if i < nsteps - 1:  # the next block travels beside this step's compute
                 end, s0 = run.exchange(start, sched.steps[i], scale)
+                busy.add(s0, end)
                 run.note(phase, "comm", s0, end, f"step {i}")
+            finish = busy.compute(start, c[:, i])
+            run.note(phase, "compute", start, finish, f"step {i}")
             start = np.maximum(finish, end)
         if phase == "bwd":
             end, s0 = run.exchange(start, sched.final)
             run.note(phase, "comm", s0, end, "dKV home")
             start = np.maximum(start, end)
         out.append(start)
+        busy_compute.append(c.sum(1) + busy.extra)
     per_rank = Segments(rank=np.arange(run.w), slot=np.zeros(run.w, np.int64), q=np.zeros(run.w), k=np.zeros(run.w),
                         pairs=pairs)  # only the per-rank pair totals are used downstream
-    return out[0], out[1], cf.sum(1), cb.sum(1), per_rank
+    return out[0], out[1], busy_compute[0], busy_compute[1], per_rank
 
 
 def _allgather(run: _Run, cand: Candidate, sp: Spans):
@@ -261,8 +255,9 @@ def ideal_step_s(lens, model: AttentionModel, cluster: Cluster) -> float:
 def planner_model(model: AttentionModel, cluster: Cluster, world: int) -> dict:
     """The fcp planner settings that describe this machine: its kernel (``kernel_cost``), the time to move one
     token's K and V in units of one causal pair's kernel time (``link_cost``; the slowest link the world
-    uses), the kernels' slowdown beside communication (``overlap_slowdown``) and a message's fixed latency
-    in tokens moved (``link_latency``)."""
+    uses), the kernels' slowdown beside communication (``overlap_slowdown``), a message's fixed latency
+    in tokens moved (``link_latency``), the node size and the link cost inside a node (``node_size``,
+    ``node_link_cost``)."""
     fpp = model.fwd_flops_per_pair
     pair_s = fpp / (cluster.eff_fwd * cluster.peak_flops) + fpp * BWD_FLOP_RATIO / (cluster.eff_bwd * cluster.peak_flops)
     inside = world <= cluster.gpus_per_node
@@ -270,27 +265,52 @@ def planner_model(model: AttentionModel, cluster: Cluster, world: int) -> dict:
     latency = cluster.nvlink_latency if inside else max(cluster.nvlink_latency, cluster.ib_latency)
     return {"kernel_cost": cluster.kernel_cost(), "link_cost": model.kv_bytes_per_token / bandwidth / pair_s,
             "overlap_slowdown": 1.0 - cluster.compute_share_while_comm,
-            "link_latency": latency * bandwidth / model.kv_bytes_per_token}
+            "link_latency": latency * bandwidth / model.kv_bytes_per_token, "node_size": cluster.gpus_per_node,
+            "node_link_cost": model.kv_bytes_per_token / cluster.nvlink_bw / pair_s}
+
+
+def comm_floor_s(name: str, lens, world: int, cap: int, c: int, model: AttentionModel, cluster: Cluster) -> float:
+    """A lower bound of the step time of fixed-CP strategy ``name`` at CP size ``c`` from its communication
+    alone (0 for p2p strategies): a ring rank receives every other group member's K/V one step after
+    another, forward, and K/V with dK/dV backward; an all-gather does the same exposed, forward and
+    backward. A rank holds at most its group's even share plus two tokens per sequence (two zigzag chunks
+    rounded up); the slowest link a group of more than a node uses is the network's."""
+    if c == 1 or name == "magi":
+        return 0.0
+    inside = c <= cluster.gpus_per_node
+    bw, lat = (cluster.nvlink_bw, cluster.nvlink_latency) if inside else (cluster.ib_bw, cluster.ib_latency)
+    worst = 0.0
+    for seqs in assign_to_groups(lens, world // c, c * cap, by_cost=name == "wlb"):
+        group = float(sum(lens[s] for s in seqs))
+        if name == "allgather":  # (c - 1) hops of at least the group's mean share, each way
+            t = 2 * (c - 1) * (lat + group / c * model.kv_bytes_per_token / bw)
+        else:  # others' K/V forward, K/V and dK/dV backward (latency left out: empty blocks are not sent)
+            t = 3 * max(0.0, group * (c - 1) / c - 2 * len(seqs)) * model.kv_bytes_per_token / bw
+        worst = max(worst, t)
+    return worst
 
 
 def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, tokens_per_rank: int,
-                      model: AttentionModel, cluster: Cluster, cp_size: str | int = "min", stages: int = 4,
+                      model: AttentionModel, cluster: Cluster, cp_size: str | int = "best", stages: int = 4,
                       fcp_options: dict | None = None, trace_rank: int | None = None) -> SimResult:
     """Build ``name``'s candidate plan(s) for one batch (:func:`.strategies.build`) and time them; the
-    fastest wins. ``cp_size="best"`` tries the fixed-CP strategies at growing CP sizes (powers of two from
-    the smallest that holds the longest sequence) until the step time gets worse. Raises
-    :class:`.strategies.NotApplicable` when the strategy cannot run the batch."""
+    fastest wins. ``cp_size="best"`` tries the fixed-CP strategies at every CP size of
+    :func:`.strategies.cp_sizes` (powers of two from the smallest that holds the longest sequence up to
+    the world) and keeps the fastest. Raises :class:`.strategies.NotApplicable` when the strategy cannot
+    run the batch."""
     sizes = cp_sizes(lens, world_size, tokens_per_rank, cp_size) if name in FIXED_CP else [cp_size]
     fcp_options = {**planner_model(model, cluster, world_size), **(fcp_options or {})}  # fcp plans for this machine
     best: SimResult | None = None
     for c in sizes:
+        if best is not None and name in FIXED_CP and comm_floor_s(name, lens, world_size, tokens_per_rank, c, model,
+                                                                   cluster) >= best.step_s:
+            continue  # its communication alone outlasts the best size's step: it cannot be the fastest
         t0 = time.perf_counter()
         cands = build(name, lens, world_size=world_size, block_size=block_size, tokens_per_rank=tokens_per_rank,
                       cp_size=c, stages=stages, fcp_options=fcp_options)
         plan_ms = (time.perf_counter() - t0) * 1e3 / len(cands)
         result = min((simulate(cd, model, cluster, trace_rank=trace_rank, plan_ms=plan_ms) for cd in cands),
                      key=lambda r: r.step_s)
-        if best is not None and result.step_s > best.step_s:
-            break
-        best = result
+        if best is None or result.step_s < best.step_s:
+            best = result
     return best

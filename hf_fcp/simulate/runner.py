@@ -45,8 +45,9 @@ class SimSettings:
     """Batches (training steps) per world size; results are aggregated over them."""
     seed: int = 0
     """Seed of the batches."""
-    cp_size: str | int = "min"
-    """CP group size of ring/allgather/wlb/magi: "min", "best" (fastest per batch) or an integer."""
+    cp_size: str | int = "best"
+    """CP group size of ring/allgather/wlb/magi: "best" (the fastest per batch, the default: every baseline
+    at its best), "min" (the smallest holding the longest sequence) or an integer."""
     stages: int = 4
     """Communication stages of fcp and magi (rounds coalesced; 0 = one stage per round)."""
     fcp_options: dict = field(default_factory=dict)
@@ -199,5 +200,8 @@ def _trace_fcp(example: Example, lens, s: SimSettings) -> None:
 def speedups(rows: list[Row]) -> dict[tuple[int, str], float]:
     """fcp's attention MFU over each strategy's, per (world size, strategy)."""
     fcp = {(r.world_size, r.block_size): r.attention_mfu for r in rows if r.strategy == "fcp"}
-    return {(r.world_size, r.strategy): fcp[(r.world_size, r.block_size)] / r.attention_mfu
-            for r in rows if (r.world_size, r.block_size) in fcp and r.attention_mfu > 0}
+    per_world = {w: v for (w, _), v in fcp.items() if sum(k[0] == w for k in fcp) == 1}  # a strategy's own block
+    # (magi's chunk) may differ from fcp's: compare with fcp's row of that world size when there is one
+    return {(r.world_size, r.strategy): fcp.get((r.world_size, r.block_size), per_world.get(r.world_size)) /
+            r.attention_mfu for r in rows
+            if ((r.world_size, r.block_size) in fcp or r.world_size in per_world) and r.attention_mfu > 0}

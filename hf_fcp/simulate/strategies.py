@@ -12,15 +12,14 @@ whole sequences do not fill the groups exactly (real loaders vary micro-batch le
 
 from __future__ import annotations
 
-import heapq
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..plan import FCPPlan, PlanSettings, make_plan, plan_batch, span_cost
-from ..plan.planner import schedule
-from ..plan.baseline_placements import merge_sorted, zigzag
+from ..plan.baseline_placements import assign_to_groups, dispatch, merge_sorted, zigzag
+from ..plan.candidates import tried_blocks
+from ..plan.settings import settings_from
 from ..plan.spans import Span
 
 STRATEGY_NAMES = ("fcp", "ring", "allgather", "bytescale", "wlb", "magi", "packing")
@@ -74,36 +73,21 @@ def _put(spans: list[list[Span]], s: int, pieces) -> None:
         spans[r].append((s, a, b))
 
 
-def _assign_to_groups(lens, groups: int, capacity: int, by_cost: bool) -> list[list[int]]:
-    """Whole sequences to DP groups, largest first: to the group with most token room (token balance),
-    or (``by_cost``) to the group with the least attention cost among those with room for it."""
-    lens = np.asarray(lens, np.int64)
-    key = span_cost(0, lens) if by_cost else lens.astype(np.float64)
-    tok, cost = np.zeros(groups, np.int64), np.zeros(groups)
-    out: list[list[int]] = [[] for _ in range(groups)]
-    for s in np.lexsort((np.arange(len(lens)), -key)).tolist():
-        fits = tok + lens[s] <= capacity
-        g = int(np.argmin(np.where(fits, cost, np.inf))) if by_cost and fits.any() else int(np.argmin(tok))
-        out[g].append(s)
-        tok[g] += lens[s]
-        cost[g] += span_cost(0, lens[s])
-    return out
+COLLECTIVE_SETTINGS = PlanSettings(fusion="none", overlap="always")  # ring-style plans: every sequence split
 
 
-BASELINE_SETTINGS = PlanSettings(fusion="none", overlap="always")  # the baselines as modelled so far
-
-
-def _finish(lens, spans, world, block, cap, name, schedule, cp=1, comm="collective") -> Candidate:
+def _finish(lens, spans, world, block, cap, name, schedule, cp=1, comm="collective",
+            settings: PlanSettings = COLLECTIVE_SETTINGS) -> Candidate:
     spans = [merge_sorted(r) for r in spans]
     plan = make_plan(tuple(int(x) for x in lens), spans, world_size=world, block_size=block, tokens_per_rank=cap,
-                     strategy=name, comm=comm, settings=BASELINE_SETTINGS)
+                     strategy=name, comm=comm, settings=settings)
     return Candidate(plan=plan, schedule=schedule, cp_size=cp)
 
 
 def _in_groups(lens, world: int, cap: int, cp_size, by_cost: bool = False):
     """(c, group index, ranks of the group, its sequences) for every tried CP size c and DP group."""
     for c in cp_sizes(lens, world, cap, cp_size):
-        groups = _assign_to_groups(lens, world // c, c * cap, by_cost=by_cost)
+        groups = assign_to_groups(lens, world // c, c * cap, by_cost=by_cost)
         yield c, [(list(range(g * c, (g + 1) * c)), seqs) for g, seqs in enumerate(groups)]
 
 
@@ -163,53 +147,23 @@ def _zigzag_concat(docs: list[tuple[int, int]], ranks: list[int], out: list[list
         pos += n
 
 
-def magi(lens, world, block, cap, *, cp_size="min", stages=4, **_) -> list[Candidate]:
+def magi(lens, world, block, cap, *, cp_size="min", stages=4, fcp_options=None, **_) -> list[Candidate]:
     """MagiAttention (SandAI 2025, github.com/SandAI-org/MagiAttention): the group's packed sequence is
-    cut into equal chunks (``block`` tokens), dispatched with a min-heap so every rank of the fixed CP group
-    gets the same number of chunks and a balanced mask area; only the needed K/V is sent (GroupCast, here
-    the coloured P2P rounds), overlapped in ``stages`` stages (its multi-stage overlap). Simplified: no
-    dynamic solver, no Q/O communication; groups are data parallel, filled by tokens."""
+    cut into equal chunks, dispatched with a min-heap so every rank of the fixed CP group gets the same
+    number of chunks and a balanced mask area; only the needed K/V is sent (GroupCast, here the coloured
+    P2P rounds), overlapped in ``stages`` stages (its multi-stage overlap). It gets what fcp gets: the
+    planner settings of ``fcp_options`` (the same kernel, link and overlap model), the execution (fused or
+    split, overlapped or exchange first) and colouring of its rounds chosen the way fcp's are
+    (:func:`hf_fcp.plan.planner.schedule`), and one candidate per chunk size fcp tries
+    (:func:`hf_fcp.plan.candidates.tried_blocks`; the engine keeps the fastest). Simplified: no dynamic
+    solver, no Q/O communication; groups are data parallel, filled by tokens."""
+    settings = settings_from(None, {**(fcp_options or {}), "max_stages": stages})
     out = []
     for c, groups in _in_groups(lens, world, cap, cp_size):
-        spans: list[list[Span]] = [[] for _ in range(world)]
-        for ranks, seqs in groups:
-            chunks = _chunks([(s, int(lens[s])) for s in seqs], block)
-            area = [sum(span_cost(a, b) for _, a, b in ch) for ch in chunks]
-            per_rank = -(-len(chunks) // c)
-            heap = [(0.0, r) for r in ranks]
-            count = dict.fromkeys(ranks, 0)
-            for i in sorted(range(len(chunks)), key=lambda i: (-area[i], i)):
-                load, r = heapq.heappop(heap)
-                spans[r].extend(chunks[i])
-                count[r] += 1
-                if count[r] < per_rank:
-                    heapq.heappush(heap, (load + area[i], r))
-        out.append(_with_stages(_finish(lens, spans, world, block, cap, "magi", "p2p", c, comm="p2p"), stages))
+        for chunk in tried_blocks(block, cap, world, lens):
+            spans = dispatch(lens, groups, chunk, world)
+            out.append(_finish(lens, spans, world, chunk, cap, "magi", "p2p", c, comm="p2p", settings=settings))
     return out
-
-
-def _with_stages(cand: Candidate, stages: int) -> Candidate:
-    """Coalesce the plan's rounds into ``stages`` communication stages (0: one stage per round)."""
-    per = max(1, math.ceil(cand.plan.num_rounds / stages)) if stages else 1
-    cand.plan = schedule(replace(cand.plan, settings=replace(cand.plan.settings, rounds_per_stage=per)))
-    return cand
-
-
-def _chunks(docs: list[tuple[int, int]], size: int) -> list[list[Span]]:
-    """The concatenation of ``docs`` cut every ``size`` tokens; each chunk as its per-document spans."""
-    out: list[list[Span]] = [[]]
-    room = size
-    for s, n in docs:
-        a = 0
-        while a < n:
-            b = min(n, a + room)
-            out[-1].append((s, a, b))
-            room -= b - a
-            a = b
-            if room == 0:
-                out.append([])
-                room = size
-    return [ch for ch in out if ch]
 
 
 def bytescale(lens, world, block, cap, **_) -> list[Candidate]:
@@ -266,9 +220,10 @@ def _contiguous(n: int, room: np.ndarray) -> list[tuple[int, int, int]]:
 def fcp(lens, world, block, cap, *, stages=4, fcp_options=None, **_) -> list[Candidate]:
     """This library's planner (``plan_batch(strategy="fcp", **fcp_options)``; default options unless
     given): blocks of every sequence bin-packed over all ranks, targeted P2P K/V sends in congestion-free
-    rounds, coalesced into ``stages`` communication stages (``rounds_per_stage``; 0: one per round)."""
-    plan = plan_batch(list(lens), world_size=world, block_size=block, tokens_per_rank=cap, **(fcp_options or {}))
-    return [_with_stages(Candidate(plan=plan, schedule="p2p"), stages)]
+    rounds, coalesced into at most ``stages`` communication stages (``max_stages``; 0: one per round)."""
+    plan = plan_batch(list(lens), world_size=world, block_size=block, tokens_per_rank=cap,
+                      **{**(fcp_options or {}), "max_stages": stages})
+    return [Candidate(plan=plan, schedule="p2p")]
 
 
 def packing(lens, world, block, cap, **_) -> list[Candidate]:
