@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from arguments import EMBEDDED_SFT_FCP_DEFAULTS
 from common import (
     ModelArguments,
     RecipeArgumentError,
@@ -41,7 +42,7 @@ DEFAULTS = ["--output_dir", "outputs/sft", "--max_steps", "40", "--learning_rate
             "--warmup_steps", "4", "--lr_scheduler_type", "cosine", "--logging_steps", "5",
             "--save_strategy", "steps", "--save_steps", "20", "--save_total_limit", "2", "--report_to", "none",
             "--bf16", "false", "--max_length", "256", "--assistant_only_loss", "true",
-            "--block_size", "128", "--tokens_per_rank", "1024", "--seed", "0"]
+            *EMBEDDED_SFT_FCP_DEFAULTS, "--seed", "0"]
 
 
 @dataclass
