@@ -51,3 +51,21 @@ def test_bad_argument_is_one_line(tmp_path):
     run = launch("--lora_r", "0", "--output_dir", str(tmp_path / "bad"))
     lines = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("sft.py: error:")]
     assert run.returncode != 0 and lines == ["sft.py: error: --lora_r: got 0, expected a positive integer (>= 1)"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--lora_dropout", "1.5"], "--lora_dropout: got 1.5, expected a number in [0, 1)"),
+    (["--max_length", "5000", "--tokens_per_rank", "1024"], "--max_length: got 5000, expected at most world_size"),
+    (["--dataset_config_name", "x"], "--dataset_config_name: got 'x' without --dataset_name"),
+])
+def test_bad_sft_arguments(tmp_path, monkeypatch, capsys, argv, words):
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import common
+    import sft
+
+    monkeypatch.setattr("sys.argv", ["sft.py", "--output_dir", str(tmp_path / "out"), *argv])
+    with pytest.raises(SystemExit) as stop:
+        common.cli(sft.main)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith(f"sft.py: error: {words}"), err
+    assert not (tmp_path / "out").exists()
