@@ -302,6 +302,9 @@ def run(model, tokenizer, train_dataset, training_args: TrainingArguments, plugi
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     summary = summarize(trainer.state.log_history, result.training_loss, trainer.state.global_step,
                         time.perf_counter() - start)
+    trained = trainer.accelerator.unwrap_model(trainer.model)  # what ran, not what was asked for
+    summary.update(mixed_precision=trainer.accelerator.mixed_precision,
+                   activation_checkpointing=bool(getattr(trained, "is_activation_checkpointing", False)))
     if eval_dataset is not None:
         summary.update(trainer.evaluate())
     trainer.save_model(training_args.output_dir)
