@@ -1,11 +1,11 @@
 """A run killed with SIGKILL mid-step resumes from its last checkpoint: nothing lost, nothing trained twice.
 
 This file is also the training script: ``python tests/test_kill_resume.py OUT LOG [--kill-at S] [--resume]``
-trains the tiny Llama of the Trainer tests (hf_fcp.testing.helpers.token_dataset) with ``FCPTrainer`` for ``STEPS`` steps, saving
-a checkpoint every ``SAVE_STEPS`` steps, and appends ``"<step> <exact loss>"`` to LOG after each optimizer
-step. With ``--kill-at S`` it stops inside step S (after its backward, before its optimizer step), writes
-LOG + ".ready" and sleeps; the test then SIGKILLs it. The test compares an uninterrupted run with the
-killed run resumed (``resume_from_checkpoint=True``: the last checkpoint in OUT). The batches span epoch
+trains the tiny Llama of the Trainer tests (on ``hf_fcp.testing.helpers.token_dataset``) with ``FCPTrainer`` for
+``STEPS`` steps, saving a checkpoint every ``SAVE_STEPS`` steps, and appends ``"<step> <exact loss>"`` to LOG
+after each optimizer step. With ``--kill-at S`` it stops inside step S (after its backward, before its optimizer
+step), writes LOG + ".ready" and sleeps; the test then SIGKILLs it. The test compares an uninterrupted run with
+the killed run resumed (``resume_from_checkpoint=True``: the last checkpoint in OUT). The batches span epoch
 boundaries (3 batches per epoch), so a wrong sampler position, data order or RNG state changes the losses.
 """
 

@@ -51,8 +51,8 @@ def worker(rank: int, world: int):
     out = {}
     for size, group in fcp_subgroups(rank, world):
         for name, (model_type, amp, weights) in CASES.items():
-            out[size, name] = fcp_step(model(model_type, "fcp", weights), rank, size, group, unlabelled_documents(), BLOCK,
-                                       amp=amp)
+            out[size, name] = fcp_step(model(model_type, "fcp", weights), rank, size, group, unlabelled_documents(),
+                                       BLOCK, amp=amp)
     return out
 
 

@@ -111,8 +111,8 @@ def test_non_empty_output_dir_is_refused(tmp_path, monkeypatch, capsys, recipes)
     code, err = run_recipe(monkeypatch, capsys, recipes, "--output_dir", str(tmp_path), "--max_steps", "1")
     assert code == 2 and "--output_dir: got" in err and "--overwrite_output_dir true" in err, err
     assert (tmp_path / "config.json").read_text() == "{}"
-    code, err = run_recipe(monkeypatch, capsys, recipes, "--output_dir", str(tmp_path), "--overwrite_output_dir", "true",
-                           *TINY, "--max_documents", "3", "--max_steps", "1")
+    code, err = run_recipe(monkeypatch, capsys, recipes, "--output_dir", str(tmp_path), "--overwrite_output_dir",
+                           "true", *TINY, "--max_documents", "3", "--max_steps", "1")
     assert code == 0, err
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
 

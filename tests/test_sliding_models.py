@@ -1,5 +1,7 @@
-"""Sliding-window models under FCP: bytes moved per kind of layer equal the plan's prediction, at most the
-window before each held run and several times fewer than full causal attention of the same batch (exactness: tests/test_model_matrix.py).
+"""Sliding-window models under FCP: bytes moved per kind of layer equal the keys each rank needs and does not
+hold (counted from the placement, and equal to the plan's own prediction), at most the window before each
+held run and several times fewer than full causal attention of the same batch (exactness:
+tests/test_model_matrix.py).
 
 Tiny Mistral (every layer slides), Gemma 3 (5 sliding : 1 full), gpt-oss (alternating, with sinks) and
 Cohere2 (3 sliding : 1 full), window 6 against a 64-token document, one training step on 2 and 3 gloo ranks.
