@@ -85,7 +85,8 @@ def make_batch(dist: Distribution, total_tokens: int, rng: np.random.Generator) 
     return out
 
 
-def make_batches(dist: Distribution, *, world_size: int, tokens_per_rank: int, steps: int, seed: int = 0) -> list[list[int]]:
+def make_batches(dist: Distribution, *, world_size: int, tokens_per_rank: int, steps: int,
+                 seed: int = 0) -> list[list[int]]:
     """``steps`` seeded batches of ``world_size × tokens_per_rank`` tokens each."""
     return [make_batch(dist, world_size * tokens_per_rank, np.random.default_rng([seed, world_size, step]))
             for step in range(steps)]
@@ -161,7 +162,8 @@ def parse_distribution(spec: str) -> Distribution:
     if name == "lognormal" and len(nums) in (0, 3):
         mu, sigma, max_len = nums or (6.35, 2.34, 2 * M)
         if sigma <= 0 or max_len < 1:
-            raise ValueError(f"distribution {spec!r}: expected sigma > 0 and max >= 1, got sigma={sigma}, max={max_len}")
+            raise ValueError(f"distribution {spec!r}: expected sigma > 0 and max >= 1, got sigma={sigma}, "
+                             f"max={max_len}")
         return Distribution(name=spec, kind="lognormal", mu=mu, sigma=sigma, max_len=int(max_len))
     if name == "bimodal" and len(nums) in (0, 1):
         p_long = nums[0] if nums else 0.006
@@ -178,4 +180,5 @@ def _numbers(spec: str, args: str) -> list[float]:
     try:
         return [float(a) for a in args.split(",")]
     except ValueError:
-        raise ValueError(f"distribution {spec!r}: parameters must be numbers separated by commas, got {args!r}") from None
+        raise ValueError(f"distribution {spec!r}: parameters must be numbers separated by commas, "
+                         f"got {args!r}") from None

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
+from arguments import build_parser
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -31,8 +32,6 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_utils import get_last_checkpoint
-
-from arguments import build_parser
 
 from hf_fcp.integrations.accelerate import FCPPlugin
 from hf_fcp.integrations.embedded import byte_tokenizer, tiny_config
@@ -242,7 +241,8 @@ def load_model(model_args: ModelArguments, tokenizer, max_positions: int):
         try:  # the model-support guard before loading: e.g. Falcon would fail inside transformers (KeyError)
             check_config(config)
         except ValueError as err:
-            raise RecipeArgumentError(f"--model_name_or_path {model_args.model_name_or_path}: {one_line(err)}") from None
+            raise RecipeArgumentError(
+                f"--model_name_or_path {model_args.model_name_or_path}: {one_line(err)}") from None
         try:
             return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
                                                         attn_implementation="fcp", dtype=torch.float32)
@@ -304,6 +304,9 @@ def run(model, tokenizer, train_dataset, training_args: TrainingArguments, plugi
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     summary = summarize(trainer.state.log_history, result.training_loss, trainer.state.global_step,
                         time.perf_counter() - start)
+    trained = trainer.accelerator.unwrap_model(trainer.model)  # what ran, not what was asked for
+    summary.update(mixed_precision=trainer.accelerator.mixed_precision,
+                   activation_checkpointing=bool(getattr(trained, "is_activation_checkpointing", False)))
     if eval_dataset is not None:
         summary.update(trainer.evaluate())
     trainer.save_model(training_args.output_dir)

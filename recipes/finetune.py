@@ -126,9 +126,11 @@ def main() -> dict:
     max_length = check_max_length(data_args.max_length, training_args.world_size, plugin.tokens_per_rank)
     setup_logging(training_args)
     tokenizer = load_tokenizer(model_args)
-    key = {"recipe": "finetune", "data": asdict(data_args), "tokenizer": [model_args.model_name_or_path, len(tokenizer)],
-           "seed": training_args.seed, "max_length": max_length}
-    dataset = tokenize_once(lambda: load_examples(data_args, tokenizer, training_args.seed, max_length), key, training_args)
+    key = {"recipe": "finetune", "data": asdict(data_args),
+           "tokenizer": [model_args.model_name_or_path, len(tokenizer)], "seed": training_args.seed,
+           "max_length": max_length}
+    dataset = tokenize_once(lambda: load_examples(data_args, tokenizer, training_args.seed, max_length), key,
+                            training_args)
     set_seed(training_args.seed)  # the same initial weights on every run
     model = load_model(model_args, tokenizer, max_positions=plugin.tokens_per_rank * 64)
     logger.info("SFT: %d examples, %s", len(dataset), type(model).__name__)

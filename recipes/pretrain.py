@@ -86,8 +86,8 @@ def main() -> dict:
     model_args, data_args, training_args, plugin = parse(DataArguments, DEFAULTS)
     setup_logging(training_args)
     tokenizer = load_tokenizer(model_args)
-    key = {"recipe": "pretrain", "data": asdict(data_args), "tokenizer": [model_args.model_name_or_path, len(tokenizer)],
-           "seed": training_args.seed}
+    key = {"recipe": "pretrain", "data": asdict(data_args),
+           "tokenizer": [model_args.model_name_or_path, len(tokenizer)], "seed": training_args.seed}
     dataset = tokenize_once(lambda: load_documents(data_args, tokenizer, training_args.seed), key, training_args)
     set_seed(training_args.seed)  # the same initial weights on every run
     model = load_model(model_args, tokenizer, max_positions=plugin.tokens_per_rank * 64)

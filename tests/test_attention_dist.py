@@ -20,7 +20,7 @@ from hf_fcp.testing.cases import compare_to_reference, plan_for, run_cases
 TIMEOUT_S = 90.0
 
 
-def random_lens(world: int, block: int, seed: int) -> tuple[int, ...]:
+def spanning_lens(world: int, block: int, seed: int) -> tuple[int, ...]:
     """1-token sequences, a sequence spanning every rank, lengths off block multiples, shuffled."""
     rng = np.random.default_rng(seed)
     lens = [1, 1, block * world * 2 + 3, block + 1, 2 * block - 1]
@@ -31,37 +31,37 @@ def random_lens(world: int, block: int, seed: int) -> tuple[int, ...]:
 
 def cases_for(world: int) -> list[Case]:
     out = [
-        Case("fcp_b8_gqa4", random_lens(world, 8, 1), 8),
-        Case("fcp_fused_overlapped_rps2", random_lens(world, 8, 14), 8, fusion="all", overlap="always",
+        Case("fcp_b8_gqa4", spanning_lens(world, 8, 1), 8),
+        Case("fcp_fused_overlapped_rps2", spanning_lens(world, 8, 14), 8, fusion="all", overlap="always",
              rounds_per_stage=2),
-        Case("fcp_fused_after_exchange_bf16", random_lens(world, 8, 15), 8, fusion="all", overlap="never",
+        Case("fcp_fused_after_exchange_bf16", spanning_lens(world, 8, 15), 8, fusion="all", overlap="never",
              dtype=torch.bfloat16),
-        Case("fcp_split_overlapped_mqa8", random_lens(world, 4, 16), 4, fusion="none", overlap="always",
+        Case("fcp_split_overlapped_mqa8", spanning_lens(world, 4, 16), 4, fusion="none", overlap="always",
              heads=(8, 1)),
-        Case("fcp_split_after_exchange_3layers", random_lens(world, 8, 17), 8, fusion="none", overlap="never",
+        Case("fcp_split_after_exchange_3layers", spanning_lens(world, 8, 17), 8, fusion="none", overlap="never",
              layers=3),
-        Case("fcp_b3_mqa8_rps2", random_lens(world, 3, 2), 3, rounds_per_stage=2, heads=(8, 1)),
-        Case("fcp_b16_mha_rps3", random_lens(world, 16, 3), 16, rounds_per_stage=3, heads=(4, 4)),
-        Case("fcp_b4_prefetch1", random_lens(world, 4, 12), 4, prefetch=1),
-        Case("fcp_b4_prefetch2", random_lens(world, 4, 13), 4, prefetch=2, heads=(4, 1)),
-        Case("fcp_b8_bf16", random_lens(world, 8, 4), 8, dtype=torch.bfloat16),
-        Case("fcp_b8_3layers", random_lens(world, 8, 9), 8, layers=3),
+        Case("fcp_b3_mqa8_rps2", spanning_lens(world, 3, 2), 3, rounds_per_stage=2, heads=(8, 1)),
+        Case("fcp_b16_mha_rps3", spanning_lens(world, 16, 3), 16, rounds_per_stage=3, heads=(4, 4)),
+        Case("fcp_b4_prefetch1", spanning_lens(world, 4, 12), 4, prefetch=1),
+        Case("fcp_b4_prefetch2", spanning_lens(world, 4, 13), 4, prefetch=2, heads=(4, 1)),
+        Case("fcp_b8_bf16", spanning_lens(world, 8, 4), 8, dtype=torch.bfloat16),
+        Case("fcp_b8_3layers", spanning_lens(world, 8, 9), 8, layers=3),
         Case("tiny_batch_idle_ranks", (1, 2), 4, heads=(4, 1)),  # W >= 3: some ranks hold no token
-        Case("world1_view_inside_group", random_lens(world, 8, 11), 8, local=True),
-        Case("window5_docs_13x_window", random_lens(world, 8, 20), 8, window=5),
-        Case("window13_after_exchange_rps2", random_lens(world, 8, 21), 8, window=13, overlap="never",
+        Case("world1_view_inside_group", spanning_lens(world, 8, 11), 8, local=True),
+        Case("window5_docs_13x_window", spanning_lens(world, 8, 20), 8, window=5),
+        Case("window13_after_exchange_rps2", spanning_lens(world, 8, 21), 8, window=13, overlap="never",
              rounds_per_stage=2, heads=(4, 1)),
-        Case("window1_no_exchange", random_lens(world, 8, 22), 8, window=1),
-        Case("window9_sinks_bf16", random_lens(world, 8, 23), 8, window=9, sinks=True, dtype=torch.bfloat16),
-        Case("softcap_sinks_gqa4", random_lens(world, 8, 24), 8, softcap=5.0, sinks=True),
-        Case("window6_softcap_3layers", random_lens(world, 4, 25), 4, window=6, softcap=3.0, layers=3),
-        Case("window7_ring_placement", random_lens(world, 8, 26), 8, window=7, strategy="ring"),
-        Case("ring_placement", random_lens(world, 8, 5), 8, strategy="ring"),
-        Case("allgather_placement_rps2", random_lens(world, 8, 6), 8, strategy="allgather", rounds_per_stage=2),
-        Case("ring_baseline_gqa4", random_lens(world, 8, 7), 8, strategy="ring", op="ring"),
-        Case("ring_baseline_mqa8_bf16", random_lens(world, 8, 8), 8, strategy="ring", op="ring", heads=(8, 1),
+        Case("window1_no_exchange", spanning_lens(world, 8, 22), 8, window=1),
+        Case("window9_sinks_bf16", spanning_lens(world, 8, 23), 8, window=9, sinks=True, dtype=torch.bfloat16),
+        Case("softcap_sinks_gqa4", spanning_lens(world, 8, 24), 8, softcap=5.0, sinks=True),
+        Case("window6_softcap_3layers", spanning_lens(world, 4, 25), 4, window=6, softcap=3.0, layers=3),
+        Case("window7_ring_placement", spanning_lens(world, 8, 26), 8, window=7, strategy="ring"),
+        Case("ring_placement", spanning_lens(world, 8, 5), 8, strategy="ring"),
+        Case("allgather_placement_rps2", spanning_lens(world, 8, 6), 8, strategy="allgather", rounds_per_stage=2),
+        Case("ring_baseline_gqa4", spanning_lens(world, 8, 7), 8, strategy="ring", op="ring"),
+        Case("ring_baseline_mqa8_bf16", spanning_lens(world, 8, 8), 8, strategy="ring", op="ring", heads=(8, 1),
              dtype=torch.bfloat16),
-        Case("ring_baseline_2layers", random_lens(world, 8, 10), 8, strategy="ring", op="ring", layers=2),
+        Case("ring_baseline_2layers", spanning_lens(world, 8, 10), 8, strategy="ring", op="ring", layers=2),
         Case("ring_baseline_tiny_batch", (1, 2), 4, strategy="ring", op="ring"),
     ]
     return out

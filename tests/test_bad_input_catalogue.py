@@ -154,11 +154,9 @@ ROWS = ([("pretrain", *row) for row in SHARED_ROWS + PRETRAIN_ROWS] +
 
 
 @pytest.mark.parametrize("recipe, argv, env, words", ROWS, ids=[f"{r[0]}:{' '.join(r[1]) or r[2]}" for r in ROWS])
-def test_recipe_arguments(tmp_path, monkeypatch, capsys, recipe, argv, env, words):  # noqa: PLR0913
-    monkeypatch.syspath_prepend(str(RECIPES))
-    import common
-
-    module = __import__(recipe)
+def test_recipe_arguments(tmp_path, monkeypatch, capsys, recipes, recipe, argv, env, words):  # noqa: PLR0913
+    common = recipes.common
+    module = getattr(recipes, recipe)
     (tmp_path / "file").write_text("not a directory")
     out = tmp_path / "out"
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -107,11 +107,12 @@ def test_device_other_than_the_bound_one_fails_clearly(monkeypatch, fake_world):
 def test_fcp_trainer_passes_ddp_timeout(tmp_path, monkeypatch):
     import copy
 
-    from test_integration_trainer import VOCAB, dataset
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from hf_fcp.integrations.embedded import tiny_config
     from hf_fcp.integrations.trainer import FCPTrainer
+    from hf_fcp.testing.helpers import VOCAB
+    from hf_fcp.testing.helpers import token_dataset as dataset
 
     monkeypatch.delenv("FCP_TIMEOUT_S", raising=False)
     cfg = tiny_config("llama", vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)

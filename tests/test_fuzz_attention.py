@@ -17,23 +17,12 @@ import pytest
 from hf_fcp.testing import run_workers
 from hf_fcp.testing.cases import AttentionCase as Case
 from hf_fcp.testing.cases import compare_to_reference, plan_for, run_cases
+from hf_fcp.testing.helpers import random_lens
 
 LAYOUTS_PER_WORLD = 40  # slow suite: 3 world sizes × 40 = 120 layouts
 TIMEOUT_S = 240.0
 TOL = 2e-5  # float32 compute vs the float64 reference, relative to max(1, max |reference|)
 BLOCKS = (1, 2, 3, 4, 5, 7, 8, 12, 16, 32)
-
-
-def random_lens(rng, world: int, block: int) -> tuple[int, ...]:
-    """1-token sequences, one sequence spanning every rank, random others (shuffled); now and then a
-    batch with fewer tokens than ranks."""
-    if rng.random() < 0.1:
-        return tuple([1] * int(rng.integers(1, world + 1)))
-    lens = [1] * int(rng.integers(1, 4))
-    lens.append(block * world * int(rng.integers(1, 4)) + int(rng.integers(0, block + 1)))
-    lens += rng.integers(1, 3 * block + 3, size=int(rng.integers(0, 6))).tolist()
-    rng.shuffle(lens)
-    return tuple(int(n) for n in lens)
 
 
 def random_layout(rng, world: int, index: int) -> Case:

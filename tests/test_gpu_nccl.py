@@ -173,9 +173,8 @@ def test_fcp_attention_forward_backward_without_host_syncs():
 
 
 def test_tiny_llama_forward_backward_without_host_syncs():
-    from test_integration_model import examples, make_model
-
     from hf_fcp.integrations.collator import FCPCollator
+    from hf_fcp.testing.helpers import examples, make_model
 
     batch = FCPCollator(world_size=1, rank=0, block_size=16)(examples())
     batch = {name: value.to("cuda") for name, value in batch.items()}  # the plan view included

@@ -17,30 +17,16 @@ from hf_fcp.integrations.embedded import tiny_config
 from hf_fcp.integrations.transformers import register
 from hf_fcp.plan import plan_batch
 from hf_fcp.testing import fcp_subgroups, run_workers
+from hf_fcp.testing.helpers import BLOCK, LENS, VOCAB, assert_close, examples, make_model
 from hf_fcp.testing.models import (
-    assert_close_rel,
     fcp_step,
     grads,
-    labelled_documents,
     reference_step,
-    tiny_model,
 )
 
 register()
 MODELS = ("llama", "qwen2", "mistral")
-LENS = (37, 5, 1, 64, 20, 9)  # a 1-token document, documents spanning several blocks and ranks
 TINY = (3,)  # fewer tokens than 4 ranks: the plan leaves a rank empty
-BLOCK = 16
-VOCAB = 97
-
-
-def make_model(model_type: str, impl: str, seed: int = 0):
-    return tiny_model(model_type, impl, seed, vocab_size=VOCAB)
-
-
-def examples(lens=LENS, seed: int = 0):
-    """The global batch: documents with labels, the first one with a masked (-100) SFT prompt."""
-    return labelled_documents(lens, VOCAB, min(10, lens[0] - 2), seed)
 
 
 def sdpa_step(model_type: str, lens=LENS):
@@ -90,10 +76,10 @@ def test_fcp_training_step_matches_single_process(world, references, fcp_results
         shards = [r[world, model_type][2] for r in fcp_results[:world]]
         assert sum(shards) == sum(LENS) and min(shards) > 0, shards
         loss, g, _ = fcp_results[0][world, model_type]
-        assert_close_rel(loss, ref_loss, 1e-5, f"{model_type} W={world} loss")
+        assert_close(loss, ref_loss, 1e-5, f"{model_type} W={world} loss")
         assert set(g) == set(ref_grads)
         for name, ref in ref_grads.items():
-            assert_close_rel(g[name], ref, 1e-4, f"{model_type} W={world} grad {name}")
+            assert_close(g[name], ref, 1e-4, f"{model_type} W={world} grad {name}")
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -102,9 +88,9 @@ def test_ranks_without_tokens_take_part(world, fcp_results):
     shards = [r[world, "tiny"][2] for r in fcp_results[:world]]
     assert sum(shards) == 3 and (world < 4 or 0 in shards)  # an empty rank ran on a placeholder token
     loss, g, _ = fcp_results[0][world, "tiny"]
-    assert_close_rel(loss, ref_loss, 1e-5, f"tiny W={world} loss")
+    assert_close(loss, ref_loss, 1e-5, f"tiny W={world} loss")
     for name, ref in ref_grads.items():
-        assert_close_rel(g[name], ref, 1e-4, f"tiny W={world} grad {name}")
+        assert_close(g[name], ref, 1e-4, f"tiny W={world} grad {name}")
 
 
 def test_plan_for_another_world_size_fails_on_every_rank(fcp_results):
@@ -151,7 +137,7 @@ def test_no_plan_gradients_match_sdpa():
         m(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     g_ref, g_fcp = grads(ref), grads(fcp)
     for name in g_ref:
-        assert_close_rel(g_fcp[name], g_ref[name], 1e-4, name)
+        assert_close(g_fcp[name], g_ref[name], 1e-4, name)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -11,7 +11,6 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
 
 
 def test_main_job_two_processes(tmp_path):
@@ -33,8 +32,8 @@ def test_main_job_two_processes(tmp_path):
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()  # checkpoints by default
 
 
-def test_sft_prompt_masking(tmp_path, monkeypatch):
-    import finetune
+def test_sft_prompt_masking(tmp_path, monkeypatch, recipes):
+    finetune = recipes.finetune
 
     from hf_fcp.integrations.embedded import byte_tokenizer
 
@@ -71,11 +70,12 @@ def test_notebook_executes(tmp_path):
     assert "identical to sdpa: True" in text and "compute_imbalance" in text and "held-out bits per byte" in text
 
 
-def test_a_local_checkpoint_of_an_unsupported_family_is_refused_before_loading(tmp_path):
+def test_a_local_checkpoint_of_an_unsupported_family_is_refused_before_loading(tmp_path, recipes):
     """The recipes run the model-support guard on the checkpoint's config first: Falcon would otherwise fail
     inside transformers with a bare KeyError: 'fcp'."""
-    import common
     from hf_fcp.testing.families import tiny_config
+
+    common = recipes.common
 
     tiny_config("falcon").save_pretrained(tmp_path)
     args = common.ModelArguments(model_name_or_path=str(tmp_path))

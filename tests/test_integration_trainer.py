@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, BloomConfig, TrainingArguments
 
 from hf_fcp.integrations.accelerate import FCPPlugin
@@ -17,15 +16,11 @@ from hf_fcp.integrations.embedded import tiny_config
 from hf_fcp.integrations.trainer import FCPTrainer
 from hf_fcp.integrations.transformers import register
 from hf_fcp.testing import run_workers
+from hf_fcp.testing.helpers import VOCAB, rel
+from hf_fcp.testing.helpers import token_dataset as dataset
 
 register()
-VOCAB, TOKENS_PER_RANK = 97, 96
-LENS = [70, 5, 33, 12, 90, 1, 41, 8, 64, 19, 27, 3, 130]  # 3 batches of <= 192 tokens per epoch
-
-
-def dataset(lens=LENS, seed=0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    return Dataset.from_dict({"input_ids": [rng.integers(3, VOCAB, n).tolist() for n in lens]})
+TOKENS_PER_RANK = 96
 
 
 def train_tiny(output_dir: str, world: int, max_steps: int, resume: str | None = None, save_steps: int = 2,
@@ -57,10 +52,6 @@ def trainer_worker(rank: int, world: int, output_dir: str, max_steps: int):
     return train_tiny(output_dir, world, max_steps, eval_dataset=dataset([30, 7, 55], seed=1))
 
 
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got - ref).norm() / ref.norm())
-
-
 def losses(history) -> list[float]:
     return [h["loss"] for h in history if "loss" in h]
 
@@ -74,7 +65,7 @@ def test_two_processes_match_one(tmp_path, single):
     results = run_workers(trainer_worker, 2, str(tmp_path), 3, timeout=150)
     params1, hist1 = single
     for params2, hist2 in results:
-        assert rel_err(params2, params1) < 1e-4, rel_err(params2, params1)
+        assert rel(params2, params1) < 1e-4, rel(params2, params1)
         np.testing.assert_allclose(losses(hist2), losses(hist1), rtol=1e-5)
         np.testing.assert_allclose(hist2[-1]["eval_loss"], hist1[-1]["eval_loss"], rtol=1e-5)
     logged = [h for h in results[0][1] if "loss" in h]
@@ -98,7 +89,7 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     straight, _ = train_tiny(str(tmp_path / "a"), 1, 4, save_steps=2)
     resumed, history = train_tiny(str(tmp_path / "a"), 1, 4, resume=str(tmp_path / "a" / "checkpoint-2"))
     assert history[-1]["step"] == 4
-    assert rel_err(resumed, straight) < 1e-6
+    assert rel(resumed, straight) < 1e-6
 
 
 def test_bad_settings_fail_clearly(tmp_path):

@@ -27,7 +27,7 @@ LAYOUT = [(1, 37), (5, 5), (7, 3), (0, 4), (3, 0), (16, 64), (0, 0), (9, 9), (1,
 HEADS = [(4, 4), (8, 2), (8, 1)]  # (Hq, Hkv): MHA, GQA 4:1, MQA 8:1
 
 
-def assert_close(got, want, tol, name):
+def assert_elementwise_close(got, want, tol, name):
     got = got.detach().cpu().double()
     assert not got.isnan().any(), f"{name} has NaN"
     torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
@@ -48,7 +48,7 @@ def check_against_reference(layout, hq, hkv, causal, backend, dtype=torch.float3
                             **options)
     want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, scale, **options)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
-        assert_close(g, w, tol, name)
+        assert_elementwise_close(g, w, tol, name)
     for g, t in zip(grads, (q, k, v)):
         assert g.dtype == t.dtype and g.shape == t.shape
 
@@ -178,7 +178,7 @@ def test_split_then_merge_is_exact(backend, dtype, tol):
         dv[krows] += gv.double()
     want = segment_reference(q, k, v, dout, cu_q, cu_k, True, scale)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out_acc, lse_acc, dq, dk, dv), want):
-        assert_close(g, w, tol, name)
+        assert_elementwise_close(g, w, tol, name)
 
 
 @pytest.mark.parametrize("backend", ["torch_cpu", "naive"])
@@ -343,7 +343,7 @@ def test_flash_adapter_with_fake_module(fake, causal, monkeypatch):
     grads = kernels_cuda.flash_backward(dout, q, k, v, out, lse, offsets, causal, 0.25)
     want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, 0.25)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
-        assert_close(g, w, 1e-5, name)
+        assert_elementwise_close(g, w, 1e-5, name)
     assert lse.shape == q.shape[:2] and lse.is_contiguous()
 
 
@@ -368,7 +368,7 @@ def test_naive_on_cuda(causal):
     grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, scale=0.25, backend="naive")
     want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, 0.25)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
-        assert_close(g, w, 1e-4, name)
+        assert_elementwise_close(g, w, 1e-4, name)
 
 
 @gpu
@@ -383,7 +383,7 @@ def test_flash_attn_matches_reference(causal, hq, hkv):
     grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, scale=0.125)
     want = segment_reference(q, k, v, dout, cu_q, cu_k, causal, 0.125)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
-        assert_close(g, w, 6e-2, name)
+        assert_elementwise_close(g, w, 6e-2, name)
 
 
 @gpu
@@ -397,7 +397,7 @@ def test_torch_cuda_sliding_window(window):
                             window=window)
     want = segment_reference(q, k, v, dout, cu_q, cu_k, True, 0.125, window=window)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
-        assert_close(g, w, 6e-2, name)
+        assert_elementwise_close(g, w, 6e-2, name)
 
 
 @gpu
@@ -412,4 +412,4 @@ def test_flash_attn_window_and_softcap(window, softcap):
                             **kw)
     want = segment_reference(q, k, v, dout, cu_q, cu_k, True, 0.125, **kw)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
-        assert_close(g, w, 6e-2, name)
+        assert_elementwise_close(g, w, 6e-2, name)

@@ -1,11 +1,11 @@
 """A run killed with SIGKILL mid-step resumes from its last checkpoint: nothing lost, nothing trained twice.
 
 This file is also the training script: ``python tests/test_kill_resume.py OUT LOG [--kill-at S] [--resume]``
-trains the tiny Llama of tests/test_integration_trainer.py with ``FCPTrainer`` for ``STEPS`` steps, saving
-a checkpoint every ``SAVE_STEPS`` steps, and appends ``"<step> <exact loss>"`` to LOG after each optimizer
-step. With ``--kill-at S`` it stops inside step S (after its backward, before its optimizer step), writes
-LOG + ".ready" and sleeps; the test then SIGKILLs it. The test compares an uninterrupted run with the
-killed run resumed (``resume_from_checkpoint=True``: the last checkpoint in OUT). The batches span epoch
+trains the tiny Llama of the Trainer tests (on ``hf_fcp.testing.helpers.token_dataset``) with ``FCPTrainer`` for
+``STEPS`` steps, saving a checkpoint every ``SAVE_STEPS`` steps, and appends ``"<step> <exact loss>"`` to LOG
+after each optimizer step. With ``--kill-at S`` it stops inside step S (after its backward, before its optimizer
+step), writes LOG + ".ready" and sleeps; the test then SIGKILLs it. The test compares an uninterrupted run with
+the killed run resumed (``resume_from_checkpoint=True``: the last checkpoint in OUT). The batches span epoch
 boundaries (3 batches per epoch), so a wrong sampler position, data order or RNG state changes the losses.
 """
 
@@ -28,12 +28,13 @@ TIMEOUT_S = 120.0
 # ----------------------------------------------------------------------------- the training script
 def train(out: str, log: str, kill_at: int | None, resume: bool) -> None:
     import torch
-    from test_integration_trainer import VOCAB, dataset
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
     from hf_fcp.integrations.accelerate import FCPPlugin
     from hf_fcp.integrations.embedded import tiny_config
     from hf_fcp.integrations.trainer import FCPTrainer
+    from hf_fcp.testing.helpers import VOCAB
+    from hf_fcp.testing.helpers import token_dataset as dataset
 
     class StepLog(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -66,7 +67,7 @@ def train(out: str, log: str, kill_at: int | None, resume: bool) -> None:
 
 # ----------------------------------------------------------------------------- the test
 def launch(out, log, *extra) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}  # the repository root
     return subprocess.Popen([sys.executable, str(HERE), str(out), str(log), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

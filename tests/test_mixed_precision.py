@@ -24,12 +24,10 @@ import torch.nn.functional as F
 
 from hf_fcp.integrations.transformers import fcp_attention_forward, register
 from hf_fcp.testing import fcp_subgroups, run_workers
+from hf_fcp.testing.helpers import BLOCK, LENS, VOCAB, rel
 from hf_fcp.testing.models import fcp_step, reference_step, tiny_model
 
 register()
-LENS = (37, 5, 1, 64, 20, 9)
-BLOCK = 16
-VOCAB = 97
 GRAD_TOL, LOSS_TOL = 3e-2, 1e-3
 # name: (model type, autocast dtype, weights dtype)
 CASES = {"llama autocast bf16": ("llama", torch.bfloat16, None),
@@ -39,7 +37,7 @@ CASES = {"llama autocast bf16": ("llama", torch.bfloat16, None),
          "llama fp16 weights": ("llama", None, torch.float16)}
 
 
-def examples(lens=LENS, seed: int = 0):
+def unlabelled_documents(lens=LENS, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(3, VOCAB, (n,), generator=gen).tolist()} for n in lens]
 
@@ -53,8 +51,8 @@ def worker(rank: int, world: int):
     out = {}
     for size, group in fcp_subgroups(rank, world):
         for name, (model_type, amp, weights) in CASES.items():
-            out[size, name] = fcp_step(model(model_type, "fcp", weights), rank, size, group, examples(), BLOCK,
-                                       amp=amp)
+            out[size, name] = fcp_step(model(model_type, "fcp", weights), rank, size, group, unlabelled_documents(),
+                                       BLOCK, amp=amp)
     return out
 
 
@@ -63,16 +61,13 @@ def fcp_results():
     return run_workers(worker, 3, timeout=180)
 
 
-def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref.float()).norm() / ref.float().norm())
-
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("world", [2, 3])
 def test_low_precision_step_matches_sdpa(world, name, fcp_results):
     model_type, amp, weights = CASES[name]
-    ref_loss, ref_grads = reference_step(model(model_type, "sdpa", weights), examples(), amp=amp)
-    fp32_loss, fp32_grads = reference_step(model(model_type, "sdpa", None), examples())
+    ref_loss, ref_grads = reference_step(model(model_type, "sdpa", weights), unlabelled_documents(), amp=amp)
+    fp32_loss, fp32_grads = reference_step(model(model_type, "sdpa", None), unlabelled_documents())
     loss, grads, _ = fcp_results[0][world, name]
     assert rel(loss, ref_loss) <= LOSS_TOL, (name, world, rel(loss, ref_loss))
     assert set(grads) == set(ref_grads)

@@ -18,8 +18,10 @@ def test_what_if_notebook_executes():
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    outputs = ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in nb.cells if cell.cell_type == "code"]
+    resources = {"metadata": {"path": str(NOTEBOOK.parent)}}
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources=resources).execute()
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    outputs = ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in code]
     assert "fcp speedup" in outputs[1]  # the comparison table
     assert sum(1 for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})) >= 4
     assert "of best" in outputs[4]  # the block-size sweep table

@@ -52,7 +52,9 @@ def test_fsdp2_recipe_trains_and_checkpoints(fsdp_run):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     for step in (2, 4):  # checkpoints by default: the README's resume works on a default run
         assert (out / f"checkpoint-{step}" / "pytorch_model_fsdp.bin").is_file()  # FSDP wrote them
-    assert "'fcp/comm_MB'" in log and "summary: steps 4" in log and "None" not in log.split("summary:")[-1]
+    summary = log.split("summary:")[-1]
+    assert "'fcp/comm_MB'" in log and "summary: steps 4" in log and "None" not in summary
+    assert "mixed_precision no" in summary and "activation_checkpointing False" in summary  # the defaults ran
 
 
 def test_fsdp2_resume_is_exact(fsdp_run, tmp_path):
@@ -77,6 +79,8 @@ def test_bf16_checkpointing_resume_last(fsdp_run):
     assert state["global_step"] == 6
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) == 6 and all(0 < x < 10 for x in losses)
+    summary = log.split("summary:")[-1]  # what the trainer ran with: bf16 autocast and checkpointed layers
+    assert "mixed_precision bf16" in summary and "activation_checkpointing True" in summary, summary[:400]
 
 
 def test_bad_argument_is_reported_once(tmp_path):
@@ -90,10 +94,8 @@ def test_bad_argument_is_reported_once(tmp_path):
     assert "<NO_OTHER_FAILURES>" in run.stderr  # the other rank left quietly
 
 
-def run_recipe(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
-    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
-    import common
-    import pretrain
+def run_recipe(monkeypatch, capsys, recipes, *argv: str) -> tuple[int, str]:
+    common, pretrain = recipes.common, recipes.pretrain
 
     monkeypatch.setattr(sys, "argv", ["pretrain.py", *argv])
     try:
@@ -104,13 +106,13 @@ def run_recipe(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_non_empty_output_dir_is_refused(tmp_path, monkeypatch, capsys):
+def test_non_empty_output_dir_is_refused(tmp_path, monkeypatch, capsys, recipes):
     (tmp_path / "config.json").write_text("{}")
-    code, err = run_recipe(monkeypatch, capsys, "--output_dir", str(tmp_path), "--max_steps", "1")
+    code, err = run_recipe(monkeypatch, capsys, recipes, "--output_dir", str(tmp_path), "--max_steps", "1")
     assert code == 2 and "--output_dir: got" in err and "--overwrite_output_dir true" in err, err
     assert (tmp_path / "config.json").read_text() == "{}"
-    code, err = run_recipe(monkeypatch, capsys, "--output_dir", str(tmp_path), "--overwrite_output_dir", "true",
-                           *TINY, "--max_documents", "3", "--max_steps", "1")
+    code, err = run_recipe(monkeypatch, capsys, recipes, "--output_dir", str(tmp_path), "--overwrite_output_dir",
+                           "true", *TINY, "--max_documents", "3", "--max_steps", "1")
     assert code == 0, err
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
 

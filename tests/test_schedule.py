@@ -64,7 +64,8 @@ def test_the_planners_stage_work_is_what_the_simulator_times(seed, world, fusion
     remote, msgs = p2p_segments(plan, spans)
     segs = Segments.concat([local_segments(spans), remote])
     fpp = MODEL.fwd_flops_per_pair
-    pair_s = fpp / (CLUSTER.eff_fwd * CLUSTER.peak_flops) + fpp * BWD_FLOP_RATIO / (CLUSTER.eff_bwd * CLUSTER.peak_flops)
+    pair_s = (fpp / (CLUSTER.eff_fwd * CLUSTER.peak_flops)
+              + fpp * BWD_FLOP_RATIO / (CLUSTER.eff_bwd * CLUSTER.peak_flops))
     for backward, mine in ((False, cf), (True, cb)):
         timed = run.slot_times(segs, 1 + len(msgs), backward)
         timed = timed - (timed > 0) * CLUSTER.launch_s  # the planner leaves out the launches
@@ -120,13 +121,16 @@ def test_swapping_rounds_keeps_a_valid_plan_and_can_speed_it_up():
     assert swap_rounds(swapped, StageWork(swapped, KERNEL)).transfers == swapped.transfers  # a local optimum
 
 
-@pytest.mark.parametrize("seed,world", [(5, 5), (9, 4), (17, 5), (39, 6)])
-def test_the_choice_never_models_slower_than_the_graphs_own_colouring(seed, world):
-    plan = plan_batch(_batch(seed, world, 2048), world_size=world, block_size=512, tokens_per_rank=2048,
-                      **MACHINE)
-    default = _default(plan)
-    assert _messages(plan) == _messages(default)
-    assert layer_time(plan, KERNEL) <= layer_time(default, KERNEL)
+def test_the_choice_never_models_slower_than_the_graphs_own_colouring():
+    ratios = []
+    for seed, world in [(5, 5), (9, 4), (17, 5), (39, 6)]:
+        plan = plan_batch(_batch(seed, world, 2048), world_size=world, block_size=512, tokens_per_rank=2048,
+                          **MACHINE)
+        default = _default(plan)
+        assert _messages(plan) == _messages(default)
+        ratios.append(layer_time(plan, KERNEL) / layer_time(default, KERNEL))
+    assert max(ratios) <= 1.0, ratios  # never slower
+    assert min(ratios) < 0.99, ratios  # and the choice is made: some batch runs faster than the graph's colouring
 
 
 @pytest.mark.parametrize("overlap,fusion,allowed", [

@@ -1,5 +1,7 @@
-"""Sliding-window models under FCP: bytes moved per kind of layer equal the plan's prediction, at most the
-window before each held run and several times fewer than full causal attention of the same batch (exactness: tests/test_model_matrix.py).
+"""Sliding-window models under FCP: bytes moved per kind of layer equal the keys each rank needs and does not
+hold (counted from the placement, and equal to the plan's own prediction), at most the window before each
+held run and several times fewer than full causal attention of the same batch (exactness:
+tests/test_model_matrix.py).
 
 Tiny Mistral (every layer slides), Gemma 3 (5 sliding : 1 full), gpt-oss (alternating, with sinks) and
 Cohere2 (3 sliding : 1 full), window 6 against a 64-token document, one training step on 2 and 3 gloo ranks.
@@ -44,6 +46,21 @@ def _step(rank: int, world: int) -> dict:
     return out
 
 
+def missing_keys(rank_spans, window: int | None) -> int:
+    """Keys every rank needs and does not hold, each counted once per rank: a held run ``[a, b)`` of a sequence
+    attends its keys ``[0, b)``, or ``[a - window + 1, b)`` under a sliding window (a query at ``p`` sees
+    ``(p - window, p]``)."""
+    total = 0
+    for spans in rank_spans:
+        held: dict[int, set[int]] = {}
+        needed: dict[int, set[int]] = {}
+        for seq, a, b in spans:
+            held.setdefault(seq, set()).update(range(a, b))
+            needed.setdefault(seq, set()).update(range(0 if window is None else max(0, a - window + 1), b))
+        total += sum(len(needed[s] - held[s]) for s in needed)
+    return total
+
+
 @functools.lru_cache(maxsize=None)
 def results(world: int) -> list[dict]:
     return run_workers(_step, world, timeout=300)
@@ -60,9 +77,11 @@ def test_bytes_per_layer_kind_equal_the_plan(world, family):
     assert any(w == WINDOW for w, _ in layers), layers
     plan = plan_batch(list(LENS), world_size=world, settings=settings)
     per_kind = {w: plan.for_window(w).stats().comm_bytes for w, _ in layers}
-    predicted = sum(n * per_kind[w] for w, n in layers)
+    # the prediction comes from where the tokens are, not from the plan's transfer lists
+    predicted = sum(n * missing_keys(plan.rank_spans, w) * settings.kv_bytes_per_token for w, n in layers)
     moved = {tag: sum(p["bytes"].get(tag, 0) for p in parts) for tag in ("kv", "grad")}
     assert moved == {"kv": predicted, "grad": predicted}, (layers, per_kind)
+    assert predicted == sum(n * per_kind[w] for w, n in layers)  # and the plan says the same
     full = plan.stats().comm_bytes  # what a full-attention layer of the same batch moves
     runs = sum(1 for spans in plan.rank_spans for s, a, b in spans if a > 0 and (s, a) not in
                {(s2, b2) for s2, _, b2 in spans})  # held runs after position 0 (touching spans are one run)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from hf_fcp.testing import run_workers
+from hf_fcp.testing.helpers import rel
 from hf_fcp.testing.models import train_run, train_runs_worker
 
 FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
@@ -52,10 +53,6 @@ def runs(request, tmp_path_factory):
     world = request.param
     return world, run_workers(train_runs_worker, world, str(tmp_path_factory.mktemp(f"w{world}")),
                               cases_for(world), timeout=400)
-
-
-def rel(got, ref) -> float:
-    return float((got - ref).norm() / ref.norm())
 
 
 def test_stack_matches_one_process(runs, references):

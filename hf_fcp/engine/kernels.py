@@ -285,9 +285,12 @@ class Offsets(NamedTuple):
 def _offsets_of(q, k, v, cu_q, cu_k) -> Offsets:
     """Validated :class:`Offsets` of the public API's inputs (reads the offsets back to the host once)."""
     offs_q, offs_k = _check_inputs(q, k, v, cu_q, cu_k)
-    lengths = lambda offs: max((b - a for a, b in zip(offs, offs[1:])), default=0)  # noqa: E731
-    dev = lambda cu: cu.to(device=q.device, dtype=torch.int32)  # noqa: E731
-    return Offsets(tuple(offs_q), tuple(offs_k), dev(cu_q), dev(cu_k), lengths(offs_q), lengths(offs_k))
+
+    def longest(offs) -> int:
+        return max((b - a for a, b in zip(offs, offs[1:])), default=0)
+
+    cu_q, cu_k = (cu.to(device=q.device, dtype=torch.int32) for cu in (cu_q, cu_k))
+    return Offsets(tuple(offs_q), tuple(offs_k), cu_q, cu_k, longest(offs_q), longest(offs_k))
 
 
 @torch.no_grad()

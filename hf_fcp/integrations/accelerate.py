@@ -33,16 +33,16 @@ from ..engine import comm
 from ..engine.kernels import select_backend
 from ..plan import KERNELS, PlanSettings
 from ..plan.checks import check_choice
-from ..plan.settings import BATCH_TOKENS_PER_RANK
 from ..plan.cost import load_kernel_cost
+from ..plan.settings import BATCH_TOKENS_PER_RANK
 from .collator import FCPCollator
+from .layer_kinds import attention_layers
 from .sampler import (
     LONG_SEQUENCE_POLICIES,
     PieceDataset,
     TokenBudgetSampler,
     dataset_lengths,
 )
-from .layer_kinds import attention_layers
 from .transformers import ATTN_IMPLEMENTATION
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class FCPPlugin:
     kernel_cost: str | None = field(default=None, metadata={
         "help": "Calibration file of your GPU's attention kernel, written by benchmarks/calibrate_attention.py "
                 "(FCP_KERNEL_COST; default: the kernel measured on an H200, hf_fcp.plan.cost.FLASH)."})
-    log_stats: bool = field(default=True, metadata={"help": "Emit plan figures with each batch (FCPTrainer logs them)."})
+    log_stats: bool = field(default=True, metadata={
+        "help": "Emit plan figures with each batch (FCPTrainer logs them)."})
     timeout_s: float | None = field(default=None, metadata={
         "help": "Timeout of the FCP process group and of every FCP wait (FCP_TIMEOUT_S, else the job's timeout: "
                 "TrainingArguments.ddp_timeout under FCPTrainer, else 300 s). On gloo a dead or stuck peer then "
@@ -316,8 +317,8 @@ def _links_for_model(settings: PlanSettings, q_heads: int | None) -> PlanSetting
     the model: moving a token takes ∝ its K/V bytes, a causal pair's kernel time ∝ query heads × head dim."""
     ref, nbytes, changes = PlanSettings(), settings.kv_bytes_per_token, {}
     if settings.link_cost == ref.link_cost and q_heads:
-        per_flop = lambda s, heads: s.kv_bytes_per_token / (heads * s.head_dim)  # noqa: E731
-        changes["link_cost"] = ref.link_cost * per_flop(settings, q_heads) / per_flop(ref, REFERENCE_Q_HEADS)
+        mine = settings.kv_bytes_per_token / (q_heads * settings.head_dim)  # K/V bytes per pair's FLOPs
+        changes["link_cost"] = ref.link_cost * mine / (ref.kv_bytes_per_token / (REFERENCE_Q_HEADS * ref.head_dim))
     if settings.link_latency == ref.link_latency:
         changes["link_latency"] = ref.link_latency * ref.kv_bytes_per_token / nbytes
     return replace(settings, **changes)

@@ -145,8 +145,7 @@ def _match_head_dims(q, k, v, scale):
     scale = dq ** -0.5 if scale is None else scale
     if dv < dq:
         return q, k, torch.nn.functional.pad(v, (0, dq - dv)), scale
-    pad = lambda x: torch.nn.functional.pad(x, (0, dv - dq))  # noqa: E731
-    return pad(q), pad(k), v, scale
+    return torch.nn.functional.pad(q, (0, dv - dq)), torch.nn.functional.pad(k, (0, dv - dq)), v, scale
 
 
 def _check_positions(position_ids, view) -> None:
@@ -199,8 +198,8 @@ def _local(q, k, v, attention_mask, position_ids, scale, options: dict) -> Tenso
     order = view.token_index
     if keep is not None:
         order = keep.nonzero().squeeze(1).index_select(0, order)
-    flat = lambda x: x.transpose(1, 2).reshape(b * s, x.shape[1], d).index_select(0, order)  # noqa: E731
-    out = fcp_attention(flat(q), flat(k), flat(v), view, scale=scale, **_window(options, max(lens)))  # no group
+    q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], d).index_select(0, order) for x in (q, k, v))
+    out = fcp_attention(q, k, v, view, scale=scale, **_window(options, max(lens)))  # no group
     full = q.new_zeros((b * s, hq, d)).index_copy(0, order, out)
     return full.view(b, s, hq, d)
 
@@ -246,11 +245,12 @@ def _cached(q, k, v, attention_mask, scale, options: dict) -> Tensor:
         else attention_mask[:, -sk:].to(device=q.device, dtype=torch.bool)
     keep_q = keep_k[:, -s:]
     rows_q, rows_k = keep_q.reshape(-1).nonzero().squeeze(1), keep_k.reshape(-1).nonzero().squeeze(1)
-    cu = lambda m: torch.nn.functional.pad(m.sum(1).cumsum(0), (1, 0))  # noqa: E731
-    flat = lambda x, n, rows: x.transpose(1, 2).reshape(b * n, x.shape[1], d).index_select(0, rows)  # noqa: E731
+    cu_q, cu_k = (torch.nn.functional.pad(m.sum(1).cumsum(0), (1, 0)) for m in (keep_q, keep_k))
+    flat_q = q.transpose(1, 2).reshape(b * s, hq, d).index_select(0, rows_q)
+    flat_k, flat_v = (x.transpose(1, 2).reshape(b * sk, x.shape[1], d).index_select(0, rows_k) for x in (k, v))
     scale = d ** -0.5 if scale is None else float(scale)
-    out, lse = varlen_forward(flat(q, s, rows_q), flat(k, sk, rows_k), flat(v, sk, rows_k), cu(keep_q),
-                              cu(keep_k), causal=True, scale=scale, window=options["window"], softcap=options["softcap"])
+    out, lse = varlen_forward(flat_q, flat_k, flat_v, cu_q, cu_k, causal=True, scale=scale, window=options["window"],
+                              softcap=options["softcap"])
     if options["sinks"] is not None:
         out = add_sinks(out, lse, options["sinks"])[0].to(q.dtype)
     return q.new_zeros((b * s, hq, d)).index_copy(0, rows_q, out).view(b, s, hq, d)

@@ -44,12 +44,6 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_close_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
-    """``|got - ref| / |ref| <= tol`` in the 2-norm (asserts, naming ``what``)."""
-    err = (got - ref).norm() / ref.norm().clamp_min(1e-30)
-    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
-
-
 def autocast(dtype: torch.dtype | None):
     """``torch.autocast("cpu", dtype=dtype)`` (what ``--bf16 true`` does on a CPU), or no context for None."""
     return contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
