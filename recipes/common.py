@@ -295,7 +295,8 @@ def run(model, tokenizer, train_dataset, training_args: TrainingArguments, plugi
                                   "--max_documents / --max_examples / --max_length / --tokens_per_rank")
     try:  # FCP settings the trainer rejects (e.g. a kernel this machine lacks), before any FCP traffic
         trainer = trainer_cls(model=model, args=training_args, train_dataset=train_dataset,
-                              eval_dataset=eval_dataset, processing_class=tokenizer, fcp_plugin=plugin, **trainer_kwargs)
+                              eval_dataset=eval_dataset, processing_class=tokenizer, fcp_plugin=plugin,
+                              **trainer_kwargs)
     except (ValueError, ImportError) as err:
         raise RecipeArgumentError(one_line(err)) from None
     logger.info("FCP: world_size=%d block_size=%d tokens_per_rank=%d kernel=%s documents=%d",

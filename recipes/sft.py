@@ -112,7 +112,8 @@ def load_chat_tokenizer(model_args: SFTModelArguments):
 def main() -> dict:
     model_args, data_args, training_args, plugin = parse(SFTDataArguments, DEFAULTS, model_cls=SFTModelArguments,
                                                          training_cls=SFTArguments)
-    if training_args.max_length is not None and training_args.max_length > training_args.world_size * plugin.tokens_per_rank:
+    global_tokens = training_args.world_size * plugin.tokens_per_rank
+    if training_args.max_length is not None and training_args.max_length > global_tokens:
         raise RecipeArgumentError(f"--max_length: got {training_args.max_length}, expected at most world_size × "
                                   f"--tokens_per_rank = {training_args.world_size * plugin.tokens_per_rank} (a global "
                                   f"batch; longer documents would be split)")

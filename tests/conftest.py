@@ -26,3 +26,17 @@ def recipes(monkeypatch) -> types.SimpleNamespace:
     monkeypatch.syspath_prepend(str(ROOT / "recipes"))
     names = ("arguments", "common", "pretrain", "finetune")
     return types.SimpleNamespace(**{name: importlib.import_module(name) for name in names})
+
+
+def pytest_report_header(config) -> str:
+    """The versions this run tested (what pip resolved), at the top of every run's output."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    names = ("torch", "transformers", "accelerate", "datasets", "trl", "peft")
+    return "hf_fcp against: " + ", ".join(f"{n} {installed(n)}" for n in names)

@@ -16,8 +16,6 @@ from hf_fcp.integrations.predict import gather_documents
 from hf_fcp.integrations.trainer import FCPTrainer
 from hf_fcp.testing.sft import sft_config, tiny_chat_model
 
-pytest.importorskip("trl")
-
 
 def test_gather_documents_puts_tokens_back_in_order():
     """The two ranks' shards of a 2-rank plan, concatenated as the all-gather leaves them (rank 0's tokens,

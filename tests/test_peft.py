@@ -4,10 +4,9 @@ virtual-token kinds (prompt tuning, prefix tuning, p-tuning) are refused with on
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
-
-peft = pytest.importorskip("peft")
 
 from hf_fcp.integrations import adapters
 from hf_fcp.integrations.accelerate import FCPPlugin

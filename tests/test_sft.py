@@ -13,9 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("trl")
-pytest.importorskip("peft")
-
 from hf_fcp.testing import run_workers
 from hf_fcp.testing.sft import (
     CASES,
@@ -84,7 +81,8 @@ def test_adapter_round_trip(runs, tmp_path):
 
     _, results, adapter = runs
     assert (adapter / "adapter_config.json").is_file()
-    model = PeftModel.from_pretrained(tiny_chat_model("sdpa"), str(adapter))  # the base: the run's frozen seed-0 weights
+    # the base: the run's frozen seed-0 weights
+    model = PeftModel.from_pretrained(tiny_chat_model("sdpa"), str(adapter))
     plain = SFTTrainer(model=model, args=sft_config(str(tmp_path), assistant_only_loss=True),
                        processing_class=chat_tokenizer(), train_dataset=eval_chats("messages"),
                        eval_dataset=eval_chats("messages"))

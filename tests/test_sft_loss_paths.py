@@ -6,11 +6,9 @@ Liger's fused kernels need a GPU (docs/finetuning.md)."""
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
-
-pytest.importorskip("trl")
-peft = pytest.importorskip("peft")
 
 from hf_fcp.integrations.collator import FCPCollator
 from hf_fcp.integrations.sft import FCPSFTTrainer

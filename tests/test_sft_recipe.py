@@ -11,9 +11,6 @@ import subprocess
 
 import pytest
 
-pytest.importorskip("trl")
-pytest.importorskip("peft")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--max_documents", "120", "--hidden_size", "32", "--num_layers", "2", "--tokens_per_rank", "512",
          "--block_size", "64", "--logging_steps", "1", "--save_steps", "3", "--learning_rate", "1e-2",

@@ -51,7 +51,8 @@ def arithmetic_chats(n: int, seed: int = 0, dataset_format: str = "messages", ma
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        turns = [_exchange(rng, max_operand) for _ in range(1 + rng.randrange(3 if dataset_format == "messages" else 1))]
+        extra_turns = rng.randrange(3 if dataset_format == "messages" else 1)
+        turns = [_exchange(rng, max_operand) for _ in range(1 + extra_turns)]
         if dataset_format == "prompt_completion":
             rows.append({"prompt": turns[0][0], "completion": " " + turns[0][1]})
         elif dataset_format == "text":

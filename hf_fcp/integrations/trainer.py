@@ -193,7 +193,10 @@ def _already_whole(tensor):
 def check_training_args(args, flag_prefix: str = "") -> None:
     """``TrainingArguments`` that transformers accepts but that break or silently distort an FCP run raise
     ``ValueError`` naming the setting (``flag_prefix + name``: the recipes pass ``"--"``)."""
-    name = lambda field: flag_prefix + field
+
+    def name(field: str) -> str:
+        return flag_prefix + field
+
     if args.max_steps == 0 or args.max_steps < -1 or (args.max_steps == -1 and args.num_train_epochs <= 0):
         raise ValueError(f"{name('max_steps')}: got {args.max_steps} ({name('num_train_epochs')} "
                          f"{args.num_train_epochs}), expected a positive number of steps, or -1 with "

@@ -233,11 +233,11 @@ def _agree(local: Outcome | None, vec, group):
 def matrix_worker(rank: int, world: int, cases: list[Case], modes=MODES, timeout_s: float = 60.0) -> dict:
     """Inside a spawned gloo rank: every case, every mode, W = 2..world. Returns (rank 0)
     ``{case name: {"reference": str, (W, mode): Outcome}}``."""
+    import transformers
+
     from ..engine import comm
     from ..integrations.transformers import register
     from .reference_attention import register_reference
-
-    import transformers
 
     transformers.logging.set_verbosity_error()
     register()

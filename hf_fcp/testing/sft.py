@@ -14,7 +14,8 @@ CASES = {  # name → (dataset format, SFTConfig overrides, with a LoRA adapter)
     "prompt_completion": ("prompt_completion", {"completion_only_loss": True}, False),
     "messages": ("messages", {"assistant_only_loss": True}, False),
     "lora": ("messages", {"assistant_only_loss": True}, True),
-    "lora+fsdp2+checkpointing": ("messages", {"assistant_only_loss": True, "fsdp": True, "activation_checkpointing": True,
+    "lora+fsdp2+checkpointing": ("messages", {"assistant_only_loss": True, "fsdp": True,
+                                              "activation_checkpointing": True,
                                               "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap":
                                                               ["LlamaDecoderLayer"]}}, True),
     "lora+accumulation": ("messages", {"assistant_only_loss": True, "gradient_accumulation_steps": 2}, True),
@@ -144,7 +145,9 @@ def predict_run(output_dir: str, world: int) -> dict:
     from ..integrations.sft import FCPSFTTrainer
     from ..integrations.trainer import FCPTrainer
 
-    plugin = lambda: FCPPlugin(block_size=BLOCK, tokens_per_rank=GLOBAL_TOKENS // world)
+    def plugin() -> FCPPlugin:
+        return FCPPlugin(block_size=BLOCK, tokens_per_rank=GLOBAL_TOKENS // world)
+
     sft = _prepared(FCPSFTTrainer, "fcp", world, output_dir, fcp_plugin=plugin())
     test = sft._prepare_dataset(predict_chats(), sft.processing_class, sft.args, False, None, "test")
     out = {"sft": _predict_outputs(sft, predict_chats()), "test_dataset": test.select_columns(["input_ids", "labels"])}
