@@ -166,11 +166,28 @@ class OpLog(TorchDispatchMode):
 
 @pytest.fixture
 def fake_p2p(monkeypatch, no_retired):
-    """batch_isend_irecv without a process group; ``backend`` decides gloo or NCCL behaviour."""
+    """Posts without a process group (``batch_isend_irecv`` on NCCL, one ``isend``/``irecv`` per op on gloo);
+    ``posted`` holds each ``comm.post`` call's ops; ``backend`` decides gloo or NCCL behaviour."""
     state = types.SimpleNamespace(backend="gloo", posted=[])
+    real_post = comm.post
+
+    def post(*args, **kwargs):
+        state.posted.append([])
+        return real_post(*args, **kwargs)
+
+    def one(name):
+        def call(tensor, group=None, tag=0, **peer):
+            state.posted[-1].append(types.SimpleNamespace(op=getattr(dist, name), tensor=tensor, tag=tag,
+                                                          group_peer=next(iter(peer.values()))))
+            return FakeWork(done=False)
+        return call
+
+    monkeypatch.setattr(comm, "post", post)
+    monkeypatch.setattr(dist, "isend", one("isend"))
+    monkeypatch.setattr(dist, "irecv", one("irecv"))
     monkeypatch.setattr(dist, "P2POp", lambda op, t, group=None, tag=0, group_peer=None: types.SimpleNamespace(
         op=op, tensor=t, tag=tag, group_peer=group_peer))
-    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: state.posted.append(ops) or [FakeWork(done=False)])
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: state.posted[-1].extend(ops) or [FakeWork(done=False)])
     monkeypatch.setattr(comm, "exchange_backend", lambda group, device: state.backend)
     return state
 
@@ -306,6 +323,17 @@ def test_pair_mismatches_catches_a_reordering():
     (problem,) = comm_trace.pair_mismatches([a, b_swapped])
     assert problem.startswith("rank 0 -> rank 1") and "first difference at message 0" in problem
     assert comm_trace.pair_mismatches([a, b_short])[0].startswith("rank 0 -> rank 1: 2 sent vs 1 received")
+
+
+def test_a_gloo_post_that_fails_names_its_peer(fake_p2p, monkeypatch):
+    """Gloo posts a send eagerly: the op that raises (a dead peer's closed connection) is the one named."""
+    def refused(tensor, group=None, tag=0, **peer):
+        raise RuntimeError("Connection reset by peer")
+
+    monkeypatch.setattr(dist, "isend", refused)
+    with pytest.raises(comm.PeerFailureError, match=r"send to rank 2 failed: the transfer failed before the FCP "
+                                                    r"timeout.*Check the log of rank\(s\) \[2\] "):
+        comm.post([(2, torch.ones(2))], [(1, torch.ones(2))], None, what="forward K/V exchange")
 
 
 def test_untagged_posts_on_tag_zero(fake_p2p):

@@ -318,11 +318,28 @@ def post(sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]
     nccl = exchange_backend(group, ops[0].tensor.device) == "nccl"
     if nccl and _RETIRED:
         release_retired()
-    try:
-        works = dist.batch_isend_irecv(ops)
-    except RuntimeError as err:  # gloo posts sends eagerly: a dead peer fails here already
-        raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout())) from err
+    if not nccl:
+        works = _post_each(sends, recvs, group, num, what, labels)
+    else:
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as err:
+            raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout())) from err
     return Pending(works, [t for _, t in sends] + [t for _, t in recvs], labels, group, what, stream_ordered=nccl)
+
+
+def _post_each(sends, recvs, group, tag: int, what: str, labels) -> list:
+    """Gloo: the ops one by one (what ``batch_isend_irecv`` does there too). Gloo posts a send eagerly, so a
+    dead peer fails here already, and the op that raised names it."""
+    posts = [(dist.isend, t, {"group_dst": p}) for p, t in sends] + [(dist.irecv, t, {"group_src": p})
+                                                                      for p, t in recvs]
+    works = []
+    for index, (fn, tensor, peer) in enumerate(posts):
+        try:
+            works.append(fn(tensor, group=group, tag=tag, **peer))
+        except RuntimeError as err:
+            raise PeerFailureError(failure_message(group, what, labels, index, err, get_timeout())) from err
+    return works
 
 
 def pack_kv(k: Tensor, v: Tensor, stages) -> Tensor | None:
