@@ -279,3 +279,24 @@ def test_the_planner_never_models_slower_than_the_grouped_placements():
             assert layer_time(plan, kernel) <= layer_time(alt, kernel) * (1 + 1e-9)
         picked.append(any(plan.rank_spans == tuple(tuple(x) for x in spans) for spans in others))
     assert any(picked) and not all(picked), picked
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_placement_in_node_groups_covers_every_token_once_within_the_cap(seed):
+    """``in_groups``: whole sequences stay inside one group of ranks; one that fits no group whole is cut over
+    the groups with room; every token is placed once and no rank holds more than the cap."""
+    from hf_fcp.plan.baseline_placements import place_dispatch
+    from hf_fcp.plan.candidates import in_groups
+
+    lens = make_batch(Distribution(name="lognormal", kind="lognormal", mu=7.0, sigma=1.8, max_len=60_000),
+                      16 * 4096, np.random.default_rng(seed))
+    spans = in_groups(lens, 16, 4096, 4, lambda g_lens, ranks, cap: place_dispatch(g_lens, ranks, 512, cap))
+    assert max(sum(b - a for _, a, b in x) for x in spans) <= 4096
+    extra = 0
+    for s, n in enumerate(lens):
+        pieces = sorted((a, b, r // 4) for r, x in enumerate(spans) for q, a, b in x if q == s)
+        assert pieces[0][0] == 0 and pieces[-1][1] == n
+        assert all(b0 == a1 for (_, b0, _), (a1, _, _) in zip(pieces, pieces[1:]))
+        extra += len({g for _, _, g in pieces}) - 1
+    # a cut fills every group it touches but its last: at most one extra group per group, over the batch
+    assert 0 < extra <= 4
