@@ -62,11 +62,13 @@ def _compare_md(report: Report) -> list[str]:
 
 
 def _sweep_md(report: Report) -> list[str]:
-    best = {w: max(r.attention_mfu for r in report.rows if r.world_size == w) for w in {r.world_size for r in report.rows}}
+    worlds = {r.world_size for r in report.rows}
+    best = {w: max(r.attention_mfu for r in report.rows if r.world_size == w) for w in worlds}
     out = ["| GPUs | block | attention MFU | of best | kernel efficiency | comm GB | exposed comm ms | compute imb. |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report.rows:
-        out.append(f"| {r.world_size} | {r.block_size} | {r.attention_mfu:.1%} | {r.attention_mfu / best[r.world_size]:.0%} | "
+        out.append(f"| {r.world_size} | {r.block_size} | {r.attention_mfu:.1%} | "
+                   f"{r.attention_mfu / best[r.world_size]:.0%} | "
                    f"{r.kernel_efficiency:.1%} | {r.comm_bytes / 1e9:.0f} | {r.exposed_comm_ms:.0f} | "
                    f"{r.compute_imbalance:.1%} |")
     return out
@@ -133,7 +135,8 @@ def _sensitivity_md(base: Report, best: Report, loc: Report) -> list[str]:
 def _other_kernel(quick: bool) -> list[str]:
     """fcp against ring and MagiAttention on the h100 preset (FlashAttention-3's published curve)."""
     out = ["### The other kernel model: `h100` (FlashAttention-3's published forward curve, backward assumed)", "",
-           "| workload | GPUs | fcp MFU | fcp / ring | fcp / magi | fcp compute imb. |", "|---|---:|---:|---:|---:|---:|"]
+           "| workload | GPUs | fcp MFU | fcp / ring | fcp / magi | fcp compute imb. |",
+           "|---|---:|---:|---:|---:|---:|"]
     cmds = []
     for dist in WORKLOADS:
         s = _settings(dist, quick, cluster=load_cluster("h100"), steps=1 if quick else 2,
@@ -174,7 +177,8 @@ def main(argv=None) -> int:
                f"`{_command(loc.settings, ' --fcp-option locality=1.0')}`", "", *_sensitivity_md(rep, best, loc), "",
                *_magi_gap(rep.rows, rep, loc), ""]
     md += _other_kernel(args.quick)
-    sw = _settings("lognormal", args.quick, world_sizes=(16,) if args.quick else (64, 256), steps=1 if args.quick else 2,
+    sw = _settings("lognormal", args.quick, world_sizes=(16,) if args.quick else (64, 256),
+                   steps=1 if args.quick else 2,
                    block_sizes=SWEEP_BLOCK_SIZES)
     sweep = run(sw, progress=None)
     print(format_report(sweep), flush=True)

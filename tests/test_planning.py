@@ -221,8 +221,8 @@ def test_fcp_is_never_slower_than_its_simple_alternatives(lens, world, block, sl
     plan is never slower than zigzag, zigzag of the long sequences only, or contiguous shards of the
     same batch under the same token cap (up to the planner's ``TIE``: among candidates that close to the
     fastest, it takes the best balanced)."""
-    from hf_fcp.plan.candidates import TIE, step_time, zigzag_long
     from hf_fcp.plan.baseline_placements import place_allgather, place_ring
+    from hf_fcp.plan.candidates import TIE, step_time, zigzag_long
 
     cap = -(-sum(lens) // world) + slack * 64
     plan = plan_batch(lens, world_size=world, block_size=block, tokens_per_rank=cap)

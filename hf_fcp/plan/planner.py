@@ -25,8 +25,7 @@ from .execution import RankChoices, execution, remote_stages
 from .fcp_plan import FCPPlan, Span, WindowPlan
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
-from .schedule import MARGIN, choose_schedule, layer_time, search_work
-from .schedule import SEARCH_WORK
+from .schedule import MARGIN, SEARCH_WORK, choose_schedule, layer_time, search_work
 from .settings import PlanSettings, settings_from
 
 _SIMPLE = {"ring": place_ring, "allgather": place_allgather, "packing": place_packing}
