@@ -65,8 +65,8 @@ def main(argv=None) -> int:
                 r = measure(lens, world, args.tokens_per_rank, args.block_size, args.repeats)
                 cell.append(r)
                 print(f"{name:<27} {world:>4} {r['seqs']:>5} {r['ci']:>8.2%} {r['pi']:>8.2%} {r['mi']:>7.2%} "
-                      f"{r['gb']:>8.2f} "
-                      f"{r['ring_x']:>8.1f}x {r['ag_x']:>6.1f}x {r['rounds']:>6} {r['ms']:>8.1f} {r['ms_max']:>7.1f}",
+                      f"{r['gb']:>8.2f} {r['ring_x']:>8.1f}x {r['ag_x']:>6.1f}x {r['rounds']:>6} {r['ms']:>8.1f} "
+                      f"{r['ms_max']:>7.1f}",
                       flush=True)
             rows.append(table_row(name, world, cell))
     if args.write:

@@ -18,7 +18,8 @@ settings"). Per cell it prints
 
 W = 1024 cells take minutes each on two CPU cores (the ring baselines' thousand steps); measure smaller
 worlds first. ``--write`` replaces the text between the ``scale:begin`` and ``scale:end`` markers of
-``docs/performance.md`` (the file is created holding only that block when absent).
+``docs/performance.md`` (the file is created holding only that block when absent); ``--write --append``
+adds a run's table to the block (e.g. the slow W = 1024 cells as a second run).
 """
 
 from __future__ import annotations
@@ -105,25 +106,28 @@ def row(c: Cell) -> str:
             f"{c.plan_ms:.0f} |")
 
 
-def block(cells: list[Cell], command: str, steps: int) -> str:
+def table(cells: list[Cell], command: str, steps: int) -> str:
+    """One run's table with its command and the cells fcp loses."""
     lost = [c for c in cells if c.speedup < 1.0]
-    lines = [BEGIN, "", f"`{command}` ({steps} batch{'es' if steps > 1 else ''} per cell, seed as given; "
-             f"simulator, `{CLUSTER}` preset, every baseline at its best CP group per batch; bold: fcp behind)", "",
-             HEAD, RULE, *map(row, cells), "",
+    lines = [f"`{command}` ({steps} batch{'es' if steps > 1 else ''} per cell; simulator, `{CLUSTER}` preset, "
+             f"every baseline at its best CP group per batch; bold: fcp behind)", "", HEAD, RULE, *map(row, cells), "",
              f"fcp behind the best other strategy in {len(lost)} of {len(cells)} cells"
              + (": " + ", ".join(f"{c.workload} {c.model} {c.tokens // 1024}K W={c.world} ({c.speedup:.3f}×)"
-                                 for c in lost) if lost else "") + ".", "", END]
+                                 for c in lost) if lost else "") + ".", ""]
     return "\n".join(lines)
 
 
-def write(text: str, path: Path = PERFORMANCE) -> None:
-    """Replace the generated block of ``path`` (create the file with only the block when absent)."""
+def write(text: str, path: Path = PERFORMANCE, append: bool = False) -> None:
+    """Replace the generated block of ``path`` with ``text`` (``append``: add it after the block's tables);
+    create the file with only the block when absent."""
     old = path.read_text() if path.exists() else ""
     if BEGIN in old and END in old:
         head, rest = old.split(BEGIN, 1)
-        new = head + text + rest.split(END, 1)[1]
+        inner, tail = rest.split(END, 1)
+        body = (inner.rstrip() + "\n\n" + text) if append else "\n" + text
+        new = head + BEGIN + body + "\n" + END + tail
     else:
-        new = (old.rstrip() + "\n\n" if old.strip() else "") + text + "\n"
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + BEGIN + "\n" + text + "\n" + END + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)
 
@@ -162,6 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="W = 8, 16; 8K; llama3-70b; 1 batch")
     ap.add_argument("--write", action="store_true", help=f"replace the generated block of {PERFORMANCE.name}")
+    ap.add_argument("--append", action="store_true", help="with --write: add this run's table to the block")
     args = ap.parse_args(argv)
     if args.quick:
         args.world_sizes, args.models, args.tokens, args.steps = (8, 16), ("llama3-70b",), (8192,), 1
@@ -184,9 +189,9 @@ def main(argv=None) -> int:
                     cells.append(cell)
                     print(row(cell), f"  ({cell.seconds:.0f} s)", flush=True)
     command = "python benchmarks/scale.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
-    text = block(cells, command.strip(), args.steps)
+    text = table(cells, command.strip(), args.steps)
     if args.write:
-        write(text)
+        write(text, append=args.append)
         print(f"wrote {PERFORMANCE}")
     return 0
 

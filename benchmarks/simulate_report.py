@@ -84,7 +84,7 @@ def _targets(name: str, report: Report) -> list[str]:
         got = up.get((w, "ring"))
         lines.append(f"- {name}, {w} GPUs: fcp / ring = **{got:.2f}×** (target ≥ {need}×: "
                      f"{'met' if got >= need else f'missed by {need - got:.2f}×'})")
-    worst = min((v, k) for k, v in up.items() if k[1] != "fcp")
+    worst = min((v, k) for k, v in up.items() if k[1] not in ("fcp", "ideal"))
     lines.append(f"- {name}: fcp best of all strategies at every size: **{'yes' if worst[0] >= 1 else 'no'}** "
                  f"(smallest fcp speedup {worst[0]:.2f}× over {worst[1][1]} at {worst[1][0]} GPUs)")
     imb = max(r.compute_imbalance for r in fcp.values())
@@ -114,14 +114,14 @@ def _magi_gap(rows_fcp: list, best: Report, loc: Report) -> list[str]:
     for w in sorted({r.world_size for r in best.rows}):
         row = {r.strategy: r.attention_mfu for r in best.rows if r.world_size == w}
         top = max((s for s in row if s not in ("fcp", "ideal")), key=row.get)
-        lf = next(r.attention_mfu for r in loc.rows if r.world_size == w)
+        lf = next(r.attention_mfu for r in loc.rows if r.world_size == w and r.strategy == "fcp")
         out.append(f"- {w} GPUs: fcp / best baseline ({top}) = {row['fcp'] / row[top]:.2f}× with default options, "
                    f"{lf / row[top]:.2f}× with `locality=1.0`")
     return out
 
 
 def _sensitivity_md(base: Report, best: Report, loc: Report) -> list[str]:
-    fcp_loc = {r.world_size: r.attention_mfu for r in loc.rows}
+    fcp_loc = {r.world_size: r.attention_mfu for r in loc.rows if r.strategy == "fcp"}
     out = ["| GPUs | fcp (default) | fcp, locality=1.0 | " + " | ".join(f"{s} (min CP)" for s in BASELINES[:-1]
                                                                            if s != "bytescale") + " |",
            "|---:|---:|---:|" + "---:|" * 4]
@@ -166,11 +166,11 @@ def main(argv=None) -> int:
         paths = write_plots(rep, figs, prefix=f"{dist}_")
         md += [f"### {dist}: {DESCRIPTIONS[dist]}", "", f"`{_command(s)}`", "", *_compare_md(rep), "",
                *[f"![{p.stem}](figures/{p.name})" for p in paths], "", "Targets:", "", *_targets(dist, rep), ""]
-        sb = _settings(dist, args.quick, steps=max(1, s.steps // 2), cp_size="min",
+        sb = _settings(dist, args.quick, cp_size="min",
                        strategies=("fcp", "ring", "allgather", "wlb", "magi"))
         best = run(sb, progress=None)
-        loc = run(_settings(dist, args.quick, steps=sb.steps, strategies=("fcp",), fcp_options={"locality": 1.0}),
-                  progress=None)
+        loc = run(_settings(dist, args.quick, strategies=("fcp",), fcp_options={"locality": 1.0}),
+                  progress=None)  # the main table's batches: compared with its best baseline
         md += [f"Sensitivity ({sb.steps} steps): baselines at the smallest CP group that holds the longest sequence "
                f"(`--cp-size min`, the conventional fixed group), and "
                f"fcp with the planner option `locality=1.0`. `{_command(sb)}` and "
@@ -178,7 +178,8 @@ def main(argv=None) -> int:
                *_magi_gap(rep.rows, rep, loc), ""]
     md += _other_kernel(args.quick)
     sw = _settings("lognormal", args.quick, world_sizes=(16,) if args.quick else (64, 256),
-                   steps=1 if args.quick else 2, block_sizes=SWEEP_BLOCK_SIZES)
+                   steps=1 if args.quick else 2,
+                   block_sizes=SWEEP_BLOCK_SIZES)
     sweep = run(sw, progress=None)
     print(format_report(sweep), flush=True)
     paths = write_plots(sweep, figs, prefix="lognormal_")
@@ -261,23 +262,19 @@ FOOTER = """## Reading the results
   MagiAttention-style dispatch over (nearly) the whole world is the strongest bar — it is fcp's idea without
   block splitting. The sensitivity tables show the conventional smallest group (`--cp-size min`), which
   handicaps the fixed-group baselines.
-* **Compute imbalance** (in modelled kernel time) is ≤ 1.5% at 16-256 GPUs on both workloads, because the
-  planner balances the same tile model the simulator times (`hf_fcp/cost.py`; a cluster's model is passed to
-  the planner). Balancing causal pairs instead (`--fcp-option balance=pairs`) leaves ranks with many short
-  documents, or with short pieces far from their prefix, slower: on real H200 kernels that costs ~2% of the
-  slowest rank on stdlib (README, GPU section). Off the default block size the kernel-cost greedy can
-  misjudge; when it ends more than 2% above the mean the planner also makes the pair-balanced placement and
-  keeps the one with the lower maximum (1K blocks at 256 GPUs: 5.6% → 1.1%, MFU 26.5% → 29.4%); 16-32K
-  blocks still end at 3.4-6.7%.
+* **Compute imbalance** (in modelled kernel time): the planner balances the same tile model the simulator
+  times (`hf_fcp/plan/cost.py`; a cluster's model is passed to the planner), but at scale it keeps whichever
+  plan its timeline finds fastest — its own greedy, MagiAttention's dispatch, or either inside node-aligned
+  groups — so a plan may trade a few percent of compute balance for less (and more local) communication.
+  Balancing causal pairs instead (`--fcp-option balance=pairs`) leaves ranks with many short documents, or
+  with short pieces far from their prefix, slower on real H200 kernels (README, GPU section).
   On the `h100` model (FlashAttention-3's published forward curve with a backward overhead we assumed, not
-  measured) the per-tile overheads are ~4× larger, fcp's imbalance is 1.8-3.8% and fcp / ring at 256 GPUs
-  on lognormal is 1.79×: the measured `h200` model is the one these results stand on.
-* **Block size.** The optimum is set by communication, not kernels: the planner merges a rank's adjacent blocks
-  into runs, so kernel efficiency hardly moves with the block size (30.9-31.3%), while smaller blocks spread
-  the early part of long sequences over more ranks and cut the fan-out hot spot. The optimum is flat from 512
-  to 8K at 64 GPUs (within 1%) and at 0.5-1K at 256 GPUs, where 4096 reaches 91% of it; 16-32K blocks lose
-  overlap. Small blocks plan several times slower (1K at 256 GPUs: ~0.6 s per batch in these runs, twice
-  when the fallback above plans both ways), which is why 4096 stays the default.
+  measured) the per-tile overheads are ~4× larger: the measured `h200` model is the one these results
+  stand on.
+* **Block size.** The optimum is set by communication, not kernels: the planner merges a rank's adjacent
+  blocks into runs, so kernel efficiency hardly moves with the block size, while smaller blocks spread the
+  early part of long sequences over more ranks and cut the fan-out hot spot (the sweep's table above);
+  small blocks plan several times slower, which is why 4096 stays the default.
 
 Total generation time: {minutes:.1f} min on this machine.
 """

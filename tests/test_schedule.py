@@ -64,8 +64,8 @@ def test_the_planners_stage_work_is_what_the_simulator_times(seed, world, fusion
     remote, msgs = p2p_segments(plan, spans)
     segs = Segments.concat([local_segments(spans), remote])
     fpp = MODEL.fwd_flops_per_pair
-    pair_s = (fpp / (CLUSTER.eff_fwd * CLUSTER.peak_flops)
-              + fpp * BWD_FLOP_RATIO / (CLUSTER.eff_bwd * CLUSTER.peak_flops))
+    peak = CLUSTER.peak_flops
+    pair_s = fpp / (CLUSTER.eff_fwd * peak) + fpp * BWD_FLOP_RATIO / (CLUSTER.eff_bwd * peak)
     for backward, mine in ((False, cf), (True, cb)):
         timed = run.slot_times(segs, 1 + len(msgs), backward)
         timed = timed - (timed > 0) * CLUSTER.launch_s  # the planner leaves out the launches

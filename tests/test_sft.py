@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from hf_fcp.testing import run_workers
+from hf_fcp.testing.helpers import rel
 from hf_fcp.testing.sft import (
     CASES,
     eval_chats,
@@ -43,10 +44,6 @@ def runs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"w{world}")
     results = run_workers(sft_runs_worker, world, str(root), cases_for(world), str(root / "adapter"), timeout=600)
     return world, results, root / "adapter"
-
-
-def rel(got, ref) -> float:
-    return float((got - ref).norm() / ref.norm())
 
 
 def test_sft_matches_one_process(runs, references):

@@ -17,10 +17,11 @@ def test_simulate_defaults_to_h200_and_says_so(capsys):
 
 
 def test_baselines_default_to_their_best_cp_group_and_min_stays_available():
+    import inspect
+
     from hf_fcp.simulate.cli import settings_from_args
     from hf_fcp.simulate.engine import simulate_strategy
     from hf_fcp.simulate.runner import SimSettings
-    import inspect
 
     parser = build_parser()
     assert settings_from_args(parser.parse_args(["simulate"])).cp_size == "best"

@@ -4,10 +4,12 @@ torch is loaded when a rank's view is built), so every rank computes the same pl
 
 Main entry: :func:`plan_batch` with :class:`PlanSettings`; ``plan.for_rank(r)`` gives rank ``r``'s
 :class:`~hf_fcp.plan.views.RankView`. Modules, in import order: :mod:`.checks` (argument checks),
-:mod:`.spans` (span arithmetic), :mod:`.cost` (kernel tile model), :mod:`.settings`, :mod:`.fcp_plan` (plan types and figures),
-:mod:`.baseline_placements` and :mod:`.placement` (who holds what), :mod:`.rounds` (who sends what, when),
-:mod:`.execution` (fused or split, overlapped or not: the modelled layer time), :mod:`.search` and
-:mod:`.candidates` (the small-world candidates and the choice), :mod:`.planner` (``plan_batch``), :mod:`.views` (per-rank view), :mod:`.validate` (independent checks).
+:mod:`.spans` (span arithmetic), :mod:`.cost` (kernel tile model), :mod:`.settings`, :mod:`.fcp_plan`
+(plan types and figures), :mod:`.baseline_placements` and :mod:`.placement` (who holds what),
+:mod:`.rounds` (who sends what, when), :mod:`.execution` (fused or split, overlapped or not: the modelled
+layer time), :mod:`.search` and :mod:`.candidates` (the candidate placements, grouped ones too, and the
+choice), :mod:`.schedule` and :mod:`.timeline` (the exchange's schedule on the engine's timeline),
+:mod:`.planner` (``plan_batch``), :mod:`.views` (per-rank view), :mod:`.validate` (independent checks).
 """
 
 from .fcp_plan import FCPPlan, PlanStats, RankLoads, Transfer, imbalance

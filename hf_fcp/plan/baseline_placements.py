@@ -151,5 +151,6 @@ def place_dispatch(lens, world: int, chunk: int, cap: int, group: int | None = N
     """:func:`dispatch` over groups of ``group`` consecutive ranks (None: one group of all ranks), the
     sequences assigned to the groups by tokens (:func:`assign_to_groups`; ``cap``: tokens per rank)."""
     c = group or world
-    seqs = assign_to_groups(lens, world // c, c * cap)
+    one = [sorted(range(len(lens)), key=lambda s: (-lens[s], s))]  # assign_to_groups' order, one group
+    seqs = assign_to_groups(lens, world // c, c * cap) if c < world else one
     return dispatch(lens, [(list(range(g * c, (g + 1) * c)), x) for g, x in enumerate(seqs)], chunk, world)

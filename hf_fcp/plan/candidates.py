@@ -122,13 +122,15 @@ def alternatives(lens, world: int, cap: int) -> list[list[list[Span]]]:
 def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[list[list[Span]]]:
     """The grouped placements the fcp planner must not lose to, at every world size: MagiAttention's
     chunk dispatch over all ranks (:func:`.baseline_placements.place_dispatch`) with each block size fcp
-    tries, and ``place`` (fcp's greedy: ``place(lengths, ranks, cap)``) restricted to node-aligned groups
-    of ``node × 2^k < world`` ranks (:func:`in_groups`). Placements that would put more than ``cap``
-    tokens on a rank are left out."""
+    tries, and, restricted to node-aligned groups of ``node × 2^k < world`` ranks (:func:`in_groups`),
+    ``place`` (fcp's greedy: ``place(lengths, ranks, cap)``) and the dispatch. Placements that would put
+    more than ``cap`` tokens on a rank are left out."""
     out = [place_dispatch(lens, world, b, cap) for b in tried_blocks(block, cap, world, lens)]
     c = node
     while 1 < c < world and world % c == 0:
         out.append(in_groups(lens, world, cap, c, place))
+        out.append(in_groups(lens, world, cap, c, lambda g_lens, ranks, g_cap: place_dispatch(g_lens, ranks, block,
+                                                                                              g_cap)))
         c *= 2
     return [x for x in out if max(sum(e - a for _, a, e in spans) for spans in x) <= cap]
 

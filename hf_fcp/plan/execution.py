@@ -9,8 +9,8 @@ remote keys get one more segment per stage that brings them). Fused is less kern
 that can hide the transfer: :func:`execution` prices exchange-first, overlapped fused and overlapped split
 (every rank alike) and takes the fastest. (Choosing per rank and sequence, by the most hiding per extra
 work, modelled faster but ran slower in the simulator — a rank's exposure also delays the ranks waiting
-for its dK/dV — so the choice stays uniform; the engine runs any per-rank mix, ``FCPPlan.fused``.) At
-most 8 ranks, :mod:`.schedule` then prices the same uniform options on the engine's timeline, which
+for its dK/dV — so the choice stays uniform; the engine runs any per-rank mix, ``FCPPlan.fused``.) Within
+its budget, :mod:`.schedule` then prices the same uniform options on the engine's timeline, which
 couples the ranks, and has the last word.
 
 Times are in kernel-work units (causal pairs, forward + backward; :mod:`.cost`); ``link_cost`` converts

@@ -295,7 +295,8 @@ class FCPPlan:
         for seqs in self.fused:
             h.update(np.asarray(sorted(seqs), dtype=np.int64).tobytes() + b"|")
         for wp in self.windows:
-            h.update(repr((wp.window, wp.num_rounds, [(t.src, t.dst, t.round, t.pieces) for t in wp.transfers])).encode())
+            transfers = [(t.src, t.dst, t.round, t.pieces) for t in wp.transfers]
+            h.update(repr((wp.window, wp.num_rounds, transfers)).encode())
         if self.window is not None:
             h.update(f"window={self.window}".encode())
         return h.hexdigest()

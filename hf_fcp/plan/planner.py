@@ -25,8 +25,7 @@ from .execution import RankChoices, execution, remote_stages
 from .fcp_plan import FCPPlan, Span, WindowPlan
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
-from .schedule import MARGIN, choose_schedule, layer_time, search_work
-from .schedule import SEARCH_WORK
+from .schedule import MARGIN, SEARCH_WORK, choose_schedule, layer_time, search_work
 from .settings import PlanSettings, settings_from
 
 _SIMPLE = {"ring": place_ring, "allgather": place_allgather, "packing": place_packing}
@@ -76,15 +75,17 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
         if not small and settings.fusion == "auto" and not _runs_fused(spans, settings, kernel):
             fused = False  # the fused-cost placement turned out to run split: balance split costs instead
             spans = greedy(block)
+        simple = alternatives(lens, world, cap) if small else []
         if small:  # within the search budget: blocks finer than a quarter rank too, and the simple placements
             finer = [greedy(b) for b in tried_blocks(block, cap, world, lens)[1:]]
-            spans = choose([spans, *finer, *alternatives(lens, world, cap)], settings, kernel)
+            spans = choose([spans, *finer, *simple], settings, kernel)
         plan = make_plan(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
                          settings=settings, started=t0)
         in_group = lambda g_lens, ranks, g_cap: place_fcp(g_lens, ranks, block, g_cap,  # noqa: E731
                                                           locality=float(settings.locality), kernel=kernel,
                                                           fused=fused, layers=settings.attention_layers)
-        return _fastest(plan, grouped(lens, world, cap, block, settings.node_size, in_group), kernel, t0)
+        others = [x for x in simple if x != spans] + grouped(lens, world, cap, block, settings.node_size, in_group)
+        return _fastest(plan, others, kernel, t0)
     spans = _SIMPLE[strategy](lens, world, cap)
     comm = "collective" if strategy in ("ring", "allgather") else "p2p"
     return make_plan(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
@@ -95,7 +96,7 @@ def _fastest(plan: FCPPlan, others: list[list[list[Span]]], kernel, t0: float) -
     """``plan`` or the plan of one of the ``others`` placements, whichever the engine's timeline
     (:func:`.schedule.layer_time`) finds fastest; ties keep ``plan``. Models with sliding-window layers
     keep ``plan`` (the timeline prices full attention only)."""
-    if not others or not plan.num_rounds or any(w is not None for w, _ in plan.settings.attention_layers):
+    if not others or any(w is not None for w, _ in plan.settings.attention_layers):
         return plan
     best, best_t = plan, layer_time(plan, kernel)
     for spans in others:

@@ -273,7 +273,8 @@ def swap_rounds(plan: FCPPlan, work: StageWork, time: float | None = None) -> FC
     for _ in range(SWAP_PASSES):
         if not pairs:
             break
-        swapped = [[(s, d, tokens, j if order[r] == i else i if order[r] == j else order[r]) for s, d, tokens, r in msgs]
+        swapped = [[(s, d, tokens, j if order[r] == i else i if order[r] == j else order[r])
+                    for s, d, tokens, r in msgs]
                    for i, j in pairs]
         times = _times(swapped, plan, work)
         k = int(np.argmin(times))

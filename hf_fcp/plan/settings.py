@@ -70,8 +70,8 @@ class PlanSettings:
     *split*, a local causal segment at once plus one segment per stage that brings remote keys (more and
     smaller kernel segments, each able to run as soon as its keys are there); ``"auto"`` — fused when the
     exchange is not overlapped (``overlap``: every key is there before any kernel runs), else whichever of
-    the two the planner finds faster (at most 8 ranks: on the engine's timeline,
-    :mod:`hf_fcp.plan.schedule`; else its per-rank model, :func:`hf_fcp.plan.execution.execution`). See
+    the two the planner finds faster (on the engine's timeline, :mod:`hf_fcp.plan.schedule`, while that
+    search fits its budget; else its per-rank model, :func:`hf_fcp.plan.execution.execution`). See
     :mod:`hf_fcp.plan.tasks`."""
     overlap: str = "auto"
     """Whether a rank computes while its K/V arrive. ``"always"``: local work runs at once and each

@@ -168,7 +168,8 @@ def _sweep_table(report: Report) -> list[str]:
     out = [f"{'ranks':>5}{'block':>7}{'attn MFU':>10}{'of best':>9}{'kernel eff':>12}{'comm GB':>10}"
            f"{'exposed ms':>12}{'comp imb':>10}{'plan ms':>9}"]
     for r in report.rows:
-        out.append(f"{r.world_size:>5}{r.block_size:>7}{r.attention_mfu:>10.1%}{r.attention_mfu / best[r.world_size]:>9.1%}"
+        out.append(f"{r.world_size:>5}{r.block_size:>7}{r.attention_mfu:>10.1%}"
+                   f"{r.attention_mfu / best[r.world_size]:>9.1%}"
                    f"{r.kernel_efficiency:>12.1%}{r.comm_bytes / 1e9:>10.1f}{r.exposed_comm_ms:>12.1f}"
                    f"{r.compute_imbalance:>10.1%}{r.plan_ms:>9.1f}")
     return out

@@ -85,7 +85,8 @@ class Cluster(TileModel):
                                  f"number, got {value!r}")
         for name in ("eff_fwd", "eff_bwd"):
             if getattr(self, name) > 1:
-                raise ValueError(f"cluster field {name} is a fraction of peak, got {getattr(self, name)}, expected <= 1")
+                raise ValueError(f"cluster field {name} is a fraction of peak, got {getattr(self, name)}, "
+                                 "expected <= 1")
         if self.comm_sms >= self.num_sms:
             raise ValueError(f"comm_sms must be below num_sms={self.num_sms}, got {self.comm_sms}")
 

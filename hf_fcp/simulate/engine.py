@@ -259,7 +259,8 @@ def planner_model(model: AttentionModel, cluster: Cluster, world: int) -> dict:
     in tokens moved (``link_latency``), the node size and the link cost inside a node (``node_size``,
     ``node_link_cost``)."""
     fpp = model.fwd_flops_per_pair
-    pair_s = fpp / (cluster.eff_fwd * cluster.peak_flops) + fpp * BWD_FLOP_RATIO / (cluster.eff_bwd * cluster.peak_flops)
+    peak = cluster.peak_flops
+    pair_s = fpp / (cluster.eff_fwd * peak) + fpp * BWD_FLOP_RATIO / (cluster.eff_bwd * peak)
     inside = world <= cluster.gpus_per_node
     bandwidth = cluster.nvlink_bw if inside else min(cluster.nvlink_bw, cluster.ib_bw)
     latency = cluster.nvlink_latency if inside else max(cluster.nvlink_latency, cluster.ib_latency)

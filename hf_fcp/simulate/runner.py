@@ -58,7 +58,8 @@ class SimSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.world_sizes or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.world_sizes):
+        bad = [w for w in self.world_sizes if isinstance(w, bool) or not isinstance(w, int) or w < 1]
+        if not self.world_sizes or bad:
             raise ValueError(f"world_sizes must be positive integers, got {self.world_sizes!r}")
         bad = [s for s in self.strategies if s not in STRATEGY_NAMES]
         if bad or not self.strategies:
@@ -158,7 +159,8 @@ def run(settings: SimSettings, progress: bool | None = None) -> Report:
                disable=(None if progress is None else not progress), leave=False)
     rows, skipped, example = [], [], None
     for w in s.world_sizes:
-        batches = make_batches(s.distribution, world_size=w, tokens_per_rank=s.tokens_per_rank, steps=s.steps, seed=s.seed)
+        batches = make_batches(s.distribution, world_size=w, tokens_per_rank=s.tokens_per_rank, steps=s.steps,
+                               seed=s.seed)
         ideal = _ideal(batches, s, w, s.block_size)
         if not s.block_sizes:
             rows.append(ideal)

@@ -36,7 +36,8 @@ class Segments:
 
     @staticmethod
     def concat(parts: list["Segments"]) -> "Segments":
-        return Segments(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("rank", "slot", "q", "k", "pairs")})
+        fields = ("rank", "slot", "q", "k", "pairs")
+        return Segments(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in fields})
 
 
 @dataclass(kw_only=True)
@@ -85,7 +86,8 @@ class Spans:
 
 def _segs(rank, slot, q, k, pairs) -> Segments:
     f = lambda x: np.asarray(x, np.float64)  # noqa: E731
-    return Segments(rank=np.asarray(rank, np.int64), slot=np.broadcast_to(np.asarray(slot, np.int64), np.shape(rank)).copy(),
+    slot = np.broadcast_to(np.asarray(slot, np.int64), np.shape(rank)).copy()
+    return Segments(rank=np.asarray(rank, np.int64), slot=slot,
                     q=f(q), k=f(k), pairs=f(pairs))
 
 
