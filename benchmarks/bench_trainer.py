@@ -26,7 +26,8 @@ before each run through ``/proc/self/clear_refs``). Run::
 
     accelerate launch --config_file recipes/accelerate/cpu.yaml benchmarks/bench_trainer.py
 
-Prints a table on rank 0 and writes ``--out`` (JSON).
+Prints a table on rank 0 and writes ``--out`` (JSON); ``--write BLOCK`` also writes it into that generated
+block of the docs (:data:`BLOCKS`), replacing the previous figures.
 """
 
 from __future__ import annotations
@@ -159,6 +160,12 @@ MODES = {"fcp": {}, "fcp_ckpt": {"activation_checkpointing": True}, "fcp_fsdp2":
          "fcp_compile": {"torch_compile": True},  # compile (inductor): on request, --modes fcp fcp_compile
          "sft_fcp": {}, "sft_padding_free": {"padding_free": True}}  # TRL: on request
 DEFAULT_MODES = ["fcp", "fcp_ckpt", "fcp_fsdp2", "ddp_flatten"]
+LABELS = {"fcp": "FCPTrainer + DDP", "fcp_ckpt": "+ activation checkpointing", "fcp_fsdp2": "+ FSDP2 (instead of DDP)",
+          "ddp_flatten": "Trainer + DDP + flattening", "fcp_compile": "FCPTrainer + DDP + torch.compile",
+          "sft_fcp": "FCPSFTTrainer + DDP", "sft_padding_free": "SFTTrainer + DDP, `padding_free=True`"}
+BLOCKS = {"trainer": "docs/performance.md", "trainer-stack": "docs/performance.md", "sft": "docs/finetuning.md"}
+"""Generated blocks ``--write`` fills: block name → file."""
+SCRIPT = "benchmarks/bench_trainer.py"
 
 
 def peak_rss_reset() -> None:
@@ -248,6 +255,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--max_documents", type=int, default=300)
     parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     parser.add_argument("--out", default="outputs/bench_trainer.json")
+    parser.add_argument("--write", choices=list(BLOCKS), metavar="BLOCK",
+                        help=f"also write the table into this generated block ({', '.join(BLOCKS)})")
     opts = parser.parse_args(argv)
     corpus = stdlib_corpus(opts.max_documents, seed=0)
     data = corpus.map(lambda e: {"input_ids": list(e["text"].encode()) + [256]}, remove_columns=corpus.column_names)
@@ -265,8 +274,22 @@ def main(argv=None) -> list[dict]:
         os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
         with open(opts.out, "w") as f:
             json.dump({"world_size": world, "options": vars(opts), "results": results}, f, indent=2)
+        if opts.write:
+            write_block(opts.write, results, opts.steps)
     shutdown()
     return results
+
+
+def write_block(name: str, results: list[dict], steps: int) -> None:
+    """The run's table in generated block ``name`` of :data:`BLOCKS` (what the rank-0 printout shows)."""
+    from hf_fcp.testing.markers import replace_block, table
+
+    rows = [[LABELS[r["mode"]], f"{r['tokens_per_s']:.0f}", f"{r['step_s']:.2f}",
+             " / ".join(f"{x:.0f}" for x in r["peak_rss_mb"]), f"{r['compute_imbalance']:.3f}",
+             f"{r['memory_imbalance']:.3f}", f"{r['loss']:.3f}"] for r in results]
+    header = ["run", "tokens/s", "s/step", "peak RSS per rank (MB)", "compute imbalance", "memory imbalance",
+              f"loss after {steps} steps"]
+    replace_block(BLOCKS[name], name, SCRIPT, table(header, rows))
 
 
 if __name__ == "__main__":

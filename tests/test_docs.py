@@ -23,7 +23,10 @@ BLOCKS = {  # file: (block name, the script that writes it with --write)
         ("planner", "benchmarks/bench_planner.py"),
         ("attention", "benchmarks/bench_attention.py"),
         ("window-traffic", "benchmarks/window_traffic.py"),
+        ("trainer", "benchmarks/bench_trainer.py"),
+        ("trainer-stack", "benchmarks/bench_trainer.py"),
     ),
+    "docs/finetuning.md": (("sft", "benchmarks/bench_trainer.py"),),
 }
 DOCS = ["README.md", "CHANGELOG.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -62,8 +65,7 @@ def test_links_resolve(doc):
 @pytest.mark.parametrize("doc,name,script", [(d, n, s) for d, blocks in BLOCKS.items() for n, s in blocks])
 def test_generated_blocks_are_in_place(doc, name, script):
     block((ROOT / doc).read_text(), name, script)  # raises unless both markers occur once, in order
-    if (ROOT / script).exists():  # benchmarks/scale.py arrives with the scale work
-        assert "--write" in (ROOT / script).read_text(), f"{script} has no --write"
+    assert "--write" in (ROOT / script).read_text(), f"{script} has no --write"
 
 
 def test_replace_block_keeps_the_text_around(tmp_path, monkeypatch):
