@@ -9,7 +9,7 @@ layer through:
 * modules: every module class must be one the model-support matrix verified token-local for the installed
   transformers release (:mod:`.verified_models`: package data written by ``benchmarks/model_matrix.py``,
   one file per verified release), or a transparent wrapper. With a transformers outside the verified range
-  the guard says so once and applies the nearest release's matrix (see :mod:`.verified_models`);
+  the guard says so once and applies the newest verified release before it (see :mod:`.verified_models`);
 * config: ``layer_types`` kinds in :data:`ATTENTION_LAYER_KINDS`, rope types in :data:`ROPE_TYPES`, causal
   attention only; features the engine lacks (:data:`ENGINE_SUPPORTS`) are limited to batches where they
   change nothing (chunked attention with chunks longer than every document is plain causal attention);
