@@ -17,12 +17,12 @@ from transformers import HfArgumentParser, TrainingArguments
 from hf_fcp.integrations.accelerate import FCPPlugin
 
 EMBEDDED_FCP_DEFAULTS = ["--block_size", "512", "--tokens_per_rank", "2048"]
-EMBEDDED_SFT_FCP_DEFAULTS = ["--block_size", "128", "--tokens_per_rank", "1024"]
-"""recipes/sft.py on its embedded arithmetic chats: conversations of a few dozen tokens, so smaller blocks and
-batches than the corpus recipes keep several documents per rank and every rank busy."""
 """The recipes' FCP defaults, smaller than the plugin's on purpose: the embedded tiny model trains on two
 CPU processes, where a 2 × 2048-token batch of 512-token blocks spreads a document over both ranks in
 seconds per step (the plugin's defaults, from ``PlanSettings``, are sized for GPUs)."""
+EMBEDDED_SFT_FCP_DEFAULTS = ["--block_size", "128", "--tokens_per_rank", "1024"]
+"""recipes/sft.py on its embedded arithmetic chats: conversations of a few dozen tokens, so smaller blocks and
+batches than the corpus recipes keep several documents per rank and every rank busy."""
 
 USAGE = ("%(prog)s [--FLAG VALUE ...]\n\nFlags are grouped below: model, data, FCP and run (this recipe), then "
          "every transformers.TrainingArguments flag. Defaults shown are this recipe's.")

@@ -115,7 +115,7 @@ def main() -> dict:
     global_tokens = training_args.world_size * plugin.tokens_per_rank
     if training_args.max_length is not None and training_args.max_length > global_tokens:
         raise RecipeArgumentError(f"--max_length: got {training_args.max_length}, expected at most world_size × "
-                                  f"--tokens_per_rank = {training_args.world_size * plugin.tokens_per_rank} (a global "
+                                  f"--tokens_per_rank = {global_tokens} (a global "
                                   f"batch; longer documents would be split)")
     setup_logging(training_args)
     tokenizer = load_chat_tokenizer(model_args)
