@@ -309,23 +309,26 @@ def post(sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]
     recvs = [(p, t) for p, t in recvs if t.numel()]
     what = what or f"{tag} exchange"
     num = comm_trace.tag_number(tag)
-    ops = [dist.P2POp(dist.isend, t, group=group, tag=num, group_peer=p) for p, t in sends]
-    ops += [dist.P2POp(dist.irecv, t, group=group, tag=num, group_peer=p) for p, t in recvs]
     comm_trace.note(tag, what, sends, recvs)
-    if not ops:
+    if not sends and not recvs:
         return Pending([], [])
     labels = [("send to", p) for p, _ in sends] + [("receive from", p) for p, _ in recvs]
-    nccl = exchange_backend(group, ops[0].tensor.device) == "nccl"
+    nccl = exchange_backend(group, (sends or recvs)[0][1].device) == "nccl"
     if nccl and _RETIRED:
         release_retired()
-    if not nccl:
-        works = _post_each(sends, recvs, group, num, what, labels)
-    else:
-        try:
-            works = dist.batch_isend_irecv(ops)
-        except RuntimeError as err:
-            raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout())) from err
+    post_ops = _post_batch if nccl else _post_each
+    works = post_ops(sends, recvs, group, num, what, labels)
     return Pending(works, [t for _, t in sends] + [t for _, t in recvs], labels, group, what, stream_ordered=nccl)
+
+
+def _post_batch(sends, recvs, group, tag: int, what: str, labels) -> list:
+    """NCCL: every op in one ``batch_isend_irecv`` (one coalesced group); a failure names no single op."""
+    ops = [dist.P2POp(dist.isend, t, group=group, tag=tag, group_peer=p) for p, t in sends]
+    ops += [dist.P2POp(dist.irecv, t, group=group, tag=tag, group_peer=p) for p, t in recvs]
+    try:
+        return dist.batch_isend_irecv(ops)
+    except RuntimeError as err:
+        raise PeerFailureError(failure_message(group, what, labels, None, err, get_timeout())) from err
 
 
 def _post_each(sends, recvs, group, tag: int, what: str, labels) -> list:

@@ -48,7 +48,7 @@ class Matrix:
         """Whether the installed release has a matrix of its own (same major.minor)."""
         return minor(self.installed) == minor(self.transformers)
 
-    @property
+    @functools.cached_property
     def modules(self) -> frozenset[str]:
         """The Python modules of the verified classes (a family's modeling file among them)."""
         return frozenset(name.rpartition(".")[0] for name in self.classes)
