@@ -284,6 +284,36 @@ def test_the_planner_never_models_slower_than_the_grouped_placements():
     assert any(picked) and not all(picked), picked
 
 
+def test_alternatives_skipped_by_their_work_bound_would_not_have_won(monkeypatch):
+    """The planner skips a grouped alternative whose work bound is clearly above the fastest plan so far,
+    before placing it; every plan is the one the exhaustive comparison (no bound) keeps, and some
+    alternatives are skipped (the small groups of a long-document batch: their busiest group is far above
+    the mean)."""
+    from hf_fcp.plan import candidates, planner
+    from hf_fcp.simulate import get_model, load_cluster, parse_distribution
+    from hf_fcp.simulate.engine import planner_model
+    from hf_fcp.workloads import make_batches
+
+    machine = planner_model(get_model("llama3-70b"), load_cluster("h200"), 32)
+    built, real = [], candidates.grouped_options
+
+    def counted(*args):
+        options = real(*args)
+        built.append(len(options))
+        return [candidates.Option(o.bound, lambda o=o: built.append(-1) or o.build()) for o in options]
+
+    monkeypatch.setattr(planner, "grouped_options", counted)
+    for dist in ("lognormal", "light"):
+        lens = make_batches(parse_distribution(dist), world_size=32, tokens_per_rank=8192, steps=1, seed=5)[0]
+        kw = dict(world_size=32, block_size=2048, tokens_per_rank=8192, max_stages=4, **machine)
+        pruned = plan_batch(lens, **kw)
+        monkeypatch.setattr(planner, "BOUND_SLACK", float("inf"))
+        assert plan_batch(lens, **kw).fingerprint == pruned.fingerprint, dist
+        monkeypatch.setattr(planner, "BOUND_SLACK", 0.05)
+    offered, placed = sum(x for x in built if x > 0), built.count(-1)
+    assert placed < offered, built  # the pruned runs skipped some (the exhaustive ones place all of them)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_placement_in_node_groups_covers_every_token_once_within_the_cap(seed):
     """``in_groups``: whole sequences stay inside one group of ranks; one that fits no group whole is cut over

@@ -13,11 +13,13 @@ its own, the one the engine's timeline finds fastest (:func:`hf_fcp.plan.planner
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 
 from .baseline_placements import merge_sorted, place_allgather, place_dispatch, place_ring, zigzag
-from .cost import KernelCost
-from .execution import RankChoices, execution, link_tokens, remote_sources
+from .cost import KernelCost, run_cost
+from .execution import RankChoices, execution, held_runs, link_tokens, remote_sources
 from .fcp_plan import imbalance
 from .rounds import needed_pieces
 from .search import polish
@@ -125,25 +127,60 @@ def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[li
     tries, and, restricted to node-aligned groups of ``node × 2^k < world`` ranks (:func:`in_groups`),
     ``place`` (fcp's greedy: ``place(lengths, ranks, cap)``) and the dispatch. Placements that would put
     more than ``cap`` tokens on a rank are left out."""
-    out = [place_dispatch(lens, world, b, cap) for b in tried_blocks(block, cap, world, lens)]
+    built = (option.build() for option in grouped_options(lens, world, cap, block, node, place, kernel=None))
+    return [x for x in built if x is not None]
+
+
+class Option(NamedTuple):
+    """A candidate placement not built yet: ``build()`` returns it (None when it puts more than the cap on
+    a rank); ``bound`` is a lower bound of its modelled layer time (:func:`work_bound`; None: not known
+    before it is built)."""
+
+    bound: float | None
+    build: Callable[[], "list[list[Span]] | None"]
+
+
+def grouped_options(lens, world: int, cap: int, block: int, node: int, place, kernel: KernelCost | None
+                    ) -> list[Option]:
+    """:func:`grouped`'s placements as :class:`Option` s; those restricted to groups carry a bound known
+    before their ranks are placed (the busiest group's work spread evenly over its ranks; ``kernel``:
+    the planner's kernel model, None for no bounds)."""
+    within = lambda x: x if max(sum(e - a for _, a, e in spans) for spans in x) <= cap else None  # noqa: E731
+    out = [Option(None, lambda b=b: within(place_dispatch(lens, world, b, cap)))
+           for b in tried_blocks(block, cap, world, lens)]
+    dispatch = lambda g_lens, ranks, g_cap: place_dispatch(g_lens, ranks, block, g_cap)  # noqa: E731
     c = node
     while 1 < c < world and world % c == 0:
-        out.append(in_groups(lens, world, cap, c, place))
-        out.append(in_groups(lens, world, cap, c, lambda g_lens, ranks, g_cap: place_dispatch(g_lens, ranks, block,
-                                                                                              g_cap)))
+        items = group_items(lens, world, cap, c)
+        bound = None if kernel is None else max(sum(run_cost(a, b, kernel) for _, a, b in its) for its in items) / c
+        for inner in (place, dispatch):
+            out.append(Option(bound, lambda items=items, c=c, inner=inner: within(_place_groups(items, world, c, cap,
+                                                                                                  inner))))
         c *= 2
-    return [x for x in out if max(sum(e - a for _, a, e in spans) for spans in x) <= cap]
+    return out
+
+
+def work_bound(spans: list[list[Span]], kernel: KernelCost) -> float:
+    """A lower bound of a placement's modelled layer time (:func:`.schedule.layer_time`, kernel-work
+    units): its busiest rank's work with every held run fused (splitting and waiting only add)."""
+    return max(sum(run_cost(a, b, kernel) for runs in held_runs(x).values() for a, b in runs) for x in spans)
 
 
 def in_groups(lens, world: int, cap: int, group: int, place) -> list[list[Span]]:
-    """A placement restricted to groups of ``group`` consecutive ranks: whole sequences to the groups,
+    """A placement restricted to groups of ``group`` consecutive ranks: whole sequences to the groups
+    (:func:`group_items`), then inside each group ``place(lengths, group, cap)`` places its items as if
+    each were a sequence of its own."""
+    return _place_groups(group_items(lens, world, cap, group), world, group, cap, place)
+
+
+def group_items(lens, world: int, cap: int, group: int) -> list[list[Span]]:
+    """Per group of ``group`` consecutive ranks, the ``(seq, start, end)`` items it holds: whole sequences,
     largest causal cost first, to the cheapest group with token room; one that fits no group whole is cut
-    over the groups with most room (its pieces then need K/V from the groups before them). Inside each
-    group ``place(lengths, group, cap)`` places its items as if each were a sequence of its own."""
+    over the groups with most room (its pieces then need K/V from the groups before them)."""
     lens = np.asarray(lens, np.int64)
     ngroups = world // group
     room, cost = np.full(ngroups, group * cap, np.int64), np.zeros(ngroups)
-    items: list[list[tuple[int, int, int]]] = [[] for _ in range(ngroups)]
+    items: list[list[Span]] = [[] for _ in range(ngroups)]
     for s in np.lexsort((np.arange(len(lens)), -lens)).tolist():
         n = int(lens[s])
         fits = room >= n
@@ -161,6 +198,10 @@ def in_groups(lens, world: int, cap: int, group: int, place) -> list[list[Span]]
                 room[g] -= take
                 cost[g] += (a + take) * (a + take + 1.0) / 2 - a * (a + 1.0) / 2
                 a += take
+    return items
+
+
+def _place_groups(items: list[list[Span]], world: int, group: int, cap: int, place) -> list[list[Span]]:
     out: list[list[Span]] = [[] for _ in range(world)]
     for g, its in enumerate(items):
         if its:
