@@ -1,6 +1,7 @@
 """Planner properties (one process, loop over ranks): coverage, caps, delivery, matchings, determinism."""
 
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -312,6 +313,30 @@ def test_alternatives_skipped_by_their_work_bound_would_not_have_won(monkeypatch
         monkeypatch.setattr(planner, "BOUND_SLACK", 0.05)
     offered, placed = sum(x for x in built if x > 0), built.count(-1)
     assert placed < offered, built  # the pruned runs skipped some (the exhaustive ones place all of them)
+
+
+def test_the_planner_runs_each_plan_in_the_stage_count_its_timeline_finds_fastest():
+    """With ``max_stages=N`` a plan runs in N, N/2 or N/4 stages, whichever its timeline finds fastest: never
+    slower (modelled) than the same plan in N stages, never more than N stages, and not always N."""
+    from hf_fcp.plan.cost import kernel_for
+    from hf_fcp.plan.planner import choose_execution
+    from hf_fcp.plan.schedule import layer_time
+    from hf_fcp.simulate import get_model, load_cluster, parse_distribution
+    from hf_fcp.simulate.engine import planner_model
+    from hf_fcp.workloads import make_batches
+
+    counts = set()
+    for world, dist in ((16, "lognormal"), (32, "stdlib"), (32, "bimodal")):
+        machine = planner_model(get_model("llama3-8b"), load_cluster("h200"), world)
+        kernel = kernel_for("kernel", machine["kernel_cost"])
+        for lens in make_batches(parse_distribution(dist), world_size=world, tokens_per_rank=8192, steps=2, seed=4):
+            plan = plan_batch(lens, world_size=world, block_size=2048, tokens_per_rank=8192, max_stages=16, **machine)
+            assert len(plan.stages) <= 16 and plan.settings.max_stages == 16
+            cap_per_stage = -(-plan.num_rounds // 16)
+            counts.add(plan.settings.rounds_per_stage == cap_per_stage)
+            at_cap = replace(plan, settings=replace(plan.settings, rounds_per_stage=cap_per_stage))
+            assert layer_time(plan, kernel) <= layer_time(choose_execution(at_cap), kernel) * (1 + 1e-9)
+    assert counts == {True, False}, counts  # some plans keep the cap's count, some run in fewer stages
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

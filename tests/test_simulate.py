@@ -190,10 +190,12 @@ def test_every_strategy_covers_every_token_once(name, seed):
 
 def test_magi_gets_fcps_settings_execution_colouring_and_chunks():
     """magi's plans are scheduled exactly as fcp's: the same planner settings (the machine's model), its
-    rounds coalesced into the same number of stages, the execution and colouring chosen by
-    ``planner.schedule``, and one candidate per block size fcp tries."""
+    rounds coalesced into at most the same number of stages, the execution and colouring chosen by
+    ``planner.schedule`` and the stage count by ``planner.choose_stages``, and one candidate per block size
+    fcp tries."""
     from hf_fcp.plan.candidates import tried_blocks
-    from hf_fcp.plan.planner import schedule
+    from hf_fcp.plan.cost import kernel_for
+    from hf_fcp.plan.planner import choose_stages, schedule
     from hf_fcp.plan.rounds import colour_rounds, needed_pieces
     from hf_fcp.simulate.engine import planner_model
 
@@ -206,9 +208,12 @@ def test_magi_gets_fcps_settings_execution_colouring_and_chunks():
         plan = cand.plan
         assert plan.settings == PlanSettings(**options, max_stages=2, rounds_per_stage=plan.settings.rounds_per_stage)
         transfers, rounds = colour_rounds(needed_pieces([list(x) for x in plan.rank_spans]))
-        assert plan.settings.max_stages == 2 and plan.settings.rounds_per_stage == -(-rounds // 2)
-        expect = schedule(replace(plan, transfers=transfers, num_rounds=rounds))
-        assert (expect.transfers, expect.fused, expect.overlap) == (plan.transfers, plan.fused, plan.overlap)
+        assert plan.settings.max_stages == 2 and plan.settings.rounds_per_stage in (-(-rounds // 2), rounds)
+        nominal = replace(plan.settings, rounds_per_stage=-(-rounds // 2))
+        expect = choose_stages(schedule(replace(plan, transfers=transfers, num_rounds=rounds, settings=nominal)),
+                               kernel_for("kernel", options["kernel_cost"]))
+        assert (expect.transfers, expect.fused, expect.overlap, expect.settings) == (
+            plan.transfers, plan.fused, plan.overlap, plan.settings)
         assert expect.transfers != transfers or plan.num_rounds < 2  # the colouring was chosen, not the graph's
 
 

@@ -46,6 +46,16 @@ class Transfer(NamedTuple):
         return sum(end - start for _, start, end in self.pieces)
 
 
+def transfer_tokens(transfers) -> list[int]:
+    """``[t.tokens for t in transfers]``, computed in one pass (the planner's hot path: most messages
+    carry one span)."""
+    out = []
+    for t in transfers:
+        p = t.pieces
+        out.append(p[0][2] - p[0][1] if len(p) == 1 else sum([b - a for _, a, b in p]))
+    return out
+
+
 class WindowPlan(NamedTuple):
     """The exchange of a layer kind with a sliding ``window``: its messages and congestion-free rounds."""
 
@@ -202,8 +212,9 @@ class FCPPlan:
         w = self.world_size
         mat = np.zeros((w, w), dtype=np.int64)
         if not self.collective:
-            for t in self.transfers:
-                mat[t.src, t.dst] += t.tokens
+            if self.transfers:
+                src, dst, _, _ = zip(*self.transfers)
+                np.add.at(mat, (np.array(src), np.array(dst)), np.array(transfer_tokens(self.transfers), np.int64))
             return mat
         n = len(self.seq_lens)
         tok = np.zeros((w, n), dtype=np.float64)

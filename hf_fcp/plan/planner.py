@@ -29,6 +29,11 @@ from .schedule import MARGIN, SEARCH_WORK, choose_schedule, layer_time, search_w
 from .settings import PlanSettings, settings_from
 
 _SIMPLE = {"ring": place_ring, "allgather": place_allgather, "packing": place_packing}
+STAGE_CHOICES = 3
+"""Stage counts :func:`choose_stages` compares: ``max_stages`` and that halved, ``STAGE_CHOICES − 1`` times.
+In the simulator the fastest count of 4-32 stages was 4 for one W=64 batch and 8-32 for the others
+(W = 16-256 on lognormal, stdlib, paper, bimodal and light batches of seed 3), and the planner's timeline
+picked the simulator's fastest count or one within 0.5% of it."""
 BOUND_SLACK = 0.05
 """An alternative placement is skipped when its work bound is this much above the fastest plan so far. The
 bound (:func:`.candidates.work_bound`) is a lower bound of the timeline's layer time up to kernel-tile
@@ -85,8 +90,8 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
         if small:  # within the search budget: blocks finer than a quarter rank too, and the simple placements
             finer = [greedy(b) for b in tried_blocks(block, cap, world, lens)[1:]]
             spans = choose([spans, *finer, *simple], settings, kernel)
-        plan = make_plan(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
-                         settings=settings, started=t0)
+        plan = _build(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
+                      settings=settings)
         in_group = lambda g_lens, ranks, g_cap: place_fcp(g_lens, ranks, block, g_cap,  # noqa: E731
                                                           locality=float(settings.locality), kernel=kernel,
                                                           fused=fused, layers=settings.attention_layers)
@@ -105,8 +110,8 @@ def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
     (:func:`.candidates.work_bound`, known before or after it is placed) is more than :data:`BOUND_SLACK`
     above the fastest so far is neither placed nor planned. Models with sliding-window layers keep
     ``plan`` (the timeline prices full attention only)."""
-    if not others or any(w is not None for w, _ in plan.settings.attention_layers):
-        return plan
+    if any(w is not None for w, _ in plan.settings.attention_layers):
+        return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
     best, best_t = plan, layer_time(plan, kernel)
     for option in others:
         if option.bound is not None and option.bound > best_t * (1 + BOUND_SLACK):
@@ -114,12 +119,12 @@ def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
         spans = option.build()
         if spans is None or work_bound(spans, kernel) > best_t * (1 + BOUND_SLACK):
             continue
-        alt = make_plan(plan.seq_lens, spans, world_size=plan.world_size, block_size=plan.block_size,
-                        tokens_per_rank=plan.tokens_per_rank, strategy=plan.strategy, settings=plan.settings)
+        alt = _build(plan.seq_lens, spans, world_size=plan.world_size, block_size=plan.block_size,
+                     tokens_per_rank=plan.tokens_per_rank, strategy=plan.strategy, settings=plan.settings)
         t = layer_time(alt, kernel)
         if t < best_t * (1 - MARGIN):
             best, best_t = alt, t
-    return replace(best, plan_ms=(time.perf_counter() - t0) * 1e3)
+    return replace(choose_stages(best, kernel, best_t), plan_ms=(time.perf_counter() - t0) * 1e3)
 
 
 def _runs_fused(spans, settings: PlanSettings, kernel) -> bool:
@@ -133,17 +138,28 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
     """Build an :class:`FCPPlan` from any placement (used by the strategies of ``hf_fcp.simulate`` too).
 
     ``spans[r]`` lists rank r's ``(seq, start, end)`` ranges in local order; together they must cover
-    every token once. ``comm="p2p"``: targeted sends of the causally needed KV in Δ coloured rounds;
+    every token once. ``comm="p2p"``: targeted sends of the causally needed KV in Δ coloured rounds, in
+    the number of stages :func:`choose_stages` picks when ``settings.max_stages`` is set;
     ``comm="collective"``: ring / all-gather traffic (every shared sequence's chunks to every holder).
     """
     t0 = time.perf_counter() if started is None else started
+    plan = _build(seq_lens, spans, world_size=world_size, block_size=block_size, tokens_per_rank=tokens_per_rank,
+                  strategy=strategy, comm=comm, settings=settings)
+    if not plan.collective and not any(w is not None for w, _ in plan.settings.attention_layers):
+        plan = choose_stages(plan, kernel_for(plan.settings.balance, plan.settings.kernel_cost))
+    return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def _build(seq_lens, spans, *, world_size: int, block_size: int, tokens_per_rank: int, strategy: str,
+           comm: str = "p2p", settings: PlanSettings | None = None) -> FCPPlan:
+    """:func:`make_plan` with ``settings.max_stages`` stages (at most), the count not chosen."""
     if comm == "collective":
         transfers, rounds = (), (world_size - 1 if any(len(_holders(spans).get(s, ())) > 1
                                                        for s in range(len(seq_lens))) else 0)
     elif comm == "p2p":
         transfers, rounds = colour_rounds(needed_pieces(spans))
         if settings is not None and settings.max_stages:
-            settings = replace(settings, rounds_per_stage=max(1, -(-rounds // settings.max_stages)))
+            settings = replace(settings, rounds_per_stage=_per_stage(rounds, settings.max_stages))
     else:
         raise ValueError(f"comm: got {comm!r}, expected 'p2p' or 'collective'")
     settings = settings or PlanSettings()
@@ -152,7 +168,38 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
                    tokens_per_rank=tokens_per_rank, strategy=strategy, rank_spans=tuple(tuple(s) for s in spans),
                    transfers=transfers, num_rounds=rounds, settings=settings, collective=comm == "collective",
                    windows=windows)
-    return replace(schedule(plan), plan_ms=(time.perf_counter() - t0) * 1e3)
+    return schedule(plan)
+
+
+def _per_stage(rounds: int, stages: int) -> int:
+    """``rounds_per_stage`` that runs ``rounds`` rounds in at most ``stages`` stages."""
+    return max(1, -(-rounds // stages))
+
+
+def choose_stages(plan: FCPPlan, kernel, time_now: float | None = None) -> FCPPlan:
+    """``plan`` run in the number of communication stages its timeline (:func:`.schedule.layer_time`)
+    finds fastest among ``max_stages``, half and a quarter of it (:data:`STAGE_CHOICES` counts): more
+    stages start computing on the first K/V sooner, fewer pay fewer segment set-ups. The new count gets
+    its execution and, within the search budget, its colouring chosen again. Plans without
+    ``max_stages``, without rounds or with sliding-window layers keep theirs. ``time_now``: ``plan``'s
+    layer time, when known."""
+    cap, rounds = plan.settings.max_stages, plan.num_rounds
+    if not cap or rounds < 2 or plan.collective or any(w is not None for w, _ in plan.settings.attention_layers):
+        return plan
+    best, best_t = plan, layer_time(plan, kernel) if time_now is None else time_now
+    tried = {plan.settings.rounds_per_stage}
+    for k in range(1, STAGE_CHOICES):
+        per = _per_stage(rounds, max(1, cap >> k))
+        if per in tried:
+            continue
+        tried.add(per)
+        alt = choose_execution(replace(plan, settings=replace(plan.settings, rounds_per_stage=per)))
+        t = layer_time(alt, kernel)
+        if t < best_t * (1 - MARGIN):
+            best, best_t = alt, t
+    if best is plan or search_work(best) > SEARCH_WORK:
+        return best
+    return choose_schedule(best, needed_pieces([list(x) for x in best.rank_spans]), kernel)
 
 
 def schedule(plan: FCPPlan) -> FCPPlan:

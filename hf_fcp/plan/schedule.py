@@ -23,7 +23,7 @@ import numpy as np
 from . import timeline
 from .cost import KernelCost, segment_parts
 from .execution import held_runs
-from .fcp_plan import FCPPlan, Transfer
+from .fcp_plan import FCPPlan, Transfer, transfer_tokens
 from .rounds import colour_rounds
 
 ORDERS = 8
@@ -59,7 +59,10 @@ def layer_times(plans: list[FCPPlan], work: "StageWork") -> np.ndarray:
 
 
 def _messages(plan: FCPPlan) -> list[Message]:
-    return [(t.src, t.dst, sum(b - a for _, a, b in t.pieces), t.round) for t in plan.transfers]
+    if not plan.transfers:
+        return []
+    src, dst, rounds, _ = zip(*plan.transfers)
+    return list(zip(src, dst, transfer_tokens(plan.transfers), rounds))
 
 
 def _times(candidates: list[list[Message]], plan: FCPPlan, work: "StageWork") -> np.ndarray:

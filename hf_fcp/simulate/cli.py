@@ -23,7 +23,7 @@ from ..workloads import parse_distribution
 from .cluster import load_cluster
 from .models import MODELS, get_model
 from .runner import SWEEP_BLOCK_SIZES, Report, SimSettings, run, speedups
-from .strategies import STRATEGY_NAMES
+from .strategies import STAGES, STRATEGY_NAMES
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -96,8 +96,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cp-size", type=_cp_size, default="best", metavar="best|min|N",
                    help="CP group of ring/allgather/wlb/magi: the fastest per batch (best, default), the smallest "
                         "holding the longest sequence (min) or N")
-    p.add_argument("--stages", type=int, default=4, metavar="N",
-                   help="communication stages of fcp and magi (rounds coalesced; 0 = one per round; default 4)")
+    p.add_argument("--stages", type=int, default=STAGES, metavar="N",
+                   help="communication stages of fcp and magi, at most: each plan runs in N, N/2 or N/4 stages, "
+                        f"whichever its timeline finds fastest (0 = one per round; default {STAGES})")
     p.add_argument("--fcp-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="fcp planner option (hf_fcp.PlanSettings), e.g. locality=1.0; repeatable")
     p.add_argument("--seed", type=int, default=0, help="batch seed (default 0)")
@@ -138,7 +139,7 @@ def format_report(report: Report) -> str:
     """The comparison table (fcp's speedup per strategy) or, for a block sweep, the sweep table."""
     s = report.settings
     head = (f"{s.distribution.name} on {s.cluster.name} · {s.model.name} · {s.tokens_per_rank} tokens/rank · "
-            f"{s.steps} step(s) · cp size {s.cp_size} · {s.stages or 'per-round'} stages")
+            f"{s.steps} step(s) · cp size {s.cp_size} · {f'at most {s.stages}' if s.stages else 'per-round'} stages")
     lines = [head, ""]
     if s.block_sizes:
         lines += _sweep_table(report)

@@ -54,7 +54,7 @@ from .segments import (
     prefix_segments,
     ring_schedule,
 )
-from .strategies import FIXED_CP, Candidate, build, cp_sizes
+from .strategies import FIXED_CP, STAGES, Candidate, build, cp_sizes
 
 
 @dataclass(kw_only=True)
@@ -292,7 +292,7 @@ def comm_floor_s(name: str, lens, world: int, cap: int, c: int, model: Attention
 
 
 def simulate_strategy(name: str, lens, *, world_size: int, block_size: int, tokens_per_rank: int,
-                      model: AttentionModel, cluster: Cluster, cp_size: str | int = "best", stages: int = 4,
+                      model: AttentionModel, cluster: Cluster, cp_size: str | int = "best", stages: int = STAGES,
                       fcp_options: dict | None = None, trace_rank: int | None = None) -> SimResult:
     """Build ``name``'s candidate plan(s) for one batch (:func:`.strategies.build`) and time them; the
     fastest wins. ``cp_size="best"`` tries the fixed-CP strategies at every CP size of

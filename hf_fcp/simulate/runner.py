@@ -14,7 +14,7 @@ from ..workloads import Distribution, make_batches
 from .cluster import Cluster
 from .engine import SimResult, ideal_step_s, simulate, simulate_strategy
 from .models import BWD_FLOP_RATIO, AttentionModel
-from .strategies import STRATEGY_NAMES, NotApplicable, build
+from .strategies import STAGES, STRATEGY_NAMES, NotApplicable, build
 
 SWEEP_BLOCK_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 JSON_KEYS = ("strategy", "world_size", "attention_mfu", "step_ms", "compute_imbalance", "comm_imbalance",
@@ -48,8 +48,9 @@ class SimSettings:
     cp_size: str | int = "best"
     """CP group size of ring/allgather/wlb/magi: "best" (the fastest per batch, the default: every baseline
     at its best), "min" (the smallest holding the longest sequence) or an integer."""
-    stages: int = 4
-    """Communication stages of fcp and magi (rounds coalesced; 0 = one stage per round)."""
+    stages: int = STAGES
+    """Communication stages of fcp and magi, at most (rounds coalesced, the count chosen per plan; 0 = one stage
+    per round)."""
     fcp_options: dict = field(default_factory=dict)
     """Planner options for fcp (``hf_fcp.PlanSettings`` fields, e.g. ``{"locality": 1.0}``)."""
 

@@ -74,6 +74,9 @@ def _put(spans: list[list[Span]], s: int, pieces) -> None:
 
 
 COLLECTIVE_SETTINGS = PlanSettings(fusion="none", overlap="always")  # ring-style plans: every sequence split
+STAGES = 16
+"""Communication stages of fcp and magi, at most (``PlanSettings.max_stages``): each plan runs in the count of
+16, 8 or 4 its timeline finds fastest (:func:`hf_fcp.plan.planner.choose_stages`); 0 = one stage per round."""
 
 
 def _finish(lens, spans, world, block, cap, name, schedule, cp=1, comm="collective",
@@ -147,14 +150,14 @@ def _zigzag_concat(docs: list[tuple[int, int]], ranks: list[int], out: list[list
         pos += n
 
 
-def magi(lens, world, block, cap, *, cp_size="min", stages=4, fcp_options=None, **_) -> list[Candidate]:
+def magi(lens, world, block, cap, *, cp_size="min", stages=STAGES, fcp_options=None, **_) -> list[Candidate]:
     """MagiAttention (SandAI 2025, github.com/SandAI-org/MagiAttention): the group's packed sequence is
     cut into equal chunks, dispatched with a min-heap so every rank of the fixed CP group gets the same
     number of chunks and a balanced mask area; only the needed K/V is sent (GroupCast, here the coloured
-    P2P rounds), overlapped in ``stages`` stages (its multi-stage overlap). It gets what fcp gets: the
-    planner settings of ``fcp_options`` (the same kernel, link and overlap model), the execution (fused or
-    split, overlapped or exchange first) and colouring of its rounds chosen the way fcp's are
-    (:func:`hf_fcp.plan.planner.schedule`), and one candidate per chunk size fcp tries
+    P2P rounds), overlapped in at most ``stages`` stages (its multi-stage overlap). It gets what fcp gets:
+    the planner settings of ``fcp_options`` (the same kernel, link and overlap model), the execution (fused
+    or split, overlapped or exchange first), stage count and colouring of its rounds chosen the way fcp's
+    are (:func:`hf_fcp.plan.planner.make_plan`), and one candidate per chunk size fcp tries
     (:func:`hf_fcp.plan.candidates.tried_blocks`; the engine keeps the fastest). Simplified: no dynamic
     solver, no Q/O communication; groups are data parallel, filled by tokens."""
     settings = settings_from(None, {**(fcp_options or {}), "max_stages": stages})
@@ -217,10 +220,11 @@ def _contiguous(n: int, room: np.ndarray) -> list[tuple[int, int, int]]:
     return out
 
 
-def fcp(lens, world, block, cap, *, stages=4, fcp_options=None, **_) -> list[Candidate]:
+def fcp(lens, world, block, cap, *, stages=STAGES, fcp_options=None, **_) -> list[Candidate]:
     """This library's planner (``plan_batch(strategy="fcp", **fcp_options)``; default options unless
     given): blocks of every sequence bin-packed over all ranks, targeted P2P K/V sends in congestion-free
-    rounds, coalesced into at most ``stages`` communication stages (``max_stages``; 0: one per round)."""
+    rounds, coalesced into at most ``stages`` communication stages (``max_stages``, the count chosen by
+    the planner; 0: one per round)."""
     plan = plan_batch(list(lens), world_size=world, block_size=block, tokens_per_rank=cap,
                       **{**(fcp_options or {}), "max_stages": stages})
     return [Candidate(plan=plan, schedule="p2p")]
@@ -240,7 +244,7 @@ BUILDERS = {"fcp": fcp, "ring": ring, "allgather": allgather, "bytescale": bytes
 
 
 def build(name: str, lens, *, world_size: int, block_size: int, tokens_per_rank: int, cp_size: str | int = "min",
-          stages: int = 4, fcp_options: dict | None = None) -> list[Candidate]:
+          stages: int = STAGES, fcp_options: dict | None = None) -> list[Candidate]:
     """Candidate plans of strategy ``name`` for one batch; the engine times them all and keeps the fastest
     (WLB-LLM's adaptive sharding; every CP size of ``cp_sizes``). ``stages``: communication stages of the
     p2p strategies (fcp, magi); ``fcp_options``: planner options of fcp (``hf_fcp.PlanSettings``)."""
