@@ -25,7 +25,7 @@ from .execution import RankChoices, execution, remote_stages
 from .fcp_plan import FCPPlan, Span, WindowPlan
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
-from .schedule import MARGIN, SEARCH_WORK, choose_schedule, layer_time, search_work
+from .schedule import MARGIN, SEARCH_WORK, StageWork, choose_schedule, layer_time, search_work
 from .settings import PlanSettings, settings_from
 
 _SIMPLE = {"ring": place_ring, "allgather": place_allgather, "packing": place_packing}
@@ -112,7 +112,8 @@ def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
     ``plan`` (the timeline prices full attention only)."""
     if any(w is not None for w, _ in plan.settings.attention_layers):
         return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
-    best, best_t = plan, layer_time(plan, kernel)
+    work = StageWork(plan, kernel)
+    best, best_t, best_work = plan, layer_time(plan, kernel, work), work
     for option in others:
         if option.bound is not None and option.bound > best_t * (1 + BOUND_SLACK):
             continue
@@ -121,10 +122,11 @@ def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
             continue
         alt = _build(plan.seq_lens, spans, world_size=plan.world_size, block_size=plan.block_size,
                      tokens_per_rank=plan.tokens_per_rank, strategy=plan.strategy, settings=plan.settings)
-        t = layer_time(alt, kernel)
+        work = StageWork(alt, kernel)
+        t = layer_time(alt, kernel, work)
         if t < best_t * (1 - MARGIN):
-            best, best_t = alt, t
-    return replace(choose_stages(best, kernel, best_t), plan_ms=(time.perf_counter() - t0) * 1e3)
+            best, best_t, best_work = alt, t, work
+    return replace(choose_stages(best, kernel, (best_t, best_work)), plan_ms=(time.perf_counter() - t0) * 1e3)
 
 
 def _runs_fused(spans, settings: PlanSettings, kernel) -> bool:
@@ -176,25 +178,28 @@ def _per_stage(rounds: int, stages: int) -> int:
     return max(1, -(-rounds // stages))
 
 
-def choose_stages(plan: FCPPlan, kernel, time_now: float | None = None) -> FCPPlan:
+def choose_stages(plan: FCPPlan, kernel, known: tuple[float, StageWork] | None = None) -> FCPPlan:
     """``plan`` run in the number of communication stages its timeline (:func:`.schedule.layer_time`)
     finds fastest among ``max_stages``, half and a quarter of it (:data:`STAGE_CHOICES` counts): more
     stages start computing on the first K/V sooner, fewer pay fewer segment set-ups. The new count gets
     its execution and, within the search budget, its colouring chosen again. Plans without
-    ``max_stages``, without rounds or with sliding-window layers keep theirs. ``time_now``: ``plan``'s
-    layer time, when known."""
+    ``max_stages``, without rounds or with sliding-window layers keep theirs. ``known``: ``plan``'s layer
+    time and :class:`.schedule.StageWork`, when known (the work depends on the execution, not the stages)."""
     cap, rounds = plan.settings.max_stages, plan.num_rounds
     if not cap or rounds < 2 or plan.collective or any(w is not None for w, _ in plan.settings.attention_layers):
         return plan
-    best, best_t = plan, layer_time(plan, kernel) if time_now is None else time_now
-    tried = {plan.settings.rounds_per_stage}
+    works = {plan.fused: StageWork(plan, kernel) if known is None else known[1]}
+    best, best_t = plan, layer_time(plan, kernel, works[plan.fused]) if known is None else known[0]
+    tried, link = {plan.settings.rounds_per_stage}, _link_tokens(plan)
     for k in range(1, STAGE_CHOICES):
         per = _per_stage(rounds, max(1, cap >> k))
         if per in tried:
             continue
         tried.add(per)
-        alt = choose_execution(replace(plan, settings=replace(plan.settings, rounds_per_stage=per)))
-        t = layer_time(alt, kernel)
+        alt = choose_execution(replace(plan, settings=replace(plan.settings, rounds_per_stage=per)), link)
+        if alt.fused not in works:
+            works[alt.fused] = StageWork(alt, kernel)
+        t = layer_time(alt, kernel, works[alt.fused])
         if t < best_t * (1 - MARGIN):
             best, best_t = alt, t
     if best is plan or search_work(best) > SEARCH_WORK:
@@ -214,16 +219,16 @@ def schedule(plan: FCPPlan) -> FCPPlan:
     return choose_schedule(plan, needed_pieces([list(x) for x in plan.rank_spans]), kernel)
 
 
-def choose_execution(plan: FCPPlan) -> FCPPlan:
+def choose_execution(plan: FCPPlan, link: np.ndarray | None = None) -> FCPPlan:
     """``plan`` with the execution its settings and the model choose (``overlap``, ``fused``;
     :func:`.execution.execution`) — again after a change of ``rounds_per_stage``, which changes how many
-    segments a split sequence runs."""
+    segments a split sequence runs. ``link``: its per-rank link tokens (:func:`_link_tokens`), when known."""
     settings = plan.settings
     kernel = kernel_for(settings.balance, settings.kernel_cost)
     spans = [list(x) for x in plan.rank_spans]
     segments = remote_stages(plan.transfers, settings.rounds_per_stage)
     _, _, split, overlap = execution(RankChoices(spans, kernel, settings.attention_layers, segments),
-                                     _link_tokens(plan), settings, kernel)
+                                     _link_tokens(plan) if link is None else link, settings, kernel)
     fused = () if settings.fusion == "none" else tuple(frozenset(s for s, _, _ in x) - skip
                                                          for x, skip in zip(spans, split))
     return replace(plan, fused=fused, overlap=overlap)
