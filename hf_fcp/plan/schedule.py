@@ -14,17 +14,16 @@ the kernel model, a message's time its tokens × ``link_cost`` — ``node_link_c
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import replace
 
 import numpy as np
 
 from . import timeline
-from .cost import KernelCost, segment_parts
-from .execution import held_runs
+from .cost import KernelCost
 from .fcp_plan import FCPPlan, Transfer, transfer_tokens
 from .rounds import colour_rounds
+from .segments import RemoteSegments, Spans, local_segments, pieces_of, priced
 
 ORDERS = 8
 """Colourings tried: the message graph's order, reversed, by size both ways, and seeded shuffles."""
@@ -103,83 +102,26 @@ def slot_work(plan: FCPPlan, kernel: KernelCost, work: "StageWork | None" = None
 
 class StageWork:
     """The kernel work of a placement run as ``plan.fused`` says, ready to be laid out in the stages of any
-    colouring of its messages: per rank the work that needs no remote K/V, each fused run with the ranks
-    whose messages it waits for, each split sequence with the pieces it receives, by sender."""
+    colouring of its messages: the rank's segments of :mod:`.segments` (the description the simulator
+    times), priced with the kernel model."""
 
     def __init__(self, plan: FCPPlan, kernel: KernelCost):
         self.kernel, self.world = kernel, plan.world_size
-        got: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # (rank, seq) -> (sender, start, end)
-        for t in plan.transfers:
-            for s, a, b in t.pieces:
-                got.setdefault((t.dst, s), []).append((t.src, a, b))
-        self.local = np.zeros((2, self.world))
-        self.fused: list[tuple[int, float, float, frozenset[int]]] = []
-        self.split: list[tuple[int, list[tuple[int, int]], list[tuple[int, int, int]]]] = []
-        self._stage_cost: dict[tuple[int, frozenset[int]], np.ndarray] = {}
-        for r, spans in enumerate(plan.rank_spans):
-            fused = plan.fused_on(r)
-            for s, runs in held_runs(spans).items():
-                pieces = got.get((r, s), [])
-                if s not in fused:
-                    held = sum(b - a for a, b in runs)
-                    self.local[:, r] += _parts(held, held, True, kernel)
-                    if pieces:
-                        self.split.append((r, runs, pieces))
-                    continue
-                for a, b in runs:
-                    senders = frozenset(src for src, _, d in pieces if d <= a)
-                    f, bw = _parts(b - a, b, True, kernel)
-                    if senders:
-                        self.fused.append((r, f, bw, senders))
-                    else:
-                        self.local[:, r] += (f, bw)
+        spans, pieces = Spans.of(plan), pieces_of(plan)
+        self.message = pieces[:, 0] * self.world + pieces[:, 1]  # (src, dst) of each piece
+        self.remote = RemoteSegments(spans, pieces)
+        self.local = priced(local_segments(spans), kernel, self.world, 1)
 
     def arrays(self, stage_of: dict[tuple[int, int], int], nstages: int) -> tuple[np.ndarray, np.ndarray]:
         """:func:`slot_work` for the colouring whose message ``(src, dst)`` goes in stage ``stage_of[src, dst]``."""
-        out = np.zeros((2, self.world, 1 + nstages))
-        out[:, :, 0] = self.local
-        for r, f, b, senders in self.fused:
-            slot = 1 + max(stage_of[src, r] for src in senders)
-            out[0, r, slot] += f
-            out[1, r, slot] += b
-        for i, (r, _, pieces) in enumerate(self.split):
-            by_stage: dict[int, set[int]] = {}
-            for src, _, _ in pieces:
-                by_stage.setdefault(stage_of[src, r], set()).add(src)
-            for st, senders in by_stage.items():
-                out[:, r, 1 + st] += self._split_cost(i, frozenset(senders))
-        return out[0], out[1]
-
-    def _split_cost(self, i: int, senders: frozenset[int]) -> np.ndarray:
-        """(forward, backward) work of split entry ``i``'s segments against the pieces of ``senders``."""
-        key = (i, senders)
-        if key not in self._stage_cost:
-            _, runs, pieces = self.split[i]
-            got = sorted((a, b) for src, a, b in pieces if src in senders)
-            self._stage_cost[key] = sum((np.asarray(_parts(q, k, False, self.kernel)) for q, k in
-                                         _split_segments(runs, got)), np.zeros(2))
-        return self._stage_cost[key]
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _parts(q: int, k: int, causal: bool, kernel: KernelCost) -> tuple[float, float]:
-    return segment_parts(q, k, causal, kernel)
-
-
-def _split_segments(runs, pieces) -> list[tuple[int, int]]:
-    """(queries, keys) of a split sequence's segments against one stage's pieces: runs that see the same
-    pieces share one."""
-    out, q, keys = [], 0, 0
-    for a, b in runs:
-        k = sum(d - c for c, d in pieces if d <= a)
-        if k != keys:
-            if keys:
-                out.append((q, keys))
-            q, keys = 0, k
-        q += b - a
-    if keys:
-        out.append((q, keys))
-    return out
+        keys = np.fromiter((s * self.world + d for s, d in stage_of), np.int64, len(stage_of))
+        order = np.argsort(keys)
+        stage = np.fromiter(stage_of.values(), np.int64, len(stage_of))[order][
+            np.searchsorted(keys[order], self.message)]
+        fwd, bwd = priced(self.remote.segments(stage, nstages, True), self.kernel, self.world, 1 + nstages)
+        fwd[:, :1] += self.local[0]
+        bwd[:, :1] += self.local[1]
+        return fwd, bwd
 
 
 def search_work(plan: FCPPlan) -> int:
