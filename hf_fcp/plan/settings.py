@@ -50,9 +50,10 @@ class PlanSettings:
     rounds_per_stage: int = field(default=1, metadata={
         "help": "Coalesce this many consecutive congestion-free rounds into one communication stage (>= 1)."})
     max_stages: int = 0
-    """0: stages of ``rounds_per_stage`` rounds. N ≥ 1: coalesce each plan's rounds into at most N stages
-    (its ``rounds_per_stage`` becomes ``ceil(rounds / N)``, the value the plan's settings then hold), so
-    the placements the planner compares are each priced with the stages they will run in."""
+    """0: stages of ``rounds_per_stage`` rounds. N ≥ 1: coalesce each plan's rounds into at most N stages:
+    the placements the planner compares are priced in N stages (``rounds_per_stage`` = ``ceil(rounds / N)``),
+    and the plan it keeps runs in N, N/2 or N/4 stages, whichever its timeline finds fastest (the plan's
+    settings then hold that ``rounds_per_stage``)."""
     locality: float = 0.5
     """fcp only: keep a sequence's next block on the rank holding its neighbour while that rank still
     needs at least ``locality`` × the work of the neediest rank (0 = always, 1 = never prefer locality)."""
