@@ -285,34 +285,45 @@ def test_the_planner_never_models_slower_than_the_grouped_placements():
     assert any(picked) and not all(picked), picked
 
 
-def test_alternatives_skipped_by_their_work_bound_would_not_have_won(monkeypatch):
-    """The planner skips a grouped alternative whose work bound is clearly above the fastest plan so far,
-    before placing it; every plan is the one the exhaustive comparison (no bound) keeps, and some
-    alternatives are skipped (the small groups of a long-document batch: their busiest group is far above
-    the mean)."""
-    from hf_fcp.plan import candidates, planner
+def test_alternatives_skipped_by_their_lower_bound_could_not_have_won(monkeypatch):
+    """The planner skips a grouped alternative whose lower bound is above the fastest plan so far, before
+    placing it: every plan is the one the exhaustive comparison keeps, and some alternatives are skipped
+    (the small groups of a long-document batch: their busiest group is far above the mean). The bound
+    never exceeds the layer time."""
+    from hf_fcp.plan import candidates, make_plan, planner
+    from hf_fcp.plan.cost import kernel_for
+    from hf_fcp.plan.placement import place_fcp
+    from hf_fcp.plan.schedule import layer_time
     from hf_fcp.simulate import get_model, load_cluster, parse_distribution
     from hf_fcp.simulate.engine import planner_model
     from hf_fcp.workloads import make_batches
 
     machine = planner_model(get_model("llama3-70b"), load_cluster("h200"), 32)
+    kernel = kernel_for("kernel", machine["kernel_cost"])
     built, real = [], candidates.grouped_options
 
-    def counted(*args):
+    def counted(*args, bounds=True):
         options = real(*args)
         built.append(len(options))
-        return [candidates.Option(o.bound, lambda o=o: built.append(-1) or o.build()) for o in options]
+        return [candidates.Option(o.bound if bounds else None, lambda o=o: built.append(-1) or o.build())
+                for o in options]
 
     monkeypatch.setattr(planner, "grouped_options", counted)
     for dist in ("lognormal", "light"):
         lens = make_batches(parse_distribution(dist), world_size=32, tokens_per_rank=8192, steps=1, seed=5)[0]
         kw = dict(world_size=32, block_size=2048, tokens_per_rank=8192, max_stages=4, **machine)
         pruned = plan_batch(lens, **kw)
-        monkeypatch.setattr(planner, "BOUND_SLACK", float("inf"))
-        assert plan_batch(lens, **kw).fingerprint == pruned.fingerprint, dist
-        monkeypatch.setattr(planner, "BOUND_SLACK", 0.05)
+        with monkeypatch.context() as m:  # no bounds: every option placed and planned
+            m.setattr(planner, "work_bound", lambda spans, kernel: None)
+            m.setattr(planner, "grouped_options", lambda *args: counted(*args, bounds=False))
+            assert plan_batch(lens, **kw).fingerprint == pruned.fingerprint, dist
+        greedy = lambda g, ranks, cap: place_fcp(g, ranks, 2048, cap, kernel=kernel)  # noqa: E731
+        for spans in [pruned.rank_spans, *candidates.grouped(lens, 32, 8192, 2048, 8, greedy)]:
+            alt = make_plan(tuple(lens), [list(x) for x in spans], world_size=32, block_size=2048,
+                            tokens_per_rank=8192, strategy="fcp", settings=pruned.settings)
+            assert candidates.work_bound(alt.rank_spans, kernel) <= layer_time(alt, kernel)
     offered, placed = sum(x for x in built if x > 0), built.count(-1)
-    assert placed < offered, built  # the pruned runs skipped some (the exhaustive ones place all of them)
+    assert placed < offered, built  # the bounded runs skipped some (the unbounded ones place all of them)
 
 
 def test_the_planner_runs_each_plan_in_the_stage_count_its_timeline_finds_fastest():

@@ -18,8 +18,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .baseline_placements import merge_sorted, place_allgather, place_dispatch, place_ring, zigzag
-from .cost import KernelCost, run_cost
-from .execution import RankChoices, execution, held_runs, link_tokens, remote_sources
+from .cost import KernelCost
+from .execution import RankChoices, execution, link_tokens, remote_sources
 from .fcp_plan import imbalance
 from .rounds import needed_pieces
 from .search import polish
@@ -133,8 +133,8 @@ def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[li
 
 class Option(NamedTuple):
     """A candidate placement not built yet: ``build()`` returns it (None when it puts more than the cap on
-    a rank); ``bound`` is a lower bound of its modelled layer time (:func:`work_bound`; None: not known
-    before it is built)."""
+    a rank); ``bound`` is a lower bound of its modelled layer time, known before it is placed
+    (:func:`work_bound` of its busiest group spread evenly; None: not known)."""
 
     bound: float | None
     build: Callable[[], "list[list[Span]] | None"]
@@ -143,16 +143,17 @@ class Option(NamedTuple):
 def grouped_options(lens, world: int, cap: int, block: int, node: int, place, kernel: KernelCost | None
                     ) -> list[Option]:
     """:func:`grouped`'s placements as :class:`Option` s; those restricted to groups carry a bound known
-    before their ranks are placed (the busiest group's work spread evenly over its ranks; ``kernel``:
-    the planner's kernel model, None for no bounds)."""
+    before their ranks are placed (the causal pairs of the busiest group spread evenly over its ranks;
+    ``kernel``: the planner's kernel model, None for no bounds)."""
     within = lambda x: x if max(sum(e - a for _, a, e in spans) for spans in x) <= cap else None  # noqa: E731
     out = [Option(None, lambda b=b: within(place_dispatch(lens, world, b, cap)))
            for b in tried_blocks(block, cap, world, lens)]
     dispatch = lambda g_lens, ranks, g_cap: place_dispatch(g_lens, ranks, block, g_cap)  # noqa: E731
+    bounded = kernel is not None and min(kernel.coefficients) >= 0
     c = node
     while 1 < c < world and world % c == 0:
         items = group_items(lens, world, cap, c)
-        bound = None if kernel is None else max(sum(run_cost(a, b, kernel) for _, a, b in its) for its in items) / c
+        bound = max(_pairs(its) for its in items) / c if bounded else None
         for inner in (place, dispatch):
             out.append(Option(bound, lambda items=items, c=c, inner=inner: within(_place_groups(items, world, c, cap,
                                                                                                   inner))))
@@ -160,10 +161,17 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
     return out
 
 
-def work_bound(spans: list[list[Span]], kernel: KernelCost) -> float:
-    """A lower bound of a placement's modelled layer time (:func:`.schedule.layer_time`, kernel-work
-    units): its busiest rank's work with every held run fused (splitting and waiting only add)."""
-    return max(sum(run_cost(a, b, kernel) for runs in held_runs(x).values() for a, b in runs) for x in spans)
+def work_bound(spans: list[list[Span]], kernel: KernelCost) -> float | None:
+    """A lower bound of a placement's modelled layer time (:func:`.schedule.layer_time`, kernel-work units):
+    its busiest rank's causal pairs. Every visible pair costs at least one unit (a touched tile costs its
+    area, and the kernel's overheads are not negative; None when they are), and a rank runs its work one
+    segment after another."""
+    return max(_pairs(x) for x in spans) if min(kernel.coefficients) >= 0 else None
+
+
+def _pairs(spans) -> int:
+    """Causal (query, key) pairs of ``(seq, start, end)`` spans: a token at position p sees p + 1 keys."""
+    return sum(b * (b + 1) - a * (a + 1) for _, a, b in spans) // 2
 
 
 def in_groups(lens, world: int, cap: int, group: int, place) -> list[list[Span]]:

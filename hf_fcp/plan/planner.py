@@ -34,12 +34,6 @@ STAGE_CHOICES = 3
 In the simulator the fastest count of 4-32 stages was 4 for one W=64 batch and 8-32 for the others
 (W = 16-256 on lognormal, stdlib, paper, bimodal and light batches of seed 3), and the planner's timeline
 picked the simulator's fastest count or one within 0.5% of it."""
-BOUND_SLACK = 0.05
-"""An alternative placement is skipped when its work bound is this much above the fastest plan so far. The
-bound (:func:`.candidates.work_bound`) is a lower bound of the timeline's layer time up to kernel-tile
-rounding: over 400 placements (W = 64 and 256; lognormal, paper, stdlib, bimodal and light batches of seed
-11; 8K and 32K tokens per rank; Llama-3-8B and -70B on the h200 preset) it exceeded the layer time by at
-most 1.7%, so a skipped option is at least ~3% slower than the plan kept."""
 
 
 def plan_batch(seq_lens: Sequence[int], *, world_size: int, settings: PlanSettings | None = None,
@@ -106,19 +100,19 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
 
 def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
     """``plan`` or the plan of one of the ``others`` placements, whichever the engine's timeline
-    (:func:`.schedule.layer_time`) finds fastest; ties keep the earlier. An option whose work bound
-    (:func:`.candidates.work_bound`, known before or after it is placed) is more than :data:`BOUND_SLACK`
-    above the fastest so far is neither placed nor planned. Models with sliding-window layers keep
-    ``plan`` (the timeline prices full attention only)."""
+    (:func:`.schedule.layer_time`) finds fastest; ties keep the earlier. An option whose lower bound
+    (:func:`.candidates.work_bound`, known before or after it is placed) is above the fastest so far could
+    not win: it is neither placed nor planned. Models with sliding-window layers keep ``plan`` (the
+    timeline prices full attention only)."""
     if any(w is not None for w, _ in plan.settings.attention_layers):
         return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
     work = StageWork(plan, kernel)
     best, best_t, best_work = plan, layer_time(plan, kernel, work), work
     for option in others:
-        if option.bound is not None and option.bound > best_t * (1 + BOUND_SLACK):
+        if option.bound is not None and option.bound > best_t:
             continue
         spans = option.build()
-        if spans is None or work_bound(spans, kernel) > best_t * (1 + BOUND_SLACK):
+        if spans is None or (work_bound(spans, kernel) or 0.0) > best_t:
             continue
         alt = _build(plan.seq_lens, spans, world_size=plan.world_size, block_size=plan.block_size,
                      tokens_per_rank=plan.tokens_per_rank, strategy=plan.strategy, settings=plan.settings)

@@ -41,8 +41,8 @@ MARGIN = 1e-5
 """An option replaces the incumbent only if it is this much faster (relative): a near tie is not left to
 float rounding, which could differ between the ranks' machines (they must agree on the plan)."""
 
-Message = tuple[int, int, int, int]
-"""(sender, receiver, K/V tokens, round) of one message."""
+Messages = np.ndarray
+"""int64 (n, 4): one row ``(sender, receiver, K/V tokens, round)`` per message."""
 
 
 def layer_time(plan: FCPPlan, kernel: KernelCost, work: "StageWork | None" = None) -> float:
@@ -57,27 +57,30 @@ def layer_times(plans: list[FCPPlan], work: "StageWork") -> np.ndarray:
     return _times([_messages(p) for p in plans], plans[0], work)
 
 
-def _messages(plan: FCPPlan) -> list[Message]:
+def _messages(plan: FCPPlan) -> Messages:
     if not plan.transfers:
-        return []
+        return np.zeros((0, 4), np.int64)
     src, dst, rounds, _ = zip(*plan.transfers)
-    return list(zip(src, dst, transfer_tokens(plan.transfers), rounds))
+    return np.column_stack([src, dst, transfer_tokens(plan.transfers), rounds]).astype(np.int64)
 
 
-def _times(candidates: list[list[Message]], plan: FCPPlan, work: "StageWork") -> np.ndarray:
+def _times(candidates: list[Messages], plan: FCPPlan, work: "StageWork") -> np.ndarray:
     """Layer time of ``plan`` with each candidate's rounds, in one timeline: candidate i's ranks are ranks
     ``i·W ... i·W + W − 1`` of a larger world (the timeline's work is per rank and per message)."""
     w, per, nstages, settings = work.world, plan.settings.rounds_per_stage, len(plan.stages), plan.settings
     cf, cb = np.zeros((len(candidates) * w, 1 + nstages)), np.zeros((len(candidates) * w, 1 + nstages))
-    msgs: list[list[tuple[int, int, float]]] = [[] for _ in range(nstages)]
     node, inside = settings.node_size, settings.node_link_cost
+    parts = []
     for i, cand in enumerate(candidates):
-        cf[i * w:(i + 1) * w], cb[i * w:(i + 1) * w] = work.arrays({(s, d): r // per for s, d, _, r in cand}, nstages)
-        for s, d, tokens, r in cand:
-            cost = inside if inside is not None and s // node == d // node else settings.link_cost
-            msgs[r // per].append((i * w + s, i * w + d, tokens * cost))
-    arrays = [tuple(np.array([m[j] for m in x], dtype) for j, dtype in enumerate((np.int64, np.int64, np.float64)))
-              for x in msgs]
+        src, dst, tokens, stage = cand[:, 0], cand[:, 1], cand[:, 2], cand[:, 3] // per
+        cf[i * w:(i + 1) * w], cb[i * w:(i + 1) * w] = work.stage_arrays(src, dst, stage, nstages)
+        cost = settings.link_cost if inside is None else np.where(src // node == dst // node, inside,
+                                                                   settings.link_cost)
+        parts.append((i * w + src, i * w + dst, tokens * cost, stage))
+    src, dst, duration, stage = (np.concatenate(x) for x in zip(*parts))
+    order = np.argsort(stage, kind="stable")  # per stage, the candidates' messages in their order
+    bounds = np.searchsorted(stage[order], np.arange(nstages + 1))
+    arrays = [(src[o], dst[o], duration[o]) for o in (order[bounds[k]:bounds[k + 1]] for k in range(nstages))]
 
     def exchange(avail, k, back):
         src, dst, duration = arrays[k]
@@ -114,10 +117,15 @@ class StageWork:
 
     def arrays(self, stage_of: dict[tuple[int, int], int], nstages: int) -> tuple[np.ndarray, np.ndarray]:
         """:func:`slot_work` for the colouring whose message ``(src, dst)`` goes in stage ``stage_of[src, dst]``."""
-        keys = np.fromiter((s * self.world + d for s, d in stage_of), np.int64, len(stage_of))
+        src, dst = (np.fromiter((k[i] for k in stage_of), np.int64, len(stage_of)) for i in (0, 1))
+        return self.stage_arrays(src, dst, np.fromiter(stage_of.values(), np.int64, len(stage_of)), nstages)
+
+    def stage_arrays(self, src: np.ndarray, dst: np.ndarray, stage: np.ndarray, nstages: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`arrays` with the messages as arrays: message ``src[i] -> dst[i]`` in stage ``stage[i]``."""
+        keys = src * self.world + dst
         order = np.argsort(keys)
-        stage = np.fromiter(stage_of.values(), np.int64, len(stage_of))[order][
-            np.searchsorted(keys[order], self.message)]
+        stage = stage[order][np.searchsorted(keys[order], self.message)]
         fwd, bwd = priced(self.remote.segments(stage, nstages, True), self.kernel, self.world, 1 + nstages)
         fwd[:, :1] += self.local[0]
         bwd[:, :1] += self.local[1]
@@ -213,23 +221,24 @@ def swap_rounds(plan: FCPPlan, work: StageWork, time: float | None = None) -> FC
     if n < 2 or any(w is not None for w, _ in plan.settings.attention_layers):
         return plan
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if i // per != j // per]
-    order, msgs = list(range(n)), _messages(plan)
+    order, msgs = np.arange(n), _messages(plan)
     best_t = _times([msgs], plan, work)[0] if time is None else time
     for _ in range(SWAP_PASSES):
         if not pairs:
             break
-        swapped = [[(s, d, tokens, j if order[r] == i else i if order[r] == j else order[r])
-                    for s, d, tokens, r in msgs]
+        now = order[msgs[:, 3]]
+        swapped = [np.column_stack([msgs[:, :3], np.where(now == i, j, np.where(now == j, i, now))])
                    for i, j in pairs]
         times = _times(swapped, plan, work)
         k = int(np.argmin(times))
         if not times[k] < best_t * (1 - MARGIN):
             break
         i, j = pairs[k]
-        order = [j if x == i else i if x == j else x for x in order]
+        order = np.where(order == i, j, np.where(order == j, i, order))
         best_t = times[k]
-    if order == list(range(n)):
+    if (order == np.arange(n)).all():
         return plan
+    order = order.tolist()
     moved = (Transfer(t.src, t.dst, order[t.round], t.pieces) for t in plan.transfers)
     return replace(plan, transfers=tuple(sorted(moved, key=lambda t: (t.round, t.src, t.dst))))
 
