@@ -14,6 +14,7 @@ import importlib
 import multiprocessing
 import os
 import pathlib
+import pickle
 import sys
 
 import pytest
@@ -154,7 +155,8 @@ def test_recipes_plan_in_a_worker_by_default(recipe, tmp_path, monkeypatch, reci
 
 def test_a_spawned_worker_gives_the_same_batches():
     """Under "spawn" or "forkserver" (Python 3.14's default on Linux) a worker gets the collator and the dataset
-    by pickle and sends each batch back by pickle: batches, plan views and plan figures arrive unchanged."""
+    by pickle and sends each batch back by pickle: batches, plan views and plan figures arrive unchanged, the
+    view's many small tensors by value (not one shared-memory segment each, slow to receive)."""
     cfg = tiny_config("llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4, kv_heads=2)
     plugin = FCPPlugin(block_size=16, tokens_per_rank=48)
     plugin.world_size, plugin.rank = 2, 1  # rank 1's shard of 2-rank plans (no process group is needed to plan)
@@ -163,6 +165,8 @@ def test_a_spawned_worker_gives_the_same_batches():
                                              multiprocessing_context="spawn"))
     assert len(spawned) == len(here) >= 3 and any(b["fcp_plan"].num_recv for b in here)  # some K/V is exchanged
     for got, want in zip(spawned, here):
+        view = list(tensors(got["fcp_plan"]))
+        assert view and not [t for t in view if t.is_shared()]
         assert got["fcp_stats"].plan_ms > 0
         got["fcp_stats"] = dataclasses.replace(got["fcp_stats"], plan_ms=want["fcp_stats"].plan_ms)  # a timing
         assert same(got, want)
@@ -180,3 +184,29 @@ def same(a, b) -> bool:
     if isinstance(a, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def tensors(obj):
+    """Every tensor in a plan view (dataclasses and tuples, recursively)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from tensors(getattr(obj, f.name))
+    elif isinstance(obj, tuple):
+        for x in obj:
+            yield from tensors(x)
+
+
+def test_a_view_with_sliding_windows_crosses_by_value():
+    """The by-value transfer rebuilds nested views (a sliding window's own exchange) exactly."""
+    from hf_fcp.integrations.collator import FCPCollator
+    from hf_fcp.integrations.workers import _ByValue
+    from hf_fcp.plan import PlanSettings
+
+    settings = PlanSettings(block_size=16, tokens_per_rank=48, attention_layers=((None, 1), (20, 3)))
+    examples = [{"input_ids": list(range(3, 3 + n))} for n in (70, 5, 12, 1, 8)]
+    view = FCPCollator(world_size=2, rank=1, settings=settings)(examples)["fcp_plan"]
+    got = pickle.loads(pickle.dumps(_ByValue(view)))
+    assert view.windows and got.windows[0].window == 20 and same(got, view)
+    assert got.to(torch.device("cpu")).fingerprint == view.fingerprint  # a RankView again (Movable.to)

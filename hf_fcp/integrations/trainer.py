@@ -35,6 +35,7 @@ from ..plan.checks import check_int
 from .accelerate import FCPPlugin, shutdown
 from .predict import gather_documents, whole_document_check
 from .sampler import PieceDataset, TokenBudgetSampler, dataset_lengths
+from .workers import WorkerCollate
 
 logger = logging.getLogger(__name__)
 LOGGED_STATS = {"compute_imbalance": ("compute_imbalance", 1.0), "memory_imbalance": ("memory_imbalance", 1.0),
@@ -100,7 +101,7 @@ class FCPTrainerMixin:
         sampler = TokenBudgetSampler(dataset_lengths(dataset), max_tokens=self._global_budget(), shuffle=False,
                                      long_sequence_policy=self.fcp.long_sequence_policy, window=1)
         loader = torch.utils.data.DataLoader(PieceDataset(dataset), batch_sampler=sampler,
-                                             collate_fn=self.fcp.collator(self.model.config),
+                                             collate_fn=WorkerCollate(self.fcp.collator(self.model.config)),
                                              **self._loader_kwargs(persistent=False))
         return prepare_data_loader(loader, device=self.accelerator.device, num_processes=1, process_index=0,
                                    put_on_device=True, rng_types=None, non_blocking=self.accelerator.non_blocking,
