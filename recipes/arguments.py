@@ -24,6 +24,18 @@ EMBEDDED_SFT_FCP_DEFAULTS = ["--block_size", "128", "--tokens_per_rank", "1024"]
 """recipes/sft.py on its embedded arithmetic chats: conversations of a few dozen tokens, so smaller blocks and
 batches than the corpus recipes keep several documents per rank and every rank busy."""
 
+LOADER_DEFAULTS = ["--dataloader_num_workers", "1", "--dataloader_persistent_workers", "true"]
+"""Every recipe collates in a DataLoader worker process: the FCP collator plans each global batch
+(``hf_fcp.plan_batch``), so planning runs beside the training step instead of on it. A plan takes a few
+milliseconds at a few ranks but tens to hundreds of milliseconds at hundreds of ranks.
+
+Rule for the count: one worker per rank. Each step needs one plan, and with the DataLoader's prefetch (two
+batches per worker) one worker hides planning completely whenever a plan takes less time than a step; more
+workers help only when a plan is slower than a step, and each costs a process and a CPU core beside the
+step's. Persistent, so the worker (and the planner's caches in it) lives across epochs instead of being
+forked again at each one. ``--dataloader_num_workers 0`` plans in the training process again. A recipe's own
+``DEFAULTS`` override these."""
+
 USAGE = ("%(prog)s [--FLAG VALUE ...]\n\nFlags are grouped below: model, data, FCP and run (this recipe), then "
          "every transformers.TrainingArguments flag. Defaults shown are this recipe's.")
 
@@ -73,10 +85,11 @@ def recipe_defaults(defaults: list[str]) -> dict[str, str]:
 
 
 def build_parser(model_cls, data_cls, defaults: list[str], training_cls=TrainerArguments) -> HfArgumentParser:
-    """The parser of one recipe; ``parse_args_into_dataclasses`` returns (model, data, FCPArguments,
-    RunArguments, ``training_cls`` (TrainerArguments, or e.g. TRL's SFTConfig), remaining strings)."""
+    """The parser of one recipe, with :data:`LOADER_DEFAULTS` and then the recipe's ``defaults`` as parser
+    defaults; ``parse_args_into_dataclasses`` returns (model, data, FCPArguments, RunArguments, ``training_cls``
+    (TrainerArguments, or e.g. TRL's SFTConfig), remaining strings)."""
     parser = HfArgumentParser((model_cls, data_cls, FCPArguments, RunArguments, training_cls),
                               formatter_class=HelpFormatter)  # help: each field's metadata
     parser.usage = USAGE
-    parser.set_defaults(**recipe_defaults(defaults))
+    parser.set_defaults(**recipe_defaults([*LOADER_DEFAULTS, *defaults]))
     return parser

@@ -121,8 +121,13 @@ def check_max_length(max_length: int | None, world_size: int, tokens_per_rank: i
     return max_length or tokens_per_rank
 
 
+def parse_args():
+    """(model_args, data_args, training_args, fcp_plugin) from the command line over this recipe's defaults."""
+    return parse(SFTDataArguments, DEFAULTS)
+
+
 def main() -> dict:
-    model_args, data_args, training_args, plugin = parse(SFTDataArguments, DEFAULTS)
+    model_args, data_args, training_args, plugin = parse_args()
     max_length = check_max_length(data_args.max_length, training_args.world_size, plugin.tokens_per_rank)
     setup_logging(training_args)
     tokenizer = load_tokenizer(model_args)

@@ -82,8 +82,13 @@ def _bytes_encode(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
+def parse_args():
+    """(model_args, data_args, training_args, fcp_plugin) from the command line over this recipe's defaults."""
+    return parse(DataArguments, DEFAULTS)
+
+
 def main() -> dict:
-    model_args, data_args, training_args, plugin = parse(DataArguments, DEFAULTS)
+    model_args, data_args, training_args, plugin = parse_args()
     setup_logging(training_args)
     tokenizer = load_tokenizer(model_args)
     key = {"recipe": "pretrain", "data": asdict(data_args),

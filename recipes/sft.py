@@ -109,9 +109,13 @@ def load_chat_tokenizer(model_args: SFTModelArguments):
     return chat_tokenizer() if model_args.model_name_or_path is None else load_tokenizer(model_args)
 
 
+def parse_args():
+    """(model_args, data_args, training_args, fcp_plugin) from the command line over this recipe's defaults."""
+    return parse(SFTDataArguments, DEFAULTS, model_cls=SFTModelArguments, training_cls=SFTArguments)
+
+
 def main() -> dict:
-    model_args, data_args, training_args, plugin = parse(SFTDataArguments, DEFAULTS, model_cls=SFTModelArguments,
-                                                         training_cls=SFTArguments)
+    model_args, data_args, training_args, plugin = parse_args()
     global_tokens = training_args.world_size * plugin.tokens_per_rank
     if training_args.max_length is not None and training_args.max_length > global_tokens:
         raise RecipeArgumentError(f"--max_length: got {training_args.max_length}, expected at most world_size × "

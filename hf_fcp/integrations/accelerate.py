@@ -44,6 +44,7 @@ from .sampler import (
     dataset_lengths,
 )
 from .transformers import ATTN_IMPLEMENTATION
+from .workers import WorkerCollate
 
 logger = logging.getLogger(__name__)
 KERNEL_CHOICES = ("auto", *KERNELS)
@@ -217,12 +218,13 @@ class FCPPlugin:
 
         With an ``accelerator`` the loader is Accelerate's ``DataLoaderShard`` on its device (batches,
         the plan view included, are moved there) but NOT sharded: every rank must see every global batch.
-        ``loader_kwargs`` go to ``DataLoader`` (num_workers, pin_memory, ...).
+        ``loader_kwargs`` go to ``DataLoader`` (num_workers, pin_memory, ...); with ``num_workers`` ≥ 1 the
+        batches are planned in the worker processes, off the training step (:class:`WorkerCollate`).
         """
         self.setup(accelerator)
         loader = DataLoader(PieceDataset(dataset), batch_sampler=self.sampler(
-            dataset, shuffle=shuffle, seed=seed, drop_last=drop_last), collate_fn=self.collator(model_config),
-            **loader_kwargs)
+            dataset, shuffle=shuffle, seed=seed, drop_last=drop_last),
+            collate_fn=WorkerCollate(self.collator(model_config)), **loader_kwargs)
         if accelerator is None:
             return loader
         from accelerate.data_loader import prepare_data_loader

@@ -6,7 +6,8 @@ subclass FCP (``FCPTrainer`` = mixin + ``Trainer``; ``hf_fcp.FCPSFTTrainer`` = m
 * train/eval dataloaders come from :meth:`FCPPlugin.prepare_dataloader`: every rank iterates the same
   token-budget global batches and keeps its FCP shard (``per_device_*_batch_size`` is not used: a batch
   holds up to ``world_size × tokens_per_rank`` tokens); evaluation and prediction batches hold consecutive
-  examples, in dataset order;
+  examples, in dataset order. With ``dataloader_num_workers`` ≥ 1 (the recipes' default) every loader plans
+  its batches in DataLoader worker processes, off the training step;
 * the loss is a token mean over the GLOBAL batch although ranks hold different token counts: Trainer's
   ``num_items_in_batch`` counts ``shift_labels`` across ranks in training; evaluation gets the same, and
   ``eval_loss`` is the one-process value (never scaled by the world size);
@@ -23,6 +24,7 @@ subclass FCP (``FCPTrainer`` = mixin + ``Trainer``; ``hf_fcp.FCPSFTTrainer`` = m
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from collections import defaultdict
 
@@ -33,7 +35,9 @@ from ..plan.checks import check_int
 from .accelerate import FCPPlugin, shutdown
 from .predict import gather_documents, whole_document_check
 from .sampler import PieceDataset, TokenBudgetSampler, dataset_lengths
+from .workers import WorkerCollate
 
+logger = logging.getLogger(__name__)
 LOGGED_STATS = {"compute_imbalance": ("compute_imbalance", 1.0), "memory_imbalance": ("memory_imbalance", 1.0),
                 "comm_bytes": ("comm_MB", 1e-6), "rounds": ("rounds", 1.0), "plan_ms": ("plan_ms", 1.0),
                 "tokens": ("tokens", 1.0)}
@@ -72,6 +76,9 @@ class FCPTrainerMixin:
         if self.train_dataset is None:
             raise ValueError(f"{type(self).__name__}: training requires a train_dataset.")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if not self.args.dataloader_num_workers:
+            logger.info("FCP plans every batch on the training step (dataloader_num_workers=0); "
+                        "dataloader_num_workers=1 plans in a DataLoader worker, beside the step")
         return self.fcp.prepare_dataloader(self.train_dataset, self.accelerator, shuffle=True, seed=seed,
                                            model_config=self.model.config, **self._loader_kwargs())
 
@@ -94,7 +101,8 @@ class FCPTrainerMixin:
         sampler = TokenBudgetSampler(dataset_lengths(dataset), max_tokens=self._global_budget(), shuffle=False,
                                      long_sequence_policy=self.fcp.long_sequence_policy, window=1)
         loader = torch.utils.data.DataLoader(PieceDataset(dataset), batch_sampler=sampler,
-                                             collate_fn=self.fcp.collator(self.model.config), **self._loader_kwargs())
+                                             collate_fn=WorkerCollate(self.fcp.collator(self.model.config)),
+                                             **self._loader_kwargs(persistent=False))
         return prepare_data_loader(loader, device=self.accelerator.device, num_processes=1, process_index=0,
                                    put_on_device=True, rng_types=None, non_blocking=self.accelerator.non_blocking,
                                    use_seedable_sampler=False)
@@ -102,10 +110,13 @@ class FCPTrainerMixin:
     def _global_budget(self) -> int:
         return self.fcp.world_size * self.fcp.tokens_per_rank
 
-    def _loader_kwargs(self) -> dict:
+    def _loader_kwargs(self, persistent: bool = True) -> dict:
+        """``DataLoader`` options from ``TrainingArguments``. With ``dataloader_num_workers`` ≥ 1 the FCP
+        collator, and so the planner, runs in the worker processes, off the training step; ``persistent``
+        False for loaders built per call (evaluation, prediction), whose workers would outlive their use."""
         workers = self.args.dataloader_num_workers
         return {"num_workers": workers, "pin_memory": self.args.dataloader_pin_memory,
-                **({"persistent_workers": self.args.dataloader_persistent_workers,
+                **({"persistent_workers": persistent and self.args.dataloader_persistent_workers,
                     "prefetch_factor": self.args.dataloader_prefetch_factor} if workers else {})}
 
     # ---- loss ----------------------------------------------------------------------------------------
