@@ -83,9 +83,10 @@ def test_a_split_sequence_runs_one_remote_segment_per_stage_that_brings_keys():
     for t in plan.transfers:
         for s, _, _ in t.pieces:
             rounds.setdefault((t.dst, s), set()).add(t.round)
+    stages = lambda per: remote_stages(plan.piece_array, per, 1)  # noqa: E731
     for per in (1, 2, 3):
-        assert remote_stages(plan.transfers, per) == {k: len({r // per for r in v}) for k, v in rounds.items()}
-    assert max(remote_stages(plan.transfers, 1).values()) > max(remote_stages(plan.transfers, 3).values())
+        assert stages(per) == {k: len({r // per for r in v}) for k, v in rounds.items()}
+    assert max(stages(1).values()) > max(stages(3).values())
 
 
 def test_plans_record_the_execution_the_model_chose():

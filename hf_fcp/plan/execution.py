@@ -52,14 +52,16 @@ def remote_sources(pieces) -> dict[tuple[int, int], int]:
     return out
 
 
-def remote_stages(transfers, rounds_per_stage: int) -> dict[tuple[int, int], int]:
+def remote_stages(pieces: np.ndarray, rounds_per_stage: int, num_seqs: int) -> dict[tuple[int, int], int]:
     """(rank, seq) -> in how many communication stages K/V of the sequence reach the rank: the remote
-    segments it runs split (one per stage that brings keys)."""
-    stages: dict[tuple[int, int], set[int]] = {}
-    for t in transfers:
-        for s, _, _ in t.pieces:
-            stages.setdefault((t.dst, s), set()).add(t.round // rounds_per_stage)
-    return {key: len(v) for key, v in stages.items()}
+    segments it runs split (one per stage that brings keys). ``pieces``: ``FCPPlan.piece_array``."""
+    if not len(pieces):
+        return {}
+    key = pieces[:, 1] * num_seqs + pieces[:, 3]
+    stage = pieces[:, 2] // rounds_per_stage
+    pairs = np.unique(key * (int(stage.max()) + 1) + stage) // (int(stage.max()) + 1)
+    keys, counts = np.unique(pairs, return_counts=True)
+    return dict(zip(zip((keys // num_seqs).tolist(), (keys % num_seqs).tolist()), counts.tolist()))
 
 
 def _split_extra_by_seq(spans, segments, kernel: KernelCost, layers) -> dict[tuple[int, int], float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +33,17 @@ def imbalance(values) -> float:
     return 0.0 if mean <= 0 else float(values.max()) / mean - 1.0
 
 
+def revised(plan: "FCPPlan", **changes) -> "FCPPlan":
+    """``dataclasses.replace(plan, **changes)`` that keeps ``plan``'s cached message arrays
+    (``piece_array``, ``message_array``) when the messages are not among the changes."""
+    new = replace(plan, **changes)
+    if "transfers" not in changes:
+        for name in ("piece_array", "message_array"):
+            if name in plan.__dict__:
+                new.__dict__[name] = plan.__dict__[name]  # cached_property's own slot: nothing recomputed
+    return new
+
+
 class Transfer(NamedTuple):
     """One message: ``src`` sends the K/V of ``pieces`` (held by ``src``) to ``dst`` in ``round``."""
 
@@ -44,16 +56,6 @@ class Transfer(NamedTuple):
     @property
     def tokens(self) -> int:
         return sum(end - start for _, start, end in self.pieces)
-
-
-def transfer_tokens(transfers) -> list[int]:
-    """``[t.tokens for t in transfers]``, computed in one pass (the planner's hot path: most messages
-    carry one span)."""
-    out = []
-    for t in transfers:
-        p = t.pieces
-        out.append(p[0][2] - p[0][1] if len(p) == 1 else sum([b - a for _, a, b in p]))
-    return out
 
 
 class WindowPlan(NamedTuple):
@@ -207,14 +209,31 @@ class FCPPlan:
                     out.append(Transfer(src, dst, k, pieces))
         return sorted(set(out), key=lambda t: (t.round, t.src))
 
+    @cached_property
+    def piece_array(self) -> np.ndarray:
+        """int64 (n, 6): one row ``(src, dst, round, seq, start, end)`` per piece of every message, in
+        message order (computed once per plan; :func:`revised` keeps it while the messages stay)."""
+        rows = [(t.src, t.dst, t.round, s, a, b) for t in self.transfers for s, a, b in t.pieces]
+        return np.asarray(rows, np.int64).reshape(-1, 6)
+
+    @cached_property
+    def message_array(self) -> np.ndarray:
+        """int64 (m, 4): one row ``(src, dst, tokens, round)`` per message, in ``transfers`` order."""
+        if not self.transfers:
+            return np.zeros((0, 4), np.int64)
+        src, dst, rounds, pieces = zip(*self.transfers)
+        starts = np.concatenate([[0], np.cumsum([len(p) for p in pieces])[:-1]])
+        p = self.piece_array
+        tokens = np.add.reduceat(p[:, 5] - p[:, 4], starts)
+        return np.column_stack([src, dst, tokens, rounds]).astype(np.int64)
+
     def comm_matrix(self) -> np.ndarray:
         """int64 (W, W): KV tokens sent from rank i (row) to rank j (column) over the whole batch."""
         w = self.world_size
         mat = np.zeros((w, w), dtype=np.int64)
         if not self.collective:
-            if self.transfers:
-                src, dst, _, _ = zip(*self.transfers)
-                np.add.at(mat, (np.array(src), np.array(dst)), np.array(transfer_tokens(self.transfers), np.int64))
+            m = self.message_array
+            np.add.at(mat, (m[:, 0], m[:, 1]), m[:, 2])
             return mat
         n = len(self.seq_lens)
         tok = np.zeros((w, n), dtype=np.float64)

@@ -22,7 +22,7 @@ from .candidates import Option, alternatives, choose, grouped_options, searched,
 from .checks import check_int, check_plan_size, check_seq_lens
 from .cost import kernel_for
 from .execution import RankChoices, execution, remote_stages
-from .fcp_plan import FCPPlan, Span, WindowPlan
+from .fcp_plan import FCPPlan, Span, WindowPlan, revised
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
 from .schedule import MARGIN, SEARCH_WORK, StageWork, choose_schedule, layer_time, search_work
@@ -190,7 +190,7 @@ def choose_stages(plan: FCPPlan, kernel, known: tuple[float, StageWork] | None =
         if per in tried:
             continue
         tried.add(per)
-        alt = choose_execution(replace(plan, settings=replace(plan.settings, rounds_per_stage=per)), link)
+        alt = choose_execution(revised(plan, settings=replace(plan.settings, rounds_per_stage=per)), link)
         if alt.fused not in works:
             works[alt.fused] = StageWork(alt, kernel)
         t = layer_time(alt, kernel, works[alt.fused])
@@ -220,12 +220,12 @@ def choose_execution(plan: FCPPlan, link: np.ndarray | None = None) -> FCPPlan:
     settings = plan.settings
     kernel = kernel_for(settings.balance, settings.kernel_cost)
     spans = [list(x) for x in plan.rank_spans]
-    segments = remote_stages(plan.transfers, settings.rounds_per_stage)
+    segments = remote_stages(plan.piece_array, settings.rounds_per_stage, len(plan.seq_lens))
     _, _, split, overlap = execution(RankChoices(spans, kernel, settings.attention_layers, segments),
                                      _link_tokens(plan) if link is None else link, settings, kernel)
     fused = () if settings.fusion == "none" else tuple(frozenset(s for s, _, _ in x) - skip
                                                          for x, skip in zip(spans, split))
-    return replace(plan, fused=fused, overlap=overlap)
+    return revised(plan, fused=fused, overlap=overlap)
 
 
 def _link_tokens(plan: FCPPlan) -> np.ndarray:

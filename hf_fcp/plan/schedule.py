@@ -21,7 +21,7 @@ import numpy as np
 
 from . import timeline
 from .cost import KernelCost
-from .fcp_plan import FCPPlan, Transfer, transfer_tokens
+from .fcp_plan import FCPPlan, Transfer, revised
 from .rounds import colour_rounds
 from .segments import RemoteSegments, Spans, local_segments, pieces_of, priced
 
@@ -58,10 +58,7 @@ def layer_times(plans: list[FCPPlan], work: "StageWork") -> np.ndarray:
 
 
 def _messages(plan: FCPPlan) -> Messages:
-    if not plan.transfers:
-        return np.zeros((0, 4), np.int64)
-    src, dst, rounds, _ = zip(*plan.transfers)
-    return np.column_stack([src, dst, transfer_tokens(plan.transfers), rounds]).astype(np.int64)
+    return plan.message_array
 
 
 def _times(candidates: list[Messages], plan: FCPPlan, work: "StageWork") -> np.ndarray:
@@ -175,7 +172,7 @@ def executions(plan: FCPPlan) -> list[FCPPlan]:
         for way in ways:
             if (overlap, way) not in seen:
                 seen.add((overlap, way))
-                out.append(replace(plan, overlap=overlap, fused=way))
+                out.append(revised(plan, overlap=overlap, fused=way))
     return out
 
 

@@ -120,8 +120,7 @@ def local_split_segments(sp: Spans) -> Segments:
 
 def pieces_of(plan: FCPPlan) -> np.ndarray:
     """int64 (n, 6): one row ``(src, dst, round, seq, start, end)`` per piece of every message of ``plan``."""
-    rows = [(t.src, t.dst, t.round, s, a, b) for t in plan.transfers for s, a, b in t.pieces]
-    return np.asarray(rows, np.int64).reshape(-1, 6)
+    return plan.piece_array
 
 
 def stage_segments(sp: Spans, pieces: np.ndarray, stage: np.ndarray, num_stages: int, overlap: bool) -> Segments:
