@@ -100,3 +100,18 @@ def test_plans_record_the_execution_the_model_chose():
     assert not first.overlap and all(first.fused_on(r) == {0} for r in range(4))  # every key first: fused
     none = plan_batch(lens, world_size=4, block_size=2048, tokens_per_rank=8192, fusion="none")
     assert none.fused == ()
+
+
+@pytest.mark.parametrize("layers", [((None, 1),), ((None, 1), (1024, 3))])
+def test_one_link_token_count_before_and_after_colouring(layers):
+    """The planner counts a rank's link tokens once (``larger_direction``): from the placement's needed pieces
+    (candidate pricing) and from the plan's coloured messages (execution choice) it gets the same figures,
+    full and sliding-window layers alike."""
+    from hf_fcp.plan.execution import link_tokens
+    from hf_fcp.plan.planner import _link_tokens
+
+    lens = [9000, 3000, 700, 5000, 12000, 40]
+    plan = plan_batch(lens, world_size=5, block_size=1024, tokens_per_rank=6000, attention_layers=layers)
+    spans = [list(x) for x in plan.rank_spans]
+    assert _link_tokens(plan).tolist() == link_tokens(spans, layers).tolist()
+    assert _link_tokens(plan).max() > 0

@@ -28,18 +28,29 @@ from .spans import Span
 
 
 def link_tokens(spans: list[list[Span]], layers, pieces=None) -> np.ndarray:
-    """Per rank, the K/V tokens it sends or receives (the larger) in an average layer of the model's
-    ``layers`` (``pieces``: :func:`.rounds.needed_pieces` of ``spans``, when known)."""
-    sent, received = np.zeros(len(spans)), np.zeros(len(spans))
+    """:func:`larger_direction` of the exchanges ``spans`` needs for the model's ``layers`` (``pieces``:
+    :func:`.rounds.needed_pieces` of ``spans``, when known)."""
     if pieces is None:
         pieces = needed_pieces(spans) if any(w is None for w, _ in layers) else {}
+    kinds = []
     for window, count in layers:
         pairs = pieces if window is None else windowed_pieces(spans, window)
-        for (src, dst), got in pairs.items():
-            tokens = count * sum(b - a for _, a, b in got)
-            sent[src] += tokens
-            received[dst] += tokens
-    return np.maximum(sent, received) / sum(count for _, count in layers)
+        src, dst, tokens = (np.fromiter(x, np.int64, len(pairs)) for x in (
+            (s for s, _ in pairs), (d for _, d in pairs), (sum(b - a for _, a, b in got) for got in pairs.values())))
+        kinds.append((count, src, dst, tokens))
+    return larger_direction(len(spans), kinds)
+
+
+def larger_direction(world: int, kinds) -> np.ndarray:
+    """Per rank, the K/V tokens it sends or receives in a layer, the larger of the two (links are full
+    duplex), averaged over the model's layers: ``kinds`` holds ``(layers, src, dst, tokens)`` per layer
+    kind (int arrays, one entry per message). The one link-token count of the planner."""
+    total, layers = np.zeros(world), 0
+    for count, src, dst, tokens in kinds:
+        weights = np.asarray(tokens, np.float64)
+        total = total + count * np.maximum(np.bincount(src, weights, world), np.bincount(dst, weights, world))
+        layers += count
+    return total / layers
 
 
 def remote_sources(pieces) -> dict[tuple[int, int], int]:

@@ -21,7 +21,7 @@ from .baseline_placements import place_allgather, place_packing, place_ring
 from .candidates import Option, alternatives, choose, grouped_options, searched, step_time, tried_blocks, work_bound
 from .checks import check_int, check_plan_size, check_seq_lens
 from .cost import kernel_for
-from .execution import RankChoices, execution, remote_stages
+from .execution import RankChoices, execution, larger_direction, remote_stages
 from .fcp_plan import FCPPlan, Span, WindowPlan, revised
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
@@ -229,13 +229,18 @@ def choose_execution(plan: FCPPlan, link: np.ndarray | None = None) -> FCPPlan:
 
 
 def _link_tokens(plan: FCPPlan) -> np.ndarray:
-    """Per rank, the K/V tokens it sends or receives (the larger) in an average layer (full and
-    sliding-window kinds)."""
-    total = 0.0
+    """:func:`.execution.larger_direction` of ``plan``'s exchanges (full and sliding-window kinds)."""
+    kinds = []
     for window, count in plan.settings.attention_layers:
-        mat = plan.for_window(window).comm_matrix()
-        total = total + count * np.maximum(mat.sum(axis=0), mat.sum(axis=1))
-    return np.zeros(plan.world_size) + total / sum(count for _, count in plan.settings.attention_layers)
+        one = plan.for_window(window)
+        if one.collective:  # ring / all-gather traffic, built from the placement
+            mat = one.comm_matrix()
+            src, dst = np.nonzero(mat)
+            kinds.append((count, src, dst, mat[src, dst]))
+        else:
+            m = one.message_array
+            kinds.append((count, m[:, 0], m[:, 1], m[:, 2]))
+    return larger_direction(plan.world_size, kinds)
 
 
 def _holders(spans) -> dict[int, set[int]]:
