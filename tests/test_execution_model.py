@@ -9,6 +9,7 @@ from hf_fcp import PlanSettings, plan_batch
 from hf_fcp.plan.cost import FLASH, run_cost, segment_cost, seq_cost
 from hf_fcp.plan.execution import RankChoices, execution, remote_sources, remote_stages
 from hf_fcp.plan.rounds import needed_pieces
+from hf_fcp.plan.segments import pieces_of
 
 LAYERS = ((None, 1),)
 
@@ -83,7 +84,7 @@ def test_a_split_sequence_runs_one_remote_segment_per_stage_that_brings_keys():
     for t in plan.transfers:
         for s, _, _ in t.pieces:
             rounds.setdefault((t.dst, s), set()).add(t.round)
-    stages = lambda per: remote_stages(plan.piece_array, per, 1)  # noqa: E731
+    stages = lambda per: remote_stages(pieces_of(plan), per, 1)  # noqa: E731
     for per in (1, 2, 3):
         assert stages(per) == {k: len({r // per for r in v}) for k, v in rounds.items()}
     assert max(stages(1).values()) > max(stages(3).values())

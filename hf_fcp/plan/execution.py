@@ -65,7 +65,7 @@ def remote_sources(pieces) -> dict[tuple[int, int], int]:
 
 def remote_stages(pieces: np.ndarray, rounds_per_stage: int, num_seqs: int) -> dict[tuple[int, int], int]:
     """(rank, seq) -> in how many communication stages K/V of the sequence reach the rank: the remote
-    segments it runs split (one per stage that brings keys). ``pieces``: ``FCPPlan.piece_array``."""
+    segments it runs split (one per stage that brings keys). ``pieces``: :func:`.segments.pieces_of`."""
     if not len(pieces):
         return {}
     key = pieces[:, 1] * num_seqs + pieces[:, 3]

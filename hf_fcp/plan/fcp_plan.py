@@ -34,13 +34,11 @@ def imbalance(values) -> float:
 
 
 def revised(plan: "FCPPlan", **changes) -> "FCPPlan":
-    """``dataclasses.replace(plan, **changes)`` that keeps ``plan``'s cached message arrays
-    (``piece_array``, ``message_array``) when the messages are not among the changes."""
+    """``dataclasses.replace(plan, **changes)`` that keeps ``plan``'s cached ``message_array`` when the
+    messages are not among the changes."""
     new = replace(plan, **changes)
-    if "transfers" not in changes:
-        for name in ("piece_array", "message_array"):
-            if name in plan.__dict__:
-                new.__dict__[name] = plan.__dict__[name]  # cached_property's own slot: nothing recomputed
+    if "transfers" not in changes and "message_array" in plan.__dict__:
+        new.__dict__["message_array"] = plan.__dict__["message_array"]  # cached_property's slot: not recomputed
     return new
 
 
@@ -210,21 +208,12 @@ class FCPPlan:
         return sorted(set(out), key=lambda t: (t.round, t.src))
 
     @cached_property
-    def piece_array(self) -> np.ndarray:
-        """int64 (n, 6): one row ``(src, dst, round, seq, start, end)`` per piece of every message, in
-        message order (computed once per plan; :func:`revised` keeps it while the messages stay)."""
-        rows = [(t.src, t.dst, t.round, s, a, b) for t in self.transfers for s, a, b in t.pieces]
-        return np.asarray(rows, np.int64).reshape(-1, 6)
-
-    @cached_property
     def message_array(self) -> np.ndarray:
         """int64 (m, 4): one row ``(src, dst, tokens, round)`` per message, in ``transfers`` order."""
         if not self.transfers:
             return np.zeros((0, 4), np.int64)
         src, dst, rounds, pieces = zip(*self.transfers)
-        starts = np.concatenate([[0], np.cumsum([len(p) for p in pieces])[:-1]])
-        p = self.piece_array
-        tokens = np.add.reduceat(p[:, 5] - p[:, 4], starts)
+        tokens = [p[0][2] - p[0][1] if len(p) == 1 else sum([b - a for _, a, b in p]) for p in pieces]
         return np.column_stack([src, dst, tokens, rounds]).astype(np.int64)
 
     def comm_matrix(self) -> np.ndarray:

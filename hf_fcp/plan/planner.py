@@ -26,6 +26,7 @@ from .fcp_plan import FCPPlan, Span, WindowPlan, revised
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
 from .schedule import MARGIN, SEARCH_WORK, StageWork, choose_schedule, layer_time, search_work
+from .segments import pieces_of
 from .settings import PlanSettings, settings_from
 
 _SIMPLE = {"ring": place_ring, "allgather": place_allgather, "packing": place_packing}
@@ -220,7 +221,7 @@ def choose_execution(plan: FCPPlan, link: np.ndarray | None = None) -> FCPPlan:
     settings = plan.settings
     kernel = kernel_for(settings.balance, settings.kernel_cost)
     spans = [list(x) for x in plan.rank_spans]
-    segments = remote_stages(plan.piece_array, settings.rounds_per_stage, len(plan.seq_lens))
+    segments = remote_stages(pieces_of(plan), settings.rounds_per_stage, len(plan.seq_lens))
     _, _, split, overlap = execution(RankChoices(spans, kernel, settings.attention_layers, segments),
                                      _link_tokens(plan) if link is None else link, settings, kernel)
     fused = () if settings.fusion == "none" else tuple(frozenset(s for s, _, _ in x) - skip
