@@ -138,16 +138,11 @@ def _flip_path(v: int, a: int, b: int, at_src, at_dst, used_src, used_dst, colou
         at_src[u][nc] = w
         at_dst[w][nc] = u
         colour[(u, w)] = nc
-    # Inner nodes keep both colours; only the two end points of the path change their sets.
-    used_dst[v] = _mask(at_dst[v])
+    # Inner nodes keep both colours; the two end points of the path each trade one for the other (v had b
+    # free and loses a; the far end lacked the colour the path would have continued with).
+    both = (1 << a) | (1 << b)
+    used_dst[v] ^= both
     if at_receiver:
-        used_dst[node] = _mask(at_dst[node])
+        used_dst[node] ^= both
     else:
-        used_src[node] = _mask(at_src[node])
-
-
-def _mask(colours: dict[int, int]) -> int:
-    m = 0
-    for c in colours:
-        m |= 1 << c
-    return m
+        used_src[node] ^= both
