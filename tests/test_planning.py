@@ -240,18 +240,22 @@ def test_fcp_is_never_slower_than_its_simple_alternatives(lens, world, block, sl
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(2, 8), st.integers(8192, 40000), st.sampled_from([512, 1024, 2048]))
 @example(5, 8964, 512)  # polished zigzag: a finer cut move re-opened a whole-tile one (1.12% before)
+@example(4, 9218, 512)  # polishing lowered the total work: the plan's own max / mean 1.08%
 def test_one_document_filling_every_rank_is_balanced(world, per_rank, block):
     """One document, every rank exactly full (the hardest case for a contiguous placement): the kernel work
-    of the busiest rank is within 1% of the mean at >= 8K tokens per rank, and no slower than zigzag (up to
-    the planner's ``TIE``: within it the better balanced placement wins)."""
+    of the busiest rank is within 1% of the mean work of zigzag (the evenly cut reference) at >= 8K tokens
+    per rank, and the plan is no slower than zigzag (up to the planner's ``TIE``: within it the better
+    balanced placement wins). The reference is zigzag's mean, not the plan's own: moving cuts can lower
+    the total work and so raise the plan's own max / mean (1.08% at W=4, 9218 tokens, block 512, with the
+    busiest rank 0.2% above zigzag's mean)."""
     from hf_fcp.plan.candidates import TIE
 
     n = per_rank * world
     plan = plan_batch([n], world_size=world, block_size=block, tokens_per_rank=per_rank)
     loads = plan.rank_loads()
     assert loads.tokens.max() == per_rank and loads.tokens.sum() == n
-    assert plan.stats().compute_imbalance <= 0.01, plan.rank_loads().work
     ring = plan_batch([n], world_size=world, block_size=block, tokens_per_rank=per_rank, strategy="ring")
+    assert loads.work.max() <= 1.01 * ring.rank_loads().work.mean(), (loads.work, ring.rank_loads().work)
     assert _layer_time(plan) <= _layer_time(ring) * (1 + TIE + 1e-9)
 
 
