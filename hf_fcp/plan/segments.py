@@ -82,7 +82,8 @@ class Spans:
         return np.repeat(np.arange(len(key)), cnt), ranges(lo, cnt)
 
 
-def _segs(rank, slot, q, k, pairs) -> Segments:
+def make_segments(rank, slot, q, k, pairs) -> Segments:
+    """:class:`Segments` from array-likes (``slot`` may be one value for all)."""
     f = lambda x: np.asarray(x, np.float64)  # noqa: E731
     slot = np.broadcast_to(np.asarray(slot, np.int64), np.shape(rank)).copy()
     return Segments(rank=np.asarray(rank, np.int64), slot=slot,
@@ -97,7 +98,7 @@ def local_segments(sp: Spans) -> Segments:
     split = local_split_segments(_subset(sp, ~sp.fused))
     first = sp.fused & (sp.a == 0)
     n = (sp.b - sp.a)[first]
-    return Segments.concat([split, _segs(sp.rank[first], 0, n, n, span_cost(0, n))])
+    return Segments.concat([split, make_segments(sp.rank[first], 0, n, n, span_cost(0, n))])
 
 
 def _subset(sp: Spans, keep: np.ndarray) -> Spans:
@@ -116,7 +117,7 @@ def local_split_segments(sp: Spans) -> Segments:
     g = np.cumsum(first) - 1  # segment index per span (spans are sorted by key)
     rank = sp.rank[first]
     held = np.bincount(g, weights=n, minlength=len(rank))
-    return _segs(rank, 0, held, held, np.bincount(g, weights=pairs, minlength=len(rank)))
+    return make_segments(rank, 0, held, held, np.bincount(g, weights=pairs, minlength=len(rank)))
 
 
 def pieces_of(plan: FCPPlan) -> np.ndarray:
@@ -169,7 +170,7 @@ class RemoteSegments:
         big = np.int64(stage.max(initial=0) + 1)
         last = np.maximum.accumulate(self.pk * big + stage[self.order]) - self.pk * big  # running max per group
         slot = 1 + last[self.at] if overlap else num_stages  # exchange first: every fused run after the last
-        return _segs(sp.rank[runs], slot, sp.b[runs] - sp.a[runs], sp.b[runs], self.fused_pairs)
+        return make_segments(sp.rank[runs], slot, sp.b[runs] - sp.a[runs], sp.b[runs], self.fused_pairs)
 
     def _split(self, stage, num_stages: int) -> Segments:
         """Per (held run, stage) of a split sequence, the keys of the pieces that stage brings before the run:
@@ -203,7 +204,7 @@ class RemoteSegments:
         else:
             _, first, g = np.unique(np.stack([rkey, stage_of, kk]), axis=1, return_index=True, return_inverse=True)
         q = np.bincount(g.reshape(-1), weights=q, minlength=len(first))
-        return _segs(sp.rank[j][first], 1 + stage_of[first], q, k[first], q * k[first])
+        return make_segments(sp.rank[j][first], 1 + stage_of[first], q, k[first], q * k[first])
 
 
 def priced(segs: Segments, kernel: KernelCost, world: int, slots: int) -> tuple[np.ndarray, np.ndarray]:

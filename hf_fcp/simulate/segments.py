@@ -17,9 +17,9 @@ from ..plan.fcp_plan import FCPPlan
 from ..plan.segments import (  # noqa: F401  (Segments, Spans, local_segments: re-exported for the engine)
     Segments,
     Spans,
-    _segs,
     local_segments,
     local_split_segments,
+    make_segments,
     pieces_of,
     stage_segments,
 )
@@ -38,7 +38,7 @@ class Messages:
 def prefix_segments(sp: Spans) -> Segments:
     """Slot 0, all K/V present (all-gather): each span against its whole causal prefix."""
     n = sp.b - sp.a
-    return _segs(sp.rank, 0, n, sp.b, span_cost(sp.a, sp.b))
+    return make_segments(sp.rank, 0, n, sp.b, span_cost(sp.a, sp.b))
 
 
 def p2p_segments(plan: FCPPlan, sp: Spans) -> tuple[Segments, list[Messages]]:
@@ -88,7 +88,7 @@ def ring_schedule(plan: FCPPlan, sp: Spans, cp_size: int) -> RingSchedule:
         keep = sp.b[jj] <= sp.a[e]
         e, jj = e[keep], jj[keep]
         q, k = sp.b[e] - sp.a[e], sp.b[jj] - sp.a[jj]
-        return _segs(sp.rank[e], i, q, k, q * k)
+        return make_segments(sp.rank[e], i, q, k, q * k)
 
     return RingSchedule(nsteps=nsteps, step_segments=step_segments, steps=[tok_at(i) for i in range(nsteps - 1)],
                         final=succ_tok())
