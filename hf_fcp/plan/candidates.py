@@ -24,7 +24,7 @@ from .fcp_plan import imbalance
 from .rounds import needed_pieces
 from .search import polish
 from .settings import PlanSettings
-from .spans import Span
+from .spans import Span, span_cost
 
 SEARCH_SPANS = 2048
 """The candidate search runs while sequences × ranks (the spans of the all-rank zigzag, the largest
@@ -153,7 +153,7 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
     c = node
     while 1 < c < world and world % c == 0:
         items = group_items(lens, world, cap, c)
-        bound = max(_pairs(its) for its in items) / c if bounded else None
+        bound = _busiest_pairs(items) / c if bounded else None
         for inner in (place, dispatch):
             out.append(Option(bound, lambda items=items, c=c, inner=inner: within(_place_groups(items, world, c, cap,
                                                                                                   inner))))
@@ -166,12 +166,16 @@ def work_bound(spans: list[list[Span]], kernel: KernelCost) -> float | None:
     its busiest rank's causal pairs. Every visible pair costs at least one unit (a touched tile costs its
     area, and the kernel's overheads are not negative; None when they are), and a rank runs its work one
     segment after another."""
-    return max(_pairs(x) for x in spans) if min(kernel.coefficients) >= 0 else None
+    return _busiest_pairs(spans) if min(kernel.coefficients) >= 0 else None
 
 
-def _pairs(spans) -> int:
-    """Causal (query, key) pairs of ``(seq, start, end)`` spans: a token at position p sees p + 1 keys."""
-    return sum(b * (b + 1) - a * (a + 1) for _, a, b in spans) // 2
+def _busiest_pairs(lists: list[list[Span]]) -> float:
+    """The most causal pairs (:func:`.spans.span_cost`) of any list of ``(seq, start, end)`` spans."""
+    rows = [(i, a, b) for i, spans in enumerate(lists) for _, a, b in spans]
+    if not rows:
+        return 0.0
+    owner, a, b = np.asarray(rows, np.int64).T
+    return float(np.bincount(owner, span_cost(a, b)).max())
 
 
 def in_groups(lens, world: int, cap: int, group: int, place) -> list[list[Span]]:

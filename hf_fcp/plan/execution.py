@@ -70,7 +70,8 @@ def remote_stages(pieces: np.ndarray, rounds_per_stage: int, num_seqs: int) -> d
         return {}
     key = pieces[:, 1] * num_seqs + pieces[:, 3]
     stage = pieces[:, 2] // rounds_per_stage
-    pairs = np.unique(key * (int(stage.max()) + 1) + stage) // (int(stage.max()) + 1)
+    top = int(stage.max()) + 1
+    pairs = np.unique(key * top + stage) // top
     keys, counts = np.unique(pairs, return_counts=True)
     return dict(zip(zip((keys // num_seqs).tolist(), (keys % num_seqs).tolist()), counts.tolist()))
 

@@ -142,8 +142,7 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
     t0 = time.perf_counter() if started is None else started
     plan = _build(seq_lens, spans, world_size=world_size, block_size=block_size, tokens_per_rank=tokens_per_rank,
                   strategy=strategy, comm=comm, settings=settings)
-    if not plan.collective and not any(w is not None for w, _ in plan.settings.attention_layers):
-        plan = choose_stages(plan, kernel_for(plan.settings.balance, plan.settings.kernel_cost))
+    plan = choose_stages(plan, kernel_for(plan.settings.balance, plan.settings.kernel_cost))
     return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
 
 

@@ -132,12 +132,6 @@ def pieces_of(plan: FCPPlan) -> np.ndarray:
     return np.column_stack([*per_piece, flat.reshape(-1, 3)])
 
 
-def stage_segments(sp: Spans, pieces: np.ndarray, stage: np.ndarray, num_stages: int, overlap: bool) -> Segments:
-    """The remote and fused segments of the p2p plan whose held runs are ``sp`` and whose ``pieces``
-    (:func:`pieces_of`) arrive in the stages ``stage`` (:class:`RemoteSegments`)."""
-    return RemoteSegments(sp, pieces).segments(stage, num_stages, overlap)
-
-
 class RemoteSegments:
     """The remote and fused segments of a p2p plan (held runs ``sp``, ``pieces`` of :func:`pieces_of`) for
     any assignment of its pieces to stages; what does not depend on the stages is computed once."""

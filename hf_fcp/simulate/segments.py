@@ -15,13 +15,13 @@ import numpy as np
 
 from ..plan.fcp_plan import FCPPlan
 from ..plan.segments import (  # noqa: F401  (Segments, Spans, local_segments: re-exported for the engine)
+    RemoteSegments,
     Segments,
     Spans,
     local_segments,
     local_split_segments,
     make_segments,
     pieces_of,
-    stage_segments,
 )
 from ..plan.spans import span_cost
 
@@ -44,14 +44,14 @@ def prefix_segments(sp: Spans) -> Segments:
 def p2p_segments(plan: FCPPlan, sp: Spans) -> tuple[Segments, list[Messages]]:
     """Slot 1 + stage: the split sequences' held spans against the pieces of their sequence that arrived
     in that stage, and the fused sequences' runs after position 0 against all their keys, in the slot of
-    the last stage they need (:func:`hf_fcp.plan.segments.stage_segments`, as the planner prices them).
+    the last stage they need (:class:`hf_fcp.plan.segments.RemoteSegments`, as the planner prices them).
     Also the messages of every stage (forward direction)."""
     num_stages = len(plan.stages)
     p = pieces_of(plan)
     src, dst, stage, c, d = p[:, 0], p[:, 1], p[:, 2] // plan.settings.rounds_per_stage, p[:, 4], p[:, 5]
     msgs = [_aggregate(src[stage == st], dst[stage == st], (d - c)[stage == st], plan.world_size)
             for st in range(num_stages)]
-    return stage_segments(sp, p, stage, num_stages, plan.overlap), msgs
+    return RemoteSegments(sp, p).segments(stage, num_stages, plan.overlap), msgs
 
 
 @dataclass(kw_only=True)
