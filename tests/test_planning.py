@@ -217,14 +217,17 @@ def _layer_time(plan) -> float:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(1, 40000), min_size=1, max_size=20), st.integers(2, 8), st.sampled_from([256, 1024, 4096]),
        st.integers(0, 3))
+@example([2177], 2, 4096, 0)  # zigzag 2e-6 faster: within MARGIN, the planner keeps its own plan
 def test_fcp_is_never_slower_than_its_simple_alternatives(lens, world, block, slack):
     """On the engine's timeline (what the planner's final choice prices: kernel work, the exchange's
     rounds and their latency), the fcp plan is never slower than zigzag, zigzag of the long sequences
-    only, or contiguous shards of the same batch under the same token cap."""
+    only, or contiguous shards of the same batch under the same token cap — up to the planner's
+    ``MARGIN``: an alternative less than that much faster is a tie, and ties keep the planner's own plan
+    (near ties are not left to float rounding, which could differ between the ranks' machines)."""
     from hf_fcp.plan import make_plan
     from hf_fcp.plan.baseline_placements import place_allgather, place_ring
     from hf_fcp.plan.candidates import zigzag_long
-    from hf_fcp.plan.schedule import layer_time
+    from hf_fcp.plan.schedule import MARGIN, layer_time
 
     cap = -(-sum(lens) // world) + slack * 64
     plan = plan_batch(lens, world_size=world, block_size=block, tokens_per_rank=cap)
@@ -234,7 +237,7 @@ def test_fcp_is_never_slower_than_its_simple_alternatives(lens, world, block, sl
         alt = make_plan(tuple(lens), place(tuple(lens), world, cap), world_size=world, block_size=block,
                         tokens_per_rank=cap, strategy="fcp", settings=plan.settings)
         other = layer_time(alt, FLASH)
-        assert mine <= other * (1 + 1e-9), (place.__name__, mine, other)
+        assert mine * (1 - MARGIN) <= other, (place.__name__, mine, other)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
