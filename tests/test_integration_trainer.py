@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig, TrainingArguments
 
+from hf_fcp.engine import comm
 from hf_fcp.integrations.accelerate import FCPPlugin
 from hf_fcp.integrations.embedded import tiny_config
 from hf_fcp.integrations.trainer import FCPTrainer
@@ -92,12 +93,16 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     assert rel(resumed, straight) < 1e-6
 
 
-def test_bad_settings_fail_clearly(tmp_path):
+def test_bad_settings_fail_clearly(tmp_path, monkeypatch):
     cfg = tiny_config("llama", vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     sdpa = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa")
+    monkeypatch.delenv("FCP_TIMEOUT_S", raising=False)
     with pytest.raises(ValueError, match="attn_implementation='fcp'"):
         FCPTrainer(model=sdpa, args=args, train_dataset=dataset())
+    # the refused trainer left nothing behind: not the job's wait limit (ddp_timeout), not an FCP group
+    assert comm.get_timeout() == comm.DEFAULT_TIMEOUT_S != args.ddp_timeout
+    assert comm.bound_group() is None
     bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4),
                                              attn_implementation="fcp")  # transformers accepts it silently
     with pytest.raises(ValueError, match="does not call transformers' attention interface"):

@@ -59,10 +59,14 @@ class FCPTrainerMixin:
         super().__init__(model, args, *rest, **kwargs)
         check_training_args(self.args)
         self.fcp = (fcp_plugin or FCPPlugin()).setup(self.accelerator, job_timeout_s=self.args.ddp_timeout)
-        if self.fcp.world_size != self.accelerator.num_processes:
-            raise ValueError(f"FCP group: got {self.fcp.world_size} ranks, expected {self.accelerator.num_processes}"
-                             f" (every process of the job takes part in FCP)")
-        self.fcp.prepare_model(self.model)
+        try:
+            if self.fcp.world_size != self.accelerator.num_processes:
+                raise ValueError(f"FCP group: got {self.fcp.world_size} ranks, expected "
+                                 f"{self.accelerator.num_processes} (every process of the job takes part in FCP)")
+            self.fcp.prepare_model(self.model)
+        except Exception:
+            self.fcp.teardown()  # a refused model leaves no FCP group or wait limit behind in the process
+            raise
         self._fcp_sums: dict[str, float] = defaultdict(float)
         self._fcp_steps = 0
 
