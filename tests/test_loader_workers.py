@@ -17,12 +17,14 @@ import pathlib
 import pickle
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import hf_fcp.integrations.collator as collator_module
+from hf_fcp import plan_batch
 from hf_fcp.integrations.accelerate import FCPPlugin
 from hf_fcp.integrations.embedded import tiny_config
 from hf_fcp.integrations.trainer import FCPTrainer
@@ -210,3 +212,22 @@ def test_a_view_with_sliding_windows_crosses_by_value():
     got = pickle.loads(pickle.dumps(_ByValue(view)))
     assert view.windows and got.windows[0].window == 20 and same(got, view)
     assert got.to(torch.device("cpu")).fingerprint == view.fingerprint  # a RankView again (Movable.to)
+
+
+def test_a_large_view_crosses_as_runs_exactly():
+    """At many ranks a view's row indices (K/V sent, keys of each task) are millions of values in few runs of
+    consecutive rows: they cross as runs, and arrive value for value (vectors of no runs cross as they are)."""
+    from hf_fcp.integrations.workers import _ByValue
+
+    lens = [300_000, 40_000, 9_000, *range(500, 9_000, 700)]
+    plan = plan_batch(lens, world_size=16, block_size=1024, tokens_per_rank=-(-sum(lens) // 16))
+    view = plan.for_rank(int(np.argmax([len(plan.transfers_of(r)) for r in range(16)])))
+    raw = sum(t.numel() * t.element_size() for t in tensors(view))
+    blob = pickle.dumps(_ByValue(view))
+    got = pickle.loads(blob)
+    assert same(got, view) and len(blob) < raw / 10, (len(blob), raw)
+    rng = np.random.default_rng(0)
+    for values in (np.arange(-40, 60), np.r_[np.arange(5, 70), np.arange(3, 40), [7, 7, 7], np.arange(-9, 30)],
+                   rng.integers(-5, 5, 100), np.repeat(np.arange(40), 3)):
+        vector = torch.from_numpy(values.astype(np.int64))
+        assert same(pickle.loads(pickle.dumps(_ByValue(vector))), vector)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .collator import FCPCollator
@@ -50,7 +51,7 @@ class _ByValue:
 def _flatten(obj):
     """``obj`` as a tree that pickles by value: dataclasses → (class, fields), tuples, CPU tensors → numpy."""
     if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.dtype in _NUMPY_DTYPES:
-        return ("tensor", obj.numpy())
+        return _runs(obj.numpy()) or ("tensor", obj.numpy())
     if is_dataclass(obj) and not isinstance(obj, type):
         return ("dataclass", type(obj), tuple((f.name, _flatten(getattr(obj, f.name))) for f in fields(obj)))
     if type(obj) is tuple:
@@ -63,6 +64,8 @@ def _rebuild(tree):
     kind, *rest = tree
     if kind == "tensor":
         return torch.from_numpy(rest[0])
+    if kind == "runs":
+        return torch.from_numpy(_expand(*rest))
     if kind == "tuple":
         return tuple(_rebuild(x) for x in rest[0])
     if kind == "dataclass":
@@ -72,6 +75,32 @@ def _rebuild(tree):
             object.__setattr__(obj, name, _rebuild(value))
         return obj
     return rest[0]
+
+
+RUNS_PER_VALUE = 16
+"""An int64 vector travels as its runs of consecutive values when it has at least this many values per
+run: the rows a plan view gathers (K/V sent, keys of a task) are mostly long runs of consecutive rows."""
+
+
+def _runs(values: np.ndarray):
+    """``("runs", first values, lengths)`` of a 1-D int64 array made of few runs ``v, v+1, v+2, ...``
+    (:data:`RUNS_PER_VALUE`); None otherwise."""
+    if values.dtype != np.int64 or values.ndim != 1 or len(values) < 2 * RUNS_PER_VALUE:
+        return None
+    starts = np.flatnonzero(np.diff(values) != 1) + 1
+    if (len(starts) + 1) * RUNS_PER_VALUE > len(values):
+        return None
+    starts = np.concatenate([[0], starts])
+    return ("runs", values[starts], np.diff(np.append(starts, len(values))))
+
+
+def _expand(first: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_runs`: the runs ``first[i], first[i] + 1, ...`` (``lengths[i]`` values each), as
+    the running sum of steps of 1 with a jump where a run starts (two passes over millions of values)."""
+    steps = np.ones(int(lengths.sum()), np.int64)
+    steps[0] = first[0]
+    steps[(np.cumsum(lengths) - lengths)[1:]] = first[1:] - (first + lengths - 1)[:-1]
+    return np.cumsum(steps, out=steps)
 
 
 _NUMPY_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.float64,
