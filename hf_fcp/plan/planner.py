@@ -76,7 +76,7 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
         small = searched(lens, world)
         fused = settings.fusion != "none"  # the cost the greedy balances: fused, how most plans run
         greedy = lambda b: place_fcp(lens, world, b, cap, locality=float(settings.locality), kernel=kernel,  # noqa: E731
-                                     fused=fused, layers=settings.attention_layers)
+                                     fused=fused, layers=settings.attention_layers, node=settings.node_size)
         spans = greedy(block)
         if not small and settings.fusion == "auto" and not _runs_fused(spans, settings, kernel):
             fused = False  # the fused-cost placement turned out to run split: balance split costs instead
@@ -87,9 +87,9 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
             spans = choose([spans, *finer, *simple], settings, kernel)
         plan = _build(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
                       settings=settings)
-        in_group = lambda g_lens, ranks, g_cap: place_fcp(g_lens, ranks, block, g_cap,  # noqa: E731
-                                                          locality=float(settings.locality), kernel=kernel,
-                                                          fused=fused, layers=settings.attention_layers)
+        in_group = lambda g_lens, ranks, g_cap: place_fcp(  # noqa: E731  groups are node-aligned
+            g_lens, ranks, block, g_cap, locality=float(settings.locality), kernel=kernel, fused=fused,
+            layers=settings.attention_layers, node=settings.node_size if ranks % settings.node_size == 0 else None)
         others = [Option(None, lambda x=x: x) for x in simple if x != spans]
         others += grouped_options(lens, world, cap, block, settings.node_size, in_group, kernel)
         return _fastest(plan, others, kernel, t0)
