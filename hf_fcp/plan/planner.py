@@ -28,6 +28,7 @@ from .rounds import colour_rounds, needed_pieces, windowed_pieces
 from .schedule import MARGIN, SEARCH_WORK, StageWork, choose_schedule, layer_time, search_work
 from .segments import pieces_of
 from .settings import PlanSettings, settings_from
+from .topology import by_nodes
 
 _SIMPLE = {"ring": place_ring, "allgather": place_allgather, "packing": place_packing}
 STAGE_CHOICES = 3
@@ -76,7 +77,7 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
         small = searched(lens, world)
         fused = settings.fusion != "none"  # the cost the greedy balances: fused, how most plans run
         greedy = lambda b: place_fcp(lens, world, b, cap, locality=float(settings.locality), kernel=kernel,  # noqa: E731
-                                     fused=fused, layers=settings.attention_layers, node=settings.node_size)
+                                     fused=fused, layers=settings.attention_layers)
         spans = greedy(block)
         if not small and settings.fusion == "auto" and not _runs_fused(spans, settings, kernel):
             fused = False  # the fused-cost placement turned out to run split: balance split costs instead
@@ -85,12 +86,15 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
         if small:  # within the search budget: blocks finer than a quarter rank too, and the simple placements
             finer = [greedy(b) for b in tried_blocks(block, cap, world, lens)[1:]]
             spans = choose([spans, *finer, *simple], settings, kernel)
-        plan = _build(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
+        placed = by_nodes(spans, settings.node_size)  # its ranks renumbered so that K/V stays inside nodes
+        plan = _build(lens, placed, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
                       settings=settings)
         in_group = lambda g_lens, ranks, g_cap: place_fcp(  # noqa: E731  groups are node-aligned
             g_lens, ranks, block, g_cap, locality=float(settings.locality), kernel=kernel, fused=fused,
             layers=settings.attention_layers, node=settings.node_size if ranks % settings.node_size == 0 else None)
         others = [Option(None, lambda x=x: x) for x in simple if x != spans]
+        if small and placed is not spans:  # within the search budget, the numbering it was placed in too
+            others.insert(0, Option(None, lambda: spans))
         others += grouped_options(lens, world, cap, block, settings.node_size, in_group, kernel)
         return _fastest(plan, others, kernel, t0)
     spans = _SIMPLE[strategy](lens, world, cap)
