@@ -73,34 +73,40 @@ def _plan_batch(seq_lens, world_size, settings: PlanSettings, t0: float) -> FCPP
     check_plan_size(lens, world, settings.block_size, cap, settings.strategy)  # before anything is allocated
     block, strategy = settings.block_size, settings.strategy
     if strategy == "fcp":
-        kernel = kernel_for(settings.balance, settings.kernel_cost)
-        small = searched(lens, world)
-        fused = settings.fusion != "none"  # the cost the greedy balances: fused, how most plans run
-        greedy = lambda b: place_fcp(lens, world, b, cap, locality=float(settings.locality), kernel=kernel,  # noqa: E731
-                                     fused=fused, layers=settings.attention_layers)
-        spans = greedy(block)
-        if not small and settings.fusion == "auto" and not _runs_fused(spans, settings, kernel):
-            fused = False  # the fused-cost placement turned out to run split: balance split costs instead
-            spans = greedy(block)
-        simple = alternatives(lens, world, cap) if small else []
-        if small:  # within the search budget: blocks finer than a quarter rank too, and the simple placements
-            finer = [greedy(b) for b in tried_blocks(block, cap, world, lens)[1:]]
-            spans = choose([spans, *finer, *simple], settings, kernel)
-        placed = by_nodes(spans, settings.node_size)  # its ranks renumbered so that K/V stays inside nodes
-        plan = _build(lens, placed, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
-                      settings=settings)
-        in_group = lambda g_lens, ranks, g_cap: place_fcp(  # noqa: E731  groups are node-aligned
-            g_lens, ranks, block, g_cap, locality=float(settings.locality), kernel=kernel, fused=fused,
-            layers=settings.attention_layers, node=settings.node_size if ranks % settings.node_size == 0 else None)
-        others = [Option(None, lambda x=x: x) for x in simple if x != spans]
-        if small and placed is not spans:  # within the search budget, the numbering it was placed in too
-            others.insert(0, Option(None, lambda: spans))
-        others += grouped_options(lens, world, cap, block, settings.node_size, in_group, kernel)
-        return _fastest(plan, others, kernel, t0)
+        return _plan_fcp(lens, world, cap, settings, t0)
     spans = _SIMPLE[strategy](lens, world, cap)
     comm = "collective" if strategy in ("ring", "allgather") else "p2p"
     return make_plan(lens, spans, world_size=world, block_size=block, tokens_per_rank=cap, strategy=strategy,
                      comm=comm, settings=settings, started=t0)
+
+
+def _plan_fcp(lens: tuple[int, ...], world: int, cap: int, settings: PlanSettings, t0: float) -> FCPPlan:
+    """fcp's plan: its greedy placement (within the search budget, the best of its candidates), numbered by
+    nodes, or the alternative it must not lose to that the timeline finds faster (:func:`_fastest`)."""
+    block, kernel = settings.block_size, kernel_for(settings.balance, settings.kernel_cost)
+    small = searched(lens, world)
+    fused = settings.fusion != "none"  # the cost the greedy balances: fused, how most plans run
+    greedy = lambda b: place_fcp(lens, world, b, cap, locality=float(settings.locality), kernel=kernel,  # noqa: E731
+                                 fused=fused, layers=settings.attention_layers)
+    spans = greedy(block)
+    if not small and settings.fusion == "auto" and not _runs_fused(spans, settings, kernel):
+        fused = False  # the fused-cost placement turned out to run split: balance split costs instead
+        spans = greedy(block)
+    simple = alternatives(lens, world, cap) if small else []
+    if small:  # within the search budget: blocks finer than a quarter rank too, and the simple placements
+        finer = [greedy(b) for b in tried_blocks(block, cap, world, lens)[1:]]
+        spans = choose([spans, *finer, *simple], settings, kernel)
+    placed = by_nodes(spans, settings.node_size)  # its ranks renumbered so that K/V stays inside nodes
+    plan = _build(lens, placed, world_size=world, block_size=block, tokens_per_rank=cap, strategy="fcp",
+                  settings=settings)
+    in_group = lambda g_lens, ranks, g_cap: place_fcp(  # noqa: E731  groups are node-aligned
+        g_lens, ranks, block, g_cap, locality=float(settings.locality), kernel=kernel, fused=fused,
+        layers=settings.attention_layers, node=settings.node_size if ranks % settings.node_size == 0 else None)
+    others = [Option(None, lambda x=x: x) for x in simple if x != spans]
+    if small and placed is not spans:  # within the search budget, the numbering it was placed in too
+        others.insert(0, Option(None, lambda: spans))
+    others += grouped_options(lens, world, cap, block, settings.node_size, in_group, kernel)
+    return _fastest(plan, others, kernel, t0)
 
 
 def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
