@@ -276,7 +276,7 @@ def test_the_planner_never_models_slower_than_the_grouped_placements():
 
     machine = planner_model(get_model("llama3-70b"), load_cluster("h200"), 16)
     kernel = kernel_for("kernel", machine["kernel_cost"])
-    place = lambda lens, w, cap: place_fcp(lens, w, 1024, cap, kernel=kernel)  # noqa: E731  the planner's greedy
+    place = lambda lens, w, cap, block: place_fcp(lens, w, block, cap, kernel=kernel)  # noqa: E731  the planner's greedy
     picked = []
     for seed in range(6):
         lens = make_batch(parse_distribution("light"), 16 * 4096, np.random.default_rng(seed))
@@ -324,7 +324,7 @@ def test_alternatives_skipped_by_their_lower_bound_could_not_have_won(monkeypatc
             m.setattr(planner, "work_bound", lambda spans, kernel: None)
             m.setattr(planner, "grouped_options", lambda *args: counted(*args, bounds=False))
             assert plan_batch(lens, **kw).fingerprint == pruned.fingerprint, dist
-        greedy = lambda g, ranks, cap: place_fcp(g, ranks, 2048, cap, kernel=kernel)  # noqa: E731
+        greedy = lambda g, ranks, cap, block: place_fcp(g, ranks, block, cap, kernel=kernel)  # noqa: E731
         for spans in [pruned.rank_spans, *candidates.grouped(lens, 32, 8192, 2048, 8, greedy)]:
             alt = make_plan(tuple(lens), [list(x) for x in spans], world_size=32, block_size=2048,
                             tokens_per_rank=8192, strategy="fcp", settings=pruned.settings)
@@ -409,3 +409,27 @@ def test_a_node_aware_placement_keeps_more_kv_inside_nodes_at_the_same_balance(n
     plan_batch(list(lens), world_size=8, block_size=1024, tokens_per_rank=8192, node_size=node)
     (primary, built), = seen
     assert between_nodes(primary) <= 0.8 * between_nodes(next(x for x in built if by_nodes(x, node) == primary))
+
+
+def test_beyond_the_search_budget_groups_are_also_placed_with_half_blocks(monkeypatch):
+    """At hundreds of ranks (beyond the search budget) documents are cut over many ranks: fcp also places
+    its grouped alternatives with half-size blocks, and MagiAttention-style dispatch gets the same chunks
+    (every baseline its best settings). Within the budget, the groups keep the plan's block."""
+    from hf_fcp.plan import candidates, planner
+    from hf_fcp.plan.candidates import searched, tried_blocks
+    from hf_fcp.plan.placement import place_fcp
+    from hf_fcp.simulate.strategies import build
+
+    lens = [40_000] * 3 + [900] * 200
+    assert not searched(lens, 64) and searched(lens[:20], 16)
+    assert tried_blocks(4096, 8192, 64, lens) == [4096, 2048] and tried_blocks(4096, 32768, 16, lens[:20]) == [4096]
+    blocks, real = [], candidates.place_dispatch
+    monkeypatch.setattr(candidates, "place_dispatch", lambda g, r, b, cap: blocks.append((r, b)) or real(g, r, b, cap))
+    placed = []
+    monkeypatch.setattr(planner, "place_fcp",
+                        lambda g, r, b, cap, **k: placed.append((r, b)) or place_fcp(g, r, b, cap, **k))
+    plan_batch(lens, world_size=64, block_size=4096, tokens_per_rank=8192, max_stages=4)
+    assert {b for r, b in placed if r < 64} == {4096, 2048}  # fcp inside groups, both block sizes
+    assert {b for r, b in blocks if r < 64} == {4096, 2048}  # the dispatch inside groups too
+    magi = build("magi", lens, world_size=64, block_size=4096, tokens_per_rank=8192, cp_size=64, stages=4)
+    assert sorted(c.plan.block_size for c in magi) == [2048, 4096]

@@ -43,11 +43,12 @@ def searched(lens, world: int) -> bool:
 
 
 def tried_blocks(block: int, cap: int, world: int, lens) -> list[int]:
-    """The block sizes the fcp planner places ``lens`` with: ``block``, and when it searches
-    (:func:`searched`) also a finer one, a quarter of a rank's tokens but at least ``MIN_BLOCK`` (when
-    that is finer)."""
-    finer = max(MIN_BLOCK, min(block, cap // 4))
-    return [block, finer] if searched(lens, world) and finer < block else [block]
+    """The block sizes the fcp planner places ``lens`` with: ``block``, and a finer one (at least
+    ``MIN_BLOCK``, when that is finer): while it searches (:func:`searched`) a quarter of a rank's tokens for
+    its own candidates; beyond its search budget (hundreds of ranks, where documents are cut over many of
+    them) half of ``block`` for the grouped placements (:func:`grouped_options`)."""
+    finer = max(MIN_BLOCK, min(block, cap // 4) if searched(lens, world) else block // 2)
+    return [block, finer] if finer < block else [block]
 
 
 def zigzag_long(lens, world: int, cap: int) -> list[list[Span]]:
@@ -125,8 +126,9 @@ def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[li
     """The grouped placements the fcp planner must not lose to, at every world size: MagiAttention's
     chunk dispatch over all ranks (:func:`.baseline_placements.place_dispatch`) with each block size fcp
     tries, and, restricted to node-aligned groups of ``node × 2^k < world`` ranks (:func:`in_groups`),
-    ``place`` (fcp's greedy: ``place(lengths, ranks, cap)``) and the dispatch. Placements that would put
-    more than ``cap`` tokens on a rank are left out."""
+    ``place`` (fcp's greedy: ``place(lengths, ranks, cap, block)``) and the dispatch — beyond the search
+    budget with each block size fcp tries, within it with ``block``. Placements that would put more than
+    ``cap`` tokens on a rank are left out."""
     built = (option.build() for option in grouped_options(lens, world, cap, block, node, place, kernel=None))
     return [x for x in built if x is not None]
 
@@ -146,17 +148,19 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
     before their ranks are placed (the causal pairs of the busiest group spread evenly over its ranks;
     ``kernel``: the planner's kernel model, None for no bounds)."""
     within = lambda x: x if max(sum(e - a for _, a, e in spans) for spans in x) <= cap else None  # noqa: E731
-    out = [Option(None, lambda b=b: within(place_dispatch(lens, world, b, cap)))
-           for b in tried_blocks(block, cap, world, lens)]
-    dispatch = lambda g_lens, ranks, g_cap: place_dispatch(g_lens, ranks, block, g_cap)  # noqa: E731
+    blocks = tried_blocks(block, cap, world, lens)
+    out = [Option(None, lambda b=b: within(place_dispatch(lens, world, b, cap))) for b in blocks]
+    dispatch = lambda g_lens, ranks, g_cap, b: place_dispatch(g_lens, ranks, b, g_cap)  # noqa: E731
     bounded = kernel is not None and min(kernel.coefficients) >= 0
     c = node
     while 1 < c < world and world % c == 0:
         items = group_items(lens, world, cap, c)
         bound = _busiest_pairs(items) / c if bounded else None
-        for inner in (place, dispatch):
-            out.append(Option(bound, lambda items=items, c=c, inner=inner: within(_place_groups(items, world, c, cap,
-                                                                                                  inner))))
+        for b in ([block] if searched(lens, world) else blocks):
+            for inner in (place, dispatch):
+                at = lambda g_lens, ranks, g_cap, inner=inner, b=b: inner(g_lens, ranks, g_cap, b)  # noqa: E731
+                out.append(Option(bound, lambda items=items, c=c, at=at: within(_place_groups(items, world, c, cap,
+                                                                                            at))))
         c *= 2
     return out
 

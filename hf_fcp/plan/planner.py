@@ -99,8 +99,8 @@ def _plan_fcp(lens: tuple[int, ...], world: int, cap: int, settings: PlanSetting
     placed = by_nodes(spans, settings.node_size)  # its ranks renumbered so that K/V stays inside nodes
     plan = _build(lens, placed, world_size=world, block_size=block, tokens_per_rank=cap, strategy="fcp",
                   settings=settings)
-    in_group = lambda g_lens, ranks, g_cap: place_fcp(  # noqa: E731  groups are node-aligned
-        g_lens, ranks, block, g_cap, locality=float(settings.locality), kernel=kernel, fused=fused,
+    in_group = lambda g_lens, ranks, g_cap, b: place_fcp(  # noqa: E731  groups are node-aligned
+        g_lens, ranks, b, g_cap, locality=float(settings.locality), kernel=kernel, fused=fused,
         layers=settings.attention_layers, node=settings.node_size if ranks % settings.node_size == 0 else None)
     others = [Option(None, lambda x=x: x) for x in simple if x != spans]
     if small and placed is not spans:  # within the search budget, the numbering it was placed in too
