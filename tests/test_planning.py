@@ -414,7 +414,8 @@ def test_a_node_aware_placement_keeps_more_kv_inside_nodes_at_the_same_balance(n
 def test_beyond_the_search_budget_groups_are_also_placed_with_half_blocks(monkeypatch):
     """At hundreds of ranks (beyond the search budget) documents are cut over many ranks: fcp also places
     its grouped alternatives with half-size blocks, and MagiAttention-style dispatch gets the same chunks
-    (every baseline its best settings). Within the budget, the groups keep the plan's block."""
+    (every baseline its best settings). Within the budget, the groups keep the plan's block; a batch that
+    half-size blocks would take past the planner's size limits keeps its block."""
     from hf_fcp.plan import candidates, planner
     from hf_fcp.plan.candidates import searched, tried_blocks
     from hf_fcp.plan.placement import place_fcp
@@ -423,6 +424,7 @@ def test_beyond_the_search_budget_groups_are_also_placed_with_half_blocks(monkey
     lens = [40_000] * 3 + [900] * 200
     assert not searched(lens, 64) and searched(lens[:20], 16)
     assert tried_blocks(4096, 8192, 64, lens) == [4096, 2048] and tried_blocks(4096, 32768, 16, lens[:20]) == [4096]
+    assert tried_blocks(4096, 131072, 1024, [4096 * 2048] * 16) == [4096]  # at the size limits: no finer block
     blocks, real = [], candidates.place_dispatch
     monkeypatch.setattr(candidates, "place_dispatch", lambda g, r, b, cap: blocks.append((r, b)) or real(g, r, b, cap))
     placed = []

@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .baseline_placements import merge_sorted, place_allgather, place_dispatch, place_ring, zigzag
+from .checks import check_plan_size
 from .cost import KernelCost
 from .execution import RankChoices, execution, link_tokens, remote_sources
 from .fcp_plan import imbalance
@@ -46,9 +47,20 @@ def tried_blocks(block: int, cap: int, world: int, lens) -> list[int]:
     """The block sizes the fcp planner places ``lens`` with: ``block``, and a finer one (at least
     ``MIN_BLOCK``, when that is finer): while it searches (:func:`searched`) a quarter of a rank's tokens for
     its own candidates; beyond its search budget (hundreds of ranks, where documents are cut over many of
-    them) half of ``block`` for the grouped placements (:func:`grouped_options`)."""
+    them) half of ``block`` for the grouped placements (:func:`grouped_options`) — each only while the batch
+    in the finer blocks stays within the planner's size limits."""
     finer = max(MIN_BLOCK, min(block, cap // 4) if searched(lens, world) else block // 2)
-    return [block, finer] if finer < block else [block]
+    return [block, finer] if finer < block and _plannable(lens, world, finer, cap) else [block]
+
+
+def _plannable(lens, world: int, block: int, cap: int) -> bool:
+    """Whether the batch in blocks of ``block`` is within the planner's size limits
+    (:func:`.checks.check_plan_size`): a finer block never takes a plan past what they bound."""
+    try:
+        check_plan_size(lens, world, block, cap)
+    except ValueError:
+        return False
+    return True
 
 
 def zigzag_long(lens, world: int, cap: int) -> list[list[Span]]:
