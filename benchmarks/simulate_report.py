@@ -226,15 +226,17 @@ Every strategy runs under the same cost rules, and every baseline at its best se
   a size whose communication alone outlasts the best step so far is skipped, which never drops the best).
   `--cp-size min` (the smallest such group, the conventional setting) is in the sensitivity tables.
 * **fcp**: the real planner (`plan_batch`, default options, given the cluster's kernel, link, node and
-  overlap model), its rounds coalesced into at most 4 communication stages (`--stages 4`). It also plans
-  MagiAttention's dispatch over all GPUs and its own placement inside node-aligned groups, and keeps the
-  plan its timeline model finds fastest.
+  overlap model), its rounds coalesced into at most 16 communication stages (`--stages 16`): each plan
+  runs in 16, 8 or 4 stages, whichever its timeline model finds fastest. It also plans MagiAttention's
+  dispatch over all GPUs and its own placement inside node-aligned groups (beyond its search budget with
+  half-size blocks too), numbers its ranks by nodes, and keeps the plan its timeline model finds fastest.
 * **MagiAttention (magi)**: chunks dispatched by its min-heap inside each group; it gets what fcp gets —
-  the same planner settings (kernel, link and overlap model), the same 4 stages, the execution (fused or
-  split, overlapped or exchange first) and colouring of its rounds chosen on the same timeline with the
-  same round swaps, and one candidate per block size fcp tries (the 4096 block, and while fcp's candidate
-  search runs — sequences × GPUs ≤ 2048 — also its finer block, a quarter of a GPU's tokens but at least
-  512); the fastest is kept.
+  the same planner settings (kernel, link and overlap model), the same stage-count choice (16, 8 or 4),
+  the execution (fused or split, overlapped or exchange first) and colouring of its rounds chosen on the
+  same timeline with the same round swaps, and one candidate per block size fcp tries (the 4096 block; while
+  fcp's candidate search runs — sequences × GPUs ≤ 2048 — also its finer block, a quarter of a GPU's tokens
+  but at least 512; beyond it half the block, 2048, as fcp's grouped placements then also use); the
+  fastest is kept.
 * **WLB-LLM (wlb)**: per-document and per-sequence sharding both simulated, the faster kept (its adaptive
   selector). **ByteScale**: its dynamic CP groups per sequence (no fixed group to choose).
 
@@ -249,7 +251,7 @@ FOOTER = """## Reading the results
   WLB-LLM and MagiAttention step at the group boundaries). WLB-LLM's cost-aware packing cannot help when one
   document alone outweighs a group's fair share. ByteScale gives a long sequence only the ranks that fit it, so
   those ranks carry its whole quadratic cost. fcp balances modelled kernel work over all GPUs and sends only the
-  K/V each block needs (2-4× fewer bytes than ring at 64-256 GPUs). Kernel segments follow the engine's views:
+  K/V each block needs (3-5× fewer bytes than ring at 64-256 GPUs). Kernel segments follow the engine's views:
   one causal segment per held sequence, and one per group of runs that see the same received pieces.
 * **Where fcp loses time: communication hot spots.** A rank holding an early run of a long sequence sends it to
   every rank holding a later piece (fan-out). The planner balances compute and memory but not communication, so
@@ -257,7 +259,7 @@ FOOTER = """## Reading the results
   (timeline: backward ends waiting for dK/dV, since a rank returns stage k's gradients only once its peer has
   reached stage k of its own backward). The forward posts every stage at once (the engine's default prefetch),
   so its transfers run back to back behind the kernels; at 256 GPUs on the lognormal workload the exposed
-  communication is still ≈ 0.5 s of a 2.9 s step.
+  communication is 17 ms of a 2.4 s step (at this scale the planner also places in finer blocks).
 * **Sensitivity.** The main tables give every baseline its best CP group per batch in hindsight; with it,
   MagiAttention-style dispatch over (nearly) the whole world is the strongest bar — it is fcp's idea without
   block splitting. The sensitivity tables show the conventional smallest group (`--cp-size min`), which
