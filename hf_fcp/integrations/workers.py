@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..plan.spans import ranges
 from .collator import FCPCollator
 
 
@@ -65,7 +66,7 @@ def _rebuild(tree):
     if kind == "tensor":
         return torch.from_numpy(rest[0])
     if kind == "runs":
-        return torch.from_numpy(_expand(*rest))
+        return torch.from_numpy(ranges(*rest))
     if kind == "tuple":
         return tuple(_rebuild(x) for x in rest[0])
     if kind == "dataclass":
@@ -84,7 +85,7 @@ run: the rows a plan view gathers (K/V sent, keys of a task) are mostly long run
 
 def _runs(values: np.ndarray):
     """``("runs", first values, lengths)`` of a 1-D int64 array made of few runs ``v, v+1, v+2, ...``
-    (:data:`RUNS_PER_VALUE`); None otherwise."""
+    (:data:`RUNS_PER_VALUE`; :func:`hf_fcp.plan.spans.ranges` expands them); None otherwise."""
     if values.dtype != np.int64 or values.ndim != 1 or len(values) < 2 * RUNS_PER_VALUE:
         return None
     starts = np.flatnonzero(np.diff(values) != 1) + 1
@@ -92,15 +93,6 @@ def _runs(values: np.ndarray):
         return None
     starts = np.concatenate([[0], starts])
     return ("runs", values[starts], np.diff(np.append(starts, len(values))))
-
-
-def _expand(first: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_runs`: the runs ``first[i], first[i] + 1, ...`` (``lengths[i]`` values each), as
-    the running sum of steps of 1 with a jump where a run starts (two passes over millions of values)."""
-    steps = np.ones(int(lengths.sum()), np.int64)
-    steps[0] = first[0]
-    steps[(np.cumsum(lengths) - lengths)[1:]] = first[1:] - (first + lengths - 1)[:-1]
-    return np.cumsum(steps, out=steps)
 
 
 _NUMPY_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.float64,

@@ -23,11 +23,16 @@ def span_cost(start, end):
 
 
 def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` as int64, vectorised."""
+    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` as int64, vectorised: the running sum
+    of steps of 1 with a jump where a run starts (two passes over the output; plan views expand millions)."""
     starts = np.asarray(starts, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
+    keep = lengths > 0
+    starts, lengths = starts[keep], lengths[keep]
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)
-    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    return shift + np.arange(total, dtype=np.int64)
+    steps = np.ones(total, dtype=np.int64)
+    steps[0] = starts[0]
+    steps[(np.cumsum(lengths) - lengths)[1:]] = starts[1:] - (starts + lengths - 1)[:-1]
+    return np.cumsum(steps, out=steps)
