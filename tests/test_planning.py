@@ -381,8 +381,8 @@ def test_a_placement_in_node_groups_covers_every_token_once_within_the_cap(seed)
 @pytest.mark.parametrize("node", [2, 4])
 def test_a_node_aware_placement_keeps_more_kv_inside_nodes_at_the_same_balance(node, monkeypatch):
     """Four equally long documents on 8 ranks (each needs about two ranks' compute; the greedy interleaves
-    them over all ranks): with a node size the placement relabels its ranks so that ranks sharing documents
-    share a node — the same per-rank span lists (so exactly the same balance and memory), at least 20%
+    them over all ranks): numbered by nodes (``topology.by_nodes``) its ranks that share documents share a
+    node — the same per-rank span lists (so exactly the same balance and memory), at least 20%
     fewer K/V tokens between nodes (measured: 28-44%). The planner numbers its placement by nodes and also
     prices it in the numbering it was placed in (its timeline keeps the faster)."""
     from hf_fcp.plan import planner
@@ -396,7 +396,7 @@ def test_a_node_aware_placement_keeps_more_kv_inside_nodes_at_the_same_balance(n
 
     lens = (16384,) * 4
     plain = place_fcp(lens, 8, 1024, 8192, kernel=FLASH)
-    aware = place_fcp(lens, 8, 1024, 8192, kernel=FLASH, node=node)
+    aware = by_nodes(plain, node)
     assert sorted(map(tuple, aware)) == sorted(map(tuple, plain))
     assert between_nodes(aware) <= 0.8 * between_nodes(plain), (between_nodes(aware), between_nodes(plain))
     seen, fastest = [], planner._fastest
@@ -409,6 +409,25 @@ def test_a_node_aware_placement_keeps_more_kv_inside_nodes_at_the_same_balance(n
     plan_batch(list(lens), world_size=8, block_size=1024, tokens_per_rank=8192, node_size=node)
     (primary, built), = seen
     assert between_nodes(primary) <= 0.8 * between_nodes(next(x for x in built if by_nodes(x, node) == primary))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_node_numbering_weighs_exactly_the_kv_the_exchange_moves(seed):
+    """``topology.kv_tokens`` (vectorised, for the numbering) counts the K/V tokens each rank sends each
+    other as ``rounds.needed_pieces`` (the exchange) lists them, on greedy and zigzag placements."""
+    from hf_fcp.plan.candidates import zigzag_long
+    from hf_fcp.plan.placement import place_fcp
+    from hf_fcp.plan.rounds import needed_pieces
+    from hf_fcp.plan.topology import kv_tokens
+
+    world = (8, 12, 24, 5)[seed]
+    lens = make_batch(Distribution(name="kv", kind="lognormal", mu=6.5, sigma=2.0, max_len=200_000), world * 8192,
+                      np.random.default_rng(seed))
+    for spans in (place_fcp(tuple(lens), world, 1024, 8192, kernel=FLASH), zigzag_long(lens, world, 8192)):
+        want = np.zeros((world, world))
+        for (src, dst), pieces in needed_pieces(spans).items():
+            want[src, dst] += sum(b - a for _, a, b in pieces)
+        assert want.any() and np.array_equal(kv_tokens(spans), want)
 
 
 def test_beyond_the_search_budget_groups_are_also_placed_with_half_blocks(monkeypatch):

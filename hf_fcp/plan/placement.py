@@ -12,7 +12,7 @@ Items are the blocks of every sequence (a short sequence is one partial block). 
 its cost per token (≈ its mean position); a rank's *need* is the density it still lacks,
 ``(C - cost) / (T - tokens)``. Items go out densest first, each to the neediest rank — dense late blocks
 of long sequences pair with ranks that have room for them, light short sequences fill the rest, and the
-smallest come last and close the gaps. Five refinements make it exact, local and node-aware:
+smallest come last and close the gaps. Four refinements make it exact and local:
 
 * **Split to fit.** When a dense item would push its rank past ``C`` (by more than a small slack), only
   the suffix that fits goes there — "fits" net of the light fill (mean density of the lightest half of
@@ -28,8 +28,6 @@ smallest come last and close the gaps. Five refinements make it exact, local and
   exceeds ``C`` by more than ``REBALANCE_TARGET``; token counts are unchanged by construction. Under a
   kernel cost a swap is kept only if it lowers the pair's maximum (a swap also creates runs that need
   remote K/V).
-* **Nodes.** Given a node size, the ranks of the result are relabelled (:mod:`.topology`) so that ranks
-  exchanging much K/V share a node: balance is unchanged, fewer K/V tokens cross the network.
 * **Tile-aligned cuts.** Cuts fall on multiples of ``ALIGN`` (a kernel tile) where the piece bounds allow,
   so pieces of long sequences, and the K/V runs they receive, fill whole tiles.
 
@@ -56,7 +54,6 @@ from .cost import (
     seq_cost,
 )
 from .spans import Span, span_cost
-from .topology import by_nodes
 
 SLACK = 0.004  # fraction of the mean cost a rank may exceed it by before an item is split instead
 REBALANCE_TARGET = 0.004  # the repair pass stops once no rank exceeds the mean cost by more than this
@@ -151,21 +148,19 @@ def _light_fill_density(start: np.ndarray, end: np.ndarray, ratio: np.ndarray) -
 
 
 def place_fcp(lens: tuple[int, ...], world: int, block: int, cap: int, locality: float = 0.5,
-              kernel: KernelCost = PAIRS, fused: bool = True, layers=((None, 1),),
-              node: int | None = None) -> list[list[Span]]:
+              kernel: KernelCost = PAIRS, fused: bool = True, layers=((None, 1),)) -> list[list[Span]]:
     """The FCP placement balancing ``kernel`` (module doc) for ranks that run every sequence ``fused``
     (else split; :mod:`.tasks`), in an average layer of the model's ``layers`` (``((window or None,
     count), ...)``: sliding-window layers cost about tokens × window). Under a kernel cost, if the result
     is more than ``FALLBACK`` above the mean, the pair-balanced placement is also made and kept when its
-    maximum rank work (under ``kernel``) is lower: the kernel-cost greedy misjudges some block sizes.
-    ``node``: ranks per node (rank r on node ``r // node``); the ranks are then relabelled so that K/V
-    stays inside nodes (:func:`.topology.by_nodes`); None or ≥ ``world``: one node, no relabelling."""
+    maximum rank work (under ``kernel``) is lower: the kernel-cost greedy misjudges some block sizes. Ranks
+    are alike here; which of them share a node is the planner's numbering (:func:`.topology.by_nodes`)."""
     spans, cost = _place(lens, world, block, cap, locality, kernel, fused, layers)
     held = _Held(kernel, fused, layers)
-    if not held.pairs and cost.max() > cost.mean() * (1 + FALLBACK):
-        alt = _place(lens, world, block, cap, locality, PAIRS, fused, layers)[0]
-        spans = alt if max(held.rank_cost(r) for r in alt) < cost.max() else spans
-    return by_nodes(spans, node)
+    if held.pairs or cost.max() <= cost.mean() * (1 + FALLBACK):
+        return spans
+    alt = _place(lens, world, block, cap, locality, PAIRS, fused, layers)[0]
+    return alt if max(held.rank_cost(r) for r in alt) < cost.max() else spans
 
 
 def _place(lens, world, block, cap, locality, kernel, fused, layers) -> tuple[list[list[Span]], np.ndarray]:

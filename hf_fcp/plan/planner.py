@@ -99,9 +99,9 @@ def _plan_fcp(lens: tuple[int, ...], world: int, cap: int, settings: PlanSetting
     placed = by_nodes(spans, settings.node_size)  # its ranks renumbered so that K/V stays inside nodes
     plan = _build(lens, placed, world_size=world, block_size=block, tokens_per_rank=cap, strategy="fcp",
                   settings=settings)
-    in_group = lambda g_lens, ranks, g_cap, b: place_fcp(  # noqa: E731  groups are node-aligned
-        g_lens, ranks, b, g_cap, locality=float(settings.locality), kernel=kernel, fused=fused,
-        layers=settings.attention_layers, node=settings.node_size if ranks % settings.node_size == 0 else None)
+    in_group = lambda g_lens, ranks, g_cap, b: by_nodes(  # noqa: E731  groups are node-aligned
+        place_fcp(g_lens, ranks, b, g_cap, locality=float(settings.locality), kernel=kernel, fused=fused,
+                  layers=settings.attention_layers), settings.node_size if ranks % settings.node_size == 0 else None)
     others = [Option(None, lambda x=x: x) for x in simple if x != spans]
     if small and placed is not spans:  # within the search budget, the numbering it was placed in too
         others.insert(0, Option(None, lambda: spans))
