@@ -357,6 +357,30 @@ def test_the_planner_runs_each_plan_in_the_stage_count_its_timeline_finds_fastes
     assert counts == {True, False}, counts  # some plans keep the cap's count, some run in fewer stages
 
 
+@pytest.mark.parametrize("world,dist,model,tokens,seed", [(16, "lognormal", "llama3-70b", 8192, 0),
+                                                         (16, "bimodal", "llama3-8b", 32768, 5)])
+def test_no_magi_plan_is_faster_than_fcps_on_its_own_timeline(world, dist, model, tokens, seed):
+    """fcp plans the dispatch MagiAttention makes among its alternatives and compares each alternative in its
+    fastest stage count, as the baseline gets it: at every CP size and chunk the simulator gives magi, no
+    magi plan is faster on fcp's timeline than fcp's own plan (the batches here were slower before)."""
+    from hf_fcp.plan.cost import kernel_for
+    from hf_fcp.plan.schedule import layer_time
+    from hf_fcp.simulate import get_model, load_cluster, parse_distribution
+    from hf_fcp.simulate.engine import planner_model
+    from hf_fcp.simulate.strategies import build, cp_sizes
+    from hf_fcp.workloads import make_batches
+
+    machine = planner_model(get_model(model), load_cluster("h200"), world)
+    kernel = kernel_for("kernel", machine["kernel_cost"])
+    for lens in make_batches(parse_distribution(dist), world_size=world, tokens_per_rank=tokens, steps=2, seed=seed):
+        ours = layer_time(plan_batch(lens, world_size=world, block_size=4096, tokens_per_rank=tokens, max_stages=16,
+                                     **machine), kernel)
+        for c in cp_sizes(lens, world, tokens, "best"):
+            for magi in build("magi", lens, world_size=world, block_size=4096, tokens_per_rank=tokens, cp_size=c,
+                              fcp_options=machine):
+                assert ours <= layer_time(magi.plan, kernel) * (1 + 1e-5), (c, magi.plan.block_size)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_placement_in_node_groups_covers_every_token_once_within_the_cap(seed):
     """``in_groups``: whole sequences stay inside one group of ranks; one that fits no group whole is cut over

@@ -111,14 +111,15 @@ def _plan_fcp(lens: tuple[int, ...], world: int, cap: int, settings: PlanSetting
 
 def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
     """``plan`` or the plan of one of the ``others`` placements, whichever the engine's timeline
-    (:func:`.schedule.layer_time`) finds fastest; ties keep the earlier. An option whose lower bound
+    (:func:`.schedule.layer_time`) finds fastest, each in its fastest stage count (:func:`fastest_stages`:
+    the baselines get that choice too); ties keep the earlier. An option whose lower bound
     (:func:`.candidates.work_bound`, known before or after it is placed) is above the fastest so far could
     not win: it is neither placed nor planned. Models with sliding-window layers keep ``plan`` (the
     timeline prices full attention only)."""
     if any(w is not None for w, _ in plan.settings.attention_layers):
         return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
-    work = StageWork(plan, kernel)
-    best, best_t, best_work = plan, layer_time(plan, kernel, work), work
+    best, best_t = fastest_stages(plan, kernel)
+    restaged = best is not plan  # its colouring was chosen for the stage count it was built with
     for option in others:
         if option.bound is not None and option.bound > best_t:
             continue
@@ -127,11 +128,10 @@ def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
             continue
         alt = _build(plan.seq_lens, spans, world_size=plan.world_size, block_size=plan.block_size,
                      tokens_per_rank=plan.tokens_per_rank, strategy=plan.strategy, settings=plan.settings)
-        work = StageWork(alt, kernel)
-        t = layer_time(alt, kernel, work)
+        staged, t = fastest_stages(alt, kernel)
         if t < best_t * (1 - MARGIN):
-            best, best_t, best_work = alt, t, work
-    return replace(choose_stages(best, kernel, (best_t, best_work)), plan_ms=(time.perf_counter() - t0) * 1e3)
+            best, best_t, restaged = staged, t, staged is not alt
+    return replace(_colour(best, kernel) if restaged else best, plan_ms=(time.perf_counter() - t0) * 1e3)
 
 
 def _runs_fused(spans, settings: PlanSettings, kernel) -> bool:
@@ -182,18 +182,31 @@ def _per_stage(rounds: int, stages: int) -> int:
     return max(1, -(-rounds // stages))
 
 
-def choose_stages(plan: FCPPlan, kernel, known: tuple[float, StageWork] | None = None) -> FCPPlan:
+def choose_stages(plan: FCPPlan, kernel) -> FCPPlan:
     """``plan`` run in the number of communication stages its timeline (:func:`.schedule.layer_time`)
     finds fastest among ``max_stages``, half and a quarter of it (:data:`STAGE_CHOICES` counts): more
     stages start computing on the first K/V sooner, fewer pay fewer segment set-ups. The new count gets
     its execution and, within the search budget, its colouring chosen again. Plans without
-    ``max_stages``, without rounds or with sliding-window layers keep theirs. ``known``: ``plan``'s layer
-    time and :class:`.schedule.StageWork`, when known (the work depends on the execution, not the stages)."""
-    cap, rounds = plan.settings.max_stages, plan.num_rounds
-    if not cap or rounds < 2 or plan.collective or any(w is not None for w, _ in plan.settings.attention_layers):
+    ``max_stages``, without rounds or with sliding-window layers keep theirs."""
+    if not _stages_chosen(plan):
         return plan
-    works = {plan.fused: StageWork(plan, kernel) if known is None else known[1]}
-    best, best_t = plan, layer_time(plan, kernel, works[plan.fused]) if known is None else known[0]
+    best = fastest_stages(plan, kernel)[0]
+    return plan if best is plan else _colour(best, kernel)
+
+
+def _stages_chosen(plan: FCPPlan) -> bool:
+    return bool(plan.settings.max_stages and plan.num_rounds >= 2 and not plan.collective
+                and all(w is None for w, _ in plan.settings.attention_layers))
+
+
+def fastest_stages(plan: FCPPlan, kernel) -> tuple[FCPPlan, float]:
+    """(``plan`` in the stage count of :func:`choose_stages`, its execution chosen again for that count but
+    not its colouring; its layer time). ``plan``: a p2p plan of full-attention layers."""
+    works = {plan.fused: StageWork(plan, kernel)}
+    best, best_t = plan, layer_time(plan, kernel, works[plan.fused])
+    if not _stages_chosen(plan):
+        return best, best_t
+    cap, rounds = plan.settings.max_stages, plan.num_rounds
     tried, link = {plan.settings.rounds_per_stage}, _link_tokens(plan)
     for k in range(1, STAGE_CHOICES):
         per = _per_stage(rounds, max(1, cap >> k))
@@ -201,14 +214,20 @@ def choose_stages(plan: FCPPlan, kernel, known: tuple[float, StageWork] | None =
             continue
         tried.add(per)
         alt = choose_execution(revised(plan, settings=replace(plan.settings, rounds_per_stage=per)), link)
-        if alt.fused not in works:
+        if alt.fused not in works:  # the work depends on the execution, not the stages
             works[alt.fused] = StageWork(alt, kernel)
         t = layer_time(alt, kernel, works[alt.fused])
         if t < best_t * (1 - MARGIN):
             best, best_t = alt, t
-    if best is plan or search_work(best) > SEARCH_WORK:
-        return best
-    return choose_schedule(best, needed_pieces([list(x) for x in best.rank_spans]), kernel)
+    return best, best_t
+
+
+def _colour(plan: FCPPlan, kernel) -> FCPPlan:
+    """``plan`` (its stage count changed) with the colouring :func:`.schedule.choose_schedule` picks for
+    its new count, when the search fits its budget."""
+    if search_work(plan) > SEARCH_WORK:
+        return plan
+    return choose_schedule(plan, needed_pieces([list(x) for x in plan.rank_spans]), kernel)
 
 
 def schedule(plan: FCPPlan) -> FCPPlan:
