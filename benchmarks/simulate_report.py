@@ -228,15 +228,18 @@ Every strategy runs under the same cost rules, and every baseline at its best se
 * **fcp**: the real planner (`plan_batch`, default options, given the cluster's kernel, link, node and
   overlap model), its rounds coalesced into at most 16 communication stages (`--stages 16`): each plan
   runs in 16, 8 or 4 stages, whichever its timeline model finds fastest. It also plans MagiAttention's
-  dispatch over all GPUs and its own placement inside node-aligned groups (beyond its search budget with
-  half-size blocks too), numbers its ranks by nodes, and keeps the plan its timeline model finds fastest.
+  dispatch over all GPUs and in MagiAttention's own groups from the node size up, and its own placement
+  inside node-aligned groups (beyond its search budget with half-size blocks too), numbers its ranks by
+  nodes, and keeps the plan its timeline model finds fastest, each alternative in its fastest stage count.
 * **MagiAttention (magi)**: chunks dispatched by its min-heap inside each group; it gets what fcp gets —
   the same planner settings (kernel, link and overlap model), the same stage-count choice (16, 8 or 4),
   the execution (fused or split, overlapped or exchange first) and colouring of its rounds chosen on the
   same timeline with the same round swaps, and one candidate per block size fcp tries (the 4096 block; while
   fcp's candidate search runs — sequences × GPUs ≤ 2048 — also its finer block, a quarter of a GPU's tokens
   but at least 512; beyond it half the block, 2048, as fcp's grouped placements then also use); the
-  fastest is kept.
+  fastest is kept. One liberty fcp does not take: magi's groups are filled with whole sequences by tokens
+  and a rank may get one chunk more than another, so at a CP group smaller than the world a rank can hold
+  more than the tokens-per-GPU budget (up to 1.5× of it in the 8K cells); fcp never exceeds it.
 * **WLB-LLM (wlb)**: per-document and per-sequence sharding both simulated, the faster kept (its adaptive
   selector). **ByteScale**: its dynamic CP groups per sequence (no fixed group to choose).
 

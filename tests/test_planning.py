@@ -381,6 +381,30 @@ def test_no_magi_plan_is_faster_than_fcps_on_its_own_timeline(world, dist, model
                 assert ours <= layer_time(magi.plan, kernel) * (1 + 1e-5), (c, magi.plan.block_size)
 
 
+@pytest.mark.parametrize("world,dist,tokens,seed", [(16, "lognormal", 8192, 0), (32, "paper", 32768, 3)])
+def test_fcps_alternatives_include_every_magi_placement_within_the_cap(world, dist, tokens, seed):
+    """At every CP size from the node size up and every chunk the simulator gives MagiAttention, its
+    placement (its own data-parallel groups, filled by tokens) is one of fcp's grouped alternatives unless
+    it puts more than the cap on a rank, which fcp never does. These batches' token-filled groups differ
+    from fcp's own (:func:`group_items`) and fit."""
+    from hf_fcp.plan.baseline_placements import place_dispatch
+    from hf_fcp.plan.candidates import grouped
+    from hf_fcp.simulate import parse_distribution
+    from hf_fcp.simulate.strategies import build, cp_sizes
+    from hf_fcp.workloads import make_batches
+
+    lens = make_batches(parse_distribution(dist), world_size=world, tokens_per_rank=tokens, steps=1, seed=seed)[0]
+    ours = grouped(lens, world, tokens, 4096, 8, lambda g_lens, ranks, cap, b: place_dispatch(g_lens, ranks, b, cap))
+    ours = [tuple(tuple(x) for x in option) for option in ours]
+    fits = 0
+    for c in [c for c in cp_sizes(lens, world, tokens, "best") if c >= 8]:
+        for magi in build("magi", lens, world_size=world, block_size=4096, tokens_per_rank=tokens, cp_size=c):
+            if max(sum(b - a for _, a, b in x) for x in magi.plan.rank_spans) <= tokens:
+                fits += 1
+                assert magi.plan.rank_spans in ours, (c, magi.plan.block_size)
+    assert fits >= 2
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_placement_in_node_groups_covers_every_token_once_within_the_cap(seed):
     """``in_groups``: whole sequences stay inside one group of ranks; one that fits no group whole is cut over

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .baseline_placements import merge_sorted, place_allgather, place_dispatch, place_ring, zigzag
+from .baseline_placements import assign_to_groups, merge_sorted, place_allgather, place_dispatch, place_ring, zigzag
 from .checks import check_plan_size
 from .cost import KernelCost
 from .execution import RankChoices, execution, link_tokens, remote_sources
@@ -138,9 +138,10 @@ def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[li
     """The grouped placements the fcp planner must not lose to, at every world size: MagiAttention's
     chunk dispatch over all ranks (:func:`.baseline_placements.place_dispatch`) with each block size fcp
     tries, and, restricted to node-aligned groups of ``node × 2^k < world`` ranks (:func:`in_groups`),
-    ``place`` (fcp's greedy: ``place(lengths, ranks, cap, block)``) and the dispatch — beyond the search
-    budget with each block size fcp tries, within it with ``block``. Placements that would put more than
-    ``cap`` tokens on a rank are left out."""
+    ``place`` (fcp's greedy: ``place(lengths, ranks, cap, block)``) and the dispatch in the groups of
+    :func:`group_items` — beyond the search budget with each block size fcp tries, within it with
+    ``block`` — and the dispatch in the groups MagiAttention makes, with each block size, where they
+    differ. Placements that would put more than ``cap`` tokens on a rank are left out."""
     built = (option.build() for option in grouped_options(lens, world, cap, block, node, place, kernel=None))
     return [x for x in built if x is not None]
 
@@ -166,15 +167,31 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
     bounded = kernel is not None and min(kernel.coefficients) >= 0
     c = node
     while 1 < c < world and world % c == 0:
-        items = group_items(lens, world, cap, c)
-        bound = _busiest_pairs(items) / c if bounded else None
-        for b in ([block] if searched(lens, world) else blocks):
-            for inner in (place, dispatch):
+        ours = group_items(lens, world, cap, c)
+        kinds = [(place, ours, False), (dispatch, ours, False)]
+        theirs = _dispatch_groups(lens, world, cap, c)
+        if theirs is not None and theirs != ours:  # MagiAttention's own groups and chunks, as it runs them
+            kinds.append((dispatch, theirs, True))
+        bounds = [_busiest_pairs(items) / c if bounded else None for _, items, _ in kinds]
+        for b in blocks:
+            for (inner, items, every_block), bound in zip(kinds, bounds):
+                if b != block and searched(lens, world) and not every_block:
+                    continue
                 at = lambda g_lens, ranks, g_cap, inner=inner, b=b: inner(g_lens, ranks, g_cap, b)  # noqa: E731
                 out.append(Option(bound, lambda items=items, c=c, at=at: within(_place_groups(items, world, c, cap,
                                                                                             at))))
         c *= 2
     return out
+
+
+def _dispatch_groups(lens, world: int, cap: int, group: int) -> list[list[Span]] | None:
+    """The groups MagiAttention's data parallelism makes (whole sequences, largest first, to the group with
+    the fewest tokens: :func:`.baseline_placements.assign_to_groups`) as per-group items; None when a group
+    would hold more than ``group × cap`` tokens."""
+    seqs = assign_to_groups(lens, world // group, group * cap)
+    if max(sum(lens[s] for s in x) for x in seqs) > group * cap:
+        return None
+    return [[(s, 0, lens[s]) for s in x] for x in seqs]
 
 
 def work_bound(spans: list[list[Span]], kernel: KernelCost) -> float | None:
