@@ -295,10 +295,13 @@ def test_the_planner_never_models_slower_than_the_grouped_placements():
 def test_alternatives_skipped_by_their_lower_bound_could_not_have_won(monkeypatch):
     """The planner skips a grouped alternative whose lower bound is above the fastest plan so far, before
     placing it: every plan is the one the exhaustive comparison keeps, and some alternatives are skipped
-    (the small groups of a long-document batch: their busiest group is far above the mean). The bound
-    never exceeds the layer time."""
+    (the small groups of a long-document batch: their busiest group is far above the mean). The bound of
+    a placed alternative (compute and communication) never exceeds its layer time in any execution or
+    stage count."""
     from hf_fcp.plan import candidates, make_plan, planner
+    from hf_fcp.plan.bounds import work_bound
     from hf_fcp.plan.cost import kernel_for
+    from hf_fcp.plan.fcp_plan import revised
     from hf_fcp.plan.placement import place_fcp
     from hf_fcp.plan.schedule import layer_time
     from hf_fcp.simulate import get_model, load_cluster, parse_distribution
@@ -316,21 +319,30 @@ def test_alternatives_skipped_by_their_lower_bound_could_not_have_won(monkeypatc
                 for o in options]
 
     monkeypatch.setattr(planner, "grouped_options", counted)
+    tight = 0
     for dist in ("lognormal", "light"):
         lens = make_batches(parse_distribution(dist), world_size=32, tokens_per_rank=8192, steps=1, seed=5)[0]
         kw = dict(world_size=32, block_size=2048, tokens_per_rank=8192, max_stages=4, **machine)
         pruned = plan_batch(lens, **kw)
         with monkeypatch.context() as m:  # no bounds: every option placed and planned
-            m.setattr(planner, "work_bound", lambda spans, kernel: None)
+            m.setattr(planner, "work_bound", lambda spans, kernel, settings: None)
             m.setattr(planner, "grouped_options", lambda *args: counted(*args, bounds=False))
             assert plan_batch(lens, **kw).fingerprint == pruned.fingerprint, dist
         greedy = lambda g, ranks, cap, block: place_fcp(g, ranks, block, cap, kernel=kernel)  # noqa: E731
         for spans in [pruned.rank_spans, *candidates.grouped(lens, 32, 8192, 2048, 8, greedy)]:
             alt = make_plan(tuple(lens), [list(x) for x in spans], world_size=32, block_size=2048,
                             tokens_per_rank=8192, strategy="fcp", settings=pruned.settings)
-            assert candidates.work_bound(alt.rank_spans, kernel) <= layer_time(alt, kernel)
+            bound = work_bound(alt.rank_spans, kernel, alt.settings)
+            fused = tuple(frozenset(s for s, _, _ in x) for x in alt.rank_spans)
+            for per in (1, alt.num_rounds):  # every round its own stage, and one stage
+                staged = revised(alt, settings=replace(alt.settings, rounds_per_stage=per))
+                for run in (dict(fused=fused), dict(fused=tuple(frozenset() for _ in fused))):
+                    for overlap in (True, False):
+                        assert bound <= layer_time(revised(staged, overlap=overlap, **run), kernel)
+            tight += bound > 0.95 * layer_time(alt, kernel)
     offered, placed = sum(x for x in built if x > 0), built.count(-1)
     assert placed < offered, built  # the bounded runs skipped some (the unbounded ones place all of them)
+    assert tight  # some bounds within 5% of the layer time
 
 
 def test_the_planner_runs_each_plan_in_the_stage_count_its_timeline_finds_fastest():

@@ -149,7 +149,8 @@ def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[li
 class Option(NamedTuple):
     """A candidate placement not built yet: ``build()`` returns it (None when it puts more than the cap on
     a rank); ``bound`` is a lower bound of its modelled layer time, known before it is placed
-    (:func:`work_bound` of its busiest group spread evenly; None: not known)."""
+    (the causal pairs of its busiest group spread evenly; every pair costs at least one unit of
+    :func:`.bounds.work_bound`; None: not known)."""
 
     bound: float | None
     build: Callable[[], "list[list[Span]] | None"]
@@ -192,14 +193,6 @@ def _dispatch_groups(lens, world: int, cap: int, group: int) -> list[list[Span]]
     if max(sum(lens[s] for s in x) for x in seqs) > group * cap:
         return None
     return [[(s, 0, lens[s]) for s in x] for x in seqs]
-
-
-def work_bound(spans: list[list[Span]], kernel: KernelCost) -> float | None:
-    """A lower bound of a placement's modelled layer time (:func:`.schedule.layer_time`, kernel-work units):
-    its busiest rank's causal pairs. Every visible pair costs at least one unit (a touched tile costs its
-    area, and the kernel's overheads are not negative; None when they are), and a rank runs its work one
-    segment after another."""
-    return _busiest_pairs(spans) if min(kernel.coefficients) >= 0 else None
 
 
 def _busiest_pairs(lists: list[list[Span]]) -> float:

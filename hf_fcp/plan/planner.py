@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .baseline_placements import place_allgather, place_packing, place_ring
-from .candidates import Option, alternatives, choose, grouped_options, searched, step_time, tried_blocks, work_bound
+from .bounds import work_bound
+from .candidates import Option, alternatives, choose, grouped_options, searched, step_time, tried_blocks
 from .checks import check_int, check_plan_size, check_seq_lens
 from .cost import kernel_for
 from .execution import RankChoices, execution, larger_direction, remote_stages
@@ -112,20 +113,26 @@ def _plan_fcp(lens: tuple[int, ...], world: int, cap: int, settings: PlanSetting
 def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
     """``plan`` or the plan of one of the ``others`` placements, whichever the engine's timeline
     (:func:`.schedule.layer_time`) finds fastest, each in its fastest stage count (:func:`fastest_stages`:
-    the baselines get that choice too); ties keep the earlier. An option whose lower bound
-    (:func:`.candidates.work_bound`, known before or after it is placed) is above the fastest so far could
-    not win: it is neither placed nor planned. Models with sliding-window layers keep ``plan`` (the
-    timeline prices full attention only)."""
+    the baselines get that choice too). An option whose lower bound is above the fastest so far could not
+    win and is skipped: before it is placed (``Option.bound``), once placed (:func:`.bounds.work_bound`,
+    compute and communication); the placed ones are planned lowest bound first (ties: the earlier), so
+    that more of the rest fall under the fastest found, and a near tie keeps the one planned first.
+    Models with sliding-window layers keep ``plan`` (the timeline prices full attention only)."""
     if any(w is not None for w, _ in plan.settings.attention_layers):
         return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
     best, best_t = fastest_stages(plan, kernel)
     restaged = best is not plan  # its colouring was chosen for the stage count it was built with
-    for option in others:
+    placed = []
+    for i, option in enumerate(others):
         if option.bound is not None and option.bound > best_t:
             continue
         spans = option.build()
-        if spans is None or (work_bound(spans, kernel) or 0.0) > best_t:
-            continue
+        bound = None if spans is None else work_bound(spans, kernel, plan.settings) or 0.0
+        if bound is not None and bound <= best_t:
+            placed.append((bound, i, spans))
+    for bound, _, spans in sorted(placed):  # the lowest bound first: the rest more often fall under it
+        if bound > best_t:
+            break
         alt = _build(plan.seq_lens, spans, world_size=plan.world_size, block_size=plan.block_size,
                      tokens_per_rank=plan.tokens_per_rank, strategy=plan.strategy, settings=plan.settings)
         staged, t = fastest_stages(alt, kernel)
