@@ -76,37 +76,28 @@ def remote_stages(pieces: np.ndarray, rounds_per_stage: int, num_seqs: int) -> d
     return dict(zip(zip((keys // num_seqs).tolist(), (keys % num_seqs).tolist()), counts.tolist()))
 
 
-def _split_extra_by_seq(spans, segments, kernel: KernelCost, layers) -> dict[tuple[int, int], float]:
-    """(rank, seq) -> what the sequence costs run split beyond :func:`.cost.seq_cost`'s one remote segment:
-    each further remote segment (``segments``: (rank, seq) -> their number) pays the held queries' tile
-    set-ups again."""
-    held: dict[tuple[int, int], int] = {}
-    for r, x in enumerate(spans):
-        for s, a, b in x:
-            held[r, s] = held.get((r, s), 0) + b - a
-    _, _, cq, ck = kernel.coefficients
-    full = _full_share(layers)  # cuts fall on tiles (placement.ALIGN): no partial key tiles to add
-    return {(r, s): full * (n - 1) * (cq * -(-held[r, s] // kernel.tile) + ck) for (r, s), n in segments.items()}
-
-
 def _full_share(layers) -> float:
     return sum(count for w, count in layers if w is None) / sum(count for _, count in layers)
 
 
-class RankChoices:
-    """Per rank: the work and independent work with every sequence fused, and per sequence that needs
-    remote keys what running it split adds to each (``(seq, extra work, extra independent work)``).
-    ``segments``: (rank, seq) -> remote segments when split (:func:`remote_stages`, :func:`remote_sources`)."""
+class RankWork:
+    """What :class:`RankChoices` needs that does not depend on the stages: per rank the work and independent
+    work with every sequence fused, per sequence that needs remote keys what running it split adds with one
+    remote segment (``(seq, extra work, extra independent work)``), and the tokens each rank holds of each
+    sequence."""
 
-    def __init__(self, spans: list[list[Span]], kernel: KernelCost, layers, segments):
-        extra = _split_extra_by_seq(spans, segments, kernel, layers)
+    def __init__(self, spans: list[list[Span]], kernel: KernelCost, layers):
+        self.kernel, self.layers = kernel, layers
         full = _full_share(layers)
         self.work, self.free = np.zeros(len(spans)), np.zeros(len(spans))
         self.options: list[list[tuple[int, float, float]]] = []
+        self.held: dict[tuple[int, int], int] = {}
         windows = any(w is not None for w, _ in layers)
         for r, x in enumerate(spans):
             opts = []
             for s, runs in held_runs(x).items():
+                held = sum(b - a for a, b in runs)
+                self.held[r, s] = held
                 full_fused = sum(run_cost(a, b, kernel) for a, b in runs)
                 full_head = run_cost(0, runs[0][1], kernel) if runs[0][0] == 0 else 0.0
                 if windows:  # the layer-weighted average over full and sliding-window layers
@@ -116,10 +107,30 @@ class RankChoices:
                     self.work[r] += full_fused
                     self.free[r] += full_head
                 if runs[-1][0] > 0 and full > 0:  # some run needs remote keys: splitting it is a choice
-                    held = sum(b - a for a, b in runs)
-                    opts.append((s, full * (seq_cost(runs, kernel) - full_fused) + extra.get((r, s), 0.0),
+                    opts.append((s, full * (seq_cost(runs, kernel) - full_fused),
                                  full * (segment_cost(held, held, True, kernel) - full_head)))
             self.options.append(opts)
+
+    def split_extra(self, segments) -> dict[tuple[int, int], float]:
+        """(rank, seq) -> what the sequence costs run split beyond one remote segment: each further remote
+        segment (``segments``: (rank, seq) -> their number) pays the held queries' tile set-ups again."""
+        _, _, cq, ck = self.kernel.coefficients
+        full = _full_share(self.layers)  # cuts fall on tiles (placement.ALIGN): no partial key tiles to add
+        tile = self.kernel.tile
+        return {(r, s): full * (n - 1) * (cq * -(-self.held[r, s] // tile) + ck) for (r, s), n in segments.items()}
+
+
+class RankChoices:
+    """Per rank: the work and independent work with every sequence fused, and per sequence that needs
+    remote keys what running it split adds to each (``(seq, extra work, extra independent work)``).
+    ``segments``: (rank, seq) -> remote segments when split (:func:`remote_stages`, :func:`remote_sources`);
+    ``base``: the :class:`RankWork` of ``spans``, when known (it does not depend on the stages)."""
+
+    def __init__(self, spans: list[list[Span]], kernel: KernelCost, layers, segments, base: RankWork | None = None):
+        base = base or RankWork(spans, kernel, layers)
+        extra = base.split_extra(segments)
+        self.work, self.free = base.work, base.free
+        self.options = [[(s, d + extra.get((r, s), 0.0), g) for s, d, g in opts] for r, opts in enumerate(base.options)]
 
 
 def held_runs(spans) -> dict[int, list[tuple[int, int]]]:

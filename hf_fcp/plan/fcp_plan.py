@@ -216,7 +216,9 @@ class FCPPlan:
         if not self.transfers:
             return np.zeros((0, 4), np.int64)
         src, dst, rounds, pieces = zip(*self.transfers)
-        tokens = [p[0][2] - p[0][1] if len(p) == 1 else sum([b - a for _, a, b in p]) for p in pieces]
+        count = np.fromiter(map(len, pieces), np.int64, len(pieces))
+        p = self.piece_array  # each message's pieces, consecutive rows in transfers order
+        tokens = np.bincount(np.repeat(np.arange(len(count)), count), p[:, 5] - p[:, 4], len(count))
         return np.column_stack([src, dst, tokens, rounds]).astype(np.int64)
 
     @cached_property

@@ -22,7 +22,7 @@ from .bounds import work_bound
 from .candidates import Option, alternatives, choose, grouped_options, searched, step_time, tried_blocks
 from .checks import check_int, check_plan_size, check_seq_lens
 from .cost import kernel_for
-from .execution import RankChoices, execution, larger_direction, remote_stages
+from .execution import RankChoices, RankWork, execution, larger_direction, remote_stages
 from .fcp_plan import FCPPlan, Span, WindowPlan, revised
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
@@ -214,13 +214,14 @@ def fastest_stages(plan: FCPPlan, kernel) -> tuple[FCPPlan, float]:
     if not _stages_chosen(plan):
         return best, best_t
     cap, rounds = plan.settings.max_stages, plan.num_rounds
-    tried, link = {plan.settings.rounds_per_stage}, _link_tokens(plan)
+    tried, link, base = {plan.settings.rounds_per_stage}, _link_tokens(plan), None
     for k in range(1, STAGE_CHOICES):
         per = _per_stage(rounds, max(1, cap >> k))
         if per in tried:
             continue
         tried.add(per)
-        alt = choose_execution(revised(plan, settings=replace(plan.settings, rounds_per_stage=per)), link)
+        base = base or RankWork([list(x) for x in plan.rank_spans], kernel, plan.settings.attention_layers)
+        alt = choose_execution(revised(plan, settings=replace(plan.settings, rounds_per_stage=per)), link, base)
         if alt.fused not in works:  # the work depends on the execution, not the stages
             works[alt.fused] = StageWork(alt, kernel)
         t = layer_time(alt, kernel, works[alt.fused])
@@ -249,15 +250,16 @@ def schedule(plan: FCPPlan) -> FCPPlan:
     return choose_schedule(plan, needed_pieces([list(x) for x in plan.rank_spans]), kernel)
 
 
-def choose_execution(plan: FCPPlan, link: np.ndarray | None = None) -> FCPPlan:
+def choose_execution(plan: FCPPlan, link: np.ndarray | None = None, base: RankWork | None = None) -> FCPPlan:
     """``plan`` with the execution its settings and the model choose (``overlap``, ``fused``;
     :func:`.execution.execution`) — again after a change of ``rounds_per_stage``, which changes how many
-    segments a split sequence runs. ``link``: its per-rank link tokens (:func:`_link_tokens`), when known."""
+    segments a split sequence runs. ``link``: its per-rank link tokens (:func:`_link_tokens`), ``base``:
+    the :class:`.execution.RankWork` of its placement, when known."""
     settings = plan.settings
     kernel = kernel_for(settings.balance, settings.kernel_cost)
     spans = [list(x) for x in plan.rank_spans]
     segments = remote_stages(pieces_of(plan), settings.rounds_per_stage, len(plan.seq_lens))
-    _, _, split, overlap = execution(RankChoices(spans, kernel, settings.attention_layers, segments),
+    _, _, split, overlap = execution(RankChoices(spans, kernel, settings.attention_layers, segments, base),
                                      _link_tokens(plan) if link is None else link, settings, kernel)
     fused = () if settings.fusion == "none" else tuple(frozenset(s for s, _, _ in x) - skip
                                                          for x, skip in zip(spans, split))
