@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
-from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -35,13 +34,11 @@ def imbalance(values) -> float:
 
 
 def revised(plan: "FCPPlan", **changes) -> "FCPPlan":
-    """``dataclasses.replace(plan, **changes)`` that keeps ``plan``'s cached ``message_array`` and
-    ``piece_array`` when the messages are not among the changes."""
+    """``dataclasses.replace(plan, **changes)`` that keeps ``plan``'s cached ``message_array`` when the
+    messages are not among the changes."""
     new = replace(plan, **changes)
-    if "transfers" not in changes:
-        for cached in ("message_array", "piece_array"):  # cached_property slots: not recomputed
-            if cached in plan.__dict__:
-                new.__dict__[cached] = plan.__dict__[cached]
+    if "transfers" not in changes and "message_array" in plan.__dict__:
+        new.__dict__["message_array"] = plan.__dict__["message_array"]  # cached_property's slot: not recomputed
     return new
 
 
@@ -216,25 +213,8 @@ class FCPPlan:
         if not self.transfers:
             return np.zeros((0, 4), np.int64)
         src, dst, rounds, pieces = zip(*self.transfers)
-        count = np.fromiter(map(len, pieces), np.int64, len(pieces))
-        p = self.piece_array  # each message's pieces, consecutive rows in transfers order
-        tokens = np.bincount(np.repeat(np.arange(len(count)), count), p[:, 5] - p[:, 4], len(count))
+        tokens = [p[0][2] - p[0][1] if len(p) == 1 else sum([b - a for _, a, b in p]) for p in pieces]
         return np.column_stack([src, dst, tokens, rounds]).astype(np.int64)
-
-    @cached_property
-    def piece_array(self) -> np.ndarray:
-        """int64 (n, 6), read-only: one row ``(src, dst, round, seq, start, end)`` per piece of every message,
-        in ``transfers`` order."""
-        if not self.transfers:
-            return np.zeros((0, 6), np.int64)
-        src, dst, rounds, pieces = zip(*self.transfers)
-        count = np.fromiter(map(len, pieces), np.int64, len(pieces))
-        # no list of row tuples: 10^7 pieces at W=1024
-        flat = np.fromiter(chain.from_iterable(chain.from_iterable(pieces)), np.int64, 3 * int(count.sum()))
-        per_piece = [np.repeat(np.asarray(x, np.int64), count) for x in (src, dst, rounds)]
-        out = np.column_stack([*per_piece, flat.reshape(-1, 3)])
-        out.setflags(write=False)
-        return out
 
     def comm_matrix(self) -> np.ndarray:
         """int64 (W, W): KV tokens sent from rank i (row) to rank j (column) over the whole batch."""

@@ -122,6 +122,7 @@ def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
         return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
     best, best_t = fastest_stages(plan, kernel)
     restaged = best is not plan  # its colouring was chosen for the stage count it was built with
+    best = replace(best)  # without its cached message array while the others are planned (at W=1024 a large one)
     placed = []
     for i, option in enumerate(others):
         if option.bound is not None and option.bound > best_t:
@@ -137,7 +138,7 @@ def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
                      tokens_per_rank=plan.tokens_per_rank, strategy=plan.strategy, settings=plan.settings)
         staged, t = fastest_stages(alt, kernel)
         if t < best_t * (1 - MARGIN):
-            best, best_t, restaged = staged, t, staged is not alt
+            best, best_t, restaged = replace(staged), t, staged is not alt
     return replace(_colour(best, kernel) if restaged else best, plan_ms=(time.perf_counter() - t0) * 1e3)
 
 
