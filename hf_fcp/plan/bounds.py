@@ -45,9 +45,10 @@ def _compute(rows: np.ndarray, world: int, kernel: KernelCost) -> tuple[np.ndarr
     """(forward, backward) per rank: the least kernel work of its runs in any execution (module doc)."""
     rank, seq, a, b = rows
     t = kernel.tile
-    held_key, at = np.unique(rank * (int(seq.max()) + 1) + seq, return_inverse=True)
+    nseq = int(seq.max()) + 1
+    held_key, at = np.unique(rank * nseq + seq, return_inverse=True)
     q_tiles = np.ceil(np.bincount(at, weights=(b - a).astype(np.float64)) / t)  # per (rank, sequence)
-    owner = held_key // (int(seq.max()) + 1)
+    owner = held_key // nseq
     tiles = np.bincount(owner, weights=q_tiles, minlength=world)
     seqs = np.bincount(owner, minlength=world).astype(np.float64)
     pairs = np.bincount(rank, weights=span_cost(a, b), minlength=world) / t ** 2  # in tiles

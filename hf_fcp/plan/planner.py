@@ -232,8 +232,8 @@ def fastest_stages(plan: FCPPlan, kernel) -> tuple[FCPPlan, float]:
 
 
 def _colour(plan: FCPPlan, kernel) -> FCPPlan:
-    """``plan`` (its stage count changed) with the colouring :func:`.schedule.choose_schedule` picks for
-    its new count, when the search fits its budget."""
+    """``plan`` with the execution and colouring :func:`.schedule.choose_schedule` picks (for its stage count),
+    when the search fits its budget."""
     if search_work(plan) > SEARCH_WORK:
         return plan
     return choose_schedule(plan, needed_pieces([list(x) for x in plan.rank_spans]), kernel)
@@ -245,10 +245,7 @@ def schedule(plan: FCPPlan) -> FCPPlan:
     (:data:`.schedule.SEARCH_WORK`), the execution and colouring of its exchange that the timeline finds
     fastest (:func:`.schedule.choose_schedule`) — again after a change of ``rounds_per_stage``."""
     plan = choose_execution(plan)
-    if plan.collective or search_work(plan) > SEARCH_WORK:
-        return plan
-    kernel = kernel_for(plan.settings.balance, plan.settings.kernel_cost)
-    return choose_schedule(plan, needed_pieces([list(x) for x in plan.rank_spans]), kernel)
+    return plan if plan.collective else _colour(plan, kernel_for(plan.settings.balance, plan.settings.kernel_cost))
 
 
 def choose_execution(plan: FCPPlan, link: np.ndarray | None = None, base: RankWork | None = None) -> FCPPlan:
