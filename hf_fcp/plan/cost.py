@@ -190,7 +190,8 @@ def seq_cost(runs: list[tuple[int, int]], kernel: KernelCost) -> float:
 def run_cost(a: int, b: int, kernel: KernelCost) -> float:
     """Work of the fused segment of a held run ``[a, b)``: its queries against all keys ``[0, b)``, causal
     (bottom-right), in pairs — ``segment_cost(b - a, b, True, kernel)`` in closed form (the planner's hot
-    path). With :data:`PAIRS` it is the run's causal pairs."""
+    path). With :data:`PAIRS` it is the run's causal pairs. Also of many runs at once: ``a``, ``b`` int64
+    arrays give a float64 array of the same values."""
     t = kernel.tile
     ct, cd, cq, ck = kernel.coefficients
     nq, nk = -(-(b - a) // t), -(-b // t)

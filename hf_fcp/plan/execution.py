@@ -88,28 +88,57 @@ class RankWork:
 
     def __init__(self, spans: list[list[Span]], kernel: KernelCost, layers):
         self.kernel, self.layers = kernel, layers
-        full = _full_share(layers)
+        self.held: dict[tuple[int, int], int] = {}  # of the (rank, seq) that need remote keys, at least
+        if all(w is None for w, _ in layers):
+            self._full_attention(spans, kernel)
+            return
+        full = _full_share(layers)  # the layer-weighted average over full and sliding-window layers
         self.work, self.free = np.zeros(len(spans)), np.zeros(len(spans))
         self.options: list[list[tuple[int, float, float]]] = []
-        self.held: dict[tuple[int, int], int] = {}
-        windows = any(w is not None for w, _ in layers)
         for r, x in enumerate(spans):
             opts = []
             for s, runs in held_runs(x).items():
                 held = sum(b - a for a, b in runs)
                 self.held[r, s] = held
-                full_fused = sum(run_cost(a, b, kernel) for a, b in runs)
-                full_head = run_cost(0, runs[0][1], kernel) if runs[0][0] == 0 else 0.0
-                if windows:  # the layer-weighted average over full and sliding-window layers
-                    self.work[r] += sum(layered_run_cost(a, b, layers, kernel) for a, b in runs)
-                    self.free[r] += layered_run_cost(0, runs[0][1], layers, kernel) if runs[0][0] == 0 else 0.0
-                else:
-                    self.work[r] += full_fused
-                    self.free[r] += full_head
+                self.work[r] += sum(layered_run_cost(a, b, layers, kernel) for a, b in runs)
+                self.free[r] += layered_run_cost(0, runs[0][1], layers, kernel) if runs[0][0] == 0 else 0.0
                 if runs[-1][0] > 0 and full > 0:  # some run needs remote keys: splitting it is a choice
+                    full_fused = sum(run_cost(a, b, kernel) for a, b in runs)
+                    full_head = run_cost(0, runs[0][1], kernel) if runs[0][0] == 0 else 0.0
                     opts.append((s, full * (seq_cost(runs, kernel) - full_fused),
                                  full * (segment_cost(held, held, True, kernel) - full_head)))
             self.options.append(opts)
+
+    def _full_attention(self, spans: list[list[Span]], kernel: KernelCost) -> None:
+        """``__init__`` of a model of full-attention layers only, vectorised over the held runs (the same
+        values, added in the same order)."""
+        world = len(spans)
+        self.options = [[] for _ in range(world)]
+        rows = [(r, s, a, b) for r, x in enumerate(spans) for s, a, b in x]
+        if not rows:
+            self.work, self.free = np.zeros(world), np.zeros(world)
+            return
+        rows.sort()
+        rank, seq, a, b = np.asarray(rows, np.int64).T
+        same = (rank[1:] == rank[:-1]) & (seq[1:] == seq[:-1])
+        starts = np.flatnonzero(np.concatenate([[True], ~(same & (a[1:] == b[:-1]))]))  # touching runs merged
+        ends = np.append(starts[1:], len(a)) - 1
+        rank, seq, a, b = rank[starts], seq[starts], a[starts], b[ends]
+        cost = run_cost(a, b, kernel)
+        first = np.flatnonzero(np.concatenate([[True], (rank[1:] != rank[:-1]) | (seq[1:] != seq[:-1])]))
+        group = np.repeat(np.arange(len(first)), np.diff(np.append(first, len(a))))
+        fused = np.bincount(group, weights=cost)  # per held (rank, sequence), its runs in position order
+        head = np.where(a[first] == 0, cost[first], 0.0)
+        self.work = np.bincount(rank[first], weights=fused, minlength=world)
+        self.free = np.bincount(rank[first], weights=head, minlength=world)
+        last = np.append(first[1:], len(a)) - 1
+        for g in np.flatnonzero(a[last] > 0).tolist():  # some run needs remote keys: splitting it is a choice
+            r, s, lo, hi = int(rank[first[g]]), int(seq[first[g]]), int(first[g]), int(last[g]) + 1
+            runs = list(zip(a[lo:hi].tolist(), b[lo:hi].tolist()))
+            held = sum(y - x for x, y in runs)
+            self.held[r, s] = held
+            self.options[r].append((s, seq_cost(runs, kernel) - float(fused[g]),
+                                    segment_cost(held, held, True, kernel) - float(head[g])))
 
     def split_extra(self, segments) -> dict[tuple[int, int], float]:
         """(rank, seq) -> what the sequence costs run split beyond one remote segment: each further remote

@@ -13,7 +13,7 @@ import gc
 import time
 from collections import defaultdict
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from .fcp_plan import FCPPlan, Span, WindowPlan, revised
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
 from .schedule import MARGIN, SEARCH_WORK, StageWork, choose_schedule, layer_time, search_work
-from .segments import pieces_of
+from .segments import pieces_and_messages, pieces_of
 from .settings import PlanSettings, settings_from
 from .topology import by_nodes
 
@@ -98,8 +98,8 @@ def _plan_fcp(lens: tuple[int, ...], world: int, cap: int, settings: PlanSetting
         finer = [greedy(b) for b in tried_blocks(block, cap, world, lens)[1:]]
         spans = choose([spans, *finer, *simple], settings, kernel)
     placed = by_nodes(spans, settings.node_size)  # its ranks renumbered so that K/V stays inside nodes
-    plan = _build(lens, placed, world_size=world, block_size=block, tokens_per_rank=cap, strategy="fcp",
-                  settings=settings)
+    built = _build(lens, placed, world_size=world, block_size=block, tokens_per_rank=cap, strategy="fcp",
+                   settings=settings)
     in_group = lambda g_lens, ranks, g_cap, b: by_nodes(  # noqa: E731  groups are node-aligned
         place_fcp(g_lens, ranks, b, g_cap, locality=float(settings.locality), kernel=kernel, fused=fused,
                   layers=settings.attention_layers), settings.node_size if ranks % settings.node_size == 0 else None)
@@ -107,21 +107,23 @@ def _plan_fcp(lens: tuple[int, ...], world: int, cap: int, settings: PlanSetting
     if small and placed is not spans:  # within the search budget, the numbering it was placed in too
         others.insert(0, Option(None, lambda: spans))
     others += grouped_options(lens, world, cap, block, settings.node_size, in_group, kernel)
-    return _fastest(plan, others, kernel, t0)
+    return _fastest(built, others, kernel, t0)
 
 
-def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
+def _fastest(built: _Built, others: list[Option], kernel, t0: float) -> FCPPlan:
     """``plan`` or the plan of one of the ``others`` placements, whichever the engine's timeline
     (:func:`.schedule.layer_time`) finds fastest, each in its fastest stage count (:func:`fastest_stages`:
     the baselines get that choice too). An option whose lower bound is above the fastest so far could not
     win and is skipped: before it is placed (``Option.bound``), once placed (:func:`.bounds.work_bound`,
     compute and communication); the placed ones are planned lowest bound first (ties: the earlier), so
     that more of the rest fall under the fastest found, and a near tie keeps the one planned first.
-    Models with sliding-window layers keep ``plan`` (the timeline prices full attention only)."""
+    Models with sliding-window layers keep ``plan`` (the timeline prices full attention only).
+    ``built``: ``plan`` as :func:`_build` returns it."""
+    plan = built.plan
     if any(w is not None for w, _ in plan.settings.attention_layers):
         return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
-    best, best_t = fastest_stages(plan, kernel)
-    restaged = best is not plan  # its colouring was chosen for the stage count it was built with
+    best, best_t, restaged = _staged(built, kernel)  # restaged: coloured for the count it was built with
+    del built  # its pieces: at W=1024 a large array
     best = replace(best)  # without its cached message array while the others are planned (at W=1024 a large one)
     placed = []
     for i, option in enumerate(others):
@@ -134,12 +136,18 @@ def _fastest(plan: FCPPlan, others: list[Option], kernel, t0: float) -> FCPPlan:
     for bound, _, spans in sorted(placed):  # the lowest bound first: the rest more often fall under it
         if bound > best_t:
             break
-        alt = _build(plan.seq_lens, spans, world_size=plan.world_size, block_size=plan.block_size,
-                     tokens_per_rank=plan.tokens_per_rank, strategy=plan.strategy, settings=plan.settings)
-        staged, t = fastest_stages(alt, kernel)
+        staged, t, moved = _staged(_build(plan.seq_lens, spans, world_size=plan.world_size, block_size=plan.block_size,
+                                          tokens_per_rank=plan.tokens_per_rank, strategy=plan.strategy,
+                                          settings=plan.settings), kernel)
         if t < best_t * (1 - MARGIN):
-            best, best_t, restaged = replace(staged), t, staged is not alt
+            best, best_t, restaged = replace(staged), t, moved
     return replace(_colour(best, kernel) if restaged else best, plan_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def _staged(built: "_Built", kernel) -> tuple[FCPPlan, float, bool]:
+    """(:func:`fastest_stages` of a built plan, its layer time, whether its stage count changed)."""
+    staged, t = fastest_stages(built.plan, kernel, built.pieces, built.base)
+    return staged, t, staged is not built.plan
 
 
 def _runs_fused(spans, settings: PlanSettings, kernel) -> bool:
@@ -158,14 +166,24 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
     ``comm="collective"``: ring / all-gather traffic (every shared sequence's chunks to every holder).
     """
     t0 = time.perf_counter() if started is None else started
-    plan = _build(seq_lens, spans, world_size=world_size, block_size=block_size, tokens_per_rank=tokens_per_rank,
-                  strategy=strategy, comm=comm, settings=settings)
-    plan = choose_stages(plan, kernel_for(plan.settings.balance, plan.settings.kernel_cost))
+    built = _build(seq_lens, spans, world_size=world_size, block_size=block_size, tokens_per_rank=tokens_per_rank,
+                   strategy=strategy, comm=comm, settings=settings)
+    plan = _choose_stages(built, kernel_for(built.plan.settings.balance, built.plan.settings.kernel_cost))
     return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
 
 
+class _Built(NamedTuple):
+    """A plan as :func:`_build` returns it, with what :func:`fastest_stages` would otherwise compute again:
+    its pieces (:func:`.segments.pieces_of`; None: not known) and the :class:`.execution.RankWork` of its
+    placement (None: not known)."""
+
+    plan: FCPPlan
+    pieces: np.ndarray | None = None
+    base: RankWork | None = None
+
+
 def _build(seq_lens, spans, *, world_size: int, block_size: int, tokens_per_rank: int, strategy: str,
-           comm: str = "p2p", settings: PlanSettings | None = None) -> FCPPlan:
+           comm: str = "p2p", settings: PlanSettings | None = None) -> _Built:
     """:func:`make_plan` with ``settings.max_stages`` stages (at most), the count not chosen."""
     if comm == "collective":
         transfers, rounds = (), (world_size - 1 if any(len(_holders(spans).get(s, ())) > 1
@@ -182,7 +200,7 @@ def _build(seq_lens, spans, *, world_size: int, block_size: int, tokens_per_rank
                    tokens_per_rank=tokens_per_rank, strategy=strategy, rank_spans=tuple(tuple(s) for s in spans),
                    transfers=transfers, num_rounds=rounds, settings=settings, collective=comm == "collective",
                    windows=windows)
-    return schedule(plan)
+    return _schedule(plan)
 
 
 def _per_stage(rounds: int, stages: int) -> int:
@@ -196,9 +214,14 @@ def choose_stages(plan: FCPPlan, kernel) -> FCPPlan:
     stages start computing on the first K/V sooner, fewer pay fewer segment set-ups. The new count gets
     its execution and, within the search budget, its colouring chosen again. Plans without
     ``max_stages``, without rounds or with sliding-window layers keep theirs."""
+    return _choose_stages(_Built(plan), kernel)
+
+
+def _choose_stages(built: _Built, kernel) -> FCPPlan:
+    plan = built.plan
     if not _stages_chosen(plan):
         return plan
-    best = fastest_stages(plan, kernel)[0]
+    best = fastest_stages(built.plan, kernel, built.pieces, built.base)[0]
     return plan if best is plan else _colour(best, kernel)
 
 
@@ -207,24 +230,28 @@ def _stages_chosen(plan: FCPPlan) -> bool:
                 and all(w is None for w, _ in plan.settings.attention_layers))
 
 
-def fastest_stages(plan: FCPPlan, kernel) -> tuple[FCPPlan, float]:
+def fastest_stages(plan: FCPPlan, kernel, pieces: np.ndarray | None = None, base: RankWork | None = None
+                   ) -> tuple[FCPPlan, float]:
     """(``plan`` in the stage count of :func:`choose_stages`, its execution chosen again for that count but
-    not its colouring; its layer time). ``plan``: a p2p plan of full-attention layers."""
-    works = {plan.fused: StageWork(plan, kernel)}
+    not its colouring; its layer time). ``plan``: a p2p plan of full-attention layers; ``pieces`` and
+    ``base``: its :func:`.segments.pieces_of` and :class:`.execution.RankWork`, when known."""
+    pieces = pieces_of(plan) if pieces is None else pieces  # the same for every stage count
+    works = {plan.fused: StageWork(plan, kernel, pieces)}
     best, best_t = plan, layer_time(plan, kernel, works[plan.fused])
     if not _stages_chosen(plan):
         return best, best_t
     cap, rounds = plan.settings.max_stages, plan.num_rounds
-    tried, link, base = {plan.settings.rounds_per_stage}, _link_tokens(plan), None
+    tried, link = {plan.settings.rounds_per_stage}, _link_tokens(plan)
     for k in range(1, STAGE_CHOICES):
         per = _per_stage(rounds, max(1, cap >> k))
         if per in tried:
             continue
         tried.add(per)
         base = base or RankWork([list(x) for x in plan.rank_spans], kernel, plan.settings.attention_layers)
-        alt = choose_execution(revised(plan, settings=replace(plan.settings, rounds_per_stage=per)), link, base)
+        alt = choose_execution(revised(plan, settings=replace(plan.settings, rounds_per_stage=per)), link, base,
+                               pieces)
         if alt.fused not in works:  # the work depends on the execution, not the stages
-            works[alt.fused] = StageWork(alt, kernel)
+            works[alt.fused] = StageWork(alt, kernel, pieces)
         t = layer_time(alt, kernel, works[alt.fused])
         if t < best_t * (1 - MARGIN):
             best, best_t = alt, t
@@ -244,19 +271,34 @@ def schedule(plan: FCPPlan) -> FCPPlan:
     plan (fcp's, or any placement given to :func:`make_plan`) whose schedule search fits its budget
     (:data:`.schedule.SEARCH_WORK`), the execution and colouring of its exchange that the timeline finds
     fastest (:func:`.schedule.choose_schedule`) — again after a change of ``rounds_per_stage``."""
-    plan = choose_execution(plan)
-    return plan if plan.collective else _colour(plan, kernel_for(plan.settings.balance, plan.settings.kernel_cost))
+    return _schedule(plan).plan
 
 
-def choose_execution(plan: FCPPlan, link: np.ndarray | None = None, base: RankWork | None = None) -> FCPPlan:
+def _schedule(plan: FCPPlan) -> _Built:
+    """:func:`schedule`, with the pieces and :class:`.execution.RankWork` of the plan it returns (the pieces
+    only while its colouring is the one it came with)."""
+    if plan.collective:
+        return _Built(choose_execution(plan))
+    kernel = kernel_for(plan.settings.balance, plan.settings.kernel_cost)
+    pieces, messages = pieces_and_messages(plan)
+    plan.__dict__.setdefault("message_array", messages)  # cached_property's slot: not computed again
+    base = RankWork([list(x) for x in plan.rank_spans], kernel, plan.settings.attention_layers)
+    plan = choose_execution(plan, base=base, pieces=pieces)
+    coloured = _colour(plan, kernel)
+    return _Built(coloured, pieces if coloured.transfers is plan.transfers else None, base)
+
+
+def choose_execution(plan: FCPPlan, link: np.ndarray | None = None, base: RankWork | None = None,
+                     pieces: np.ndarray | None = None) -> FCPPlan:
     """``plan`` with the execution its settings and the model choose (``overlap``, ``fused``;
     :func:`.execution.execution`) — again after a change of ``rounds_per_stage``, which changes how many
     segments a split sequence runs. ``link``: its per-rank link tokens (:func:`_link_tokens`), ``base``:
-    the :class:`.execution.RankWork` of its placement, when known."""
+    the :class:`.execution.RankWork` of its placement, ``pieces``: its :func:`.segments.pieces_of`, when known."""
     settings = plan.settings
     kernel = kernel_for(settings.balance, settings.kernel_cost)
     spans = [list(x) for x in plan.rank_spans]
-    segments = remote_stages(pieces_of(plan), settings.rounds_per_stage, len(plan.seq_lens))
+    pieces = pieces_of(plan) if pieces is None else pieces
+    segments = remote_stages(pieces, settings.rounds_per_stage, len(plan.seq_lens))
     _, _, split, overlap = execution(RankChoices(spans, kernel, settings.attention_layers, segments, base),
                                      _link_tokens(plan) if link is None else link, settings, kernel)
     fused = () if settings.fusion == "none" else tuple(frozenset(s for s, _, _ in x) - skip

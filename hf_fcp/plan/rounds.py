@@ -78,66 +78,61 @@ def colour_rounds(pairs, order=None) -> tuple[tuple[Transfer, ...], int]:
     """Proper edge colouring of the bipartite message graph (senders × receivers) with Δ colours.
 
     Each edge takes the lowest colour free at both ends when one below Δ exists (almost always);
-    otherwise Kőnig's alternating-path swap frees one (the colour -> peer maps that needs are built on
+    otherwise Kőnig's alternating-path swap frees one (the colour -> edge tables that needs are built on
     the first such swap only). Edges go in the (deterministic) order of ``pairs``, or of ``order`` (the
     same edges in another order)."""
     edges = list(pairs if order is None else order)
     if not edges:
         return (), 0
-    n = 1 + max(max(u, v) for u, v in edges)
+    src, dst = [u for u, _ in edges], [v for _, v in edges]
+    n = 1 + max(max(src), max(dst))
     used_src, used_dst = [0] * n, [0] * n  # bitmask of colours in use at each sender / receiver
-    delta = max(max(Counter(u for u, _ in edges).values()), max(Counter(v for _, v in edges).values()))
-    colour: dict[tuple[int, int], int] = {}
-    maps = None  # (src -> colour -> dst, dst -> colour -> src), once a swap is needed
-    for u, v in edges:
+    delta = max(max(Counter(src).values()), max(Counter(dst).values()))
+    colour = [0] * len(edges)
+    tables = None  # (sender · Δ + colour -> edge, receiver · Δ + colour -> edge), once a swap is needed
+    for i, (u, v) in enumerate(edges):
         both = used_src[u] | used_dst[v]
         a = (~both & (both + 1)).bit_length() - 1
         if a >= delta:
-            if maps is None:
-                maps = (defaultdict(dict), defaultdict(dict))
-                for (x, y), c in colour.items():
-                    maps[0][x][c] = y
-                    maps[1][y][c] = x
+            if tables is None:
+                tables = ([-1] * (n * delta), [-1] * (n * delta))
+                for j in range(i):
+                    tables[0][src[j] * delta + colour[j]] = tables[1][dst[j] * delta + colour[j]] = j
             a = _lowest_zero_bit(used_src[u])
             b = _lowest_zero_bit(used_dst[v])
-            if a != b and a in maps[1][v]:
-                _flip_path(v, a, b, *maps, used_src, used_dst, colour)
-        if maps is not None:
-            maps[0][u][a] = v
-            maps[1][v][a] = u
+            if a != b and tables[1][v * delta + a] >= 0:
+                _flip_path(v, a, b, delta, tables, src, dst, used_src, used_dst, colour)
+        if tables is not None:
+            tables[0][u * delta + a] = tables[1][v * delta + a] = i
         used_src[u] |= 1 << a
         used_dst[v] |= 1 << a
-        colour[(u, v)] = a
-    by_round: list[list[tuple[int, int]]] = [[] for _ in range(delta)]
-    for edge, c in colour.items():
-        by_round[c].append(edge)
-    return tuple(Transfer(u, v, c, tuple(pairs[(u, v)]))
-                 for c, edges_c in enumerate(by_round) for u, v in sorted(edges_c)), delta
+        colour[i] = a
+    order_ = sorted(range(len(edges)), key=lambda i: (colour[i], src[i]))  # by round, then sender
+    return tuple(Transfer(src[i], dst[i], colour[i], tuple(pairs[edges[i]])) for i in order_), delta
 
 
 def _lowest_zero_bit(mask: int) -> int:
     return (~mask & (mask + 1)).bit_length() - 1
 
 
-def _flip_path(v: int, a: int, b: int, at_src, at_dst, used_src, used_dst, colour) -> None:
+def _flip_path(v: int, a: int, b: int, delta: int, tables, src, dst, used_src, used_dst, colour) -> None:
     """Swap colours a and b along the alternating path that starts at receiver ``v`` with colour ``a``
     (a is free at the new edge's sender, b free at ``v``; afterwards a is free at ``v``)."""
-    path = []  # (src, dst, colour) edges of the path
+    at_src, at_dst = tables
+    path = []  # edges of the path
     node, at_receiver, col = v, True, a
     while True:
-        other = (at_dst if at_receiver else at_src)[node].get(col)
-        if other is None:
+        i = (at_dst if at_receiver else at_src)[node * delta + col]
+        if i < 0:
             break
-        path.append((other, node, col) if at_receiver else (node, other, col))
-        node, at_receiver, col = other, not at_receiver, (b if col == a else a)
-    for u, w, c in path:
-        del at_src[u][c]
-        del at_dst[w][c]
-    for u, w, c in path:
-        nc = b if c == a else a
-        at_src[u][nc] = w
-        at_dst[w][nc] = u
-        colour[(u, w)] = nc
+        path.append(i)
+        node, at_receiver, col = (src[i] if at_receiver else dst[i]), not at_receiver, (b if col == a else a)
+    for i in path:
+        at_src[src[i] * delta + colour[i]] = at_dst[dst[i] * delta + colour[i]] = -1
+    for i in path:
+        nc = b if colour[i] == a else a
+        at_src[src[i] * delta + nc] = at_dst[dst[i] * delta + nc] = i
+        colour[i] = nc
     # Inner nodes keep both colours; the two end points of the path each trade one for the other (v had b
     # free and loses a; the far end lacked the colour the path would have continued with).
     both = (1 << a) | (1 << b)

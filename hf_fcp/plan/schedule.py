@@ -103,11 +103,11 @@ def slot_work(plan: FCPPlan, kernel: KernelCost, work: "StageWork | None" = None
 class StageWork:
     """The kernel work of a placement run as ``plan.fused`` says, ready to be laid out in the stages of any
     colouring of its messages: the rank's segments of :mod:`.segments` (the description the simulator
-    times), priced with the kernel model."""
+    times), priced with the kernel model. ``pieces``: the plan's :func:`.segments.pieces_of`, when known."""
 
-    def __init__(self, plan: FCPPlan, kernel: KernelCost):
+    def __init__(self, plan: FCPPlan, kernel: KernelCost, pieces: np.ndarray | None = None):
         self.kernel, self.world = kernel, plan.world_size
-        spans, pieces = Spans.of(plan), pieces_of(plan)
+        spans, pieces = Spans.of(plan), pieces_of(plan) if pieces is None else pieces
         self.message = pieces[:, 0] * self.world + pieces[:, 1]  # (src, dst) of each piece
         self.remote = RemoteSegments(spans, pieces)
         self.local = priced(local_segments(spans), kernel, self.world, 1)
