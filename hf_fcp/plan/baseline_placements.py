@@ -127,30 +127,71 @@ def chunked(docs: list[tuple[int, int]], size: int) -> list[list[Span]]:
     return [ch for ch in out if ch]
 
 
-def dispatch(lens, groups: list[tuple[list[int], list[int]]], chunk: int, world: int) -> list[list[Span]]:
+def dispatch(lens, groups: list[tuple[list[int], list[int]]], chunk: int, world: int,
+             cap: int | None = None) -> list[list[Span]]:
     """MagiAttention's dispatch: per ``(ranks, sequences)`` group, the sequences concatenated, cut into
     ``chunk``-token chunks, largest causal area first to the least-loaded rank of the group among those
-    with fewer than their equal share of chunks."""
+    with fewer than their equal share of chunks. With ``cap``, only to ranks with room for the chunk
+    (tokens per rank); the chunks a group cannot hold go to other groups (:func:`_spill`)."""
     spans: list[list[Span]] = [[] for _ in range(world)]
+    load, tokens, count, spill = [0.0] * world, [0] * world, [0] * world, []
+    room = float("inf") if cap is None else cap
     for ranks, seqs in groups:
         chunks = chunked([(s, int(lens[s])) for s in seqs], chunk)
         area = [sum(span_cost(a, b) for _, a, b in ch) for ch in chunks]
         per_rank = -(-len(chunks) // len(ranks))
         heap = [(0.0, r) for r in ranks]
-        count = dict.fromkeys(ranks, 0)
         for i in sorted(range(len(chunks)), key=lambda i: (-area[i], i)):
-            load, r = heapq.heappop(heap)
-            spans[r].extend(chunks[i])
-            count[r] += 1
-            if count[r] < per_rank:
-                heapq.heappush(heap, (load + area[i], r))
+            n, full = sum(b - a for _, a, b in chunks[i]), []
+            while heap and tokens[heap[0][1]] + n > room:
+                full.append(heapq.heappop(heap))  # no room for this chunk (a smaller one may fit)
+            if not heap:
+                spill.append(chunks[i])
+            else:
+                load_r, r = heapq.heappop(heap)
+                spans[r].extend(chunks[i])
+                count[r], load[r], tokens[r] = count[r] + 1, load_r + area[i], tokens[r] + n
+                if count[r] < per_rank:
+                    heapq.heappush(heap, (load[r], r))
+            for x in full:
+                heapq.heappush(heap, x)
+    if spill:
+        load_a, tokens_a = np.asarray(load), np.asarray(tokens, np.int64)
+        for ch in spill:
+            _spill(spans, load_a, tokens_a, ch, cap)
     return [merge_sorted(x) for x in spans]
 
 
-def place_dispatch(lens, world: int, chunk: int, cap: int, group: int | None = None) -> list[list[Span]]:
+def _spill(spans: list[list[Span]], load: np.ndarray, tokens: np.ndarray, chunk: list[Span], cap: int) -> None:
+    """``chunk`` to the least-loaded rank with room for it, else cut over the ranks with most room."""
+    n = sum(b - a for _, a, b in chunk)
+    room = cap - tokens
+    if (room >= n).any():
+        r = int(np.argmin(np.where(room >= n, load, np.inf)))
+        spans[r].extend(chunk)
+        load[r] += sum(span_cost(a, b) for _, a, b in chunk)
+        tokens[r] += n
+        return
+    for r in np.argsort(-room, kind="stable").tolist():
+        while chunk and tokens[r] < cap:
+            s, a, b = chunk[0]
+            take = min(b - a, cap - int(tokens[r]))
+            spans[r].append((s, a, a + take))
+            load[r] += span_cost(a, a + take)
+            tokens[r] += take
+            chunk = [(s, a + take, b)] + chunk[1:] if take < b - a else chunk[1:]
+        if not chunk:
+            return
+    raise ValueError(f"dispatch: the batch holds more than {len(spans)} ranks x cap={cap} tokens")
+
+
+def place_dispatch(lens, world: int, chunk: int, cap: int, group: int | None = None,
+                   capped: bool = False) -> list[list[Span]]:
     """:func:`dispatch` over groups of ``group`` consecutive ranks (None: one group of all ranks), the
-    sequences assigned to the groups by tokens (:func:`assign_to_groups`; ``cap``: tokens per rank)."""
+    sequences assigned to the groups by tokens (:func:`assign_to_groups`; ``cap``: tokens per rank);
+    ``capped``: no rank over ``cap`` (:func:`dispatch`'s ``cap``)."""
     c = group or world
     one = [sorted(range(len(lens)), key=lambda s: (-lens[s], s))]  # assign_to_groups' order, one group
     seqs = assign_to_groups(lens, world // c, c * cap) if c < world else one
-    return dispatch(lens, [(list(range(g * c, (g + 1) * c)), x) for g, x in enumerate(seqs)], chunk, world)
+    groups = [(list(range(g * c, (g + 1) * c)), x) for g, x in enumerate(seqs)]
+    return dispatch(lens, groups, chunk, world, cap if capped else None)

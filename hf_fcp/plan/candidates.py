@@ -130,8 +130,15 @@ def _cuts(spans: list[list[Span]]) -> int:
 
 
 def alternatives(lens, world: int, cap: int) -> list[list[list[Span]]]:
-    """The simple placements the fcp planner must not lose to (module doc)."""
-    return [place_ring(lens, world, cap), zigzag_long(lens, world, cap), place_allgather(lens, world, cap)]
+    """The simple placements the fcp planner must not lose to (module doc), those within ``cap`` tokens a
+    rank (a zigzag's rounding can put a token or two more on a rank)."""
+    simple = (place_ring(lens, world, cap), zigzag_long(lens, world, cap), place_allgather(lens, world, cap))
+    return [x for x in simple if within(x, cap) is not None]
+
+
+def within(spans: list[list[Span]] | None, cap: int) -> list[list[Span]] | None:
+    """``spans``, or None when it is None or puts more than ``cap`` tokens on a rank."""
+    return spans if spans is not None and max(sum(b - a for _, a, b in x) for x in spans) <= cap else None
 
 
 def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[list[list[Span]]]:
@@ -141,7 +148,9 @@ def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[li
     ``place`` (fcp's greedy: ``place(lengths, ranks, cap, block)``) and the dispatch in the groups of
     :func:`group_items` — beyond the search budget with each block size fcp tries, within it with
     ``block`` — and the dispatch in the groups MagiAttention makes, with each block size, where they
-    differ. Placements that would put more than ``cap`` tokens on a rank are left out."""
+    differ; where those groups hold more than ``cap`` tokens a rank, that dispatch with the chunks over the
+    cap moved to the least-loaded ranks with room (``place_dispatch(..., capped=True)``). Placements that
+    would put more than ``cap`` tokens on a rank are left out."""
     built = (option.build() for option in grouped_options(lens, world, cap, block, node, place, kernel=None))
     return [x for x in built if x is not None]
 
@@ -161,9 +170,8 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
     """:func:`grouped`'s placements as :class:`Option` s; those restricted to groups carry a bound known
     before their ranks are placed (the causal pairs of the busiest group spread evenly over its ranks;
     ``kernel``: the planner's kernel model, None for no bounds)."""
-    within = lambda x: x if max(sum(e - a for _, a, e in spans) for spans in x) <= cap else None  # noqa: E731
     blocks = tried_blocks(block, cap, world, lens)
-    out = [Option(None, lambda b=b: within(place_dispatch(lens, world, b, cap))) for b in blocks]
+    out = [Option(None, lambda b=b: within(place_dispatch(lens, world, b, cap), cap)) for b in blocks]
     dispatch = lambda g_lens, ranks, g_cap, b: place_dispatch(g_lens, ranks, b, g_cap)  # noqa: E731
     bounded = kernel is not None and min(kernel.coefficients) >= 0
     c = node
@@ -173,14 +181,17 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
         theirs = _dispatch_groups(lens, world, cap, c)
         if theirs is not None and theirs != ours:  # MagiAttention's own groups and chunks, as it runs them
             kinds.append((dispatch, theirs, True))
+        elif theirs is None:  # they hold more than the cap: its dispatch with what overflows moved elsewhere
+            capped = lambda b, c=c: place_dispatch(lens, world, b, cap, group=c, capped=True)  # noqa: E731
+            out += [Option(None, lambda b=b, capped=capped: within(capped(b), cap)) for b in blocks]
         bounds = [_busiest_pairs(items) / c if bounded else None for _, items, _ in kinds]
         for b in blocks:
             for (inner, items, every_block), bound in zip(kinds, bounds):
                 if b != block and searched(lens, world) and not every_block:
                     continue
                 at = lambda g_lens, ranks, g_cap, inner=inner, b=b: inner(g_lens, ranks, g_cap, b)  # noqa: E731
-                out.append(Option(bound, lambda items=items, c=c, at=at: within(_place_groups(items, world, c, cap,
-                                                                                            at))))
+                out.append(Option(bound, lambda items=items, c=c, at=at: within(_place_groups(items, world, c, cap, at),
+                                                                                            cap)))
         c *= 2
     return out
 
