@@ -138,7 +138,7 @@ def dispatch(lens, groups: list[tuple[list[int], list[int]]], chunk: int, world:
     room = float("inf") if cap is None else cap
     for ranks, seqs in groups:
         chunks = chunked([(s, int(lens[s])) for s in seqs], chunk)
-        area = [sum(span_cost(a, b) for _, a, b in ch) for ch in chunks]
+        area = [sum((b * (b + 1) - a * (a + 1)) / 2 for _, a, b in ch) for ch in chunks]  # span_cost's values
         per_rank = -(-len(chunks) // len(ranks))
         heap = [(0.0, r) for r in ranks]
         for i in sorted(range(len(chunks)), key=lambda i: (-area[i], i)):

@@ -66,14 +66,21 @@ def remote_sources(pieces) -> dict[tuple[int, int], int]:
 def remote_stages(pieces: np.ndarray, rounds_per_stage: int, num_seqs: int) -> dict[tuple[int, int], int]:
     """(rank, seq) -> in how many communication stages K/V of the sequence reach the rank: the remote
     segments it runs split (one per stage that brings keys). ``pieces``: :func:`.segments.pieces_of`."""
+    rank, seq, counts = remote_stage_counts(pieces, rounds_per_stage, num_seqs)
+    return dict(zip(zip(rank.tolist(), seq.tolist()), counts.tolist()))
+
+
+def remote_stage_counts(pieces: np.ndarray, rounds_per_stage: int, num_seqs: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`remote_stages` as int64 arrays ``(rank, seq, stages)``, sorted by (rank, seq)."""
     if not len(pieces):
-        return {}
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     key = pieces[:, 1] * num_seqs + pieces[:, 3]
     stage = pieces[:, 2] // rounds_per_stage
     top = int(stage.max()) + 1
     pairs = np.unique(key * top + stage) // top
     keys, counts = np.unique(pairs, return_counts=True)
-    return dict(zip(zip((keys // num_seqs).tolist(), (keys % num_seqs).tolist()), counts.tolist()))
+    return keys // num_seqs, keys % num_seqs, counts
 
 
 def _full_share(layers) -> float:
@@ -82,41 +89,44 @@ def _full_share(layers) -> float:
 
 class RankWork:
     """What :class:`RankChoices` needs that does not depend on the stages: per rank the work and independent
-    work with every sequence fused, per sequence that needs remote keys what running it split adds with one
-    remote segment (``(seq, extra work, extra independent work)``), and the tokens each rank holds of each
-    sequence."""
+    work with every sequence fused and the sequences it holds (``seqs``), and per (rank, sequence) that
+    needs remote keys, in (rank, seq) order, what running it split adds with one remote segment (arrays
+    ``opt_rank``, ``opt_seq``, ``opt_extra``, ``opt_gain``) and the tokens the rank holds of it
+    (``opt_held``)."""
 
     def __init__(self, spans: list[list[Span]], kernel: KernelCost, layers):
         self.kernel, self.layers = kernel, layers
-        self.held: dict[tuple[int, int], int] = {}  # of the (rank, seq) that need remote keys, at least
+        self.seqs = tuple(frozenset(s for s, _, _ in x) for x in spans)
         if all(w is None for w, _ in layers):
             self._full_attention(spans, kernel)
             return
         full = _full_share(layers)  # the layer-weighted average over full and sliding-window layers
         self.work, self.free = np.zeros(len(spans)), np.zeros(len(spans))
-        self.options: list[list[tuple[int, float, float]]] = []
+        rows = []
         for r, x in enumerate(spans):
-            opts = []
             for s, runs in held_runs(x).items():
                 held = sum(b - a for a, b in runs)
-                self.held[r, s] = held
                 self.work[r] += sum(layered_run_cost(a, b, layers, kernel) for a, b in runs)
                 self.free[r] += layered_run_cost(0, runs[0][1], layers, kernel) if runs[0][0] == 0 else 0.0
                 if runs[-1][0] > 0 and full > 0:  # some run needs remote keys: splitting it is a choice
                     full_fused = sum(run_cost(a, b, kernel) for a, b in runs)
                     full_head = run_cost(0, runs[0][1], kernel) if runs[0][0] == 0 else 0.0
-                    opts.append((s, full * (seq_cost(runs, kernel) - full_fused),
+                    rows.append((r, s, held, full * (seq_cost(runs, kernel) - full_fused),
                                  full * (segment_cost(held, held, True, kernel) - full_head)))
-            self.options.append(opts)
+        self._options(*zip(*rows)) if rows else self._options((), (), (), (), ())
+
+    def _options(self, rank, seq, held, extra, gain) -> None:
+        self.opt_rank, self.opt_seq, self.opt_held = (np.asarray(x, np.int64) for x in (rank, seq, held))
+        self.opt_extra, self.opt_gain = np.asarray(extra, np.float64), np.asarray(gain, np.float64)
 
     def _full_attention(self, spans: list[list[Span]], kernel: KernelCost) -> None:
         """``__init__`` of a model of full-attention layers only, vectorised over the held runs (the same
         values, added in the same order)."""
         world = len(spans)
-        self.options = [[] for _ in range(world)]
         rows = [(r, s, a, b) for r, x in enumerate(spans) for s, a, b in x]
         if not rows:
             self.work, self.free = np.zeros(world), np.zeros(world)
+            self._options((), (), (), (), ())
             return
         rows.sort()
         rank, seq, a, b = np.asarray(rows, np.int64).T
@@ -132,34 +142,85 @@ class RankWork:
         self.work = np.bincount(rank[first], weights=fused, minlength=world)
         self.free = np.bincount(rank[first], weights=head, minlength=world)
         last = np.append(first[1:], len(a)) - 1
-        for g in np.flatnonzero(a[last] > 0).tolist():  # some run needs remote keys: splitting it is a choice
-            r, s, lo, hi = int(rank[first[g]]), int(seq[first[g]]), int(first[g]), int(last[g]) + 1
+        need = np.flatnonzero(a[last] > 0)  # some run needs remote keys: splitting the sequence is a choice
+        one = first[need] == last[need]
+        extra, gain = np.zeros(len(need)), np.zeros(len(need))
+        lo = first[need[one]]  # held as one run [a, b), a > 0: seq_cost and segment_cost in closed form
+        extra[one], gain[one] = _split_one_run(a[lo], b[lo], kernel)
+        extra[one] -= fused[need[one]]
+        for i in np.flatnonzero(~one).tolist():
+            lo, hi = int(first[need[i]]), int(last[need[i]]) + 1
             runs = list(zip(a[lo:hi].tolist(), b[lo:hi].tolist()))
             held = sum(y - x for x, y in runs)
-            self.held[r, s] = held
-            self.options[r].append((s, seq_cost(runs, kernel) - float(fused[g]),
-                                    segment_cost(held, held, True, kernel) - float(head[g])))
+            extra[i] = seq_cost(runs, kernel) - float(fused[need[i]])
+            gain[i] = segment_cost(held, held, True, kernel) - float(head[need[i]])
+        held = np.bincount(group, weights=b - a, minlength=len(first))[need]
+        self._options(rank[first[need]], seq[first[need]], held, extra, gain)
 
-    def split_extra(self, segments) -> dict[tuple[int, int], float]:
-        """(rank, seq) -> what the sequence costs run split beyond one remote segment: each further remote
-        segment (``segments``: (rank, seq) -> their number) pays the held queries' tile set-ups again."""
+    @property
+    def options(self) -> list[list[tuple[int, float, float]]]:
+        """Per rank, ``(seq, extra work, extra independent work)`` of each sequence it may run split."""
+        return _per_rank(len(self.work), self.opt_rank, self.opt_seq, self.opt_extra, self.opt_gain)
+
+    def split_extra(self, segments) -> np.ndarray:
+        """Per option (``opt_*`` order), what the sequence costs run split beyond one remote segment: each
+        further remote segment (``segments``: (rank, seq) -> their number, or :func:`remote_stage_counts`'
+        arrays) pays the held queries' tile set-ups again."""
         _, _, cq, ck = self.kernel.coefficients
         full = _full_share(self.layers)  # cuts fall on tiles (placement.ALIGN): no partial key tiles to add
-        tile = self.kernel.tile
-        return {(r, s): full * (n - 1) * (cq * -(-self.held[r, s] // tile) + ck) for (r, s), n in segments.items()}
+        if isinstance(segments, dict):
+            segments = tuple(np.fromiter((k[i] if i < 2 else v for k, v in segments.items()), np.int64,
+                                         len(segments)) for i in range(3))
+        rank, seq, n = segments
+        top = int(max(self.opt_seq.max(initial=0), seq.max(initial=0))) + 1
+        keys = self.opt_rank * top + self.opt_seq
+        at = np.searchsorted(keys, rank * top + seq)
+        if len(at) and (at.max() >= len(keys) or (keys[at] != rank * top + seq).any()):
+            raise KeyError("a (rank, seq) receives remote K/V but holds no run that needs it")
+        out = np.zeros(len(keys))
+        out[at] = full * (n - 1) * (cq * -(-self.opt_held[at] // self.kernel.tile) + ck)
+        return out
+
+
+def _per_rank(world: int, rank: np.ndarray, *columns: np.ndarray) -> list[list[tuple]]:
+    """Rows ``(columns[0][i], columns[1][i], ...)`` grouped by ``rank[i]`` (sorted), as Python lists."""
+    out: list[list[tuple]] = [[] for _ in range(world)]
+    for r, *row in zip(rank.tolist(), *(c.tolist() for c in columns)):
+        out[r].append(tuple(row))
+    return out
+
+
+def _split_one_run(a: np.ndarray, b: np.ndarray, kernel: KernelCost) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`.cost.seq_cost` of one held run ``[a, b)`` with ``a > 0``, :func:`.cost.segment_cost` of its
+    tokens as one causal segment) of many runs at once: the same values (int64 arrays in, float64 out)."""
+    t = kernel.tile
+    ct, cd, cq, ck = kernel.coefficients
+    nq, nk = -(-(b - a) // t), -(-a // t)
+    local = ct * (nq * (nq - 1) // 2 + nq) + cd * (nq if t > 1 else 0) + (cq + ck) * nq
+    touched = (nq - 1) * nq // 2 + nq  # a causal square of nq tiles
+    full = nq * (nq - 1) // 2 + nq * (1 // t)
+    return local + ct * nq * nk + cq * nq + ck * nk, ct * touched + cd * (touched - full) + cq * nq + ck * nq
 
 
 class RankChoices:
     """Per rank: the work and independent work with every sequence fused, and per sequence that needs
-    remote keys what running it split adds to each (``(seq, extra work, extra independent work)``).
-    ``segments``: (rank, seq) -> remote segments when split (:func:`remote_stages`, :func:`remote_sources`);
-    ``base``: the :class:`RankWork` of ``spans``, when known (it does not depend on the stages)."""
+    remote keys what running it split adds to each (``options``; the same as arrays in :class:`RankWork`'s
+    ``opt_*`` order: ``opt_rank``, ``opt_seq``, ``extra``, ``gain``). ``segments``: (rank, seq) -> remote
+    segments when split (:func:`remote_stages`, :func:`remote_sources`, or :func:`remote_stage_counts`'
+    arrays); ``base``: the :class:`RankWork` of ``spans``, when known (it does not depend on the stages)."""
 
     def __init__(self, spans: list[list[Span]], kernel: KernelCost, layers, segments, base: RankWork | None = None):
-        base = base or RankWork(spans, kernel, layers)
-        extra = base.split_extra(segments)
+        self.base = base = base or RankWork(spans, kernel, layers)
         self.work, self.free = base.work, base.free
-        self.options = [[(s, d + extra.get((r, s), 0.0), g) for s, d, g in opts] for r, opts in enumerate(base.options)]
+        self.opt_rank, self.opt_seq, self.gain = base.opt_rank, base.opt_seq, base.opt_gain
+        self.extra = base.opt_extra + base.split_extra(segments)
+        self.split_seqs = tuple(frozenset(s for (s,) in x) for x in _per_rank(len(self.work), self.opt_rank,
+                                                                                 self.opt_seq))
+
+    @property
+    def options(self) -> list[list[tuple[int, float, float]]]:
+        """Per rank, ``(seq, extra work, extra independent work)`` of each sequence it may run split."""
+        return _per_rank(len(self.work), self.opt_rank, self.opt_seq, self.extra, self.gain)
 
 
 def held_runs(spans) -> dict[int, list[tuple[int, int]]]:
@@ -197,10 +258,11 @@ def execution(choices: RankChoices, link: np.ndarray, settings: PlanSettings, ke
 def _uniform(choices: RankChoices, comm: np.ndarray, settings: PlanSettings, fwd: float, overlap: bool,
              split: bool):
     """Every rank runs every sequence split (``split``) or fused; the exchange overlapped or first."""
-    extra = np.array([sum(d for _, d, _ in opts) for opts in choices.options]) if split else 0.0
-    gain = np.array([sum(g for _, _, g in opts) for opts in choices.options]) if split else 0.0
-    work, free = choices.work + extra, choices.free + gain
-    sets = [frozenset(s for s, _, _ in opts) if split else frozenset() for opts in choices.options]
+    world = len(choices.work)
+    per_rank = lambda x: np.bincount(choices.opt_rank, weights=x, minlength=world)  # noqa: E731  in option order
+    work, free = (choices.work + per_rank(choices.extra), choices.free + per_rank(choices.gain)) if split else \
+        (choices.work + 0.0, choices.free + 0.0)
+    sets = list(choices.split_seqs) if split else [frozenset()] * world
     if not overlap:
         return float(work.max() + 2 * comm.max()), work, sets, False
     times = [_overlapped(w, f, c, settings, fwd) for w, f, c in zip(work, free, comm)]

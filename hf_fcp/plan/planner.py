@@ -22,7 +22,7 @@ from .bounds import work_bound
 from .candidates import Option, alternatives, choose, grouped_options, searched, step_time, tried_blocks
 from .checks import check_int, check_plan_size, check_seq_lens
 from .cost import kernel_for
-from .execution import RankChoices, RankWork, execution, larger_direction, remote_stages
+from .execution import RankChoices, RankWork, execution, larger_direction, remote_stage_counts
 from .fcp_plan import FCPPlan, Span, WindowPlan, revised
 from .placement import place_fcp
 from .rounds import colour_rounds, needed_pieces, windowed_pieces
@@ -144,7 +144,7 @@ def _fastest(built: _Built, others: list[Option], kernel, t0: float) -> FCPPlan:
     return replace(_colour(best, kernel) if restaged else best, plan_ms=(time.perf_counter() - t0) * 1e3)
 
 
-def _staged(built: "_Built", kernel) -> tuple[FCPPlan, float, bool]:
+def _staged(built: _Built, kernel) -> tuple[FCPPlan, float, bool]:
     """(:func:`fastest_stages` of a built plan, its layer time, whether its stage count changed)."""
     staged, t = fastest_stages(built.plan, kernel, built.pieces, built.base)
     return staged, t, staged is not built.plan
@@ -296,13 +296,11 @@ def choose_execution(plan: FCPPlan, link: np.ndarray | None = None, base: RankWo
     the :class:`.execution.RankWork` of its placement, ``pieces``: its :func:`.segments.pieces_of`, when known."""
     settings = plan.settings
     kernel = kernel_for(settings.balance, settings.kernel_cost)
-    spans = [list(x) for x in plan.rank_spans]
     pieces = pieces_of(plan) if pieces is None else pieces
-    segments = remote_stages(pieces, settings.rounds_per_stage, len(plan.seq_lens))
-    _, _, split, overlap = execution(RankChoices(spans, kernel, settings.attention_layers, segments, base),
-                                     _link_tokens(plan) if link is None else link, settings, kernel)
-    fused = () if settings.fusion == "none" else tuple(frozenset(s for s, _, _ in x) - skip
-                                                         for x, skip in zip(spans, split))
+    segments = remote_stage_counts(pieces, settings.rounds_per_stage, len(plan.seq_lens))
+    choices = RankChoices([list(x) for x in plan.rank_spans], kernel, settings.attention_layers, segments, base)
+    _, _, split, overlap = execution(choices, _link_tokens(plan) if link is None else link, settings, kernel)
+    fused = () if settings.fusion == "none" else tuple(held - skip for held, skip in zip(choices.base.seqs, split))
     return revised(plan, fused=fused, overlap=overlap)
 
 
