@@ -530,6 +530,31 @@ def test_the_node_numbering_weighs_exactly_the_kv_the_exchange_moves(seed):
         assert want.any() and np.array_equal(kv_tokens(spans), want)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_planners_array_exchange_is_exactly_the_reference_one(seed):
+    """``rounds.coloured`` (what the planner builds every plan's exchange with: the needed pieces as arrays,
+    ``rounds.needed_rows``) gives the messages, rounds, pieces and message array of the reference path,
+    ``colour_rounds(needed_pieces(spans))`` and ``segments.pieces_and_messages``, on greedy, zigzag and
+    dispatch placements with runs in any order."""
+    from hf_fcp.plan.baseline_placements import place_dispatch
+    from hf_fcp.plan.candidates import zigzag_long
+    from hf_fcp.plan.placement import place_fcp
+    from hf_fcp.plan.rounds import colour_rounds, coloured, needed_pieces
+    from hf_fcp.plan.segments import pieces_and_messages
+
+    rng = np.random.default_rng(seed)
+    world = (8, 12, 24, 5)[seed]
+    lens = make_batch(Distribution(name="kv", kind="lognormal", mu=6.5, sigma=2.0, max_len=200_000), world * 8192, rng)
+    for spans in (place_fcp(tuple(lens), world, 1024, 8192, kernel=FLASH), zigzag_long(lens, world, 8192),
+                  place_dispatch(lens, world, 512, 8192)):
+        spans = [[x[i] for i in rng.permutation(len(x))] for x in spans]
+        transfers, rounds, pieces, messages = coloured(spans)
+        assert (transfers, rounds) == colour_rounds(needed_pieces(spans)) and rounds > 1
+        plan = plan_batch(lens, world_size=world, block_size=1024, tokens_per_rank=8192)
+        want = pieces_and_messages(replace(plan, transfers=transfers, num_rounds=rounds))
+        assert np.array_equal(pieces, want[0]) and np.array_equal(messages, want[1])
+
+
 def test_beyond_the_search_budget_groups_are_also_placed_with_half_blocks(monkeypatch):
     """At hundreds of ranks (beyond the search budget) documents are cut over many ranks: fcp also places
     its grouped alternatives with half-size blocks, and MagiAttention-style dispatch gets the same chunks

@@ -25,7 +25,7 @@ from .cost import kernel_for
 from .execution import RankChoices, RankWork, execution, larger_direction, remote_stage_counts
 from .fcp_plan import FCPPlan, Span, WindowPlan, revised
 from .placement import place_fcp
-from .rounds import colour_rounds, needed_pieces, windowed_pieces
+from .rounds import colour_rounds, coloured, needed_pieces, windowed_pieces
 from .schedule import MARGIN, SEARCH_WORK, StageWork, choose_schedule, layer_time, search_work
 from .segments import pieces_and_messages, pieces_of
 from .settings import PlanSettings, settings_from
@@ -185,11 +185,12 @@ class _Built(NamedTuple):
 def _build(seq_lens, spans, *, world_size: int, block_size: int, tokens_per_rank: int, strategy: str,
            comm: str = "p2p", settings: PlanSettings | None = None) -> _Built:
     """:func:`make_plan` with ``settings.max_stages`` stages (at most), the count not chosen."""
+    known = None  # the p2p exchange's pieces and message array
     if comm == "collective":
         transfers, rounds = (), (world_size - 1 if any(len(_holders(spans).get(s, ())) > 1
                                                        for s in range(len(seq_lens))) else 0)
     elif comm == "p2p":
-        transfers, rounds = colour_rounds(needed_pieces(spans))
+        transfers, rounds, *known = coloured(spans)
         if settings is not None and settings.max_stages:
             settings = replace(settings, rounds_per_stage=_per_stage(rounds, settings.max_stages))
     else:
@@ -200,7 +201,7 @@ def _build(seq_lens, spans, *, world_size: int, block_size: int, tokens_per_rank
                    tokens_per_rank=tokens_per_rank, strategy=strategy, rank_spans=tuple(tuple(s) for s in spans),
                    transfers=transfers, num_rounds=rounds, settings=settings, collective=comm == "collective",
                    windows=windows)
-    return _schedule(plan)
+    return _schedule(plan, known)
 
 
 def _per_stage(rounds: int, stages: int) -> int:
@@ -274,18 +275,19 @@ def schedule(plan: FCPPlan) -> FCPPlan:
     return _schedule(plan).plan
 
 
-def _schedule(plan: FCPPlan) -> _Built:
+def _schedule(plan: FCPPlan, known: tuple[np.ndarray, np.ndarray] | None = None) -> _Built:
     """:func:`schedule`, with the pieces and :class:`.execution.RankWork` of the plan it returns (the pieces
-    only while its colouring is the one it came with)."""
+    only while its colouring is the one it came with). ``known``: its :func:`.segments.pieces_and_messages`,
+    when known."""
     if plan.collective:
         return _Built(choose_execution(plan))
     kernel = kernel_for(plan.settings.balance, plan.settings.kernel_cost)
-    pieces, messages = pieces_and_messages(plan)
+    pieces, messages = pieces_and_messages(plan) if known is None else known
     plan.__dict__.setdefault("message_array", messages)  # cached_property's slot: not computed again
     base = RankWork([list(x) for x in plan.rank_spans], kernel, plan.settings.attention_layers)
     plan = choose_execution(plan, base=base, pieces=pieces)
-    coloured = _colour(plan, kernel)
-    return _Built(coloured, pieces if coloured.transfers is plan.transfers else None, base)
+    coloured_ = _colour(plan, kernel)
+    return _Built(coloured_, pieces if coloured_.transfers is plan.transfers else None, base)
 
 
 def choose_execution(plan: FCPPlan, link: np.ndarray | None = None, base: RankWork | None = None,

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+import numpy as np
+
 from .fcp_plan import Transfer
-from .spans import Span
+from .spans import Span, ranges
 
 
 def _spans_by_seq(spans: list[list[Span]]) -> dict[int, list[tuple[int, int, int]]]:
@@ -75,22 +77,85 @@ def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def colour_rounds(pairs, order=None) -> tuple[tuple[Transfer, ...], int]:
-    """Proper edge colouring of the bipartite message graph (senders × receivers) with Δ colours.
-
-    Each edge takes the lowest colour free at both ends when one below Δ exists (almost always);
-    otherwise Kőnig's alternating-path swap frees one (the colour -> edge tables that needs are built on
-    the first such swap only). Edges go in the (deterministic) order of ``pairs``, or of ``order`` (the
-    same edges in another order)."""
+    """Proper edge colouring of the bipartite message graph (senders × receivers) with Δ colours
+    (:func:`colour_edges`), as messages sorted by (round, sender). Edges go in the (deterministic) order of
+    ``pairs``, or of ``order`` (the same edges in another order)."""
     edges = list(pairs if order is None else order)
     if not edges:
         return (), 0
     src, dst = [u for u, _ in edges], [v for _, v in edges]
+    colour, delta = colour_edges(src, dst)
+    order_ = sorted(range(len(edges)), key=lambda i: (colour[i], src[i]))  # by round, then sender
+    return tuple(Transfer(src[i], dst[i], colour[i], tuple(pairs[edges[i]])) for i in order_), delta
+
+
+def coloured(spans) -> tuple[tuple[Transfer, ...], int, np.ndarray, np.ndarray]:
+    """``colour_rounds(needed_pieces(spans))`` from arrays, with what :func:`.segments.pieces_and_messages`
+    would compute from it: (messages, Δ, pieces int64 (n, 6) ``(src, dst, round, seq, start, end)``,
+    message array int64 (m, 4) ``(src, dst, tokens, round)``), both in message order."""
+    rows = needed_rows(spans)
+    if not len(rows):
+        return (), 0, np.zeros((0, 6), np.int64), np.zeros((0, 4), np.int64)
+    world = len(spans)
+    key, first, at = np.unique(rows[:, 0] * world + rows[:, 1], return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # messages in the order their first piece comes
+    edge = np.empty(len(order), np.int64)
+    edge[order] = np.arange(len(order))
+    edge = edge[at.reshape(-1)]  # message of each piece
+    src, dst = key[order] // world, key[order] % world
+    colour, delta = colour_edges(src.tolist(), dst.tolist())
+    colour = np.asarray(colour, np.int64)
+    sent = np.lexsort((src, colour))  # by round, then sender
+    count = np.bincount(edge, minlength=len(order))
+    grouped = np.argsort(edge, kind="stable")  # pieces by message, in their order
+    pick = grouped[ranges((np.cumsum(count) - count)[sent], count[sent])]
+    pieces = np.column_stack([rows[pick, :2], colour[edge[pick]], rows[pick, 2:]])
+    tokens = np.bincount(edge, weights=rows[:, 4] - rows[:, 3], minlength=len(order)).astype(np.int64)
+    messages = np.column_stack([src[sent], dst[sent], tokens[sent], colour[sent]])
+    flat = list(zip(*(pieces[:, k].tolist() for k in (3, 4, 5))))
+    ends = np.cumsum(count[sent]).tolist()
+    transfers = tuple(Transfer(u, v, c, tuple(flat[e - n:e])) for u, v, c, n, e in
+                      zip(*(x.tolist() for x in (src[sent], dst[sent], colour[sent], count[sent])), ends))
+    return transfers, delta, pieces, messages
+
+
+def needed_rows(spans) -> np.ndarray:
+    """:func:`needed_pieces` as int64 rows ``(src, dst, seq, start, end)``, vectorised, in the order it finds
+    them: by sequence, then receiver, then start (so a message's pieces come in the order it lists them,
+    and messages first appear in its order)."""
+    rows = [(s, a, b, r) for r, x in enumerate(spans) for s, a, b in x]
+    if not rows:
+        return np.zeros((0, 5), np.int64)
+    seq, a, b, rank = np.asarray(rows, np.int64).T
+    order = np.lexsort((a, seq))
+    seq, a, b, rank = seq[order], a[order], b[order], rank[order]
+    hold = np.lexsort((b, rank, seq))  # holders (seq, rank) in order, the end of each one's last run
+    last = np.ones(len(hold), bool)
+    last[:-1] = (seq[hold][1:] != seq[hold][:-1]) | (rank[hold][1:] != rank[hold][:-1])
+    h_seq, h_rank, h_end = seq[hold][last], rank[hold][last], b[hold][last]
+    shared = np.bincount(h_seq)[h_seq] > 1  # sequences held by two ranks or more
+    h_seq, h_rank, h_end = h_seq[shared], h_rank[shared], h_end[shared]
+    top = int(b.max()) + 1
+    lo = np.searchsorted(seq, h_seq)  # each holder's sequence's first run
+    count = np.searchsorted(seq * top + a, h_seq * top + h_end) - lo  # its runs that start before the end
+    h = np.repeat(np.arange(len(h_seq)), count)
+    j = ranges(lo, count)
+    keep = rank[j] != h_rank[h]
+    h, j = h[keep], j[keep]
+    return np.column_stack([rank[j], h_rank[h], seq[j], a[j], b[j]])
+
+
+def colour_edges(src: list[int], dst: list[int]) -> tuple[list[int], int]:
+    """(colour of each edge ``src[i] -> dst[i]``, Δ): a proper colouring of the bipartite message graph
+    with Δ colours (module doc). Each edge, in order, takes the lowest colour free at both ends when one
+    below Δ exists (almost always); otherwise Kőnig's alternating-path swap frees one (the colour -> edge
+    tables that needs are built on the first such swap only)."""
     n = 1 + max(max(src), max(dst))
     used_src, used_dst = [0] * n, [0] * n  # bitmask of colours in use at each sender / receiver
     delta = max(max(Counter(src).values()), max(Counter(dst).values()))
-    colour = [0] * len(edges)
+    colour = [0] * len(src)
     tables = None  # (sender · Δ + colour -> edge, receiver · Δ + colour -> edge), once a swap is needed
-    for i, (u, v) in enumerate(edges):
+    for i, (u, v) in enumerate(zip(src, dst)):
         both = used_src[u] | used_dst[v]
         a = (~both & (both + 1)).bit_length() - 1
         if a >= delta:
@@ -107,8 +172,7 @@ def colour_rounds(pairs, order=None) -> tuple[tuple[Transfer, ...], int]:
         used_src[u] |= 1 << a
         used_dst[v] |= 1 << a
         colour[i] = a
-    order_ = sorted(range(len(edges)), key=lambda i: (colour[i], src[i]))  # by round, then sender
-    return tuple(Transfer(src[i], dst[i], colour[i], tuple(pairs[edges[i]])) for i in order_), delta
+    return colour, delta
 
 
 def _lowest_zero_bit(mask: int) -> int:

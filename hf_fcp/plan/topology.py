@@ -23,30 +23,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from .rounds import needed_rows
 from .spans import Span
 
 
 def kv_tokens(spans: list[list[Span]]) -> np.ndarray:
     """float64 (W, W): K/V tokens rank i (row) sends rank j (column) when every rank receives the causal
-    prefix of each of its runs that it does not hold (what :func:`.rounds.needed_pieces` lists)."""
+    prefix of each of its runs that it does not hold (:func:`.rounds.needed_rows`)."""
     world = len(spans)
-    rows = [(s, a, b, r) for r, lst in enumerate(spans) for s, a, b in lst]
-    if not rows:
-        return np.zeros((world, world))
-    seq, a, b, src = np.asarray(rows, np.int64).T
-    # holders: one per (sequence, rank), with the end of its last run; sorted by sequence
-    key = seq * world + src
-    order = np.lexsort((-b, key))
-    first = np.ones(len(order), bool)
-    first[1:] = key[order][1:] != key[order][:-1]
-    h_seq, h_rank, h_end = seq[order][first], src[order][first], b[order][first]
-    start = np.searchsorted(h_seq, seq)  # each run's sequence's first holder
-    count = np.searchsorted(h_seq, seq, side="right") - start
-    run = np.repeat(np.arange(len(seq)), count)  # one row per (run, holder of its sequence)
-    hold = start[run] + np.arange(len(run)) - np.repeat(np.cumsum(count) - count, count)
-    hit = (a[run] < h_end[hold]) & (src[run] != h_rank[hold])
-    run, hold = run[hit], hold[hit]
-    flat = np.bincount(src[run] * world + h_rank[hold], (b - a)[run].astype(np.float64), minlength=world * world)
+    rows = needed_rows(spans)
+    flat = np.bincount(rows[:, 0] * world + rows[:, 1], (rows[:, 4] - rows[:, 3]).astype(np.float64),
+                       minlength=world * world)
     return flat.reshape(world, world)
 
 
