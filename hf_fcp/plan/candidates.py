@@ -148,8 +148,9 @@ def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[li
     ``place`` (fcp's greedy: ``place(lengths, ranks, cap, block)``) and the dispatch in the groups of
     :func:`group_items` — beyond the search budget with each block size fcp tries, within it with
     ``block`` — and the dispatch in the groups MagiAttention makes, with each block size, where they
-    differ; where those groups hold more than ``cap`` tokens a rank, that dispatch with the chunks over the
-    cap moved to the least-loaded ranks with room (``place_dispatch(..., capped=True)``). Placements that
+    differ; where those groups hold more than ``cap`` tokens a rank (at group sizes that hold the longest
+    sequence, the CP sizes MagiAttention can run), that dispatch with the chunks over the cap moved to the
+    least-loaded ranks with room (``place_dispatch(..., capped=True)``). Placements that
     would put more than ``cap`` tokens on a rank are left out."""
     built = (option.build() for option in grouped_options(lens, world, cap, block, node, place, kernel=None))
     return [x for x in built if x is not None]
@@ -181,7 +182,8 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
         theirs = _dispatch_groups(lens, world, cap, c)
         if theirs is not None and theirs != ours:  # MagiAttention's own groups and chunks, as it runs them
             kinds.append((dispatch, theirs, True))
-        elif theirs is None:  # they hold more than the cap: its dispatch with what overflows moved elsewhere
+        elif theirs is None and c * cap >= max(lens):  # over the cap (at a CP size MagiAttention can run):
+            # its dispatch with what overflows moved to ranks with room
             capped = lambda b, c=c: place_dispatch(lens, world, b, cap, group=c, capped=True)  # noqa: E731
             out += [Option(None, lambda b=b, capped=capped: within(capped(b), cap)) for b in blocks]
         bounds = [_busiest_pairs(items) / c if bounded else None for _, items, _ in kinds]

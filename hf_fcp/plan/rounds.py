@@ -92,40 +92,60 @@ def colour_rounds(pairs, order=None) -> tuple[tuple[Transfer, ...], int]:
 def coloured(spans) -> tuple[tuple[Transfer, ...], int, np.ndarray, np.ndarray]:
     """``colour_rounds(needed_pieces(spans))`` from arrays, with what :func:`.segments.pieces_and_messages`
     would compute from it: (messages, Δ, pieces int64 (n, 6) ``(src, dst, round, seq, start, end)``,
-    message array int64 (m, 4) ``(src, dst, tokens, round)``), both in message order."""
-    rows = needed_rows(spans)
-    if not len(rows):
+    message array int64 (m, 4) ``(src, dst, tokens, round)``), both in message order. A message's pieces
+    are its sender's span tuples themselves (no copies: at W=1024 there are millions)."""
+    src_p, dst_p, seq_p, a_p, b_p, span_p = needed_columns(spans)
+    if not len(src_p):
         return (), 0, np.zeros((0, 6), np.int64), np.zeros((0, 4), np.int64)
     world = len(spans)
-    key, first, at = np.unique(rows[:, 0] * world + rows[:, 1], return_index=True, return_inverse=True)
+    key, first, at = np.unique(src_p * world + dst_p, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")  # messages in the order their first piece comes
     edge = np.empty(len(order), np.int64)
     edge[order] = np.arange(len(order))
     edge = edge[at.reshape(-1)]  # message of each piece
+    del at, first
     src, dst = key[order] // world, key[order] % world
     colour, delta = colour_edges(src.tolist(), dst.tolist())
     colour = np.asarray(colour, np.int64)
     sent = np.lexsort((src, colour))  # by round, then sender
     count = np.bincount(edge, minlength=len(order))
-    grouped = np.argsort(edge, kind="stable")  # pieces by message, in their order
-    pick = grouped[ranges((np.cumsum(count) - count)[sent], count[sent])]
-    pieces = np.column_stack([rows[pick, :2], colour[edge[pick]], rows[pick, 2:]])
-    tokens = np.bincount(edge, weights=rows[:, 4] - rows[:, 3], minlength=len(order)).astype(np.int64)
+    pick = np.argsort(edge, kind="stable")  # pieces by message, in their order
+    pick = pick[ranges((np.cumsum(count) - count)[sent], count[sent])]
+    pieces = np.empty((len(pick), 6), np.int64)
+    for k, column in enumerate((src_p, dst_p, None, seq_p, a_p, b_p)):
+        pieces[:, k] = colour[edge[pick]] if column is None else column[pick]
+    tokens = np.bincount(edge, weights=b_p - a_p, minlength=len(order)).astype(np.int64)
     messages = np.column_stack([src[sent], dst[sent], tokens[sent], colour[sent]])
-    flat = list(zip(*(pieces[:, k].tolist() for k in (3, 4, 5))))
-    ends = np.cumsum(count[sent]).tolist()
-    transfers = tuple(Transfer(u, v, c, tuple(flat[e - n:e])) for u, v, c, n, e in
-                      zip(*(x.tolist() for x in (src[sent], dst[sent], colour[sent], count[sent])), ends))
-    return transfers, delta, pieces, messages
+    flat = [t if type(t) is tuple else tuple(t) for x in spans for t in x]
+    ends = np.cumsum(count[sent])
+    transfers = []
+    for lo in range(0, len(sent), _BATCH):  # the pieces of _BATCH messages at a time as Python objects
+        hi = min(lo + _BATCH, len(sent))
+        first_piece = int(ends[lo] - count[sent[lo]])
+        got = list(map(flat.__getitem__, span_p[pick[first_piece:int(ends[hi - 1])]].tolist()))
+        transfers += [Transfer(u, v, c, tuple(got[e - n - first_piece:e - first_piece])) for u, v, c, n, e in
+                      zip(*(x.tolist() for x in (src[sent[lo:hi]], dst[sent[lo:hi]], colour[sent[lo:hi]],
+                                                  count[sent[lo:hi]], ends[lo:hi])))]
+    return tuple(transfers), delta, pieces, messages
+
+
+_BATCH = 1 << 16
+"""Messages whose pieces :func:`coloured` turns into Python objects at once (bounds its peak memory)."""
 
 
 def needed_rows(spans) -> np.ndarray:
     """:func:`needed_pieces` as int64 rows ``(src, dst, seq, start, end)``, vectorised, in the order it finds
     them: by sequence, then receiver, then start (so a message's pieces come in the order it lists them,
     and messages first appear in its order)."""
+    return np.column_stack(needed_columns(spans)[:5]) if any(spans) else np.zeros((0, 5), np.int64)
+
+
+def needed_columns(spans) -> tuple[np.ndarray, ...]:
+    """:func:`needed_rows` as six int64 columns: ``src, dst, seq, start, end`` and the index of each piece's
+    span in ``spans`` flattened (rank by rank)."""
     rows = [(s, a, b, r) for r, x in enumerate(spans) for s, a, b in x]
     if not rows:
-        return np.zeros((0, 5), np.int64)
+        return tuple(np.zeros(0, np.int64) for _ in range(6))
     seq, a, b, rank = np.asarray(rows, np.int64).T
     order = np.lexsort((a, seq))
     seq, a, b, rank = seq[order], a[order], b[order], rank[order]
@@ -142,7 +162,7 @@ def needed_rows(spans) -> np.ndarray:
     j = ranges(lo, count)
     keep = rank[j] != h_rank[h]
     h, j = h[keep], j[keep]
-    return np.column_stack([rank[j], h_rank[h], seq[j], a[j], b[j]])
+    return rank[j], h_rank[h], seq[j], a[j], b[j], order[j]
 
 
 def colour_edges(src: list[int], dst: list[int]) -> tuple[list[int], int]:

@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .rounds import needed_rows
+from .rounds import needed_columns
 from .spans import Span
 
 
 def kv_tokens(spans: list[list[Span]]) -> np.ndarray:
     """float64 (W, W): K/V tokens rank i (row) sends rank j (column) when every rank receives the causal
-    prefix of each of its runs that it does not hold (:func:`.rounds.needed_rows`)."""
+    prefix of each of its runs that it does not hold (:func:`.rounds.needed_rows`' columns)."""
     world = len(spans)
-    rows = needed_rows(spans)
-    flat = np.bincount(rows[:, 0] * world + rows[:, 1], (rows[:, 4] - rows[:, 3]).astype(np.float64),
-                       minlength=world * world)
-    return flat.reshape(world, world)
+    src, dst, _, a, b, _ = needed_columns(spans)
+    return np.bincount(src * world + dst, (b - a).astype(np.float64), minlength=world * world).reshape(world, world)
 
 
 def node_order(weights: np.ndarray, node: int) -> list[int]:
