@@ -6,6 +6,10 @@ message carrying all the spans the receiver needs from that owner, so each KV to
 most once. Messages are edges of a bipartite graph (senders × receivers); a proper edge colouring with Δ
 colours (Kőnig: Δ = the largest number of messages any rank sends or receives) gives Δ congestion-free
 rounds, found with alternating-path recolouring. Pure functions of the placement.
+
+:func:`needed_pieces` and :func:`colour_rounds` state the rule on dicts of spans; the planner builds every
+plan's exchange with :func:`coloured`, the same messages from arrays (:func:`needed_rows`), which a test
+holds equal to them.
 """
 
 from __future__ import annotations
