@@ -113,7 +113,7 @@ class RankWork:
                     full_head = run_cost(0, runs[0][1], kernel) if runs[0][0] == 0 else 0.0
                     rows.append((r, s, held, full * (seq_cost(runs, kernel) - full_fused),
                                  full * (segment_cost(held, held, True, kernel) - full_head)))
-        self._options(*zip(*rows)) if rows else self._options((), (), (), (), ())
+        self._options(*(zip(*rows) if rows else ((),) * 5))
 
     def _options(self, rank, seq, held, extra, gain) -> None:
         self.opt_rank, self.opt_seq, self.opt_held = (np.asarray(x, np.int64) for x in (rank, seq, held))

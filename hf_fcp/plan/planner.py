@@ -190,7 +190,8 @@ def _build(seq_lens, spans, *, world_size: int, block_size: int, tokens_per_rank
         transfers, rounds = (), (world_size - 1 if any(len(_holders(spans).get(s, ())) > 1
                                                        for s in range(len(seq_lens))) else 0)
     elif comm == "p2p":
-        transfers, rounds, *known = coloured(spans)
+        transfers, rounds, pieces, messages = coloured(spans)
+        known = pieces, messages
         if settings is not None and settings.max_stages:
             settings = replace(settings, rounds_per_stage=_per_stage(rounds, settings.max_stages))
     else:
