@@ -116,3 +116,22 @@ def test_one_link_token_count_before_and_after_colouring(layers):
     spans = [list(x) for x in plan.rank_spans]
     assert _link_tokens(plan).tolist() == link_tokens(spans, layers).tolist()
     assert _link_tokens(plan).max() > 0
+
+
+@pytest.mark.parametrize("strategy,world", [("fcp", 5), ("ring", 3), ("allgather", 8)])
+def test_the_vectorised_execution_work_equals_the_per_run_one(strategy, world):
+    """``RankWork`` prices a full-attention model vectorised over the held runs; a sliding-window kind of
+    0 layers takes its per-run path, which must give exactly the same work, independent work and split
+    options (the same values added in the same order), with runs in any order and touching runs merged."""
+    from hf_fcp.plan.cost import PAIRS
+    from hf_fcp.plan.execution import RankWork
+
+    rng = np.random.default_rng(world)
+    lens = rng.integers(1, 20_000, 9).tolist()
+    spans = [list(x) for x in plan_batch(lens, world_size=world, strategy=strategy, block_size=512).rank_spans]
+    spans = [[x[i] for i in rng.permutation(len(x))] for x in spans]
+    for kernel in (FLASH, PAIRS):
+        fast, slow = RankWork(spans, kernel, LAYERS), RankWork(spans, kernel, ((None, 1), (256, 0)))
+        assert sum(map(len, fast.options)) > 0
+        assert np.array_equal(fast.work, slow.work) and np.array_equal(fast.free, slow.free)
+        assert fast.options == slow.options and np.array_equal(fast.opt_held, slow.opt_held)

@@ -534,13 +534,13 @@ def test_the_node_numbering_weighs_exactly_the_kv_the_exchange_moves(seed):
 def test_the_planners_array_exchange_is_exactly_the_reference_one(seed):
     """``rounds.coloured`` (what the planner builds every plan's exchange with: the needed pieces as arrays,
     ``rounds.needed_rows``) gives the messages, rounds, pieces and message array of the reference path,
-    ``colour_rounds(needed_pieces(spans))`` and ``segments.pieces_and_messages``, on greedy, zigzag and
-    dispatch placements with runs in any order."""
+    ``colour_rounds(needed_pieces(spans))``, ``segments.pieces_of`` and ``FCPPlan.message_array``, on greedy,
+    zigzag and dispatch placements with runs in any order."""
     from hf_fcp.plan.baseline_placements import place_dispatch
     from hf_fcp.plan.candidates import zigzag_long
     from hf_fcp.plan.placement import place_fcp
     from hf_fcp.plan.rounds import colour_rounds, coloured, needed_pieces
-    from hf_fcp.plan.segments import pieces_and_messages
+    from hf_fcp.plan.segments import pieces_of
 
     rng = np.random.default_rng(seed)
     world = (8, 12, 24, 5)[seed]
@@ -551,8 +551,8 @@ def test_the_planners_array_exchange_is_exactly_the_reference_one(seed):
         transfers, rounds, pieces, messages = coloured(spans)
         assert (transfers, rounds) == colour_rounds(needed_pieces(spans)) and rounds > 1
         plan = plan_batch(lens, world_size=world, block_size=1024, tokens_per_rank=8192)
-        want = pieces_and_messages(replace(plan, transfers=transfers, num_rounds=rounds))
-        assert np.array_equal(pieces, want[0]) and np.array_equal(messages, want[1])
+        want = replace(plan, transfers=transfers, num_rounds=rounds)
+        assert np.array_equal(pieces, pieces_of(want)) and np.array_equal(messages, want.message_array)
 
 
 def test_beyond_the_search_budget_groups_are_also_placed_with_half_blocks(monkeypatch):

@@ -10,7 +10,7 @@ import heapq
 
 import numpy as np
 
-from .spans import Span, span_cost
+from .spans import Span, pairs_per_list, span_cost
 
 Piece = tuple[int, int, int]  # (rank, start, end)
 
@@ -138,7 +138,7 @@ def dispatch(lens, groups: list[tuple[list[int], list[int]]], chunk: int, world:
     room = float("inf") if cap is None else cap
     for ranks, seqs in groups:
         chunks = chunked([(s, int(lens[s])) for s in seqs], chunk)
-        area = [sum((b * (b + 1) - a * (a + 1)) / 2 for _, a, b in ch) for ch in chunks]  # span_cost's values
+        area = pairs_per_list(chunks).tolist()
         per_rank = -(-len(chunks) // len(ranks))
         heap = [(0.0, r) for r in ranks]
         for i in sorted(range(len(chunks)), key=lambda i: (-area[i], i)):

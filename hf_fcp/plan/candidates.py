@@ -25,7 +25,7 @@ from .fcp_plan import imbalance
 from .rounds import needed_pieces
 from .search import polish
 from .settings import PlanSettings
-from .spans import Span, span_cost
+from .spans import Span, pairs_per_list
 
 SEARCH_SPANS = 2048
 """The candidate search runs while sequences × ranks (the spans of the all-rank zigzag, the largest
@@ -210,11 +210,7 @@ def _dispatch_groups(lens, world: int, cap: int, group: int) -> list[list[Span]]
 
 def _busiest_pairs(lists: list[list[Span]]) -> float:
     """The most causal pairs (:func:`.spans.span_cost`) of any list of ``(seq, start, end)`` spans."""
-    rows = [(i, a, b) for i, spans in enumerate(lists) for _, a, b in spans]
-    if not rows:
-        return 0.0
-    owner, a, b = np.asarray(rows, np.int64).T
-    return float(np.bincount(owner, span_cost(a, b)).max())
+    return float(pairs_per_list(lists).max(initial=0.0))
 
 
 def in_groups(lens, world: int, cap: int, group: int, place) -> list[list[Span]]:

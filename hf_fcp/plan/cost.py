@@ -163,15 +163,8 @@ def seq_cost(runs: list[tuple[int, int]], kernel: KernelCost) -> float:
     """Work of one rank for one sequence it holds as the token ranges ``runs`` (``(start, end)``, any
     order): a causal segment over all held tokens plus, per run, its queries against the earlier tokens
     held elsewhere. With :data:`PAIRS` this is exactly the runs' causal pairs."""
-    if len(runs) == 1:  # the common case, kept cheap (inlined tiles): the planner calls this per piece placed
-        a, b = runs[0]
-        t = kernel.tile
-        ct, cd, cq, ck = kernel.coefficients
-        nq = -(-(b - a) // t)
-        diag = nq if t > 1 else 0  # causal square: one masked tile per query tile
-        local = ct * (nq * (nq - 1) // 2 + nq) + cd * diag + (cq + ck) * nq
-        nk = -(-a // t)
-        return local + ct * nq * nk + cq * nq + ck * nk if a > 0 else local
+    if len(runs) == 1:  # the common case, kept cheap: the planner calls this per piece placed
+        return one_run_cost(*runs[0], kernel)
     merged: list[list[int]] = []
     for a, b in sorted(runs):  # touching runs are one run (one remote segment)
         if merged and merged[-1][1] == a:
@@ -185,6 +178,20 @@ def seq_cost(runs: list[tuple[int, int]], kernel: KernelCost) -> float:
             total += segment_cost(b - a, a - held, False, kernel)
         held += b - a
     return total + segment_cost(held, held, True, kernel)
+
+
+def one_run_cost(a, b, kernel: KernelCost):
+    """:func:`seq_cost` of one held run ``[a, b)`` in closed form (inlined tiles). Also of many runs at once:
+    int64 arrays ``a > 0``, ``b`` give a float64 array of the same values."""
+    t = kernel.tile
+    ct, cd, cq, ck = kernel.coefficients
+    nq = -(-(b - a) // t)
+    diag = nq if t > 1 else 0  # causal square: one masked tile per query tile
+    local = ct * (nq * (nq - 1) // 2 + nq) + cd * diag + (cq + ck) * nq
+    if not isinstance(a, np.ndarray) and a == 0:
+        return local
+    nk = -(-a // t)
+    return local + ct * nq * nk + cq * nq + ck * nk
 
 
 def run_cost(a: int, b: int, kernel: KernelCost) -> float:

@@ -21,7 +21,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cost import KernelCost, layered_run_cost, run_cost, segment_cost, seq_cost, touching_runs
+from .cost import (
+    KernelCost,
+    layered_run_cost,
+    one_run_cost,
+    run_cost,
+    segment_cost,
+    segment_costs,
+    seq_cost,
+    touching_runs,
+)
 from .rounds import needed_pieces, windowed_pieces
 from .settings import PlanSettings
 from .spans import Span
@@ -146,8 +155,8 @@ class RankWork:
         one = first[need] == last[need]
         extra, gain = np.zeros(len(need)), np.zeros(len(need))
         lo = first[need[one]]  # held as one run [a, b), a > 0: seq_cost and segment_cost in closed form
-        extra[one], gain[one] = _split_one_run(a[lo], b[lo], kernel)
-        extra[one] -= fused[need[one]]
+        extra[one] = one_run_cost(a[lo], b[lo], kernel) - fused[need[one]]
+        gain[one] = segment_costs(b[lo] - a[lo], b[lo] - a[lo], True, kernel)
         for i in np.flatnonzero(~one).tolist():
             lo, hi = int(first[need[i]]), int(last[need[i]]) + 1
             runs = list(zip(a[lo:hi].tolist(), b[lo:hi].tolist()))
@@ -188,18 +197,6 @@ def _per_rank(world: int, rank: np.ndarray, *columns: np.ndarray) -> list[list[t
     for r, *row in zip(rank.tolist(), *(c.tolist() for c in columns)):
         out[r].append(tuple(row))
     return out
-
-
-def _split_one_run(a: np.ndarray, b: np.ndarray, kernel: KernelCost) -> tuple[np.ndarray, np.ndarray]:
-    """(:func:`.cost.seq_cost` of one held run ``[a, b)`` with ``a > 0``, :func:`.cost.segment_cost` of its
-    tokens as one causal segment) of many runs at once: the same values (int64 arrays in, float64 out)."""
-    t = kernel.tile
-    ct, cd, cq, ck = kernel.coefficients
-    nq, nk = -(-(b - a) // t), -(-a // t)
-    local = ct * (nq * (nq - 1) // 2 + nq) + cd * (nq if t > 1 else 0) + (cq + ck) * nq
-    touched = (nq - 1) * nq // 2 + nq  # a causal square of nq tiles
-    full = nq * (nq - 1) // 2 + nq * (1 // t)
-    return local + ct * nq * nk + cq * nq + ck * nk, ct * touched + cd * (touched - full) + cq * nq + ck * nq
 
 
 class RankChoices:

@@ -27,7 +27,7 @@ from .fcp_plan import FCPPlan, Span, WindowPlan, revised
 from .placement import place_fcp
 from .rounds import colour_rounds, coloured, needed_pieces, windowed_pieces
 from .schedule import MARGIN, SEARCH_WORK, StageWork, choose_schedule, layer_time, search_work
-from .segments import pieces_and_messages, pieces_of
+from .segments import pieces_of
 from .settings import PlanSettings, settings_from
 from .topology import by_nodes
 
@@ -220,11 +220,10 @@ def choose_stages(plan: FCPPlan, kernel) -> FCPPlan:
 
 
 def _choose_stages(built: _Built, kernel) -> FCPPlan:
-    plan = built.plan
-    if not _stages_chosen(plan):
-        return plan
-    best = fastest_stages(built.plan, kernel, built.pieces, built.base)[0]
-    return plan if best is plan else _colour(best, kernel)
+    if not _stages_chosen(built.plan):
+        return built.plan
+    best, _, moved = _staged(built, kernel)
+    return _colour(best, kernel) if moved else best
 
 
 def _stages_chosen(plan: FCPPlan) -> bool:
@@ -278,13 +277,16 @@ def schedule(plan: FCPPlan) -> FCPPlan:
 
 def _schedule(plan: FCPPlan, known: tuple[np.ndarray, np.ndarray] | None = None) -> _Built:
     """:func:`schedule`, with the pieces and :class:`.execution.RankWork` of the plan it returns (the pieces
-    only while its colouring is the one it came with). ``known``: its :func:`.segments.pieces_and_messages`,
-    when known."""
+    only while its colouring is the one it came with). ``known``: its pieces and message array
+    (:func:`.rounds.coloured`), when known."""
     if plan.collective:
         return _Built(choose_execution(plan))
     kernel = kernel_for(plan.settings.balance, plan.settings.kernel_cost)
-    pieces, messages = pieces_and_messages(plan) if known is None else known
-    plan.__dict__.setdefault("message_array", messages)  # cached_property's slot: not computed again
+    if known is None:
+        pieces = pieces_of(plan)
+    else:
+        pieces = known[0]
+        plan.__dict__.setdefault("message_array", known[1])  # cached_property's slot: not computed again
     base = RankWork([list(x) for x in plan.rank_spans], kernel, plan.settings.attention_layers)
     plan = choose_execution(plan, base=base, pieces=pieces)
     coloured_ = _colour(plan, kernel)

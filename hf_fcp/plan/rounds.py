@@ -94,9 +94,8 @@ def colour_rounds(pairs, order=None) -> tuple[tuple[Transfer, ...], int]:
 
 
 def coloured(spans) -> tuple[tuple[Transfer, ...], int, np.ndarray, np.ndarray]:
-    """``colour_rounds(needed_pieces(spans))`` from arrays, with what :func:`.segments.pieces_and_messages`
-    would compute from it: (messages, Δ, pieces int64 (n, 6) ``(src, dst, round, seq, start, end)``,
-    message array int64 (m, 4) ``(src, dst, tokens, round)``), both in message order. A message's pieces
+    """``colour_rounds(needed_pieces(spans))`` from arrays, with what a plan of those messages would compute
+    again: (messages, Δ, its :func:`.segments.pieces_of`, its ``FCPPlan.message_array``). A message's pieces
     are its sender's span tuples themselves (no copies: at W=1024 there are millions)."""
     src_p, dst_p, seq_p, a_p, b_p, span_p = needed_columns(spans)
     if not len(src_p):

@@ -122,21 +122,14 @@ def local_split_segments(sp: Spans) -> Segments:
 
 def pieces_of(plan: FCPPlan) -> np.ndarray:
     """int64 (n, 6): one row ``(src, dst, round, seq, start, end)`` per piece of every message of ``plan``."""
-    return pieces_and_messages(plan)[0]
-
-
-def pieces_and_messages(plan: FCPPlan) -> tuple[np.ndarray, np.ndarray]:
-    """(:func:`pieces_of` ``plan``, ``plan.message_array``) computed together (one pass over the messages)."""
     if not plan.transfers:
-        return np.zeros((0, 6), np.int64), np.zeros((0, 4), np.int64)
-    src, dst, rounds, pieces = (np.asarray(x, np.int64) if i < 3 else x for i, x in enumerate(zip(*plan.transfers)))
+        return np.zeros((0, 6), np.int64)
+    src, dst, rounds, pieces = zip(*plan.transfers)
     count = np.fromiter(map(len, pieces), np.int64, len(pieces))
     # no list of row tuples: 10^7 pieces at W=1024
-    flat = np.fromiter(chain.from_iterable(chain.from_iterable(pieces)), np.int64, 3 * int(count.sum())).reshape(-1, 3)
-    message = np.repeat(np.arange(len(count)), count)
-    tokens = np.bincount(message, weights=flat[:, 2] - flat[:, 1], minlength=len(count)).astype(np.int64)
-    per_piece = [x[message] for x in (src, dst, rounds)]
-    return np.column_stack([*per_piece, flat]), np.column_stack([src, dst, tokens, rounds])
+    flat = np.fromiter(chain.from_iterable(chain.from_iterable(pieces)), np.int64, 3 * int(count.sum()))
+    per_piece = [np.repeat(np.asarray(x, np.int64), count) for x in (src, dst, rounds)]
+    return np.column_stack([*per_piece, flat.reshape(-1, 3)])
 
 
 class RemoteSegments:

@@ -22,6 +22,16 @@ def span_cost(start, end):
     return float(out) if out.ndim == 0 else out
 
 
+def pairs_per_list(lists) -> np.ndarray:
+    """float64 (len(lists),): the causal pairs (:func:`span_cost`) of each list of ``(seq, start, end)``
+    spans, summed in list order."""
+    rows = [(i, a, b) for i, spans in enumerate(lists) for _, a, b in spans]
+    if not rows:
+        return np.zeros(len(lists))
+    at, a, b = np.asarray(rows, np.int64).T
+    return np.bincount(at, weights=span_cost(a, b), minlength=len(lists))
+
+
 def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` as int64, vectorised: the running sum
     of steps of 1 with a jump where a run starts (two passes over the output; plan views expand millions)."""
