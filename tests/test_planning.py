@@ -349,6 +349,36 @@ def test_alternatives_skipped_by_their_lower_bound_could_not_have_won(monkeypatc
     assert tight  # some bounds within 5% of the layer time
 
 
+def test_the_planner_plans_no_placement_its_bound_rules_out(monkeypatch):
+    """Best first: the planner takes its candidates (its own placement and the alternatives) lowest bound
+    first and stops when the lowest bound left is above the fastest plan found, so no placement it plans
+    has a bound above the plan it returns (here its own placement's bound is: before, it was always
+    planned first), and the plan is the one the exhaustive comparison keeps."""
+    from hf_fcp.plan import planner
+    from hf_fcp.plan.bounds import work_bound
+    from hf_fcp.plan.cost import kernel_for
+    from hf_fcp.plan.schedule import layer_time
+    from hf_fcp.simulate import get_model, load_cluster, parse_distribution
+    from hf_fcp.simulate.engine import planner_model
+    from hf_fcp.workloads import make_batches
+
+    machine = planner_model(get_model("llama3-8b"), load_cluster("h200"), 128)
+    kernel = kernel_for("kernel", machine["kernel_cost"])
+    lens = make_batches(parse_distribution("lognormal"), world_size=128, tokens_per_rank=8192, steps=1, seed=1)[0]
+    kw = dict(world_size=128, block_size=4096, tokens_per_rank=8192, max_stages=16, **machine)
+    bounds, staged = [], planner._staged
+
+    def spy(built, kernel):
+        bounds.append(work_bound([list(x) for x in built.plan.rank_spans], kernel, built.plan.settings))
+        return staged(built, kernel)
+
+    monkeypatch.setattr(planner, "_staged", spy)
+    plan = plan_batch(lens, **kw)
+    assert len(bounds) >= 2 and max(bounds) <= layer_time(plan, kernel), (bounds, layer_time(plan, kernel))
+    monkeypatch.setattr(planner, "work_bound", lambda spans, kernel, settings: None)  # no bounds: plan every one
+    assert plan_batch(lens, **kw).fingerprint == plan.fingerprint
+
+
 def test_the_planner_runs_each_plan_in_the_stage_count_its_timeline_finds_fastest():
     """With ``max_stages=N`` a plan runs in N, N/2 or N/4 stages, whichever its timeline finds fastest: never
     slower (modelled) than the same plan in N stages, never more than N stages, and not always N."""
@@ -501,9 +531,9 @@ def test_a_node_aware_placement_keeps_more_kv_inside_nodes_at_the_same_balance(n
     assert between_nodes(aware) <= 0.8 * between_nodes(plain), (between_nodes(aware), between_nodes(plain))
     seen, fastest = [], planner._fastest
 
-    def spy(built, others, *rest):
-        seen.append(([list(x) for x in built.plan.rank_spans], [o.build() for o in others]))
-        return fastest(built, others, *rest)
+    def spy(placed, others, *rest):
+        seen.append(([list(x) for x in placed], [o.build() for o in others]))
+        return fastest(placed, others, *rest)
 
     monkeypatch.setattr(planner, "_fastest", spy)
     plan_batch(list(lens), world_size=8, block_size=1024, tokens_per_rank=8192, node_size=node)

@@ -10,6 +10,7 @@ sends to r+k+1.
 from __future__ import annotations
 
 import gc
+import heapq
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -98,8 +99,8 @@ def _plan_fcp(lens: tuple[int, ...], world: int, cap: int, settings: PlanSetting
         finer = [greedy(b) for b in tried_blocks(block, cap, world, lens)[1:]]
         spans = choose([spans, *finer, *simple], settings, kernel)
     placed = by_nodes(spans, settings.node_size)  # its ranks renumbered so that K/V stays inside nodes
-    built = _build(lens, placed, world_size=world, block_size=block, tokens_per_rank=cap, strategy="fcp",
-                   settings=settings)
+    build = lambda x: _build(lens, x, world_size=world, block_size=block, tokens_per_rank=cap,  # noqa: E731
+                             strategy="fcp", settings=settings)
     in_group = lambda g_lens, ranks, g_cap, b: by_nodes(  # noqa: E731  groups are node-aligned
         place_fcp(g_lens, ranks, b, g_cap, locality=float(settings.locality), kernel=kernel, fused=fused,
                   layers=settings.attention_layers), settings.node_size if ranks % settings.node_size == 0 else None)
@@ -107,41 +108,45 @@ def _plan_fcp(lens: tuple[int, ...], world: int, cap: int, settings: PlanSetting
     if small and placed is not spans:  # within the search budget, the numbering it was placed in too
         others.insert(0, Option(None, lambda: spans))
     others += grouped_options(lens, world, cap, block, settings.node_size, in_group, kernel)
-    return _fastest(built, others, kernel, t0)
+    return _fastest(placed, others, build, kernel, settings, t0)
 
 
-def _fastest(built: _Built, others: list[Option], kernel, t0: float) -> FCPPlan:
-    """``plan`` or the plan of one of the ``others`` placements, whichever the engine's timeline
+def _fastest(placed: list[list[Span]], others: list[Option], build, kernel, settings: PlanSettings,
+             t0: float) -> FCPPlan:
+    """The plan of ``placed`` or of one of the ``others`` placements, whichever the engine's timeline
     (:func:`.schedule.layer_time`) finds fastest, each in its fastest stage count (:func:`fastest_stages`:
-    the baselines get that choice too). An option whose lower bound is above the fastest so far could not
-    win and is skipped: before it is placed (``Option.bound``), once placed (:func:`.bounds.work_bound`,
-    compute and communication); the placed ones are planned lowest bound first (ties: the earlier), so
-    that more of the rest fall under the fastest found, and a near tie keeps the one planned first.
-    Models with sliding-window layers keep ``plan`` (the timeline prices full attention only).
-    ``built``: ``plan`` as :func:`_build` returns it."""
-    plan = built.plan
-    if any(w is not None for w, _ in plan.settings.attention_layers):
-        return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
-    best, best_t, restaged = _staged(built, kernel)  # restaged: coloured for the count it was built with
-    del built  # its pieces: at W=1024 a large array
-    best = replace(best)  # without its cached message array while the others are planned (at W=1024 a large one)
-    placed = []
-    for i, option in enumerate(others):
-        if option.bound is not None and option.bound > best_t:
+    the baselines get that choice too). ``build(spans)``: :func:`_build` of a placement.
+
+    Best first: every candidate has a lower bound of its layer time — before it is placed
+    (``Option.bound``; unknown: 0), once placed :func:`.bounds.work_bound` (compute and communication) —
+    and the one of lowest bound is taken next: placed if it is not, else planned. The search stops when the
+    lowest bound left is above the fastest plan found (none left could win), so an alternative is placed or
+    planned only when its bound does not rule it out. Among plans within ``MARGIN`` of each other the
+    earlier candidate (``placed``, then ``others`` in order) is kept. Models with sliding-window layers
+    keep ``placed`` (the timeline prices full attention only)."""
+    if any(w is not None for w, _ in settings.attention_layers):
+        return replace(build(placed).plan, plan_ms=(time.perf_counter() - t0) * 1e3)
+    heap = [(_bound(placed, kernel, settings), 0, placed, None)]
+    heap += [(option.bound or 0.0, i, None, option) for i, option in enumerate(others, 1)]
+    heapq.heapify(heap)
+    best, best_t, best_i, restaged = None, np.inf, -1, False
+    while heap and heap[0][0] <= best_t:
+        key, i, spans, option = heapq.heappop(heap)
+        if spans is None:  # not placed yet
+            spans = option.build()
+            if spans is not None:
+                heapq.heappush(heap, (max(key, _bound(spans, kernel, settings)), i, spans, None))
             continue
-        spans = option.build()
-        bound = None if spans is None else work_bound(spans, kernel, plan.settings) or 0.0
-        if bound is not None and bound <= best_t:
-            placed.append((bound, i, spans))
-    for bound, _, spans in sorted(placed):  # the lowest bound first: the rest more often fall under it
-        if bound > best_t:
-            break
-        staged, t, moved = _staged(_build(plan.seq_lens, spans, world_size=plan.world_size, block_size=plan.block_size,
-                                          tokens_per_rank=plan.tokens_per_rank, strategy=plan.strategy,
-                                          settings=plan.settings), kernel)
-        if t < best_t * (1 - MARGIN):
-            best, best_t, restaged = replace(staged), t, moved
+        staged, t, moved = _staged(build(spans), kernel)
+        if t < best_t * (1 - MARGIN) or (i < best_i and t <= best_t * (1 + MARGIN)):
+            # without its cached message array while the others are planned (at W=1024 a large one)
+            best, best_t, best_i, restaged = replace(staged), t, i, moved
     return replace(_colour(best, kernel) if restaged else best, plan_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def _bound(spans: list[list[Span]], kernel, settings: PlanSettings) -> float:
+    """:func:`.bounds.work_bound` of a placement; 0 when no bound is claimed."""
+    return work_bound(spans, kernel, settings) or 0.0
 
 
 def _staged(built: _Built, kernel) -> tuple[FCPPlan, float, bool]:
