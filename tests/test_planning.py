@@ -565,9 +565,12 @@ def test_the_planners_array_exchange_is_exactly_the_reference_one(seed):
     """``rounds.coloured`` (what the planner builds every plan's exchange with: the needed pieces as arrays,
     ``rounds.needed_rows``) gives the messages, rounds, pieces and message array of the reference path,
     ``colour_rounds(needed_pieces(spans))``, ``segments.pieces_of`` and ``FCPPlan.message_array``, on greedy,
-    zigzag and dispatch placements with runs in any order."""
+    zigzag and dispatch placements with runs in any order; ``candidates.step_time``, which prices a placement
+    from the same arrays, equals its reference from ``needed_pieces``."""
     from hf_fcp.plan.baseline_placements import place_dispatch
-    from hf_fcp.plan.candidates import zigzag_long
+    from hf_fcp.plan.candidates import step_time, zigzag_long
+    from hf_fcp.plan.execution import RankChoices, execution, link_tokens, remote_sources
+    from hf_fcp.plan.fcp_plan import imbalance
     from hf_fcp.plan.placement import place_fcp
     from hf_fcp.plan.rounds import colour_rounds, coloured, needed_pieces
     from hf_fcp.plan.segments import pieces_of
@@ -583,6 +586,10 @@ def test_the_planners_array_exchange_is_exactly_the_reference_one(seed):
         plan = plan_batch(lens, world_size=world, block_size=1024, tokens_per_rank=8192)
         want = replace(plan, transfers=transfers, num_rounds=rounds)
         assert np.array_equal(pieces, pieces_of(want)) and np.array_equal(messages, want.message_array)
+        reference = needed_pieces(spans)  # step_time prices a placement from needed_columns
+        choices = RankChoices(spans, FLASH, plan.settings.attention_layers, remote_sources(reference))
+        t, work, split, _ = execution(choices, link_tokens(spans, ((None, 1),), reference), plan.settings, FLASH)
+        assert step_time(spans, plan.settings, FLASH, detail=True) == (t, imbalance(work), not any(split))
 
 
 def test_beyond_the_search_budget_groups_are_also_placed_with_half_blocks(monkeypatch):

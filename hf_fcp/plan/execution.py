@@ -82,12 +82,23 @@ def remote_stages(pieces: np.ndarray, rounds_per_stage: int, num_seqs: int) -> d
 def remote_stage_counts(pieces: np.ndarray, rounds_per_stage: int, num_seqs: int
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`remote_stages` as int64 arrays ``(rank, seq, stages)``, sorted by (rank, seq)."""
-    if not len(pieces):
+    return _distinct(pieces[:, 1], pieces[:, 3], pieces[:, 2] // rounds_per_stage, num_seqs)
+
+
+def remote_source_counts(src: np.ndarray, dst: np.ndarray, seq: np.ndarray, num_seqs: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`remote_sources` as int64 arrays ``(rank, seq, senders)``, sorted by (rank, seq), from the
+    needed pieces as columns (:func:`.rounds.needed_columns`: sender, receiver and sequence of each)."""
+    return _distinct(dst, seq, src, num_seqs)
+
+
+def _distinct(rank: np.ndarray, seq: np.ndarray, group: np.ndarray, num_seqs: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (rank, seq) that occurs, how many distinct ``group`` values it occurs with: ``(rank, seq, count)``."""
+    if not len(rank):
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    key = pieces[:, 1] * num_seqs + pieces[:, 3]
-    stage = pieces[:, 2] // rounds_per_stage
-    top = int(stage.max()) + 1
-    pairs = np.unique(key * top + stage) // top
+    top = int(group.max()) + 1
+    pairs = np.unique((rank * num_seqs + seq) * top + group) // top
     keys, counts = np.unique(pairs, return_counts=True)
     return keys // num_seqs, keys % num_seqs, counts
 
