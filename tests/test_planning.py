@@ -592,6 +592,23 @@ def test_the_planners_array_exchange_is_exactly_the_reference_one(seed):
         assert step_time(spans, plan.settings, FLASH, detail=True) == (t, imbalance(work), not any(split))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_the_fast_sort_orders_exactly_as_lexsort(seed):
+    """``spans.lex_order`` (the planner's sorts of pieces and runs) gives ``np.lexsort``'s order: distinct
+    rows (one argsort of a combined key), rows that repeat and keys too wide to combine (lexsort itself),
+    negative keys, one key."""
+    from hf_fcp.plan.spans import lex_order
+
+    rng = np.random.default_rng(seed)
+    n = 5000
+    distinct = rng.permutation(n)
+    cases = [(distinct % 7, distinct // 7 - 300), (rng.integers(0, 4, n), rng.integers(0, 3, n)),
+             (rng.integers(0, 1 << 40, n), rng.integers(0, 1 << 40, n)), (rng.integers(-50, 50, n),),
+             (distinct, rng.integers(0, 9, n), rng.integers(0, 5, n))]
+    for keys in cases:
+        assert np.array_equal(lex_order(*keys), np.lexsort(keys))
+
+
 def test_beyond_the_search_budget_groups_are_also_placed_with_half_blocks(monkeypatch):
     """At hundreds of ranks (beyond the search budget) documents are cut over many ranks: fcp also places
     its grouped alternatives with half-size blocks, and MagiAttention-style dispatch gets the same chunks

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from .fcp_plan import Transfer
-from .spans import Span, ranges
+from .spans import Span, lex_order, ranges
 
 
 def _spans_by_seq(spans: list[list[Span]]) -> dict[int, list[tuple[int, int, int]]]:
@@ -110,7 +110,7 @@ def coloured(spans) -> tuple[tuple[Transfer, ...], int, np.ndarray, np.ndarray]:
     src, dst = key[order] // world, key[order] % world
     colour, delta = colour_edges(src.tolist(), dst.tolist())
     colour = np.asarray(colour, np.int64)
-    sent = np.lexsort((src, colour))  # by round, then sender
+    sent = lex_order(src, colour)  # by round, then sender
     count = np.bincount(edge, minlength=len(order))
     pick = np.argsort(edge, kind="stable")  # pieces by message, in their order
     pick = pick[ranges((np.cumsum(count) - count)[sent], count[sent])]
@@ -150,9 +150,9 @@ def needed_columns(spans) -> tuple[np.ndarray, ...]:
     if not rows:
         return tuple(np.zeros(0, np.int64) for _ in range(6))
     seq, a, b, rank = np.asarray(rows, np.int64).T
-    order = np.lexsort((a, seq))
+    order = lex_order(a, seq)
     seq, a, b, rank = seq[order], a[order], b[order], rank[order]
-    hold = np.lexsort((b, rank, seq))  # holders (seq, rank) in order, the end of each one's last run
+    hold = lex_order(b, rank, seq)  # holders (seq, rank) in order, the end of each one's last run
     last = np.ones(len(hold), bool)
     last[:-1] = (seq[hold][1:] != seq[hold][:-1]) | (rank[hold][1:] != rank[hold][:-1])
     h_seq, h_rank, h_end = seq[hold][last], rank[hold][last], b[hold][last]

@@ -23,7 +23,7 @@ import numpy as np
 
 from .cost import KernelCost, tile_counts
 from .fcp_plan import FCPPlan
-from .spans import ranges, span_cost
+from .spans import lex_order, ranges, span_cost
 
 
 @dataclass(kw_only=True)
@@ -65,7 +65,7 @@ class Spans:
         """Every rank's held runs (touching spans of a sequence merged, as the rank views do)."""
         rows = [(r, s, a, b) for r, spans in enumerate(plan.rank_spans) for s, a, b in spans]
         arr = np.asarray(rows, np.int64).reshape(-1, 4)
-        arr = arr[np.lexsort((arr[:, 2], arr[:, 1], arr[:, 0]))]
+        arr = arr[lex_order(arr[:, 2], arr[:, 1], arr[:, 0])]
         n = len(plan.seq_lens)
         key = arr[:, 0] * n + arr[:, 1]
         new = np.concatenate([[True], (key[1:] != key[:-1]) | (arr[1:, 2] != arr[:-1, 3])])[:len(arr)]
@@ -143,7 +143,7 @@ class RemoteSegments:
         # fused runs with a > 0: q = b - a queries against all b keys, causal, in slot 1 + the last stage of
         # the pieces before them (pieces of a (rank, seq) sorted by end: a prefix of them precedes the run)
         self.runs = np.flatnonzero(sp.fused & (sp.a > 0))
-        self.order = np.lexsort((d, piece_key))
+        self.order = lex_order(d, piece_key)
         self.pk, pd = piece_key[self.order], d[self.order]
         top = int(pd.max(initial=0)) + 1
         self.at = np.searchsorted(self.pk * top + pd, sp.key[self.runs] * top + sp.a[self.runs], "right") - 1
@@ -172,7 +172,7 @@ class RemoteSegments:
         piece × run product: one sequence over 256 ranks has millions of those)."""
         sp, stages = self.sp, max(num_stages, 1)
         key, d, tokens, st = self.split_key, self.split_d, self.split_tokens, stage[self.split]
-        order = np.lexsort((d, st, key))
+        order = lex_order(d, st, key)
         key, d, tokens, st = key[order], d[order], tokens[order], st[order]
         gkey = key * stages + st
         starts = np.flatnonzero(np.concatenate([[True], gkey[1:] != gkey[:-1]])) if len(gkey) else gkey
