@@ -97,15 +97,23 @@ def assign_to_groups(lens, groups: int, capacity: int, by_cost: bool = False) ->
     """Whole sequences to ``groups`` data-parallel groups, largest first: to the group with most token room
     (token balance), or (``by_cost``) to the group with the least attention cost among those with room."""
     lens = np.asarray(lens, np.int64)
-    key = span_cost(0, lens) if by_cost else lens.astype(np.float64)
-    tok, cost = np.zeros(groups, np.int64), np.zeros(groups)
+    pairs = span_cost(0, lens)
+    order = np.lexsort((np.arange(len(lens)), -(pairs if by_cost else lens.astype(np.float64)))).tolist()
     out: list[list[int]] = [[] for _ in range(groups)]
-    for s in np.lexsort((np.arange(len(lens)), -key)).tolist():
+    if not by_cost:  # the group with the fewest tokens (ties: the lowest index), from a heap
+        heap = [(0, g) for g in range(groups)]
+        for s, n in zip(order, lens[order].tolist()):
+            used, g = heap[0]
+            out[g].append(s)
+            heapq.heapreplace(heap, (used + n, g))
+        return out
+    tok, cost = np.zeros(groups, np.int64), np.zeros(groups)
+    for s in order:
         fits = tok + lens[s] <= capacity
-        g = int(np.argmin(np.where(fits, cost, np.inf))) if by_cost and fits.any() else int(np.argmin(tok))
+        g = int(np.argmin(np.where(fits, cost, np.inf))) if fits.any() else int(np.argmin(tok))
         out[g].append(s)
         tok[g] += lens[s]
-        cost[g] += span_cost(0, lens[s])
+        cost[g] += pairs[s]
     return out
 
 

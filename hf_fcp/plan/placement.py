@@ -109,6 +109,15 @@ class _Ranks:
     def neediest(self, want_tokens: int, tries: int = 8) -> int:
         """The neediest rank with token room; among the first ``tries`` candidates prefer one with room
         for ``want_tokens`` whole (so short sequences are not split needlessly)."""
+        heap = self.heap
+        while heap:  # the common case: the top entry is current and has room (nothing popped but stale ones)
+            _, r, ver = heap[0]
+            if ver != self.version[r] or self.tok[r] >= self.cap:
+                heapq.heappop(heap)
+                continue
+            if self.cap - self.tok[r] >= want_tokens:
+                return r
+            break
         popped, choice = [], None
         while self.heap and len(popped) < tries:
             neg, r, ver = heapq.heappop(self.heap)
