@@ -20,9 +20,9 @@ import numpy as np
 from .baseline_placements import assign_to_groups, merge_sorted, place_allgather, place_dispatch, place_ring, zigzag
 from .checks import check_plan_size
 from .cost import KernelCost
-from .execution import RankChoices, execution, larger_direction, link_tokens, remote_source_counts, remote_sources
+from .execution import RankChoices, execution, larger_direction, link_tokens, remote_source_counts
 from .fcp_plan import imbalance
-from .rounds import needed_columns, needed_pieces
+from .rounds import needed_columns
 from .search import polish
 from .settings import PlanSettings
 from .spans import Span, pairs_per_list
@@ -105,13 +105,12 @@ def step_time(spans: list[list[Span]], settings: PlanSettings, kernel: KernelCos
     the exchange the planner's rounds will carry (every rank receives the prefix of its runs it does not
     hold; under a sliding window, the window before each run)."""
     layers = settings.attention_layers
-    if all(w is None for w, _ in layers):  # from arrays (at hundreds of ranks, tens of thousands of messages)
-        src, dst, seq, a, b, _ = needed_columns(spans)
-        segments = remote_source_counts(src, dst, seq, int(seq.max(initial=0)) + 1)
+    src, dst, seq, a, b, _ = needed_columns(spans)  # arrays: at hundreds of ranks, tens of thousands of messages
+    segments = remote_source_counts(src, dst, seq, int(seq.max(initial=0)) + 1)
+    if all(w is None for w, _ in layers):
         link = larger_direction(len(spans), [(count, src, dst, b - a) for _, count in layers])
-    else:
-        pieces = needed_pieces(spans)
-        segments, link = remote_sources(pieces), link_tokens(spans, layers, pieces)
+    else:  # sliding-window layers move only the keys inside their windows
+        link = link_tokens(spans, layers)
     t, work, split, _ = execution(RankChoices(spans, kernel, layers, segments), link, settings, kernel)
     return (t, imbalance(work), not any(split)) if detail else (t, imbalance(work))
 
