@@ -296,6 +296,40 @@ def test_the_planner_never_models_slower_than_the_grouped_placements():
     assert any(picked) and not all(picked), picked
 
 
+@pytest.mark.parametrize("search", [True, False])
+def test_with_room_for_whole_documents_the_planner_never_models_slower_than_keeping_them_whole(search, monkeypatch):
+    """Where every document fits a rank and the budget leaves room, the planner also plans the fixed-group
+    baselines' CP-1 placements (whole documents by tokens, or by causal pairs with room: no communication),
+    also beyond its search budget, and keeps one when its timeline finds it fastest (here in some batches,
+    not in others), at the budget of the simulator's equal-memory comparison."""
+    from hf_fcp.plan import candidates, make_plan
+    from hf_fcp.plan.candidates import whole_documents
+    from hf_fcp.plan.cost import kernel_for
+    from hf_fcp.plan.schedule import layer_time
+    from hf_fcp.simulate import get_model, load_cluster, parse_distribution
+    from hf_fcp.simulate.engine import planner_model
+    from hf_fcp.workloads import make_batches
+
+    if not search:
+        monkeypatch.setattr(candidates, "SEARCH_SPANS", 0)
+    machine = planner_model(get_model("llama3-8b"), load_cluster("h200"), 12)
+    kernel = kernel_for("kernel", machine["kernel_cost"])
+    picked = []
+    for seed, by_pairs in ((31, False), (32, False), (33, False), (35, True)):
+        for lens in make_batches(parse_distribution("bimodal"), world_size=12, tokens_per_rank=8192, steps=2,
+                                 seed=seed):  # the budget: what ring (wlb) at CP 1 puts on its busiest rank
+            cap = max(sum(b - a for _, a, b in x) for x in whole_documents(lens, 12, 8192, by_pairs))
+            plan = plan_batch(lens, world_size=12, block_size=4096, tokens_per_rank=cap, max_stages=16, **machine)
+            for by_cost in (False, True):
+                spans = whole_documents(lens, 12, cap, by_cost)
+                if max(sum(b - a for _, a, b in x) for x in spans) <= cap:
+                    alt = make_plan(tuple(lens), spans, world_size=12, block_size=4096, tokens_per_rank=cap,
+                                    strategy="fcp", settings=plan.settings)
+                    assert layer_time(plan, kernel) <= layer_time(alt, kernel) * (1 + 1e-9), (seed, by_cost)
+            picked.append(plan.stats().comm_bytes == 0)
+    assert any(picked) and not all(picked), picked
+
+
 def test_alternatives_skipped_by_their_lower_bound_could_not_have_won(monkeypatch):
     """The planner skips a grouped alternative whose lower bound is above the fastest plan so far, before
     placing it: every plan is the one the exhaustive comparison keeps, and some alternatives are skipped

@@ -154,8 +154,10 @@ def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[li
     ``block`` — and the dispatch in the groups MagiAttention makes, with each block size, where they
     differ; where those groups hold more than ``cap`` tokens a rank (at group sizes that hold the longest
     sequence, the CP sizes MagiAttention can run), that dispatch with the chunks over the cap moved to the
-    least-loaded ranks with room (``place_dispatch(..., capped=True)``). Placements that
-    would put more than ``cap`` tokens on a rank are left out."""
+    least-loaded ranks with room (``place_dispatch(..., capped=True)``); where every sequence fits a rank,
+    groups of one rank too: every sequence whole, as the fixed-group baselines place them at CP 1
+    (:func:`whole_documents`, by tokens and by causal pairs; no communication). Placements that would put
+    more than ``cap`` tokens on a rank are left out (whole documents fit only where the budget has room)."""
     built = (option.build() for option in grouped_options(lens, world, cap, block, node, place, kernel=None))
     return [x for x in built if x is not None]
 
@@ -177,6 +179,9 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
     ``kernel``: the planner's kernel model, None for no bounds)."""
     blocks = tried_blocks(block, cap, world, lens)
     out = [Option(None, lambda b=b: within(place_dispatch(lens, world, b, cap), cap)) for b in blocks]
+    if max(lens) <= cap:  # groups of one rank: whole documents, no communication
+        out += [Option(None, lambda by_cost=by_cost: within(whole_documents(lens, world, cap, by_cost), cap))
+                for by_cost in (False, True)]
     dispatch = lambda g_lens, ranks, g_cap, b: place_dispatch(g_lens, ranks, b, g_cap)  # noqa: E731
     bounded = kernel is not None and min(kernel.coefficients) >= 0
     c = node
@@ -200,6 +205,13 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
                                                                                             cap)))
         c *= 2
     return out
+
+
+def whole_documents(lens, world: int, cap: int, by_cost: bool) -> list[list[Span]]:
+    """Every sequence whole on one rank, as the fixed-group baselines place them in groups of one rank
+    (:func:`.baseline_placements.assign_to_groups`: by tokens, or ``by_cost`` by causal pairs among the
+    ranks with ``cap`` tokens of room); it may put more than ``cap`` tokens on a rank."""
+    return [sorted((s, 0, int(lens[s])) for s in seqs) for seqs in assign_to_groups(lens, world, cap, by_cost)]
 
 
 def _dispatch_groups(lens, world: int, cap: int, group: int) -> list[list[Span]] | None:
