@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_fcp.simulate import get_model, load_cluster, parse_distribution
-from hf_fcp.simulate.engine import ideal_step_s, simulate_strategy
+from hf_fcp.simulate.engine import at_equal_memory, ideal_step_s, simulate_strategy
 from hf_fcp.simulate.strategies import STRATEGY_NAMES, NotApplicable
 from hf_fcp.workloads import make_batches
 
@@ -73,17 +73,20 @@ def measure(workload: str, model: str, tokens: int, world: int, *, steps: int, s
     batches = make_batches(dist, world_size=world, tokens_per_rank=tokens, steps=steps, seed=seed)
     total: dict[str, float] = {}
     cps: dict[str, list[int]] = {}
-    fcp = []
-    for name in strategies:
+    kw = dict(world_size=world, block_size=4096, model=m, cluster=cluster, cp_size="best")
+    done: dict[str, list] = {}
+    for name in sorted(strategies, key=lambda n: n == "fcp"):  # fcp last: raced at equal memory
         try:
-            results = [simulate_strategy(name, lens, world_size=world, block_size=4096, tokens_per_rank=tokens,
-                                         model=m, cluster=cluster, cp_size="best") for lens in batches]
+            results = [simulate_strategy(name, lens, tokens_per_rank=tokens, **kw) for lens in batches]
         except NotApplicable:
             continue
+        if name == "fcp":
+            results = [at_equal_memory(r, [o[i] for o in done.values()], batches[i], tokens_per_rank=tokens, **kw)
+                       for i, r in enumerate(results)]
+        done[name] = results
         total[name] = sum(r.step_s for r in results)
         cps[name] = [r.cp_size for r in results]
-        if name == "fcp":
-            fcp = results
+    fcp = done["fcp"]
     others = {n: t for n, t in total.items() if n != "fcp"}
     best = min(others, key=others.get)
     ideal = sum(ideal_step_s(lens, m, cluster) for lens in batches)

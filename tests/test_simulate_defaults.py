@@ -79,3 +79,31 @@ def test_the_communication_floor_never_exceeds_the_simulated_step():
                 assert floor <= step, (dist, name, c)
                 tight = max(tight, floor / step)
     assert tight > 0.5, tight  # the floor is not vacuous
+
+
+def test_fcp_races_each_batch_at_the_memory_of_its_fastest_rival():
+    """Whole sequences do not fill fixed groups exactly, so ring at CP 1 here holds more tokens on its
+    busiest rank than the budget fcp is planned under (and is faster for it). Compared at equal memory,
+    fcp is planned with that rank's token count as well: never behind, never over the rival's memory."""
+    from dataclasses import replace
+
+    from hf_fcp.simulate import SimSettings, get_model, load_cluster, parse_distribution, run
+    from hf_fcp.simulate.engine import at_equal_memory, simulate_strategy
+    from hf_fcp.workloads import make_batches
+
+    cap, dist = 8192, parse_distribution("bimodal")
+    kw = dict(world_size=4, block_size=4096, model=get_model("llama3-8b"), cluster=load_cluster("h200"))
+    lens = make_batches(dist, world_size=4, tokens_per_rank=cap, steps=1, seed=3)[0]
+    fcp = simulate_strategy("fcp", lens, tokens_per_rank=cap, **kw)
+    ring = simulate_strategy("ring", lens, tokens_per_rank=cap, **kw)
+    assert ring.peak_tokens > cap and ring.step_s < fcp.step_s  # the case this rule exists for
+    raced = at_equal_memory(fcp, [ring], lens, tokens_per_rank=cap, **kw)
+    assert raced.step_s <= ring.step_s * (1 + 1e-9) and raced.peak_tokens <= ring.peak_tokens
+    within = replace(ring, peak_tokens=cap)  # a rival inside the budget: fcp keeps its own plan
+    assert at_equal_memory(fcp, [within], lens, tokens_per_rank=cap, **kw) is fcp
+
+    rep = run(SimSettings(distribution=dist, model=kw["model"], cluster=kw["cluster"], world_sizes=(4,),
+                          tokens_per_rank=cap, steps=1, seed=3, strategies=("fcp", "ring")), progress=False)
+    assert [r.strategy for r in rep.rows] == ["ideal", "fcp", "ring"]  # rows keep the asked order
+    mfu = {r.strategy: r.attention_mfu for r in rep.rows}
+    assert mfu["fcp"] >= mfu["ring"] * (1 - 1e-9)

@@ -80,6 +80,8 @@ class SimResult:
     """max / mean − 1 over ranks of bytes sent + received (0 when nothing moves)."""
     memory_imbalance: float
     """max / mean − 1 over ranks of tokens held."""
+    peak_tokens: int
+    """Tokens held by the busiest rank (its share of the batch's memory)."""
     comm_bytes: float
     """Bytes moved by all ranks in forward and backward."""
     exposed_comm_s: float
@@ -234,11 +236,27 @@ def simulate(cand: Candidate, model: AttentionModel, cluster: Cluster, *, trace_
         strategy=plan.strategy, world_size=w, block_size=plan.block_size, cp_size=cand.cp_size, step_s=step,
         fwd_s=fwd_s, bwd_s=bwd_s, attention_mfu=useful / (w * cluster.peak_flops * step),
         compute_imbalance=imbalance(cf + cb), flop_imbalance=imbalance(pairs),
-        comm_imbalance=imbalance(run.rank_bytes), memory_imbalance=imbalance(tokens),
+        comm_imbalance=imbalance(run.rank_bytes), memory_imbalance=imbalance(tokens), peak_tokens=int(tokens.max()),
         comm_bytes=float(run.rank_bytes.sum() / 2), exposed_comm_s=max(0.0, float(fwd[rf] - cf[rf] + bwd[rb] - cb[rb])),
         plan_ms=plan.plan_ms if plan_ms is None else plan_ms, useful_flops=useful, rank_compute_s=cf + cb,
         rank_finish_s=fwd + bwd,
         rank_comm_bytes=run.rank_bytes, rank_pairs=pairs, trace=trace)
+
+
+def at_equal_memory(fcp: SimResult, others: list[SimResult], lens, *, tokens_per_rank: int,
+                    **kwargs) -> SimResult:
+    """fcp raced at the memory of the batch's fastest other strategy: whole sequences cannot fill fixed
+    groups exactly, so a baseline's busiest rank may end over ``tokens_per_rank``; fcp may then hold as many
+    tokens per rank as well (planned with that budget; the faster of its two plans). ``fcp``: its result
+    under ``tokens_per_rank``; ``others``: the other strategies' results on the same batch ``lens``;
+    ``kwargs``: the rest of :func:`simulate_strategy`'s arguments."""
+    if not others:
+        return fcp
+    peak = min(others, key=lambda r: r.step_s).peak_tokens
+    if peak <= tokens_per_rank:
+        return fcp
+    wider = simulate_strategy("fcp", lens, tokens_per_rank=peak, **kwargs)
+    return wider if wider.step_s < fcp.step_s else fcp
 
 
 def ideal_step_s(lens, model: AttentionModel, cluster: Cluster) -> float:

@@ -12,7 +12,7 @@ from ..plan.settings import WEAK_SCALING_TOKENS_PER_RANK, PlanSettings, settings
 from ..plan.spans import span_cost
 from ..workloads import Distribution, make_batches
 from .cluster import Cluster
-from .engine import SimResult, ideal_step_s, simulate, simulate_strategy
+from .engine import SimResult, at_equal_memory, ideal_step_s, simulate, simulate_strategy
 from .models import BWD_FLOP_RATIO, AttentionModel
 from .strategies import STAGES, STRATEGY_NAMES, NotApplicable, build
 
@@ -165,24 +165,37 @@ def run(settings: SimSettings, progress: bool | None = None) -> Report:
         ideal = _ideal(batches, s, w, s.block_size)
         if not s.block_sizes:
             rows.append(ideal)
-        for block, name in jobs:
-            bar.set_postfix_str(f"W={w} {name} B={block}")
-            try:
-                results = [simulate_strategy(name, lens, world_size=w, block_size=block,
-                                             tokens_per_rank=s.tokens_per_rank, model=s.model, cluster=s.cluster,
-                                             cp_size=s.cp_size, stages=s.stages, fcp_options=s.fcp_options)
-                           for lens in _ticking(batches, bar)]
-            except NotApplicable as e:
-                skipped.append({"strategy": name, "world_size": w, "block_size": block, "reason": str(e)})
-                continue
-            rows.append(_aggregate(results, s.cluster, ideal))
-            if w == max(s.world_sizes) and not s.block_sizes:
-                example = example or Example(world_size=w)
-                example.rank_compute_s[name] = results[-1].rank_compute_s
-        if w == max(s.world_sizes) and example is not None and "fcp" in s.strategies:
-            _trace_fcp(example, batches[-1], s)
+        done = _one_world(s, w, batches, jobs, bar, skipped)
+        rows += [_aggregate(results, s.cluster, ideal) for results in done.values()]
+        if w == max(s.world_sizes) and not s.block_sizes and done:
+            example = Example(world_size=w)
+            example.rank_compute_s = {name: results[-1].rank_compute_s for (_, name), results in done.items()}
+            if "fcp" in s.strategies:
+                _trace_fcp(example, batches[-1], s)
     bar.close()
     return Report(settings=s, rows=rows, not_applicable=skipped, example=example)
+
+
+def _one_world(s: SimSettings, w: int, batches, jobs, bar, skipped: list) -> dict[tuple, list[SimResult]]:
+    """Every job's results on the batches of world size ``w``, in job order; fcp runs last, raced at the
+    memory of each batch's fastest other strategy (:func:`.engine.at_equal_memory`)."""
+    done: dict[tuple, list[SimResult]] = {}
+    for block, name in sorted(jobs, key=lambda job: job[1] == "fcp"):
+        bar.set_postfix_str(f"W={w} {name} B={block}")
+        kw = dict(world_size=w, block_size=block, model=s.model, cluster=s.cluster, cp_size=s.cp_size,
+                  stages=s.stages, fcp_options=s.fcp_options)
+        try:
+            results = [simulate_strategy(name, lens, tokens_per_rank=s.tokens_per_rank, **kw)
+                       for lens in _ticking(batches, bar)]
+        except NotApplicable as e:
+            skipped.append({"strategy": name, "world_size": w, "block_size": block, "reason": str(e)})
+            continue
+        if name == "fcp" and not s.block_sizes:
+            others = [r for (_, n), r in done.items() if n != "fcp"]
+            results = [at_equal_memory(r, [o[i] for o in others], batches[i], tokens_per_rank=s.tokens_per_rank,
+                                       **kw) for i, r in enumerate(results)]
+        done[block, name] = results
+    return {job: done[job] for job in jobs if job in done}
 
 
 def _ticking(items, bar):
