@@ -315,17 +315,17 @@ def test_with_room_for_whole_documents_the_planner_never_models_slower_than_keep
     machine = planner_model(get_model("llama3-8b"), load_cluster("h200"), 12)
     kernel = kernel_for("kernel", machine["kernel_cost"])
     picked = []
-    for seed, by_pairs in ((31, False), (32, False), (33, False), (35, True)):
+    for seed, by_pairs in ((31, False), (32, False), (33, False), (35, True), (37, True)):
         for lens in make_batches(parse_distribution("bimodal"), world_size=12, tokens_per_rank=8192, steps=2,
                                  seed=seed):  # the budget: what ring (wlb) at CP 1 puts on its busiest rank
             cap = max(sum(b - a for _, a, b in x) for x in whole_documents(lens, 12, 8192, by_pairs))
             plan = plan_batch(lens, world_size=12, block_size=4096, tokens_per_rank=cap, max_stages=16, **machine)
-            for by_cost in (False, True):
-                spans = whole_documents(lens, 12, cap, by_cost)
+            for room, by_cost in ((cap, False), (cap, True), (8192, True)):  # 8192: the batch's mean share
+                spans = whole_documents(lens, 12, room, by_cost)
                 if max(sum(b - a for _, a, b in x) for x in spans) <= cap:
                     alt = make_plan(tuple(lens), spans, world_size=12, block_size=4096, tokens_per_rank=cap,
                                     strategy="fcp", settings=plan.settings)
-                    assert layer_time(plan, kernel) <= layer_time(alt, kernel) * (1 + 1e-9), (seed, by_cost)
+                    assert layer_time(plan, kernel) <= layer_time(alt, kernel) * (1 + 1e-9), (seed, room, by_cost)
             picked.append(plan.stats().comm_bytes == 0)
     assert any(picked) and not all(picked), picked
 
@@ -655,7 +655,9 @@ def test_beyond_the_search_budget_groups_are_also_placed_with_half_blocks(monkey
 
     lens = [40_000] * 3 + [900] * 200
     assert not searched(lens, 64) and searched(lens[:20], 16)
-    assert tried_blocks(4096, 8192, 64, lens) == [4096, 2048] and tried_blocks(4096, 32768, 16, lens[:20]) == [4096]
+    assert tried_blocks(4096, 8192, 64, lens) == [4096, 2048] and tried_blocks(4096, 32768, 16, [32768] * 16) == [4096]
+    # within the budget, the finer block is a quarter of the batch's mean share, not of the budget's room
+    assert tried_blocks(4096, 32768, 16, [8192] * 16) == tried_blocks(4096, 8192, 16, [8192] * 16) == [4096, 2048]
     assert tried_blocks(4096, 131072, 1024, [4096 * 2048] * 16) == [4096]  # at the size limits: no finer block
     blocks, real = [], candidates.place_dispatch
     monkeypatch.setattr(candidates, "place_dispatch",

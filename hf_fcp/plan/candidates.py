@@ -45,11 +45,12 @@ def searched(lens, world: int) -> bool:
 
 def tried_blocks(block: int, cap: int, world: int, lens) -> list[int]:
     """The block sizes the fcp planner places ``lens`` with: ``block``, and a finer one (at least
-    ``MIN_BLOCK``, when that is finer): while it searches (:func:`searched`) a quarter of a rank's tokens for
-    its own candidates; beyond its search budget (hundreds of ranks, where documents are cut over many of
-    them) half of ``block`` for the grouped placements (:func:`grouped_options`) — each only while the batch
-    in the finer blocks stays within the planner's size limits."""
-    finer = max(MIN_BLOCK, min(block, cap // 4) if searched(lens, world) else block // 2)
+    ``MIN_BLOCK``, when that is finer): while it searches (:func:`searched`) a quarter of a rank's mean share
+    of the batch for its own candidates; beyond its search budget (hundreds of ranks, where documents are
+    cut over many of them) half of ``block`` for the grouped placements (:func:`grouped_options`) — each only
+    while the batch in the finer blocks stays within the planner's size limits (``cap`` tokens a rank)."""
+    share = -(-int(np.sum(lens, dtype=np.int64)) // world)  # the finer block follows the batch, not the budget
+    finer = max(MIN_BLOCK, min(block, share // 4) if searched(lens, world) else block // 2)
     return [block, finer] if finer < block and _plannable(lens, world, finer, cap) else [block]
 
 
@@ -156,7 +157,8 @@ def grouped(lens, world: int, cap: int, block: int, node: int, place) -> list[li
     sequence, the CP sizes MagiAttention can run), that dispatch with the chunks over the cap moved to the
     least-loaded ranks with room (``place_dispatch(..., capped=True)``); where every sequence fits a rank,
     groups of one rank too: every sequence whole, as the fixed-group baselines place them at CP 1
-    (:func:`whole_documents`, by tokens and by causal pairs; no communication). Placements that would put
+    (:func:`whole_documents`: by tokens, and by causal pairs among the ranks with room under ``cap`` or
+    under the batch's mean share; no communication). Placements that would put
     more than ``cap`` tokens on a rank are left out (whole documents fit only where the budget has room)."""
     built = (option.build() for option in grouped_options(lens, world, cap, block, node, place, kernel=None))
     return [x for x in built if x is not None]
@@ -180,8 +182,9 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
     blocks = tried_blocks(block, cap, world, lens)
     out = [Option(None, lambda b=b: within(place_dispatch(lens, world, b, cap), cap)) for b in blocks]
     if max(lens) <= cap:  # groups of one rank: whole documents, no communication
-        out += [Option(None, lambda by_cost=by_cost: within(whole_documents(lens, world, cap, by_cost), cap))
-                for by_cost in (False, True)]
+        share = -(-int(np.sum(lens, dtype=np.int64)) // world)  # WLB-LLM fills its groups to the mean share
+        ways = [(cap, False), (cap, True)] + ([(share, True)] if share < cap else [])
+        out += [Option(None, lambda way=way: within(whole_documents(lens, world, *way), cap)) for way in ways]
     dispatch = lambda g_lens, ranks, g_cap, b: place_dispatch(g_lens, ranks, b, g_cap)  # noqa: E731
     bounded = kernel is not None and min(kernel.coefficients) >= 0
     c = node
@@ -207,11 +210,12 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
     return out
 
 
-def whole_documents(lens, world: int, cap: int, by_cost: bool) -> list[list[Span]]:
+def whole_documents(lens, world: int, room: int, by_cost: bool) -> list[list[Span]]:
     """Every sequence whole on one rank, as the fixed-group baselines place them in groups of one rank
     (:func:`.baseline_placements.assign_to_groups`: by tokens, or ``by_cost`` by causal pairs among the
-    ranks with ``cap`` tokens of room); it may put more than ``cap`` tokens on a rank."""
-    return [sorted((s, 0, int(lens[s])) for s in seqs) for seqs in assign_to_groups(lens, world, cap, by_cost)]
+    ranks with room for it under ``room`` tokens, else the fewest tokens); it may put more than ``room``
+    tokens on a rank."""
+    return [sorted((s, 0, int(lens[s])) for s in seqs) for seqs in assign_to_groups(lens, world, room, by_cost)]
 
 
 def _dispatch_groups(lens, world: int, cap: int, group: int) -> list[list[Span]] | None:
