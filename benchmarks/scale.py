@@ -3,8 +3,9 @@
 Cells: world sizes 8, 16, 64, 256, 1024 × length workloads (lognormal, paper, stdlib and ``--lengths FILE``)
 × Llama-3-8B and -70B attention heads × 8K and 32K tokens per GPU, on the ``h200`` preset. Every strategy
 sees the same seeded batches; the fixed-CP baselines try every CP group per batch and keep the fastest
-(``--cp-size best``), MagiAttention also the chunk sizes fcp tries (docs/simulation.md, "Baseline
-settings"). Per cell it prints
+(``--cp-size best``), MagiAttention also the chunk sizes fcp tries; where a batch's fastest other strategy
+holds more than the token budget on a GPU, fcp is also planned with that many tokens per GPU (equal memory;
+docs/simulation.md, "Baseline settings"). Per cell it prints
 
 * ``fcp / best``: fcp's attention MFU over the best other strategy's (which one, and its CP group),
 * ``of ideal``: fcp's MFU over the same batches on one modelled GPU (whole documents, no communication),
@@ -113,7 +114,8 @@ def table(cells: list[Cell], command: str, steps: int) -> str:
     """One run's table with its command and the cells fcp loses."""
     lost = [c for c in cells if c.speedup < 1.0]
     lines = [f"`{command}` ({steps} batch{'es' if steps > 1 else ''} per cell; simulator, `{CLUSTER}` preset, "
-             f"every baseline at its best CP group per batch; bold: fcp behind)", "", HEAD, RULE, *map(row, cells), "",
+             f"every baseline at its best CP group per batch, fcp at its memory; bold: fcp behind)", "", HEAD, RULE,
+             *map(row, cells), "",
              f"fcp behind the best other strategy in {len(lost)} of {len(cells)} cells"
              + (": " + ", ".join(f"{c.workload} {c.model} {c.tokens // 1024}K W={c.world} ({c.speedup:.3f}×)"
                                  for c in lost) if lost else "") + ".", ""]

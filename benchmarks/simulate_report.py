@@ -235,17 +235,17 @@ Every strategy runs under the same cost rules, and every baseline at its best se
   the same planner settings (kernel, link and overlap model), the same stage-count choice (16, 8 or 4),
   the execution (fused or split, overlapped or exchange first) and colouring of its rounds chosen on the
   same timeline with the same round swaps, and one candidate per block size fcp tries (the 4096 block; while
-  fcp's candidate search runs — sequences × GPUs ≤ 2048 — also its finer block, a quarter of a GPU's tokens
+  fcp's candidate search runs — sequences × GPUs ≤ 2048 — also its finer block, a quarter of a GPU's mean share
   but at least 512; beyond it half the block, 2048, as fcp's grouped placements then also use); the
-  fastest is kept. One liberty fcp does not take: magi's groups are filled with whole sequences by tokens
-  and a rank may get one chunk more than another, so at a CP group smaller than the world a rank can hold
-  more than the tokens-per-GPU budget (up to 1.5× of it in the 8K cells); fcp never exceeds it, and in
-  groups of a node or more plans that dispatch within the budget instead (the chunks over it moved to the
-  least-loaded GPUs with room), which comes within 0.04% of it. Every fixed-group baseline fills its groups
-  the same way, so at CP 1 (whole documents per GPU) a GPU can also hold a few % more than the budget.
-  On length traces the benchmarks do not use, that liberty put a baseline slightly ahead of fcp in 4 of
-  the 153 cells checked at 16–64 GPUs (seeds 11, 13, 17 and 21): by up to 0.5% (ring at CP 1, 3–4% over
-  the budget, bimodal lengths, Llama-3-8B, 8K per GPU, 16 GPUs, seed 21).
+  fastest is kept.
+* **Equal memory**: whole sequences cannot fill fixed groups exactly, so every fixed-group baseline's
+  busiest GPU may end over the tokens-per-GPU budget — a few % at CP 1 (whole documents per GPU), and
+  magi, whose dispatch can give a rank one chunk more than another, up to 1.5× at 8K per GPU. fcp is
+  planned under the budget, and where a batch's fastest other strategy holds more than the budget on a
+  GPU, fcp is planned with that GPU's token count as its budget as well and the faster of its two plans is
+  timed (`hf_fcp.simulate.engine.at_equal_memory`): every comparison is at the memory of the strategy fcp
+  races, never more. fcp also plans the dispatch within the budget in groups of a node or more (the chunks
+  over it moved to the least-loaded GPUs with room).
 * **WLB-LLM (wlb)**: per-document and per-sequence sharding both simulated, the faster kept (its adaptive
   selector). **ByteScale**: its dynamic CP groups per sequence (no fixed group to choose).
 
