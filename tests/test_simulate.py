@@ -375,3 +375,27 @@ def test_the_simulator_prices_exactly_the_segments_the_engine_runs(fusion, overl
                 executed[r, slot, tasks.offs_q[i + 1] - tasks.offs_q[i], tasks.offs_k[i + 1] - tasks.offs_k[i]] += 1
     assert simulated == executed
     assert segs.pairs.sum() == pytest.approx(float(span_cost(0, np.asarray(lens)).sum()))
+
+
+@pytest.mark.parametrize("fusion, overlap", [("all", "always"), ("none", "always"), ("auto", "never")])
+def test_within_a_node_the_planners_timeline_is_the_simulators_step(fusion, overlap):
+    """The planner prices a p2p plan on the simulator's own timeline in kernel-work units (one unit: one
+    causal pair's forward + backward time): within one node, its layer time × that unit is the simulated
+    step — tile costs, every kernel launch (one per time slot with work), transfers and their slowdown."""
+    from hf_fcp.plan.cost import kernel_for
+    from hf_fcp.plan.schedule import layer_time
+    from hf_fcp.simulate.engine import planner_model
+    from hf_fcp.simulate.models import BWD_FLOP_RATIO
+
+    model, cluster = get_model("llama3-8b"), load_cluster("h200")
+    fpp = model.fwd_flops_per_pair / cluster.peak_flops
+    pair_s = fpp / cluster.eff_fwd + fpp * BWD_FLOP_RATIO / cluster.eff_bwd
+    for world, seed in ((3, 0), (8, 1)):
+        machine = planner_model(model, cluster, world)
+        lens = make_batch(parse_distribution("bimodal"), world * 8192, np.random.default_rng(seed))
+        plan = plan_batch(lens, world_size=world, block_size=4096, tokens_per_rank=8192, max_stages=16,
+                          fusion=fusion, overlap=overlap, **machine)
+        assert len(plan.stages) > 1  # several stages: several launches on some ranks
+        step = simulate(Candidate(plan=plan, schedule="p2p"), model, cluster).step_s
+        kernel = kernel_for("kernel", machine["kernel_cost"])
+        assert layer_time(plan, kernel) * pair_s == pytest.approx(step, rel=1e-9)

@@ -60,6 +60,10 @@ class KernelCost(TileModel):
 
     bwd_weight: float = 2.5
     """Time of a full backward tile over a full forward tile (``2.5 × eff_fwd / eff_bwd``)."""
+    launch: float = 0.0
+    """Fixed cost of one kernel launch, in full forward tiles: a rank runs one kernel per time slot with
+    work (its local work, each stage's), forward and backward. 0: not modelled (tile costs alone carry
+    no absolute time; :func:`hf_fcp.simulate.engine.planner_model` gives a machine's)."""
 
     @classmethod
     def of_kernel(cls, tile: int, eff_fwd: float, eff_bwd: float, **overheads: float) -> "KernelCost":

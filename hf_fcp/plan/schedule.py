@@ -23,7 +23,7 @@ from . import timeline
 from .cost import KernelCost
 from .fcp_plan import FCPPlan, Transfer, revised
 from .rounds import colour_rounds
-from .segments import RemoteSegments, Spans, local_segments, pieces_of, priced
+from .segments import RemoteSegments, Spans, launches, local_segments, pieces_of, priced
 
 ORDERS = 8
 """Colourings tried: the message graph's order, reversed, by size both ways, and seeded shuffles."""
@@ -70,7 +70,7 @@ def _times(candidates: list[Messages], plan: FCPPlan, work: "StageWork") -> np.n
     parts = []
     for i, cand in enumerate(candidates):
         src, dst, tokens, stage = cand[:, 0], cand[:, 1], cand[:, 2], cand[:, 3] // per
-        cf[i * w:(i + 1) * w], cb[i * w:(i + 1) * w] = work.stage_arrays(src, dst, stage, nstages)
+        cf[i * w:(i + 1) * w], cb[i * w:(i + 1) * w] = work.stage_arrays(src, dst, stage, nstages, plan.overlap)
         cost = settings.link_cost if inside is None else np.where(src // node == dst // node, inside,
                                                                    settings.link_cost)
         parts.append((i * w + src, i * w + dst, tokens * cost, stage))
@@ -97,7 +97,7 @@ def slot_work(plan: FCPPlan, kernel: KernelCost, work: "StageWork | None" = None
     sequences' remote segments per stage, consecutive runs that see the same pieces in one segment)."""
     per = plan.settings.rounds_per_stage
     stage_of = {(t.src, t.dst): t.round // per for t in plan.transfers}
-    return (work or StageWork(plan, kernel)).arrays(stage_of, len(plan.stages))
+    return (work or StageWork(plan, kernel)).arrays(stage_of, len(plan.stages), plan.overlap)
 
 
 class StageWork:
@@ -110,22 +110,34 @@ class StageWork:
         spans, pieces = Spans.of(plan), pieces_of(plan) if pieces is None else pieces
         self.message = pieces[:, 0] * self.world + pieces[:, 1]  # (src, dst) of each piece
         self.remote = RemoteSegments(spans, pieces)
-        self.local = priced(local_segments(spans), kernel, self.world, 1)
+        local = local_segments(spans)
+        self.local, self.local_launches = priced(local, kernel, self.world, 1), launches(local, self.world, 1)
 
-    def arrays(self, stage_of: dict[tuple[int, int], int], nstages: int) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self, stage_of: dict[tuple[int, int], int], nstages: int, overlap: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
         """:func:`slot_work` for the colouring whose message ``(src, dst)`` goes in stage ``stage_of[src, dst]``."""
         src, dst = (np.fromiter((k[i] for k in stage_of), np.int64, len(stage_of)) for i in (0, 1))
-        return self.stage_arrays(src, dst, np.fromiter(stage_of.values(), np.int64, len(stage_of)), nstages)
+        return self.stage_arrays(src, dst, np.fromiter(stage_of.values(), np.int64, len(stage_of)), nstages,
+                                 overlap)
 
-    def stage_arrays(self, src: np.ndarray, dst: np.ndarray, stage: np.ndarray, nstages: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`arrays` with the messages as arrays: message ``src[i] -> dst[i]`` in stage ``stage[i]``."""
+    def stage_arrays(self, src: np.ndarray, dst: np.ndarray, stage: np.ndarray, nstages: int,
+                     overlap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`arrays` with the messages as arrays: message ``src[i] -> dst[i]`` in stage ``stage[i]``.
+        ``overlap``: whether the plan overlaps (else its remote work runs as one kernel after the exchange)."""
         keys = src * self.world + dst
         order = np.argsort(keys)
         stage = stage[order][np.searchsorted(keys[order], self.message)]
-        fwd, bwd = priced(self.remote.segments(stage, nstages, True), self.kernel, self.world, 1 + nstages)
+        remote = self.remote.segments(stage, nstages, True)
+        fwd, bwd = priced(remote, self.kernel, self.world, 1 + nstages)
         fwd[:, :1] += self.local[0]
         bwd[:, :1] += self.local[1]
+        if self.kernel.launch:  # one kernel launch per time slot with work
+            slots = launches(remote, self.world, 1 + nstages)
+            if not overlap and nstages:  # every stage's remote work in one kernel, after every stage arrived
+                slots[:, -1], slots[:, 1:-1] = slots[:, 1:].any(1), False
+            slots[:, :1] |= self.local_launches
+            launch = slots * (self.kernel.launch * self.kernel.tile ** 2 / (1.0 + self.kernel.bwd_weight))
+            fwd, bwd = fwd + launch, bwd + launch
         return fwd, bwd
 
 

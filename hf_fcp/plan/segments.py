@@ -211,3 +211,9 @@ def priced(segs: Segments, kernel: KernelCost, world: int, slots: int) -> tuple[
     at = segs.rank * slots + segs.slot
     per = lambda x: np.bincount(at, weights=x, minlength=world * slots).astype(np.float64).reshape(world, slots)  # noqa: E731
     return per(fwd), per(bwd)
+
+
+def launches(segs: Segments, world: int, slots: int) -> np.ndarray:
+    """(W, ``slots``) bool: whether the rank launches a kernel in the slot (a segment there sees pairs)."""
+    return np.bincount(segs.rank * slots + segs.slot, weights=segs.pairs > 0, minlength=world * slots
+                       ).reshape(world, slots) > 0

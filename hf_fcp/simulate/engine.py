@@ -36,7 +36,7 @@ Attention MFU = useful causal FLOPs (forward + backward) / (ranks × peak × ste
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -271,18 +271,20 @@ def ideal_step_s(lens, model: AttentionModel, cluster: Cluster) -> float:
 
 
 def planner_model(model: AttentionModel, cluster: Cluster, world: int) -> dict:
-    """The fcp planner settings that describe this machine: its kernel (``kernel_cost``), the time to move one
-    token's K and V in units of one causal pair's kernel time (``link_cost``; the slowest link the world
-    uses), the kernels' slowdown beside communication (``overlap_slowdown``), a message's fixed latency
-    in tokens moved (``link_latency``), the node size and the link cost inside a node (``node_size``,
-    ``node_link_cost``)."""
+    """The fcp planner settings that describe this machine: its kernel (``kernel_cost``, its launch cost
+    included), the time to move one token's K and V in units of one causal pair's kernel time
+    (``link_cost``; the slowest link the world uses), the kernels' slowdown beside communication
+    (``overlap_slowdown``), a message's fixed latency in tokens moved (``link_latency``), the node size and
+    the link cost inside a node (``node_size``, ``node_link_cost``)."""
     fpp = model.fwd_flops_per_pair
     peak = cluster.peak_flops
     pair_s = fpp / (cluster.eff_fwd * peak) + fpp * BWD_FLOP_RATIO / (cluster.eff_bwd * peak)
     inside = world <= cluster.gpus_per_node
     bandwidth = cluster.nvlink_bw if inside else min(cluster.nvlink_bw, cluster.ib_bw)
     latency = cluster.nvlink_latency if inside else max(cluster.nvlink_latency, cluster.ib_latency)
-    return {"kernel_cost": cluster.kernel_cost(), "link_cost": model.kv_bytes_per_token / bandwidth / pair_s,
+    tile_s = cluster.tile ** 2 * fpp / (cluster.eff_fwd * peak)  # a full forward tile
+    kernel = replace(cluster.kernel_cost(), launch=cluster.launch_s / tile_s)
+    return {"kernel_cost": kernel, "link_cost": model.kv_bytes_per_token / bandwidth / pair_s,
             "overlap_slowdown": 1.0 - cluster.compute_share_while_comm,
             "link_latency": latency * bandwidth / model.kv_bytes_per_token, "node_size": cluster.gpus_per_node,
             "node_link_cost": model.kv_bytes_per_token / cluster.nvlink_bw / pair_s}
