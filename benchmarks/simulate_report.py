@@ -243,9 +243,10 @@ Every strategy runs under the same cost rules, and every baseline at its best se
   magi, whose dispatch can give a rank one chunk more than another, up to 1.5× at 8K per GPU. fcp is
   planned under the budget, and where a batch's fastest other strategy holds more than the budget on a
   GPU, fcp is planned with that GPU's token count as its budget as well and the faster of its two plans is
-  timed (`hf_fcp.simulate.engine.at_equal_memory`): every comparison is at the memory of the strategy fcp
-  races, never more. fcp also plans the dispatch within the budget in groups of a node or more (the chunks
-  over it moved to the least-loaded GPUs with room).
+  timed (`hf_fcp.simulate.engine.at_equal_memory`): fcp never holds more tokens on a GPU than the
+  batch's fastest other strategy (its ratio over a slower strategy uses the same fcp plan). fcp also
+  plans the dispatch within the budget in groups of a node or more (the chunks over it moved to the
+  least-loaded GPUs with room).
 * **WLB-LLM (wlb)**: per-document and per-sequence sharding both simulated, the faster kept (its adaptive
   selector). **ByteScale**: its dynamic CP groups per sequence (no fixed group to choose).
 
