@@ -234,10 +234,10 @@ Every strategy runs under the same cost rules, and every baseline at its best se
 * **MagiAttention (magi)**: chunks dispatched by its min-heap inside each group; it gets what fcp gets —
   the same planner settings (kernel, link and overlap model), the same stage-count choice (16, 8 or 4),
   the execution (fused or split, overlapped or exchange first) and colouring of its rounds chosen on the
-  same timeline with the same round swaps, and one candidate per block size fcp tries (the 4096 block; while
-  fcp's candidate search runs — sequences × GPUs ≤ 2048 — also its finer block, a quarter of a GPU's mean share
-  but at least 512; beyond it half the block, 2048, as fcp's grouped placements then also use); the
-  fastest is kept.
+  same timeline with the same round swaps, and one candidate per block size fcp tries (the 4096 block;
+  while fcp's candidate search runs — sequences × GPUs ≤ 2048 — also its finer block, a quarter of a
+  GPU's mean share but at least 512; beyond it half the block, 2048, as fcp's grouped placements then
+  also use); the fastest is kept.
 * **Equal memory**: whole sequences cannot fill fixed groups exactly, so every fixed-group baseline's
   busiest GPU may end over the tokens-per-GPU budget — a few % at CP 1 (whole documents per GPU), and
   magi, whose dispatch can give a rank one chunk more than another, up to 1.5× at 8K per GPU. fcp is
