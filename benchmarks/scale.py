@@ -82,8 +82,7 @@ def measure(workload: str, model: str, tokens: int, world: int, *, steps: int, s
         except NotApplicable:
             continue
         if name == "fcp":
-            results = [at_equal_memory(r, [o[i] for o in done.values()], batches[i], tokens_per_rank=tokens, **kw)
-                       for i, r in enumerate(results)]
+            results = at_equal_memory(results, list(done.values()), batches, tokens_per_rank=tokens, **kw)
         done[name] = results
         total[name] = sum(r.step_s for r in results)
         cps[name] = [r.cp_size for r in results]

@@ -97,10 +97,10 @@ def test_fcp_races_each_batch_at_the_memory_of_its_fastest_rival():
     fcp = simulate_strategy("fcp", lens, tokens_per_rank=cap, **kw)
     ring = simulate_strategy("ring", lens, tokens_per_rank=cap, **kw)
     assert ring.peak_tokens > cap and ring.step_s < fcp.step_s  # the case this rule exists for
-    raced = at_equal_memory(fcp, [ring], lens, tokens_per_rank=cap, **kw)
+    raced, = at_equal_memory([fcp], [[ring]], [lens], tokens_per_rank=cap, **kw)
     assert raced.step_s <= ring.step_s * (1 + 1e-9) and raced.peak_tokens <= ring.peak_tokens
     within = replace(ring, peak_tokens=cap)  # a rival inside the budget: fcp keeps its own plan
-    assert at_equal_memory(fcp, [within], lens, tokens_per_rank=cap, **kw) is fcp
+    assert at_equal_memory([fcp], [[within]], [lens], tokens_per_rank=cap, **kw)[0] is fcp
 
     rep = run(SimSettings(distribution=dist, model=kw["model"], cluster=kw["cluster"], world_sizes=(4,),
                           tokens_per_rank=cap, steps=1, seed=3, strategies=("fcp", "ring")), progress=False)

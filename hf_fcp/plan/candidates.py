@@ -49,9 +49,14 @@ def tried_blocks(block: int, cap: int, world: int, lens) -> list[int]:
     of the batch for its own candidates; beyond its search budget (hundreds of ranks, where documents are
     cut over many of them) half of ``block`` for the grouped placements (:func:`grouped_options`) — each only
     while the batch in the finer blocks stays within the planner's size limits (``cap`` tokens a rank)."""
-    share = -(-int(np.sum(lens, dtype=np.int64)) // world)  # the finer block follows the batch, not the budget
-    finer = max(MIN_BLOCK, min(block, share // 4) if searched(lens, world) else block // 2)
+    # the finer block follows the batch, not the budget
+    finer = max(MIN_BLOCK, min(block, _mean_share(lens, world) // 4) if searched(lens, world) else block // 2)
     return [block, finer] if finer < block and _plannable(lens, world, finer, cap) else [block]
+
+
+def _mean_share(lens, world: int) -> int:
+    """A rank's mean share of the batch's tokens, rounded up."""
+    return -(-int(np.sum(lens, dtype=np.int64)) // world)
 
 
 def _plannable(lens, world: int, block: int, cap: int) -> bool:
@@ -182,7 +187,7 @@ def grouped_options(lens, world: int, cap: int, block: int, node: int, place, ke
     blocks = tried_blocks(block, cap, world, lens)
     out = [Option(None, lambda b=b: within(place_dispatch(lens, world, b, cap), cap)) for b in blocks]
     if max(lens) <= cap:  # groups of one rank: whole documents, no communication
-        share = -(-int(np.sum(lens, dtype=np.int64)) // world)  # WLB-LLM fills its groups to the mean share
+        share = _mean_share(lens, world)  # WLB-LLM fills its groups to the mean share
         ways = [(cap, False), (cap, True)] + ([(share, True)] if share < cap else [])
         out += [Option(None, lambda way=way: within(whole_documents(lens, world, *way), cap)) for way in ways]
     dispatch = lambda g_lens, ranks, g_cap, b: place_dispatch(g_lens, ranks, b, g_cap)  # noqa: E731

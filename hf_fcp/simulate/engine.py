@@ -243,20 +243,19 @@ def simulate(cand: Candidate, model: AttentionModel, cluster: Cluster, *, trace_
         rank_comm_bytes=run.rank_bytes, rank_pairs=pairs, trace=trace)
 
 
-def at_equal_memory(fcp: SimResult, others: list[SimResult], lens, *, tokens_per_rank: int,
-                    **kwargs) -> SimResult:
-    """fcp raced at the memory of the batch's fastest other strategy: whole sequences cannot fill fixed
-    groups exactly, so a baseline's busiest rank may end over ``tokens_per_rank``; fcp may then hold as many
-    tokens per rank as well (planned with that budget; the faster of its two plans). ``fcp``: its result
-    under ``tokens_per_rank``; ``others``: the other strategies' results on the same batch ``lens``;
-    ``kwargs``: the rest of :func:`simulate_strategy`'s arguments."""
-    if not others:
-        return fcp
-    peak = min(others, key=lambda r: r.step_s).peak_tokens
-    if peak <= tokens_per_rank:
-        return fcp
-    wider = simulate_strategy("fcp", lens, tokens_per_rank=peak, **kwargs)
-    return wider if wider.step_s < fcp.step_s else fcp
+def at_equal_memory(fcp: list[SimResult], others: list[list[SimResult]], batches, *, tokens_per_rank: int,
+                    **kwargs) -> list[SimResult]:
+    """fcp raced, batch by batch, at the memory of the batch's fastest other strategy: whole sequences cannot
+    fill fixed groups exactly, so a baseline's busiest rank may end over ``tokens_per_rank``; fcp may then
+    hold as many tokens per rank as well (planned with that budget; the faster of its two plans). ``fcp``:
+    its results under ``tokens_per_rank``, one per batch of ``batches``; ``others``: per other strategy, its
+    results on the same batches; ``kwargs``: the rest of :func:`simulate_strategy`'s arguments."""
+    out = []
+    for i, (mine, lens) in enumerate(zip(fcp, batches)):
+        peak = min((results[i] for results in others), key=lambda r: r.step_s).peak_tokens if others else 0
+        wider = simulate_strategy("fcp", lens, tokens_per_rank=peak, **kwargs) if peak > tokens_per_rank else mine
+        out.append(wider if wider.step_s < mine.step_s else mine)
+    return out
 
 
 def ideal_step_s(lens, model: AttentionModel, cluster: Cluster) -> float:

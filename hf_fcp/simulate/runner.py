@@ -192,8 +192,7 @@ def _one_world(s: SimSettings, w: int, batches, jobs, bar, skipped: list) -> dic
             continue
         if name == "fcp" and not s.block_sizes:
             others = [r for (_, n), r in done.items() if n != "fcp"]
-            results = [at_equal_memory(r, [o[i] for o in others], batches[i], tokens_per_rank=s.tokens_per_rank,
-                                       **kw) for i, r in enumerate(results)]
+            results = at_equal_memory(results, others, batches, tokens_per_rank=s.tokens_per_rank, **kw)
         done[block, name] = results
     return {job: done[job] for job in jobs if job in done}
 
