@@ -46,6 +46,48 @@ def test_compute_runs_at_its_share_only_inside_the_ranks_transfers():
     assert busy.extra.tolist() == [1.0, 0.0]
 
 
+def test_a_rank_idle_in_one_exchange_is_still_slowed_by_its_later_ones():
+    busy = timeline.Busy(2, share=0.5)
+    busy.add(np.array([1.0, np.inf]), np.array([3.0, 0.0]))  # rank 1 has no transfer in the first exchange
+    busy.add(np.array([5.0, 1.0]), np.array([6.0, 3.0]))
+    end = busy.compute(np.zeros(2), np.array([4.0, 4.0]))
+    assert end.tolist() == [5.0, 5.0]  # rank 1: its second exchange's transfer costs it 1 unit too
+
+
+def _slowed(intervals, t: float, work: float, share: float) -> float:
+    """One rank's compute end, interval by interval (the rule of :class:`timeline.Busy`, unvectorised)."""
+    for s, e in intervals:
+        step = min(max(s - t, 0.0), work)  # full speed until the transfer starts
+        t, work = t + step, work - step
+        step = min(work, max(e - max(t, s), 0.0) * share)  # at ``share`` inside it
+        if step > 0:
+            t, work = max(t, s) + step / share, work - step
+    return t + work
+
+
+def test_compute_beside_many_transfers_matches_the_rule_interval_by_interval():
+    """Many exchanges (the busy windows are searched a few intervals at a time), ranks idle in some of them,
+    compute calls in time order: every end as the interval-by-interval rule gives it."""
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        world, share = 5, float(rng.choice([0.3, 0.8]))
+        busy, link, intervals = timeline.Busy(world, share), np.zeros(world), [[] for _ in range(world)]
+        for _ in range(int(rng.integers(1, 30))):
+            start = np.where(rng.random(world) < 0.3, np.inf, link + rng.uniform(0, 2, world))
+            end = start + rng.uniform(0, 2, world)
+            busy.add(start, end)
+            for r in np.flatnonzero(np.isfinite(start)):
+                intervals[r].append((start[r], end[r]))
+                link[r] = end[r]
+        t = rng.uniform(0, 2, world)
+        for _ in range(6):
+            work = rng.uniform(0, 6, world) * (rng.random(world) > 0.2)
+            got = busy.compute(t, work)
+            want = [_slowed(intervals[r], t[r], work[r], share) for r in range(world)]
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+            t = got + rng.uniform(0, 1, world)
+
+
 def _batch(seed: int, world: int, tokens: int) -> list[int]:
     rng = np.random.default_rng(seed)
     lens: list[int] = []

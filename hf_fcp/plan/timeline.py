@@ -42,36 +42,72 @@ def exchange(avail: np.ndarray, src: np.ndarray, dst: np.ndarray, duration: np.n
 
 
 class Busy:
-    """Per rank, the intervals its transfers run in (stream order: they never overlap on one rank); compute
-    that runs inside one gets ``share`` of the GPU (the communication kernels hold the rest)."""
+    """Per rank, the intervals its transfers run in (stream order: they never overlap on one rank and come
+    in time order); compute that runs inside one gets ``share`` of the GPU (the communication kernels hold
+    the rest). A rank without a transfer in an exchange has no interval there: its compute is slowed only
+    by the intervals it has."""
 
     def __init__(self, world: int, share: float):
         self.share = share
-        self.spans: list[tuple[np.ndarray, np.ndarray]] = []
+        # column r: rank r's intervals in time order; the slots after its count are empty (-inf)
+        self._start, self._end = np.full((4, world), -np.inf), np.full((4, world), -np.inf)
+        self._count, self._next = np.zeros(world, np.int64), np.zeros(world, np.int64)  # next: first not over
         self.extra = np.zeros(world)  # compute time lost to the communication kernels, per rank
 
     def add(self, start: np.ndarray, end: np.ndarray) -> None:
-        self.spans.append((np.where(np.isfinite(start), start, np.inf), np.where(np.isfinite(start), end, -np.inf)))
+        """One exchange's transfers: per rank its ``start`` and ``end`` (start = inf: no transfer)."""
+        ranks = np.flatnonzero(np.isfinite(start))
+        at = self._count[ranks]
+        if len(ranks) and at.max() + 1 >= len(self._start):  # keep an empty slot after every rank's last
+            more = np.full_like(self._start, -np.inf)
+            self._start, self._end = np.vstack([self._start, more]), np.vstack([self._end, more.copy()])
+        self._start[at, ranks], self._end[at, ranks] = start[ranks], end[ranks]
+        self._count[ranks] += 1
 
     def compute(self, t: np.ndarray, seconds: np.ndarray) -> np.ndarray:
         """End of ``seconds`` of full-speed compute started at ``t`` (per rank), slowed inside busy intervals.
         Calls come in time order per rank (each starts at or after the previous one's end)."""
-        left, t0 = seconds.astype(np.float64).copy(), t
-        t = t.astype(np.float64).copy()
-        while self.spans and (self.spans[0][1] <= t).all():  # over for every rank: no later call meets it
-            self.spans.pop(0)
-        for s, e in self.spans:
-            if not left.any():  # done before the later transfers
-                break
-            run = np.minimum(np.maximum(s - t, 0.0), left)  # full speed until the transfer starts
-            t, left = t + run, left - run
-            room = np.maximum(e - np.maximum(t, s), 0.0) * self.share  # full-speed work that fits inside it
-            run = np.where(left > 0, np.minimum(left, room), 0.0)
-            t = np.where(run > 0, np.maximum(t, s) + run / self.share, t)
-            left = left - run
-        end = t + left
+        t0 = t.astype(np.float64)
+        now, left, first, width = t0, seconds.astype(np.float64), self._next.copy(), 4
+        end = now + left
+        todo = np.flatnonzero((left > 0) & (first < self._count))
+        while len(todo):  # a window of each rank's next intervals at a time, wider each time
+            rows = np.minimum(first[todo] + np.arange(width)[:, None], len(self._start) - 1)
+            got, rest, after, at = _through(self._start[rows, todo], self._end[rows, todo], now[todo], left[todo],
+                                            self.share)
+            end[todo] = got
+            # the intervals before the one it ended in (or after) are over for every later call
+            self._next[todo] = np.minimum(first[todo] + at, self._count[todo])
+            first[todo] += width
+            more = (rest > 0) & (first[todo] < self._count[todo])  # work left, and intervals
+            now[todo[more]], left[todo[more]] = after[more], rest[more]
+            todo = todo[more]
+            width *= 2
         self.extra += end - t0 - seconds
         return end
+
+
+def _through(starts: np.ndarray, ends: np.ndarray, t: np.ndarray, work: np.ndarray, share: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per column, ``work`` of full-speed compute started at ``t``, run at ``share`` of the speed inside the
+    intervals ``[starts[j], ends[j])`` (rows in time order; an empty one: -inf): (when it ends, the work
+    left after the last interval, where that interval ended, the row it ends in or before: ``len(starts)``
+    when after the last)."""
+    lo = np.maximum(starts, t)  # each interval's part after t
+    hi = np.maximum(ends, lo)
+    reach = np.maximum.accumulate(hi, axis=0)
+    before = np.vstack([t, reach[:-1]])  # where the previous interval ended
+    lo = np.maximum(lo, before)
+    busy = np.maximum(hi - lo, 0.0)
+    done = np.cumsum((lo - before) + share * busy, axis=0)  # work done by each interval's end
+    at_start = done - share * busy  # ... and by its start
+    reached = done >= work
+    inside = reached.any(0)
+    j = np.where(inside, reached.argmax(0), len(starts) - 1)
+    col = np.arange(len(t))
+    s, d0, d1, last = lo[j, col], at_start[j, col], done[j, col], reach[-1]
+    end = np.where(work <= d0, s - (d0 - work), np.where(work <= d1, s + (work - d0) / share, last + (work - d1)))
+    return end, np.maximum(work - done[-1], 0.0), last, np.where(inside, j, len(starts))
 
 
 def overlapped(cf: np.ndarray, cb: np.ndarray, exchange: Exchange, share: float, prefetch: int,
