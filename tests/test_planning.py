@@ -626,6 +626,29 @@ def test_the_planners_array_exchange_is_exactly_the_reference_one(seed):
         assert step_time(spans, plan.settings, FLASH, detail=True) == (t, imbalance(work), not any(split))
 
 
+def test_a_plans_messages_are_made_on_first_use_and_read_pickle_and_compare_as_a_tuple(monkeypatch):
+    """The planner prices candidate plans by their arrays: a plan's :class:`Transfer` objects are made
+    only when something reads them, once, and the plan pickles (to the training processes) with a plain
+    tuple equal to them."""
+    import pickle
+
+    from hf_fcp.plan import rounds
+    from hf_fcp.plan.placement import place_fcp
+
+    made = []
+    real = rounds._transfers
+    monkeypatch.setattr(rounds, "_transfers", lambda *a: made.append(1) or real(*a))
+    spans = place_fcp((3000, 900, 5000, 40, 7000), 5, 512, 4096, kernel=FLASH)
+    transfers = rounds.coloured(spans)[0]
+    assert len(transfers) > 1 and not made  # counted, not made
+    assert list(transfers) == list(rounds.colour_rounds(rounds.needed_pieces(spans))[0]) and made == [1]
+    assert transfers[0] == next(iter(transfers)) and made == [1]
+    plan = plan_batch([3000, 900, 5000, 40, 7000], world_size=5, block_size=512, tokens_per_rank=4096)
+    plan = replace(plan, transfers=rounds.coloured([list(x) for x in plan.rank_spans])[0])  # not made yet
+    back = pickle.loads(pickle.dumps(plan))
+    assert type(back.transfers) is tuple and back == plan and hash(back) == hash(plan)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_the_fast_sort_orders_exactly_as_lexsort(seed):
     """``spans.lex_order`` (the planner's sorts of pieces and runs) gives ``np.lexsort``'s order: distinct

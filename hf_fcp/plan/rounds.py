@@ -15,6 +15,7 @@ holds equal to them.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -95,8 +96,8 @@ def colour_rounds(pairs, order=None) -> tuple[tuple[Transfer, ...], int]:
 
 def coloured(spans) -> tuple[tuple[Transfer, ...], int, np.ndarray, np.ndarray]:
     """``colour_rounds(needed_pieces(spans))`` from arrays, with what a plan of those messages would compute
-    again: (messages, Δ, its :func:`.segments.pieces_of`, its ``FCPPlan.message_array``). A message's pieces
-    are its sender's span tuples themselves (no copies: at W=1024 there are millions)."""
+    again: (messages, Δ, its :func:`.segments.pieces_of`, its ``FCPPlan.message_array``). The messages are
+    :class:`Deferred`: made into objects when the plan is used (:func:`_transfers`)."""
     src_p, dst_p, seq_p, a_p, b_p, span_p = needed_columns(spans)
     if not len(src_p):
         return (), 0, np.zeros((0, 6), np.int64), np.zeros((0, 4), np.int64)
@@ -119,17 +120,60 @@ def coloured(spans) -> tuple[tuple[Transfer, ...], int, np.ndarray, np.ndarray]:
         pieces[:, k] = colour[edge[pick]] if column is None else column[pick]
     tokens = np.bincount(edge, weights=b_p - a_p, minlength=len(order)).astype(np.int64)
     messages = np.column_stack([src[sent], dst[sent], tokens[sent], colour[sent]])
+    count, ends = count[sent], np.cumsum(count[sent])
     flat = [t if type(t) is tuple else tuple(t) for x in spans for t in x]
-    ends = np.cumsum(count[sent])
+    columns = flat, src[sent], dst[sent], colour[sent], count, ends, span_p[pick]
+    return Deferred(len(sent), lambda: _transfers(*columns)), delta, pieces, messages
+
+
+def _transfers(flat, src, dst, colour, count, ends, span_of) -> tuple[Transfer, ...]:
+    """:func:`coloured`'s messages as :class:`Transfer` s: message i sends ``count[i]`` pieces (those up to
+    ``ends[i]`` of ``span_of``, indices into ``flat``, the placement's spans rank by rank) from ``src[i]`` to
+    ``dst[i]`` in ``colour[i]``. A message's pieces are its sender's span tuples themselves (no copies: at
+    W=1024 there are millions)."""
     transfers = []
-    for lo in range(0, len(sent), _BATCH):  # the pieces of _BATCH messages at a time as Python objects
-        hi = min(lo + _BATCH, len(sent))
-        first_piece = int(ends[lo] - count[sent[lo]])
-        got = list(map(flat.__getitem__, span_p[pick[first_piece:int(ends[hi - 1])]].tolist()))
+    for lo in range(0, len(src), _BATCH):  # the pieces of _BATCH messages at a time as Python objects
+        hi = min(lo + _BATCH, len(src))
+        first_piece = int(ends[lo] - count[lo])
+        got = list(map(flat.__getitem__, span_of[first_piece:int(ends[hi - 1])].tolist()))
         transfers += [Transfer(u, v, c, tuple(got[e - n - first_piece:e - first_piece])) for u, v, c, n, e in
-                      zip(*(x.tolist() for x in (src[sent[lo:hi]], dst[sent[lo:hi]], colour[sent[lo:hi]],
-                                                  count[sent[lo:hi]], ends[lo:hi])))]
-    return tuple(transfers), delta, pieces, messages
+                      zip(*(x[lo:hi].tolist() for x in (src, dst, colour, count, ends)))]
+    return tuple(transfers)
+
+
+class Deferred(Sequence):
+    """A plan's messages, made into :class:`Transfer` objects on first use (``build()``; ``n`` of them):
+    the planner prices many candidate plans by their arrays and keeps one. Reads, compares, hashes and
+    pickles as the tuple it stands for."""
+
+    def __init__(self, n: int, build):
+        self._n, self._build, self._items = n, build, None
+
+    def _all(self) -> tuple[Transfer, ...]:
+        if self._items is None:
+            self._items, self._build = self._build(), None
+        return self._items
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (tuple, Deferred)) and self._all() == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(self._all())
+
+    def __reduce__(self):
+        return tuple, (self._all(),)
+
+    def __repr__(self) -> str:
+        return repr(self._all())
 
 
 _BATCH = 1 << 16
