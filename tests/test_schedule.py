@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hf_fcp import plan_batch
-from hf_fcp.plan import timeline
+from hf_fcp.plan import schedule, timeline
 from hf_fcp.plan.cost import kernel_for
 from hf_fcp.plan.planner import choose_execution
 from hf_fcp.plan.rounds import colour_rounds, needed_pieces
@@ -98,7 +98,11 @@ def _batch(seed: int, world: int, tokens: int) -> list[int]:
 
 @pytest.mark.parametrize("seed,world,fusion,per", [(0, 3, "all", 1), (1, 5, "none", 1), (2, 4, "none", 2),
                                                    (3, 6, "auto", 2), (4, 5, "all", 2)])
-def test_the_planners_stage_work_is_what_the_simulator_times(seed, world, fusion, per):
+@pytest.mark.parametrize("table", [True, False], ids=["stage-table", "sorted-messages"])
+def test_the_planners_stage_work_is_what_the_simulator_times(seed, world, fusion, per, table, monkeypatch):
+    """Either way of finding each piece's stage (a table of sender-receiver pairs up to
+    ``schedule.LOOKUP_WORLD`` ranks, sorted messages beyond)."""
+    monkeypatch.setattr(schedule, "LOOKUP_WORLD", schedule.LOOKUP_WORLD if table else 0)
     plan = plan_batch(_batch(seed, world, 2048), world_size=world, block_size=256, tokens_per_rank=2048,
                       fusion=fusion, overlap="always", rounds_per_stage=per, **MACHINE)
     cf, cb = slot_work(plan, KERNEL)

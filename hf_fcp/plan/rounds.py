@@ -250,20 +250,31 @@ def _flip_path(v: int, a: int, b: int, delta: int, tables, src, dst, used_src, u
     """Swap colours a and b along the alternating path that starts at receiver ``v`` with colour ``a``
     (a is free at the new edge's sender, b free at ``v``; afterwards a is free at ``v``)."""
     at_src, at_dst = tables
-    path = []  # edges of the path
-    node, at_receiver, col = v, True, a
+    path = []  # edges of the path: colour a at its receivers, b at its senders, alternately
+    node, at_receiver = v, True
     while True:
-        i = (at_dst if at_receiver else at_src)[node * delta + col]
+        i = at_dst[node * delta + a]  # from a receiver, by its a edge
         if i < 0:
             break
         path.append(i)
-        node, at_receiver, col = (src[i] if at_receiver else dst[i]), not at_receiver, (b if col == a else a)
-    for i in path:
-        at_src[src[i] * delta + colour[i]] = at_dst[dst[i] * delta + colour[i]] = -1
-    for i in path:
-        nc = b if colour[i] == a else a
-        at_src[src[i] * delta + nc] = at_dst[dst[i] * delta + nc] = i
-        colour[i] = nc
+        node = src[i]
+        i = at_src[node * delta + b]  # from a sender, by its b edge
+        if i < 0:
+            at_receiver = False
+            break
+        path.append(i)
+        node = dst[i]
+    with_a, with_b = path[0::2], path[1::2]
+    for i in with_a:
+        at_src[src[i] * delta + a] = at_dst[dst[i] * delta + a] = -1
+    for i in with_b:
+        at_src[src[i] * delta + b] = at_dst[dst[i] * delta + b] = -1
+    for i in with_a:
+        at_src[src[i] * delta + b] = at_dst[dst[i] * delta + b] = i
+        colour[i] = b
+    for i in with_b:
+        at_src[src[i] * delta + a] = at_dst[dst[i] * delta + a] = i
+        colour[i] = a
     # Inner nodes keep both colours; the two end points of the path each trade one for the other (v had b
     # free and loses a; the far end lacked the colour the path would have continued with).
     both = (1 << a) | (1 << b)

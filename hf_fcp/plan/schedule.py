@@ -41,6 +41,10 @@ MARGIN = 1e-5
 """An option replaces the incumbent only if it is this much faster (relative): a near tie is not left to
 float rounding, which could differ between the ranks' machines (they must agree on the plan)."""
 
+LOOKUP_WORLD = 2048
+"""Up to this world size :meth:`StageWork.stage_arrays` finds each piece's stage in a table of all W²
+sender-receiver pairs (32 MiB at 2048 ranks) rather than by sorting the messages."""
+
 Messages = np.ndarray
 """int64 (n, 4): one row ``(sender, receiver, K/V tokens, round)`` per message."""
 
@@ -125,8 +129,13 @@ class StageWork:
         """:meth:`arrays` with the messages as arrays: message ``src[i] -> dst[i]`` in stage ``stage[i]``.
         ``overlap``: whether the plan overlaps (else its remote work runs as one kernel after the exchange)."""
         keys = src * self.world + dst
-        order = np.argsort(keys)
-        stage = stage[order][np.searchsorted(keys[order], self.message)]
+        if self.world <= LOOKUP_WORLD:  # each piece's message's stage, by a table of every (src, dst)
+            table = np.empty(self.world * self.world, np.int64)
+            table[keys] = stage
+            stage = table[self.message]
+        else:
+            order = np.argsort(keys)
+            stage = stage[order][np.searchsorted(keys[order], self.message)]
         remote = self.remote.segments(stage, nstages, True)
         fwd, bwd = priced(remote, self.kernel, self.world, 1 + nstages)
         fwd[:, :1] += self.local[0]
