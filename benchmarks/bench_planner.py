@@ -8,6 +8,7 @@ and ``allgather`` (Llama-3-70B KV: 8 kv heads, head dim 128, bf16), rounds, and 
     python benchmarks/bench_planner.py                       # W = 8, 64, 256; 32768 tokens/rank
     python benchmarks/bench_planner.py --world-sizes 8 --repeats 3    # workloads: hf_fcp.simulate.workloads
     python benchmarks/bench_planner.py --world-sizes 8,64,256 --seeds 2 --write   # and docs/performance.md
+    python benchmarks/bench_planner.py --world-sizes 256 --machine llama3-70b     # the simulator's settings
 """
 
 from __future__ import annotations
@@ -32,10 +33,21 @@ def batches(spec: str, world: int, tpr: int, seeds: int) -> list[list[int]]:
     return make_batches(parse_distribution(spec), world_size=world, tokens_per_rank=tpr, steps=seeds, seed=0)
 
 
-def measure(lens, world, tpr, block, repeats):
+def machine(model: str | None, world: int) -> dict:
+    """Planner settings of the simulator for ``model`` on the h200 preset (kernel, link, node, stages), as
+    ``benchmarks/scale.py`` plans; {} (the defaults) for None."""
+    if model is None:
+        return {}
+    from hf_fcp.simulate import get_model, load_cluster
+    from hf_fcp.simulate.engine import STAGES, planner_model
+
+    return {**planner_model(get_model(model), load_cluster("h200"), world), "max_stages": STAGES}
+
+
+def measure(lens, world, tpr, block, repeats, options=None):
     times, plan = [], None
     for _ in range(repeats):
-        plan = plan_batch(lens, world_size=world, block_size=block, tokens_per_rank=tpr)
+        plan = plan_batch(lens, world_size=world, block_size=block, tokens_per_rank=tpr, **(options or {}))
         times.append(plan.plan_ms)
     st = plan.stats()
     ring = plan_batch(lens, world_size=world, block_size=block, tokens_per_rank=tpr, strategy="ring").stats()
@@ -54,7 +66,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3, help="batches per (workload, world size)")
     ap.add_argument("--write", action="store_true", help="write the table into docs/performance.md (block 'planner')")
+    ap.add_argument("--machine", metavar="MODEL", help="plan fcp with the simulator's settings for MODEL "
+                    "(e.g. llama3-70b, h200 preset) instead of the defaults; not with --write")
     args = ap.parse_args(argv)
+    if args.machine and args.write:
+        ap.error("--write records the default settings' table; leave out --machine")
     rows = []
     print(f"{'workload':<27} {'W':>4} {'seqs':>5} {'comp.imb':>9} {'pairs.imb':>9} {'mem.imb':>8} {'fcp GB':>8} "
           f"{'ring/fcp':>9} {'ag/fcp':>7} {'rounds':>6} {'plan ms':>8} {'(max)':>7}")
@@ -62,7 +78,8 @@ def main(argv=None) -> int:
         for world in [int(w) for w in args.world_sizes.split(",")]:
             cell = []
             for lens in batches(spec, world, args.tokens_per_rank, args.seeds):
-                r = measure(lens, world, args.tokens_per_rank, args.block_size, args.repeats)
+                r = measure(lens, world, args.tokens_per_rank, args.block_size, args.repeats,
+                            machine(args.machine, world))
                 cell.append(r)
                 print(f"{name:<27} {world:>4} {r['seqs']:>5} {r['ci']:>8.2%} {r['pi']:>8.2%} {r['mi']:>7.2%} "
                       f"{r['gb']:>8.2f} {r['ring_x']:>8.1f}x {r['ag_x']:>6.1f}x {r['rounds']:>6} {r['ms']:>8.1f} "
