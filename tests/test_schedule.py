@@ -67,7 +67,8 @@ def _slowed(intervals, t: float, work: float, share: float) -> float:
 
 def test_compute_beside_many_transfers_matches_the_rule_interval_by_interval():
     """Many exchanges (the busy windows are searched a few intervals at a time), ranks idle in some of them,
-    compute calls in time order: every end as the interval-by-interval rule gives it."""
+    compute calls in time order: every end as the interval-by-interval rule gives it, and the time lost to
+    the transfers (``Busy.extra``) is what those ends add to full speed."""
     rng = np.random.default_rng(0)
     for _ in range(40):
         world, share = 5, float(rng.choice([0.3, 0.8]))
@@ -79,13 +80,15 @@ def test_compute_beside_many_transfers_matches_the_rule_interval_by_interval():
             for r in np.flatnonzero(np.isfinite(start)):
                 intervals[r].append((start[r], end[r]))
                 link[r] = end[r]
-        t = rng.uniform(0, 2, world)
+        t, lost = rng.uniform(0, 2, world), np.zeros(world)
         for _ in range(6):
             work = rng.uniform(0, 6, world) * (rng.random(world) > 0.2)
             got = busy.compute(t, work)
             want = [_slowed(intervals[r], t[r], work[r], share) for r in range(world)]
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+            lost += got - t - work
             t = got + rng.uniform(0, 1, world)
+        np.testing.assert_allclose(busy.extra, lost, rtol=0, atol=1e-9)
 
 
 def _batch(seed: int, world: int, tokens: int) -> list[int]:

@@ -68,7 +68,7 @@ class Busy:
         """End of ``seconds`` of full-speed compute started at ``t`` (per rank), slowed inside busy intervals.
         Calls come in time order per rank (each starts at or after the previous one's end)."""
         t0 = t.astype(np.float64)
-        now, left, first, width = t0, seconds.astype(np.float64), self._next.copy(), 4
+        now, left, first, width = t0.copy(), seconds.astype(np.float64), self._next.copy(), 4
         end = now + left
         todo = np.flatnonzero((left > 0) & (first < self._count))
         while len(todo):  # a window of each rank's next intervals at a time, wider each time
