@@ -52,7 +52,7 @@ def _compute(rows: np.ndarray, world: int, kernel: KernelCost) -> tuple[np.ndarr
     tiles = np.bincount(owner, weights=q_tiles, minlength=world)
     seqs = np.bincount(owner, minlength=world).astype(np.float64)
     pairs = np.bincount(rank, weights=span_cost(a, b), minlength=world) / t ** 2  # in tiles
-    area = float(t * t) / (1.0 + kernel.bwd_weight)  # as segments.priced: a tile's pairs, forward + backward
+    area = kernel.tile_work  # as segments.priced: a tile's pairs, forward + backward
     fwd = (pairs + kernel.fwd_q_tile * tiles + kernel.fwd_k_tile * seqs) * area
     bwd = kernel.bwd_weight * (pairs + kernel.bwd_q_tile * tiles + kernel.bwd_k_tile * seqs) * area
     return fwd, bwd

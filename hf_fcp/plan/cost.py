@@ -65,6 +65,12 @@ class KernelCost(TileModel):
     work (its local work, each stage's), forward and backward. 0: not modelled (tile costs alone carry
     no absolute time; :func:`hf_fcp.simulate.engine.planner_model` gives a machine's)."""
 
+    @property
+    def tile_work(self) -> float:
+        """One full forward tile in the units :func:`.segments.priced` prices in (a tile's pairs, forward and
+        backward together): ``tile² / (1 + bwd_weight)``; a ``launch`` costs ``launch × tile_work``."""
+        return float(self.tile ** 2) / (1.0 + self.bwd_weight)
+
     @classmethod
     def of_kernel(cls, tile: int, eff_fwd: float, eff_bwd: float, **overheads: float) -> "KernelCost":
         """From a measured kernel: its tile, full-tile efficiencies (fractions of peak) and the six
@@ -152,7 +158,7 @@ def segment_costs(q, k, causal, kernel: KernelCost) -> np.ndarray:
 def segment_parts(q: int, k: int, causal: bool, kernel: KernelCost) -> tuple[float, float]:
     """(forward, backward) work of one segment in pairs; they add up to :func:`segment_cost`."""
     touched, diag, nq, nk = tiles(q, k, causal, kernel.tile)
-    w, t2 = kernel.bwd_weight, float(kernel.tile ** 2) / (1.0 + kernel.bwd_weight)
+    w, t2 = kernel.bwd_weight, kernel.tile_work
     fwd = touched + kernel.fwd_diag * diag + kernel.fwd_q_tile * nq + kernel.fwd_k_tile * nk
     bwd = touched + kernel.bwd_diag * diag + kernel.bwd_q_tile * nq + kernel.bwd_k_tile * nk
     return fwd * t2, w * bwd * t2

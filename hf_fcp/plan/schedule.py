@@ -145,7 +145,7 @@ class StageWork:
             if not overlap and nstages:  # every stage's remote work in one kernel, after every stage arrived
                 slots[:, -1], slots[:, 1:-1] = slots[:, 1:].any(1), False
             slots[:, :1] |= self.local_launches
-            launch = slots * (self.kernel.launch * self.kernel.tile ** 2 / (1.0 + self.kernel.bwd_weight))
+            launch = slots * (self.kernel.launch * self.kernel.tile_work)
             fwd, bwd = fwd + launch, bwd + launch
         return fwd, bwd
 

@@ -205,7 +205,7 @@ def priced(segs: Segments, kernel: KernelCost, world: int, slots: int) -> tuple[
     """(forward, backward) kernel work (W, ``slots``) of ``segs`` per rank and slot, in pairs
     (:func:`.cost.segment_parts` of each; causal: the segments that see fewer than ``q × k`` pairs)."""
     touched, diag, nq, nk = tile_counts(segs.q, segs.k, segs.pairs < segs.q * segs.k, kernel.tile)
-    w, t2 = kernel.bwd_weight, float(kernel.tile ** 2) / (1.0 + kernel.bwd_weight)
+    w, t2 = kernel.bwd_weight, kernel.tile_work
     fwd = (touched + kernel.fwd_diag * diag + kernel.fwd_q_tile * nq + kernel.fwd_k_tile * nk) * t2
     bwd = w * (touched + kernel.bwd_diag * diag + kernel.bwd_q_tile * nq + kernel.bwd_k_tile * nk) * t2
     at = segs.rank * slots + segs.slot

@@ -60,7 +60,7 @@ class Busy:
         at = self._count[ranks]
         if len(ranks) and at.max() + 1 >= len(self._start):  # keep an empty slot after every rank's last
             more = np.full_like(self._start, -np.inf)
-            self._start, self._end = np.vstack([self._start, more]), np.vstack([self._end, more.copy()])
+            self._start, self._end = np.vstack([self._start, more]), np.vstack([self._end, more])
         self._start[at, ranks], self._end[at, ranks] = start[ranks], end[ranks]
         self._count[ranks] += 1
 
