@@ -9,6 +9,8 @@ docs/simulation.md, "Baseline settings"). Per cell it prints
 
 * ``fcp / best``: fcp's attention MFU over the best other strategy's (which one, and its CP group),
 * ``of ideal``: fcp's MFU over the same batches on one modelled GPU (whole documents, no communication),
+* ``ceiling``: that ideal's MFU over the best other strategy's — the most any plan can be ahead of it
+  (``fcp / best`` is ``of ideal`` × ``ceiling``),
 * fcp's exposed communication (ms per step), communication imbalance (max / mean − 1 of bytes per GPU) and
   plan time (ms, this machine).
 
@@ -18,9 +20,11 @@ docs/simulation.md, "Baseline settings"). Per cell it prints
     python benchmarks/scale.py --write                       # the table into docs/performance.md
 
 W = 1024 cells take minutes each on two CPU cores (the ring baselines' thousand steps); measure smaller
-worlds first. ``--write`` replaces the text between the ``scale:begin`` and ``scale:end`` markers of
-``docs/performance.md`` (the file is created holding only that block when absent); ``--write --append``
-adds a run's table to the block (e.g. the slow W = 1024 cells as a second run).
+worlds first. ``--write`` puts the run's table between the ``scale:begin`` and ``scale:end`` markers of
+``docs/performance.md`` (the file is created holding only that block when absent): it replaces the tables
+of earlier runs whose world sizes this run measured again and keeps the others (e.g. the slow W = 1024
+cells, run on their own), in order of world size; it refuses to replace part of an earlier table.
+``--write --append`` adds the table and replaces nothing.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class Cell:
     best_other: str
     best_cp: int
     of_ideal: float
+    ceiling: float
+    """The ideal's MFU over the best other strategy's: ``speedup`` can be at most this."""
     exposed_ms: float
     comm_imbalance: float
     plan_ms: float
@@ -93,27 +99,29 @@ def measure(workload: str, model: str, tokens: int, world: int, *, steps: int, s
     mean = lambda f: sum(getattr(r, f) for r in fcp) / len(fcp)  # noqa: E731
     return Cell(workload=workload, model=model, tokens=tokens, world=world, speedup=others[best] / total["fcp"],
                 best_other=best, best_cp=max(set(cps[best]), key=cps[best].count),
-                of_ideal=ideal / (world * total["fcp"]), exposed_ms=1e3 * mean("exposed_comm_s"),
+                of_ideal=ideal / (world * total["fcp"]), ceiling=world * others[best] / ideal,
+                exposed_ms=1e3 * mean("exposed_comm_s"),
                 comm_imbalance=mean("comm_imbalance"), plan_ms=mean("plan_ms"), seconds=time.perf_counter() - t0)
 
 
-HEAD = ("| workload | model | tokens/GPU | GPUs | fcp / best other | best other (CP) | fcp / ideal | exposed comm ms "
-        "| comm imb. | plan ms |")
-RULE = "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"
+HEAD = ("| workload | model | tokens/GPU | GPUs | fcp / best other | best other (CP) | fcp / ideal | ceiling "
+        "| exposed comm ms | comm imb. | plan ms |")
+RULE = "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"
 
 
 def row(c: Cell) -> str:
     mark = "**" if c.speedup < 1.0 else ""
     return (f"| {c.workload} | {c.model} | {c.tokens // 1024}K | {c.world} | {mark}{c.speedup:.3f}×{mark} | "
-            f"{c.best_other} ({c.best_cp}) | {c.of_ideal:.1%} | {c.exposed_ms:.1f} | {c.comm_imbalance:.0%} | "
-            f"{c.plan_ms:.0f} |")
+            f"{c.best_other} ({c.best_cp}) | {c.of_ideal:.1%} | {c.ceiling:.3f}× | {c.exposed_ms:.1f} | "
+            f"{c.comm_imbalance:.0%} | {c.plan_ms:.0f} |")
 
 
 def table(cells: list[Cell], command: str, steps: int) -> str:
     """One run's table with its command and the cells fcp loses."""
     lost = [c for c in cells if c.speedup < 1.0]
     lines = [f"`{command}` ({steps} batch{'es' if steps > 1 else ''} per cell; simulator, `{CLUSTER}` preset, "
-             f"every baseline at its best CP group per batch, fcp at its memory; bold: fcp behind)", "", HEAD, RULE,
+             f"every baseline at its best CP group per batch, fcp at its memory; ceiling: ideal / best other, "
+             f"the most any plan can be ahead; bold: fcp behind)", "", HEAD, RULE,
              *map(row, cells), "",
              f"fcp behind the best other strategy in {len(lost)} of {len(cells)} cells"
              + (": " + ", ".join(f"{c.workload} {c.model} {c.tokens // 1024}K W={c.world} ({c.speedup:.3f}×)"
@@ -122,18 +130,56 @@ def table(cells: list[Cell], command: str, steps: int) -> str:
 
 
 def write(text: str, path: Path = PERFORMANCE, append: bool = False) -> None:
-    """Replace the generated block of ``path`` with ``text`` (``append``: add it after the block's tables);
-    create the file with only the block when absent."""
+    """Put one run's table (``text``, from :func:`table`) into the generated block of ``path``: it replaces
+    the tables of earlier runs all of whose world sizes it measured and keeps the others, ordered by their
+    smallest world size (``append``: it replaces none); the file is created holding only the block when
+    absent. Raises ValueError, changing nothing, when it measured only some of an earlier table's world sizes."""
     old = path.read_text() if path.exists() else ""
     if BEGIN in old and END in old:
         head, rest = old.split(BEGIN, 1)
         inner, tail = rest.split(END, 1)
-        body = (inner.rstrip() + "\n\n" + text) if append else "\n" + text
-        new = head + BEGIN + body + "\n" + END + tail
+        runs = _runs(inner)
+        if not append:
+            runs = _kept(runs, _worlds(text))
+        runs.append(text.strip())
+        runs.sort(key=lambda run: min(_worlds(run), default=0))
+        new = head + BEGIN + "\n" + "\n\n".join(runs) + "\n" + END + tail
     else:
         new = (old.rstrip() + "\n\n" if old.strip() else "") + BEGIN + "\n" + text + "\n" + END + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)
+
+
+def check_write(worlds, path: Path = PERFORMANCE) -> None:
+    """Raise the ValueError :func:`write` would raise for a run measuring ``worlds`` (checked before a long run)."""
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        _kept(_runs(old.split(BEGIN, 1)[1].split(END, 1)[0]), set(worlds))
+
+
+def _runs(inner: str) -> list[str]:
+    """The tables of a generated block, one per run (each starts with its command line)."""
+    runs: list[list[str]] = []
+    for line in inner.strip().splitlines():
+        if line.startswith("`python benchmarks/scale.py") or not runs:
+            runs.append([])
+        runs[-1].append(line)
+    return ["\n".join(lines).strip() for lines in runs if "".join(lines).strip()]
+
+
+def _worlds(run: str) -> set[int]:
+    """The world sizes (``GPUs`` column) of one run's table."""
+    cells = [line.split("|") for line in run.splitlines() if line.startswith("| ")]
+    return {int(c[4]) for c in cells if len(c) > 5 and c[4].strip().isdigit()}
+
+
+def _kept(runs: list[str], worlds: set[int]) -> list[str]:
+    """The earlier ``runs`` a run measuring ``worlds`` leaves in place (those sharing none of its world sizes)."""
+    partly = [sorted(_worlds(r)) for r in runs if _worlds(r) & worlds and not _worlds(r) <= worlds]
+    if partly:
+        raise ValueError(f"--write would replace part of an earlier table (world sizes {partly[0]}); measure all of "
+                         f"them again (--world-sizes {','.join(map(str, partly[0]))}) or add this one with --append")
+    return [r for r in runs if _worlds(r) and not _worlds(r) & worlds]  # text outside any run's table goes
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -169,8 +215,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="batches per cell (default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="W = 8, 16; 8K; llama3-70b; 1 batch")
-    ap.add_argument("--write", action="store_true", help=f"replace the generated block of {PERFORMANCE.name}")
-    ap.add_argument("--append", action="store_true", help="with --write: add this run's table to the block")
+    ap.add_argument("--write", action="store_true",
+                    help=f"put the table into {PERFORMANCE.name}, replacing earlier runs of the same world sizes")
+    ap.add_argument("--append", action="store_true", help="with --write: add this run's table, replacing none")
     args = ap.parse_args(argv)
     if args.quick:
         args.world_sizes, args.models, args.tokens, args.steps = (8, 16), ("llama3-70b",), (8192,), 1
@@ -182,6 +229,11 @@ def main(argv=None) -> int:
             parse_distribution(w)
     except (ValueError, OSError) as e:
         ap.error(str(e))
+    if args.write and not args.append:
+        try:
+            check_write(args.world_sizes)
+        except ValueError as e:
+            ap.error(str(e))
     cells = []
     print(HEAD, RULE, sep="\n", flush=True)
     for workload in workloads:
@@ -195,7 +247,11 @@ def main(argv=None) -> int:
     command = "python benchmarks/scale.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     text = table(cells, command.strip(), args.steps)
     if args.write:
-        write(text, append=args.append)
+        try:
+            write(text, append=args.append)
+        except ValueError as e:
+            print(text)
+            ap.error(str(e))
         print(f"wrote {PERFORMANCE}")
     return 0
 
