@@ -46,6 +46,13 @@ def cases_for(world: int) -> list[Case]:
         Case("fcp_b4_prefetch2", spanning_lens(world, 4, 13), 4, prefetch=2, heads=(4, 1)),
         Case("fcp_b8_bf16", spanning_lens(world, 8, 4), 8, dtype=torch.bfloat16),
         Case("fcp_b8_3layers", spanning_lens(world, 8, 9), 8, layers=3),
+        Case("relay_nodes_of_2", spanning_lens(world, 8, 30), 8, node_size=2),
+        Case("relay_split_overlapped_rps2_mqa8", spanning_lens(world, 4, 37), 4, node_size=2, fusion="none",
+             overlap="always", rounds_per_stage=2, heads=(8, 1)),
+        Case("relay_fused_after_exchange_bf16", spanning_lens(world, 8, 65), 8, node_size=2, fusion="all",
+             overlap="never", dtype=torch.bfloat16),
+        Case("relay_prefetch1_3layers", spanning_lens(world, 8, 34), 8, node_size=2, prefetch=1, layers=3),
+        Case("relay_window5", spanning_lens(world, 8, 35), 8, node_size=2, window=5),
         Case("tiny_batch_idle_ranks", (1, 2), 4, heads=(4, 1)),  # W >= 3: some ranks hold no token
         Case("world1_view_inside_group", spanning_lens(world, 8, 11), 8, local=True),
         Case("window5_docs_13x_window", spanning_lens(world, 8, 20), 8, window=5),
@@ -102,6 +109,24 @@ def test_matches_float64_reference(world, index):
     assert not errors, f"W={world} {case.name}: {errors}"
 
 
+@pytest.mark.parametrize("world", [3, 4])
+def test_the_relay_cases_relay(world):
+    """Their plans forward K/V inside a node (else the cases above would not test relays)."""
+    relayed = [plan_for(case, world).relay_from > 0 for case in cases_for(world) if case.node_size]
+    assert relayed and all(relayed)
+
+
+@pytest.mark.parametrize("world", [5, 7])
+def test_relayed_exchanges_match_float64_reference_at_more_ranks(world):
+    """Relays on odd world sizes with a part-filled last node (nodes of 2), forward and backward."""
+    cases = [c for c in cases_for(world) if c.node_size][:3]
+    assert all(plan_for(case, world).relay_from for case in cases)
+    per_rank = run_workers(run_cases, world, cases, timeout=TIMEOUT_S)
+    for i, case in enumerate(cases):
+        errors = compare_to_reference(case, [per_rank[r][i] for r in range(world)])
+        assert not errors, f"W={world} {case.name}: {errors}"
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_local_views_agree_without_traffic(world):
     index = [c.local for c in cases_for(world)].index(True)
@@ -116,8 +141,12 @@ def test_bytes_moved_equal_plan_prediction(world):
     for case, parts in zip(cases_for(world), results(world)):
         kv = sum(p["bytes"].get("kv", 0) for p in parts) // case.layers
         if case.op == "fcp":
-            predicted = plan_for(case, world).for_window(case.window).stats().comm_bytes
+            plan = plan_for(case, world).for_window(case.window)
+            predicted = plan.stats().comm_bytes
             assert kv == predicted, f"{case.name}: moved {kv} bytes, plan predicts {predicted}"
+            if not case.local:  # and each rank sends what the plan says it sends (a relay: what it forwards too)
+                per_rank = (plan.rank_loads().kv_out * plan.settings.kv_bytes_per_token).tolist()
+                assert [p["bytes"].get("kv", 0) // case.layers for p in parts] == per_rank, case.name
             assert sum(p["bytes"].get("grad", 0) for p in parts) == predicted * case.layers, case.name
         else:  # ring baseline: W-1 forward + W-1 backward rotations of every rank's whole K|V block
             elem = 2 if case.dtype == torch.bfloat16 else 4

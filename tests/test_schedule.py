@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hf_fcp import plan_batch
-from hf_fcp.plan import schedule, timeline
+from hf_fcp.plan import planner, schedule, timeline
 from hf_fcp.plan.cost import kernel_for
 from hf_fcp.plan.planner import choose_execution
 from hf_fcp.plan.rounds import colour_rounds, needed_pieces
@@ -99,15 +99,25 @@ def _batch(seed: int, world: int, tokens: int) -> list[int]:
     return lens
 
 
-@pytest.mark.parametrize("seed,world,fusion,per", [(0, 3, "all", 1), (1, 5, "none", 1), (2, 4, "none", 2),
-                                                   (3, 6, "auto", 2), (4, 5, "all", 2)])
+@pytest.mark.parametrize("seed,world,fusion,per,node", [(0, 3, "all", 1, 8), (1, 5, "none", 1, 8), (2, 4, "none", 2, 8),
+                                                        (3, 6, "auto", 2, 8), (4, 5, "all", 2, 8), (5, 7, "none", 2, 2),
+                                                        (6, 6, "all", 3, 2), (7, 5, "auto", 1, 2)])
 @pytest.mark.parametrize("table", [True, False], ids=["stage-table", "sorted-messages"])
-def test_the_planners_stage_work_is_what_the_simulator_times(seed, world, fusion, per, table, monkeypatch):
+def test_the_planners_stage_work_is_what_the_simulator_times(seed, world, fusion, per, node, table, monkeypatch):
     """Either way of finding each piece's stage (a table of sender-receiver pairs up to
-    ``schedule.LOOKUP_WORLD`` ranks, sorted messages beyond)."""
+    ``schedule.LOOKUP_WORLD`` ranks, sorted messages beyond); nodes of 2 relay their exchange (its relay
+    phase starts a stage)."""
     monkeypatch.setattr(schedule, "LOOKUP_WORLD", schedule.LOOKUP_WORLD if table else 0)
-    plan = plan_batch(_batch(seed, world, 2048), world_size=world, block_size=256, tokens_per_rank=2048,
-                      fusion=fusion, overlap="always", rounds_per_stage=per, **MACHINE)
+    lens, machine = _batch(seed, world, 2048), MACHINE
+    if node < world:  # a long document over nodes whose network is 8x slower than their own links
+        lens, machine = [world * 1024 - 5, *_batch(seed, world, 1024)], {**MACHINE, "node_size": node,
+                                                                         "link_cost": 8 * MACHINE["node_link_cost"]}
+    plan = plan_batch(lens, world_size=world, block_size=256, tokens_per_rank=2048,
+                      fusion=fusion, overlap="always", rounds_per_stage=per, **machine)
+    if node < world:  # the relayed exchange of its placement (the planner keeps it only where it is faster)
+        plan = planner._build(plan.seq_lens, plan.rank_spans, world_size=world, block_size=256, tokens_per_rank=2048,
+                              strategy="fcp", settings=replace(plan.settings, relay=True)).plan
+        assert plan.relay_from
     cf, cb = slot_work(plan, KERNEL)
     run, spans = _Run(MODEL, CLUSTER, world, None), Spans.of(plan)
     remote, msgs = p2p_segments(plan, spans)

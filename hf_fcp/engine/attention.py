@@ -230,9 +230,10 @@ def _what(kind: str, i: int, stages) -> str:
 
 def _kv_buffer(k, v, view: RankView, staged: bool) -> Tensor:
     """The K/V buffer (rows, 2*Hkv, D): the receive buffer's ``num_recv`` rows, then — when fused segments
-    run — a copy of the local K|V, so a fused segment's keys (received and local) are rows of one tensor."""
+    run, or the exchange is relayed — a copy of the local K|V, so a fused segment's keys (received and
+    local), or a message's rows (own and forwarded), are rows of one tensor."""
     hkv, n_recv = k.shape[1], view.num_recv if staged else 0
-    fused = staged and view.has_fused
+    fused = staged and (view.has_fused or bool(view.relay_stage))
     buf = k.new_empty((n_recv + (k.shape[0] if fused else 0), 2 * hkv, k.shape[2]))
     if fused:
         buf[n_recv:, :hkv] = k
@@ -255,18 +256,23 @@ def _forward(q, k, v, view: RankView, group, scale, backend, prefetch=None, soft
     buf = _kv_buffer(k, v, view, bool(stages))
     recv = buf[:view.num_recv] if stages else buf
     ahead = len(stages) if prefetch is None else prefetch
-    # K|V once per call, so that each message is one index_select: the K/V buffer's local copy when it has one
-    kv = buf[view.num_recv:] if stages and view.has_fused else comm.pack_kv(k, v, stages)
+    # K|V once per call, so that each message is one index_select: the K/V buffer (relayed: its send rows index
+    # all of it), or its local copy when it has one
+    kv = buf if stages and view.relay_stage else \
+        buf[view.num_recv:] if stages and view.has_fused else comm.pack_kv(k, v, stages)
+    relay = view.relay_stage or len(stages)  # the relay phase is posted once every stage before it arrived
+    in_flight: deque = deque()
 
-    def post(i: int):
-        return comm.post_kv(stages[i].rounds, kv, recv, group, _what("forward K/V", i, stages))
+    def post_up_to(arrived: int) -> None:  # every rank posts in stage order, ``ahead`` beyond what arrived
+        last = min(len(stages), arrived + ahead, relay if arrived < relay else len(stages))
+        for i in range(len(in_flight) + arrived, last):
+            in_flight.append(comm.post_kv(stages[i].rounds, kv, recv, group, _what("forward K/V", i, stages)))
 
-    in_flight = deque(post(i) for i in range(min(ahead, len(stages))))  # every rank posts in stage order
+    post_up_to(0)
     if not view.overlap:  # every K/V first: no communication kernel runs beside the attention kernels
         for i in range(len(stages)):
             in_flight.popleft().wait()
-            if i + ahead < len(stages):
-                in_flight.append(post(i + ahead))
+            post_up_to(i + 1)
     local = view.local_tasks
     o, lse = run_tasks(local, q, k, v, scale, backend, **options)
     if not any(t.num_segments for st in stages for t in (st.tasks, st.fused)) and local.q_all:
@@ -279,9 +285,9 @@ def _forward(q, k, v, view: RankView, group, scale, backend, prefetch=None, soft
     for i, stage in enumerate(stages):
         if view.overlap:  # NCCL: only a stage whose rows are read makes the stream wait; stage k's wait covers
             # the earlier stages a fused segment reads too (one communicator runs them in order)
-            in_flight.popleft().wait(consume=bool(stage.tasks.num_segments or stage.fused.num_segments))
-            if i + ahead < len(stages):
-                in_flight.append(post(i + ahead))
+            in_flight.popleft().wait(consume=bool(stage.tasks.num_segments or stage.fused.num_segments
+                                                  or view.forwards and i < relay))
+            post_up_to(i + 1)
         for tasks, k_src, v_src in _stage_work(stage, buf, view.num_recv, hkv):
             if tasks.num_segments:
                 o_s, l_s = run_tasks(tasks, q, k_src, v_src, scale, backend, **options)
@@ -305,7 +311,8 @@ def sinks_grad(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
 
 
 def _backward(dout, q, k, v, buf, out, lse, view: RankView, group, scale, backend, softcap=None):
-    """Returns dq, dk, dv like q, k, v. Remote rows' dK/dV travel back to their owners per stage."""
+    """Returns dq, dk, dv like q, k, v. Remote rows' dK/dV travel back to their owners per stage; in a
+    relayed exchange a relay adds the dK/dV of what it forwarded to its own before it returns them."""
     hkv, local, n_recv = k.shape[1], view.local_tasks, view.num_recv
     options = {"window": view.window, "softcap": softcap}
     stages = view.stages if group is not None else ()
@@ -314,9 +321,19 @@ def _backward(dout, q, k, v, buf, out, lse, view: RankView, group, scale, backen
     dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
     dkv_buf = torch.zeros((buf.shape[0], 2 * hkv, k.shape[2]), dtype=dq.dtype, device=k.device)  # dK|dV
     dk_buf, dv_buf = dkv_buf[:, :hkv], dkv_buf[:, hkv:]  # each stage's message: one cast-copy of its rows
-    flights = []
+    flights, relay = [], view.relay_stage
+
+    def settle(acc_k: Tensor, acc_v: Tensor) -> None:  # wait for the returns posted so far, add what came back
+        for pending, incoming in flights:
+            pending.wait()
+            for rows, grads in incoming:
+                acc_k.index_add_(0, rows, grads[:, :hkv].to(acc_k.dtype))
+                acc_v.index_add_(0, rows, grads[:, hkv:].to(acc_v.dtype))
+        flights.clear()
 
     def post(i: int) -> None:
+        if view.forwards and i == relay - 1:  # what it forwarded came back (relay stages go first): add it
+            settle(dk_buf, dv_buf)  # to its own received rows before those return to their owners
         flights.append(comm.post_grads(stages[i].rounds, dkv_buf[:n_recv], group, k.dtype,
                                        _what("backward dK/dV", i, stages)))
 
@@ -341,11 +358,7 @@ def _backward(dout, q, k, v, buf, out, lse, view: RankView, group, scale, backen
         dv = torch.zeros_like(dk)
     add_rows(dk, local.k_rows, gk, local.k_all)
     add_rows(dv, local.k_rows, gv, local.k_all)
-    for pending, incoming in flights:
-        pending.wait()
-        for rows, grads in incoming:
-            dk.index_add_(0, rows, grads[:, :hkv].to(dk.dtype))
-            dv.index_add_(0, rows, grads[:, hkv:].to(dv.dtype))
+    settle(*((dk_buf, dv_buf) if relay else (dk, dv)))  # relayed: rows of the K/V buffer, whose tail is dk/dv
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -10,7 +10,9 @@ colouring. It is the timeline's own structure (:mod:`.timeline`) with the slack 
   into segments — and each sequence at least one key-tile set-up (:class:`.cost.KernelCost`, tile ``t``).
 * **Communication.** A rank's exchanges run one after another on its link, so its forward ends no earlier
   than the larger of what it sends and what it receives (tokens × the link cost of each message, inside or
-  across nodes), and its backward no earlier than the same dK/dV returned.
+  across nodes), and its backward no earlier than the same dK/dV returned. Where the exchange may be
+  relayed (:mod:`.relay`: a piece may reach a rank from a rank of its own node instead of its owner), only
+  what a rank receives counts, each token at the cheaper link cost.
 
 The layer time is the slowest forward plus the slowest backward, each no earlier than its compute or its
 communication.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .cost import OVERHEADS, KernelCost
+from .relay import relays
 from .settings import PlanSettings
 from .spans import Span, span_cost
 from .topology import kv_tokens
@@ -37,7 +40,7 @@ def work_bound(spans: list[list[Span]], kernel: KernelCost, settings: PlanSettin
     if not rows:
         return 0.0
     fwd, bwd = _compute(np.asarray(rows, np.int64).T, world, kernel)
-    comm = _comm(kv_tokens(spans), settings)
+    comm = _comm(kv_tokens(spans), settings, relays(settings, world))
     return float(np.maximum(fwd, comm).max() + np.maximum(bwd, comm).max())
 
 
@@ -58,9 +61,12 @@ def _compute(rows: np.ndarray, world: int, kernel: KernelCost) -> tuple[np.ndarr
     return fwd, bwd
 
 
-def _comm(tokens: np.ndarray, settings: PlanSettings) -> np.ndarray:
-    """Per rank, the larger of its send and receive time (``tokens``: (W, W) K/V tokens i sends j)."""
+def _comm(tokens: np.ndarray, settings: PlanSettings, relay: bool = False) -> np.ndarray:
+    """Per rank, the larger of its send and receive time (``tokens``: (W, W) K/V tokens i sends j); ``relay``:
+    its receive time at the cheaper link cost."""
     world = len(tokens)
+    if relay:
+        return tokens.sum(0) * min(settings.link_cost, settings.node_link_cost)
     cost = np.full((world, world), float(settings.link_cost))
     if settings.node_link_cost is not None:
         node = np.arange(world) // settings.node_size

@@ -75,14 +75,15 @@ def remote_sources(pieces) -> dict[tuple[int, int], int]:
 def remote_stages(pieces: np.ndarray, rounds_per_stage: int, num_seqs: int) -> dict[tuple[int, int], int]:
     """(rank, seq) -> in how many communication stages K/V of the sequence reach the rank: the remote
     segments it runs split (one per stage that brings keys). ``pieces``: :func:`.segments.pieces_of`."""
-    rank, seq, counts = remote_stage_counts(pieces, rounds_per_stage, num_seqs)
+    rank, seq, counts = remote_stage_counts(pieces, pieces[:, 2] // rounds_per_stage, num_seqs)
     return dict(zip(zip(rank.tolist(), seq.tolist()), counts.tolist()))
 
 
-def remote_stage_counts(pieces: np.ndarray, rounds_per_stage: int, num_seqs: int
+def remote_stage_counts(pieces: np.ndarray, stage: np.ndarray, num_seqs: int
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`remote_stages` as int64 arrays ``(rank, seq, stages)``, sorted by (rank, seq)."""
-    return _distinct(pieces[:, 1], pieces[:, 3], pieces[:, 2] // rounds_per_stage, num_seqs)
+    """:func:`remote_stages` as int64 arrays ``(rank, seq, stages)``, sorted by (rank, seq); ``stage``: the
+    stage of each piece (``plan.stage_of`` of its round)."""
+    return _distinct(pieces[:, 1], pieces[:, 3], stage, num_seqs)
 
 
 def remote_source_counts(src: np.ndarray, dst: np.ndarray, seq: np.ndarray, num_seqs: int

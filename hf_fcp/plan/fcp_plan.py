@@ -43,7 +43,8 @@ def revised(plan: "FCPPlan", **changes) -> "FCPPlan":
 
 
 class Transfer(NamedTuple):
-    """One message: ``src`` sends the K/V of ``pieces`` (held by ``src``) to ``dst`` in ``round``."""
+    """One message: ``src`` sends the K/V of ``pieces`` to ``dst`` in ``round`` — pieces ``src`` holds, or
+    (from ``FCPPlan.relay_from`` on) pieces it received in an earlier stage and forwards."""
 
     src: int
     dst: int
@@ -171,6 +172,10 @@ class FCPPlan:
     keys (received and local, in position order) once they arrived; the others run *split*: a local causal
     segment at once plus a segment per stage that brings remote keys (:mod:`hf_fcp.plan.tasks`). Empty:
     every rank runs every sequence split."""
+    relay_from: int = 0
+    """The first round of the relay phase (0: none; :mod:`hf_fcp.plan.relay`): from it on, ranks forward
+    K/V they received from another node to the other ranks of their node that need it (and, in the
+    backward, send back the dK/dV those ranks return to them added to their own). It starts a new stage."""
 
     # ---- structure -------------------------------------------------------------------------------------
     @property
@@ -184,9 +189,18 @@ class FCPPlan:
 
     @property
     def stages(self) -> tuple[tuple[int, int], ...]:
-        """Communication stages as half-open round ranges ``[r0, r1)``, ``rounds_per_stage`` rounds each."""
-        step = self.settings.rounds_per_stage
-        return tuple((r, min(r + step, self.num_rounds)) for r in range(0, self.num_rounds, step))
+        """Communication stages as half-open round ranges ``[r0, r1)``, ``rounds_per_stage`` rounds each;
+        the relay phase (``relay_from``) starts a stage of its own."""
+        step, cut = self.settings.rounds_per_stage, self.relay_from or self.num_rounds
+        return tuple((r, min(r + step, end)) for start, end in ((0, cut), (cut, self.num_rounds))
+                     for r in range(start, end, step))
+
+    def stage_of(self, rounds: np.ndarray) -> np.ndarray:
+        """The stage (index into :attr:`stages`) of each round of the int array ``rounds``."""
+        step, cut = self.settings.rounds_per_stage, self.relay_from
+        if not cut:
+            return rounds // step
+        return np.where(rounds < cut, rounds // step, -(-cut // step) + (rounds - cut) // step)
 
     def spans(self, rank: int) -> list[Span]:
         """``rank``'s held ``(seq_index, start, end)`` token ranges in its local token order."""
@@ -261,7 +275,7 @@ class FCPPlan:
             raise ValueError(f"window: got {window}, expected one of the plan's sliding windows {have} (plan with "
                              f"attention_layers that include ({window}, layers))")
         return replace(self, transfers=match[0].transfers, num_rounds=match[0].num_rounds, collective=False,
-                       window=window, windows=())
+                       window=window, windows=(), relay_from=0)
 
     def _check_rank(self, rank) -> None:
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < self.world_size:
@@ -303,7 +317,7 @@ class FCPPlan:
         """16 hex digits identifying the plan (inputs, placement, rounds); equal plans, equal fingerprints."""
         h = hashlib.blake2b(digest_size=8)
         head = (self.strategy, self.world_size, self.block_size, self.tokens_per_rank, self.num_rounds,
-                self.settings.rounds_per_stage)
+                self.settings.rounds_per_stage) + ((self.relay_from,) if self.relay_from else ())
         h.update(repr(head).encode())
         h.update(np.asarray(self.seq_lens, dtype=np.int64).tobytes())
         for spans in self.rank_spans:

@@ -26,6 +26,7 @@ from .cost import kernel_for
 from .execution import RankChoices, RankWork, execution, larger_direction, remote_stage_counts
 from .fcp_plan import FCPPlan, Span, WindowPlan, revised
 from .placement import place_fcp
+from .relay import relayed, relays
 from .rounds import colour_rounds, coloured, needed_pieces, windowed_pieces
 from .schedule import MARGIN, SEARCH_WORK, StageWork, choose_schedule, layer_time, search_work
 from .segments import pieces_of
@@ -99,8 +100,8 @@ def _plan_fcp(lens: tuple[int, ...], world: int, cap: int, settings: PlanSetting
         finer = [greedy(b) for b in tried_blocks(block, cap, world, lens)[1:]]
         spans = choose([spans, *finer, *simple], settings, kernel)
     placed = by_nodes(spans, settings.node_size)  # its ranks renumbered so that K/V stays inside nodes
-    build = lambda x: _build(lens, x, world_size=world, block_size=block, tokens_per_rank=cap,  # noqa: E731
-                             strategy="fcp", settings=settings)
+    build = lambda x, s=settings: _build(lens, x, world_size=world, block_size=block, tokens_per_rank=cap,  # noqa: E731
+                                         strategy="fcp", settings=s)
     in_group = lambda g_lens, ranks, g_cap, b: by_nodes(  # noqa: E731  groups are node-aligned
         place_fcp(g_lens, ranks, b, g_cap, locality=float(settings.locality), kernel=kernel, fused=fused,
                   layers=settings.attention_layers), settings.node_size if ranks % settings.node_size == 0 else None)
@@ -123,7 +124,8 @@ def _fastest(placed: list[list[Span]], others: list[Option], build, kernel, sett
     lowest bound left is above the fastest plan found (none left could win), so an alternative is placed or
     planned only when its bound does not rule it out. Among plans within ``MARGIN`` of each other the
     earlier candidate (``placed``, then ``others`` in order) is kept. Models with sliding-window layers
-    keep ``placed`` (the timeline prices full attention only)."""
+    keep ``placed`` (the timeline prices full attention only). A relayed plan (:mod:`.relay`) is kept only
+    if its placement's plain exchange is not faster."""
     if any(w is not None for w, _ in settings.attention_layers):
         return replace(build(placed).plan, plan_ms=(time.perf_counter() - t0) * 1e3)
     heap = [(_bound(placed, kernel, settings), 0, placed, None)]
@@ -141,6 +143,10 @@ def _fastest(placed: list[list[Span]], others: list[Option], build, kernel, sett
         if t < best_t * (1 - MARGIN) or (i < best_i and t <= best_t * (1 + MARGIN)):
             # without its cached message array while the others are planned (at W=1024 a large one)
             best, best_t, best_i, restaged = replace(staged), t, i, moved
+    if best.relay_from:
+        plain, t, moved = _staged(build(best.rank_spans, replace(settings, relay=False)), kernel)
+        if t < best_t:
+            best, restaged = plain, moved
     return replace(_colour(best, kernel) if restaged else best, plan_ms=(time.perf_counter() - t0) * 1e3)
 
 
@@ -167,13 +173,20 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
 
     ``spans[r]`` lists rank r's ``(seq, start, end)`` ranges in local order; together they must cover
     every token once. ``comm="p2p"``: targeted sends of the causally needed KV in Δ coloured rounds, in
-    the number of stages :func:`choose_stages` picks when ``settings.max_stages`` is set;
+    the number of stages :func:`choose_stages` picks when ``settings.max_stages`` is set, relayed across
+    nodes (:mod:`.relay`, ``settings.relay``) unless the plain exchange's timeline is faster;
     ``comm="collective"``: ring / all-gather traffic (every shared sequence's chunks to every holder).
     """
     t0 = time.perf_counter() if started is None else started
-    built = _build(seq_lens, spans, world_size=world_size, block_size=block_size, tokens_per_rank=tokens_per_rank,
-                   strategy=strategy, comm=comm, settings=settings)
-    plan = _choose_stages(built, kernel_for(built.plan.settings.balance, built.plan.settings.kernel_cost))
+    build = lambda s: _build(seq_lens, spans, world_size=world_size, block_size=block_size,  # noqa: E731
+                             tokens_per_rank=tokens_per_rank, strategy=strategy, comm=comm, settings=s)
+    built = build(settings)
+    kernel = kernel_for(built.plan.settings.balance, built.plan.settings.kernel_cost)
+    plan = _choose_stages(built, kernel)
+    if plan.relay_from:  # relayed: the plain exchange instead when the timeline finds it faster
+        plain = _choose_stages(build(replace(settings, relay=False)), kernel)
+        if layer_time(plain, kernel) < layer_time(plan, kernel):
+            plan = plain
     return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)
 
 
@@ -190,12 +203,16 @@ class _Built(NamedTuple):
 def _build(seq_lens, spans, *, world_size: int, block_size: int, tokens_per_rank: int, strategy: str,
            comm: str = "p2p", settings: PlanSettings | None = None) -> _Built:
     """:func:`make_plan` with ``settings.max_stages`` stages (at most), the count not chosen."""
-    known = None  # the p2p exchange's pieces and message array
+    known, relay_from = None, 0  # the p2p exchange's pieces and message array; its relay phase
     if comm == "collective":
         transfers, rounds = (), (world_size - 1 if any(len(_holders(spans).get(s, ())) > 1
                                                        for s in range(len(seq_lens))) else 0)
     elif comm == "p2p":
-        transfers, rounds, pieces, messages = coloured(spans)
+        relay = settings is not None and relays(settings, world_size) and relayed(spans, settings.node_size)
+        if relay:
+            transfers, rounds, pieces, messages, relay_from = relay
+        else:
+            transfers, rounds, pieces, messages = coloured(spans)
         known = pieces, messages
         if settings is not None and settings.max_stages:
             settings = replace(settings, rounds_per_stage=_per_stage(rounds, settings.max_stages))
@@ -206,7 +223,7 @@ def _build(seq_lens, spans, *, world_size: int, block_size: int, tokens_per_rank
     plan = FCPPlan(seq_lens=tuple(seq_lens), world_size=world_size, block_size=block_size,
                    tokens_per_rank=tokens_per_rank, strategy=strategy, rank_spans=tuple(tuple(s) for s in spans),
                    transfers=transfers, num_rounds=rounds, settings=settings, collective=comm == "collective",
-                   windows=windows)
+                   windows=windows, relay_from=relay_from)
     return _schedule(plan, known)
 
 
@@ -266,8 +283,8 @@ def fastest_stages(plan: FCPPlan, kernel, pieces: np.ndarray | None = None, base
 
 def _colour(plan: FCPPlan, kernel) -> FCPPlan:
     """``plan`` with the execution and colouring :func:`.schedule.choose_schedule` picks (for its stage count),
-    when the search fits its budget."""
-    if search_work(plan) > SEARCH_WORK:
+    when the search fits its budget and the exchange is not relayed (its colourings would drop the relays)."""
+    if plan.relay_from or search_work(plan) > SEARCH_WORK:
         return plan
     return choose_schedule(plan, needed_pieces([list(x) for x in plan.rank_spans]), kernel)
 
@@ -307,7 +324,7 @@ def choose_execution(plan: FCPPlan, link: np.ndarray | None = None, base: RankWo
     settings = plan.settings
     kernel = kernel_for(settings.balance, settings.kernel_cost)
     pieces = pieces_of(plan) if pieces is None else pieces
-    segments = remote_stage_counts(pieces, settings.rounds_per_stage, len(plan.seq_lens))
+    segments = remote_stage_counts(pieces, plan.stage_of(pieces[:, 2]), len(plan.seq_lens))
     choices = RankChoices([list(x) for x in plan.rank_spans], kernel, settings.attention_layers, segments, base)
     _, _, split, overlap = execution(choices, _link_tokens(plan) if link is None else link, settings, kernel)
     fused = () if settings.fusion == "none" else tuple(held - skip for held, skip in zip(choices.base.seqs, split))

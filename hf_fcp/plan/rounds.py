@@ -98,7 +98,14 @@ def coloured(spans) -> tuple[tuple[Transfer, ...], int, np.ndarray, np.ndarray]:
     """``colour_rounds(needed_pieces(spans))`` from arrays, with what a plan of those messages would compute
     again: (messages, Δ, its :func:`.segments.pieces_of`, its ``FCPPlan.message_array``). The messages are
     :class:`Deferred`: made into objects when the plan is used (:func:`_transfers`)."""
-    src_p, dst_p, seq_p, a_p, b_p, span_p = needed_columns(spans)
+    return colour_columns(needed_columns(spans), spans)
+
+
+def colour_columns(columns, spans, first_round: int = 0) -> tuple[tuple[Transfer, ...], int, np.ndarray, np.ndarray]:
+    """:func:`coloured` of the pieces ``columns`` (:func:`needed_columns`' six: ``src, dst, seq, start,
+    end`` and the index of the piece's span in ``spans`` flattened), one message per (src, dst), in rounds
+    from ``first_round`` on."""
+    src_p, dst_p, seq_p, a_p, b_p, span_p = columns
     if not len(src_p):
         return (), 0, np.zeros((0, 6), np.int64), np.zeros((0, 4), np.int64)
     world = len(spans)
@@ -110,7 +117,7 @@ def coloured(spans) -> tuple[tuple[Transfer, ...], int, np.ndarray, np.ndarray]:
     del at, first
     src, dst = key[order] // world, key[order] % world
     colour, delta = colour_edges(src.tolist(), dst.tolist())
-    colour = np.asarray(colour, np.int64)
+    colour = np.asarray(colour, np.int64) + first_round
     sent = lex_order(src, colour)  # by round, then sender
     count = np.bincount(edge, minlength=len(order))
     pick = np.argsort(edge, kind="stable")  # pieces by message, in their order

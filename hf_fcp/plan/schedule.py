@@ -68,12 +68,12 @@ def _messages(plan: FCPPlan) -> Messages:
 def _times(candidates: list[Messages], plan: FCPPlan, work: "StageWork") -> np.ndarray:
     """Layer time of ``plan`` with each candidate's rounds, in one timeline: candidate i's ranks are ranks
     ``i·W ... i·W + W − 1`` of a larger world (the timeline's work is per rank and per message)."""
-    w, per, nstages, settings = work.world, plan.settings.rounds_per_stage, len(plan.stages), plan.settings
+    w, nstages, settings = work.world, len(plan.stages), plan.settings
     cf, cb = np.zeros((len(candidates) * w, 1 + nstages)), np.zeros((len(candidates) * w, 1 + nstages))
     node, inside = settings.node_size, settings.node_link_cost
     parts = []
     for i, cand in enumerate(candidates):
-        src, dst, tokens, stage = cand[:, 0], cand[:, 1], cand[:, 2], cand[:, 3] // per
+        src, dst, tokens, stage = cand[:, 0], cand[:, 1], cand[:, 2], plan.stage_of(cand[:, 3])
         cf[i * w:(i + 1) * w], cb[i * w:(i + 1) * w] = work.stage_arrays(src, dst, stage, nstages, plan.overlap)
         cost = settings.link_cost if inside is None else np.where(src // node == dst // node, inside,
                                                                    settings.link_cost)
@@ -99,8 +99,8 @@ def slot_work(plan: FCPPlan, kernel: KernelCost, work: "StageWork | None" = None
     """(forward, backward) work (W, 1 + stages) per rank of its local work and of each stage's work, as
     the rank views run the plan (:mod:`.tasks`: fused runs in the stage of their last piece, split
     sequences' remote segments per stage, consecutive runs that see the same pieces in one segment)."""
-    per = plan.settings.rounds_per_stage
-    stage_of = {(t.src, t.dst): t.round // per for t in plan.transfers}
+    m = plan.message_array
+    stage_of = dict(zip(zip(m[:, 0].tolist(), m[:, 1].tolist()), plan.stage_of(m[:, 3]).tolist()))
     return (work or StageWork(plan, kernel)).arrays(stage_of, len(plan.stages), plan.overlap)
 
 

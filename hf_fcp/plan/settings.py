@@ -95,6 +95,11 @@ class PlanSettings:
     node_link_cost: float | None = None
     """``link_cost`` of a message between two ranks of one node (NVLink); None: ``link_cost`` for every
     message. The simulator's cluster presets give both (``link_cost`` then prices the network)."""
+    relay: bool = True
+    """Across nodes, send K/V that several ranks of another node need once to one of them, which forwards
+    it to the others over the node's links (and sums their dK/dV on the way back): less network traffic,
+    the forwards in later rounds (:mod:`hf_fcp.plan.relay`). Only where ``node_link_cost`` is below
+    ``link_cost``."""
     link_latency: float = 880.0
     """Fixed time of one message beside its bytes (link latency, NCCL set-up), in tokens of K/V moved
     (each ``link_cost``): ≈ 880 for 10 µs on H200 NVLink at 4 KiB of K and V per token (8 kv heads of 128,
@@ -127,6 +132,8 @@ class PlanSettings:
         check_number("link_latency", self.link_latency, low_open=False)
         check_int("node_size", self.node_size)
         check_number("node_link_cost", self.node_link_cost, low_open=False, optional=True)
+        if not isinstance(self.relay, bool):
+            raise ValueError(f"relay: got {self.relay!r}, expected True or False")
         if self.kernel_cost is not None and not isinstance(self.kernel_cost, KernelCost):
             raise ValueError(f"kernel_cost: got {type(self.kernel_cost).__name__}, expected an "
                              f"hf_fcp.plan.cost.KernelCost or None")

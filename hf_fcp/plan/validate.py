@@ -3,8 +3,9 @@
 ``check_plan`` raises :class:`PlanError` naming the first violated property:
 
 * every token of every sequence is held by exactly one rank, and no rank holds more than the cap;
-* every transfer carries spans its sender holds, and is congestion-free: per round a rank sends at most
-  one message and receives at most one; no KV token reaches the same rank twice;
+* every transfer carries spans its sender holds — or, in the relay phase (``plan.relay_from``), spans it
+  received before that phase — and is congestion-free: per round a rank sends at most one message and
+  receives at most one; no KV token reaches the same rank twice;
 * every rank receives every KV token it needs (the causal prefix of its last held token of a sequence,
   minus what it holds) — for p2p plans exactly that, nothing more.
 
@@ -56,6 +57,11 @@ def check_plan(plan: FCPPlan) -> None:
 
 def _check_rounds(plan: FCPPlan, transfers) -> None:
     seen_send, seen_recv = set(), set()
+    relay = plan.relay_from
+    before = defaultdict(set)  # rank -> pieces it received before the relay phase
+    for t in transfers:
+        if relay and t.round < relay:
+            before[t.dst].update(t.pieces)
     for t in transfers:
         if not 0 <= t.round < max(plan.num_rounds, 1):
             raise PlanError(f"transfer {t.src}->{t.dst} in round {t.round}, outside [0, {plan.num_rounds})")
@@ -69,8 +75,11 @@ def _check_rounds(plan: FCPPlan, transfers) -> None:
         seen_recv.add((t.dst, t.round))
         own = set(plan.rank_spans[t.src])
         for piece in t.pieces:
+            if relay and t.round >= relay and piece in before[t.src]:
+                continue  # a forward of what it received before the relay phase
             if not any(p[0] == piece[0] and p[1] <= piece[1] and piece[2] <= p[2] for p in own):
-                raise PlanError(f"rank {t.src} sends {piece} in round {t.round} but does not hold it")
+                raise PlanError(f"rank {t.src} sends {piece} in round {t.round} but does not hold it"
+                                + (" nor received it before the relay phase" if relay and t.round >= relay else ""))
 
 
 def _check_delivery(plan: FCPPlan, held, transfers) -> None:

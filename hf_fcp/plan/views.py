@@ -23,7 +23,8 @@ class RoundView(Movable):
     """This rank's part of one congestion-free round (peer −1: nothing in that direction)."""
 
     send_peer: int
-    send_rows: torch.Tensor  # int64 (n_send,) local rows whose K/V are sent, in message order
+    send_rows: torch.Tensor  # int64 (n_send,) local rows whose K/V are sent, in message order (in a relayed
+    # exchange, ``RankView.relay_stage``: rows of the K/V buffer [receive buffer | local K/V])
     recv_peer: int
     recv_start: int  # first row of the message in the receive buffer
     recv_len: int
@@ -60,6 +61,9 @@ class RankView(Movable):
     kernel: str | None = None  # attention kernel backend (the plan's ``settings.kernel``; None: automatic)
     window: int | None = None  # sliding window of the layers this view serves (None: full causal attention)
     windows: tuple["RankView", ...] = ()  # the views of the plan's sliding windows (``for_window``)
+    relay_stage: int = 0  # first stage of the relay phase (plan.relay_from), 0: none; then send rows index
+    # the K/V buffer [receive buffer | local K/V], and a stage from it on is posted once all before it arrived
+    forwards: bool = False  # this rank forwards received K/V (and must add the dK/dV it gets back first)
 
     @property
     def num_local(self) -> int:
@@ -99,7 +103,7 @@ def build_rank_view(plan, rank: int) -> RankView:
     mine = plan.transfers_of(rank)  # built on demand for ring/allgather plans: once per view
     num_recv, n_local = sum(t.tokens for t in mine if t.dst == rank), int(lens.sum())
     fused = plan.fused_on(rank)
-    stages, segments = _stages(plan, rank, mine, by_seq, fused, num_recv, n_local)
+    stages, segments, forwards = _stages(plan, rank, mine, by_seq, fused, num_recv, n_local)
     extra = [(q, k) for stage, q, k in segments if stage < 0]
     return RankView(
         rank=rank, world_size=plan.world_size, num_tokens=plan.num_tokens, longest=max(plan.seq_lens),
@@ -112,6 +116,8 @@ def build_rank_view(plan, rank: int) -> RankView:
         num_recv=num_recv, local_tasks=local_tasks(by_seq, fused, n_local, extra), stages=stages,
         has_fused=any(st.fused.num_segments for st in stages), overlap=plan.overlap, kernel=plan.settings.kernel,
         window=plan.window, windows=tuple(build_rank_view(plan.for_window(w.window), rank) for w in plan.windows),
+        relay_stage=next((k for k, (r0, _) in enumerate(plan.stages) if r0 >= plan.relay_from), 0)
+        if plan.relay_from else 0, forwards=forwards,
     )
 
 
@@ -128,30 +134,44 @@ def _merge_touching(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, in
     return out
 
 
-def _send_rows(pieces, by_seq) -> np.ndarray:
+def _send_rows(pieces, by_seq, got=None, offset: int = 0) -> np.ndarray:
+    """Rows of a message's ``pieces``: local rows (plus ``offset``); a piece in ``got`` (received pieces
+    -> their receive-buffer row, in a relayed exchange) at that row."""
     starts, lens = [], []
     for s, c, d in pieces:
-        a, b, o = next(r for r in by_seq[s] if r[0] <= c and d <= r[1])
-        starts.append(o + c - a)
+        if got is not None and (s, c, d) in got:
+            starts.append(got[s, c, d])
+        else:
+            a, b, o = next(r for r in by_seq[s] if r[0] <= c and d <= r[1])
+            starts.append(offset + o + c - a)
         lens.append(d - c)
     return ranges(np.array(starts, np.int64), np.array(lens, np.int64))
 
 
-def _stages(plan, rank, mine, by_seq, fused, num_recv: int, n_local: int) -> tuple[tuple[StageView, ...], list]:
-    """The stage views and the fused segments (:func:`.tasks.fused_segments`) of rank ``rank``."""
+def _stages(plan, rank, mine, by_seq, fused, num_recv: int, n_local: int
+            ) -> tuple[tuple[StageView, ...], list, bool]:
+    """The stage views and the fused segments (:func:`.tasks.fused_segments`) of rank ``rank``, and whether
+    it forwards received K/V (a relayed exchange's send rows index the K/V buffer)."""
     sends = {t.round: t for t in mine if t.src == rank}
     recvs = {t.round: t for t in mine if t.dst == rank}
     rounds_of, pieces, buf = [], [], 0  # pieces: (seq, start, end, buffer row, stage)
+    got = {} if plan.relay_from else None  # received piece -> its receive-buffer row
+    forwards = False
     for k, (r0, r1) in enumerate(plan.stages):
         rounds = []
         for r in range(r0, r1):
             snd, rcv = sends.get(r), recvs.get(r)
+            if snd and got is not None:
+                forwards = forwards or any(p in got for p in snd.pieces)
+            rows = _send_rows(snd.pieces, by_seq, got, num_recv if got is not None else 0) if snd else \
+                np.zeros(0, np.int64)
             rounds.append(RoundView(
-                send_peer=snd.dst if snd else -1,
-                send_rows=index_tensor(_send_rows(snd.pieces, by_seq) if snd else np.zeros(0, np.int64)),
+                send_peer=snd.dst if snd else -1, send_rows=index_tensor(rows),
                 recv_peer=rcv.src if rcv else -1, recv_start=buf, recv_len=rcv.tokens if rcv else 0))
             for s, c, d in (rcv.pieces if rcv else ()):
                 pieces.append((s, c, d, buf, k))
+                if got is not None:
+                    got[s, c, d] = buf
                 buf += d - c
         rounds_of.append(tuple(rounds))
     segments = fused_segments(by_seq, fused, pieces, num_recv, plan.window)
@@ -159,4 +179,4 @@ def _stages(plan, rank, mine, by_seq, fused, num_recv: int, n_local: int) -> tup
     stages = tuple(StageView(rounds=rounds, fused=fused_by_stage[k],
                              tasks=remote_tasks(by_seq, fused, [p[:4] for p in pieces if p[4] == k], n_local, num_recv))
                    for k, rounds in enumerate(rounds_of))
-    return stages, segments
+    return stages, segments, forwards

@@ -48,7 +48,7 @@ def p2p_segments(plan: FCPPlan, sp: Spans) -> tuple[Segments, list[Messages]]:
     Also the messages of every stage (forward direction)."""
     num_stages = len(plan.stages)
     p = pieces_of(plan)
-    src, dst, stage, c, d = p[:, 0], p[:, 1], p[:, 2] // plan.settings.rounds_per_stage, p[:, 4], p[:, 5]
+    src, dst, stage, c, d = p[:, 0], p[:, 1], plan.stage_of(p[:, 2]), p[:, 4], p[:, 5]
     msgs = [_aggregate(src[stage == st], dst[stage == st], (d - c)[stage == st], plan.world_size)
             for st in range(num_stages)]
     return RemoteSegments(sp, p).segments(stage, num_stages, plan.overlap), msgs
