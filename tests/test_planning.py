@@ -512,7 +512,7 @@ def test_magis_placement_over_the_cap_is_one_of_fcps_alternatives_within_it(monk
     roomy = place_dispatch(lens, world, 2048, 2 * cap, group=8)  # twice the cap: no group overflows
     assert max(sum(b - a for _, a, b in x) for x in roomy) <= 2 * cap
     assert place_dispatch(lens, world, 2048, 2 * cap, group=8, capped=True) == roomy
-    settings = {**planner_model(get_model("llama3-8b"), load_cluster("h200"), world), "relay": False}  # relayed,
+    settings = {**planner_model(get_model("llama3-8b"), load_cluster("h200"), world), "relay": "never"}  # relayed,
     # another candidate is as fast here
     plan = plan_batch(lens, world_size=world, block_size=4096, tokens_per_rank=cap, max_stages=16, **settings)
     real = candidates.place_dispatch

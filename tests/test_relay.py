@@ -26,7 +26,7 @@ def _relayed_plan(lens=LENS, world=12, **settings):
     plan = plan_batch(lens, world_size=world, block_size=1024, **{**NODES, **settings})
     return planner._build(plan.seq_lens, plan.rank_spans, world_size=world, block_size=1024,
                           tokens_per_rank=plan.tokens_per_rank, strategy="fcp",
-                          settings=replace(plan.settings, relay=True)).plan
+                          settings=replace(plan.settings, relay="always")).plan
 
 
 def _network(plan, node=NODES["node_size"]):
@@ -91,12 +91,12 @@ def _kept(world: int) -> list[bool]:
         lens = make_batches(parse_distribution(dist), world_size=world, tokens_per_rank=8192, steps=1, seed=5)[0]
         plan = plan_batch(lens, world_size=world, block_size=2048, tokens_per_rank=8192, max_stages=8, **machine)
         made = planner.make_plan(plan.seq_lens, [list(x) for x in plan.rank_spans], world_size=world, block_size=2048,
-                                 tokens_per_rank=8192, strategy="fcp", settings=replace(plan.settings, relay=True))
-        for relay in (True, False):  # make_plan (the baselines' plans) chooses the same way
+                                 tokens_per_rank=8192, strategy="fcp", settings=replace(plan.settings, relay="auto"))
+        for relay in ("always", "never"):  # make_plan (the baselines' plans) chooses the same way
             built = planner._build(plan.seq_lens, plan.rank_spans, world_size=world, block_size=2048,
                                    tokens_per_rank=8192, strategy="fcp", settings=replace(plan.settings, relay=relay,
                                                                                           max_stages=8))
-            assert bool(built.plan.relay_from) == relay
+            assert bool(built.plan.relay_from) == (relay == "always")
             either = layer_time(planner._choose_stages(built, kernel), kernel) * (1 + 1e-9)
             assert layer_time(plan, kernel) <= either and layer_time(made, kernel) <= either
         kept.append(bool(plan.relay_from))
@@ -111,12 +111,15 @@ def test_the_planner_keeps_a_relayed_plan_only_where_its_timeline_is_faster():
 def test_relays_only_across_nodes_with_cheaper_links_inside_them():
     assert relays(PlanSettings(**NODES), 12)
     assert not relays(PlanSettings(**NODES), 4)  # one node
-    assert not relays(PlanSettings(**{**NODES, "relay": False}), 12)
+    assert not relays(PlanSettings(**{**NODES, "relay": "never"}), 12)
     assert not relays(PlanSettings(**{**NODES, "node_link_cost": None}), 12)  # one link cost for all
     assert not relays(PlanSettings(**{**NODES, "node_link_cost": 34.0}), 12)
+    assert relays(PlanSettings(**{**NODES, "node_link_cost": None, "relay": "always"}), 12)
+    assert not relays(PlanSettings(**{**NODES, "relay": "always"}), 4)
     assert relayed([[(0, 0, 10)], [(0, 10, 20)]], 1) is None  # nodes of one rank: nothing to share
     default = plan_batch(LENS, world_size=12, block_size=1024)
     assert default.relay_from == 0 and default.fingerprint == plan_batch(LENS, world_size=12, block_size=1024,
-                                                                         relay=False).fingerprint
-    with pytest.raises(ValueError, match="relay: got 'yes', expected True or False"):
-        PlanSettings(relay="yes")
+                                                                         relay="never").fingerprint
+    for bad in ("yes", True):
+        with pytest.raises(ValueError, match=r"relay: got .*, expected one of \['auto', 'always', 'never'\]"):
+            PlanSettings(relay=bad)

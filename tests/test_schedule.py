@@ -116,7 +116,7 @@ def test_the_planners_stage_work_is_what_the_simulator_times(seed, world, fusion
                       fusion=fusion, overlap="always", rounds_per_stage=per, **machine)
     if node < world:  # the relayed exchange of its placement (the planner keeps it only where it is faster)
         plan = planner._build(plan.seq_lens, plan.rank_spans, world_size=world, block_size=256, tokens_per_rank=2048,
-                              strategy="fcp", settings=replace(plan.settings, relay=True)).plan
+                              strategy="fcp", settings=replace(plan.settings, relay="always")).plan
         assert plan.relay_from
     cf, cb = slot_work(plan, KERNEL)
     run, spans = _Run(MODEL, CLUSTER, world, None), Spans.of(plan)

@@ -66,7 +66,8 @@ def _comm(tokens: np.ndarray, settings: PlanSettings, relay: bool = False) -> np
     its receive time at the cheaper link cost."""
     world = len(tokens)
     if relay:
-        return tokens.sum(0) * min(settings.link_cost, settings.node_link_cost)
+        inside = settings.link_cost if settings.node_link_cost is None else settings.node_link_cost
+        return tokens.sum(0) * min(settings.link_cost, inside)
     cost = np.full((world, world), float(settings.link_cost))
     if settings.node_link_cost is not None:
         node = np.arange(world) // settings.node_size

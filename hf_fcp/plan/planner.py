@@ -143,8 +143,8 @@ def _fastest(placed: list[list[Span]], others: list[Option], build, kernel, sett
         if t < best_t * (1 - MARGIN) or (i < best_i and t <= best_t * (1 + MARGIN)):
             # without its cached message array while the others are planned (at W=1024 a large one)
             best, best_t, best_i, restaged = replace(staged), t, i, moved
-    if best.relay_from:
-        plain, t, moved = _staged(build(best.rank_spans, replace(settings, relay=False)), kernel)
+    if best.relay_from and settings.relay == "auto":
+        plain, t, moved = _staged(build(best.rank_spans, replace(settings, relay="never")), kernel)
         if t < best_t:
             best, restaged = plain, moved
     return replace(_colour(best, kernel) if restaged else best, plan_ms=(time.perf_counter() - t0) * 1e3)
@@ -183,8 +183,8 @@ def make_plan(seq_lens: tuple[int, ...], spans: list[list[Span]], *, world_size:
     built = build(settings)
     kernel = kernel_for(built.plan.settings.balance, built.plan.settings.kernel_cost)
     plan = _choose_stages(built, kernel)
-    if plan.relay_from:  # relayed: the plain exchange instead when the timeline finds it faster
-        plain = _choose_stages(build(replace(settings, relay=False)), kernel)
+    if plan.relay_from and settings.relay == "auto":  # the plain exchange instead where the timeline finds it faster
+        plain = _choose_stages(build(replace(settings, relay="never")), kernel)
         if layer_time(plain, kernel) < layer_time(plan, kernel):
             plan = plain
     return replace(plan, plan_ms=(time.perf_counter() - t0) * 1e3)

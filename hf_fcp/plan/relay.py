@@ -24,10 +24,13 @@ from .spans import ranges
 
 
 def relays(settings: PlanSettings, world: int) -> bool:
-    """Whether plans under ``settings`` relay (``PlanSettings.relay``): on, across more than one node, with
-    messages inside a node priced cheaper than between nodes (``node_link_cost < link_cost``)."""
+    """Whether plans under ``settings`` may relay (``PlanSettings.relay``): across more than one node, and —
+    unless ``"always"`` — with messages inside a node priced cheaper than between nodes (``node_link_cost <
+    link_cost``; then the planner keeps a relayed plan only where it is faster)."""
+    if settings.relay == "never" or world <= settings.node_size:
+        return False
     inside = settings.node_link_cost
-    return settings.relay and world > settings.node_size and inside is not None and inside < settings.link_cost
+    return settings.relay == "always" or inside is not None and inside < settings.link_cost
 
 
 def relayed(spans, node_size: int):

@@ -18,6 +18,7 @@ STRATEGIES = ("fcp", "ring", "allgather", "packing")
 BALANCE = ("kernel", "pairs")
 FUSION = ("auto", "all", "none")
 OVERLAP = ("auto", "always", "never")
+RELAY = ("auto", "always", "never")
 KERNELS = ("torch_cpu", "flash_attn", "torch_cuda", "naive")
 """Attention kernel backends the engine runs (see :mod:`hf_fcp.engine.kernels`); None = automatic."""
 KV_DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "fp8": 1}
@@ -95,11 +96,12 @@ class PlanSettings:
     node_link_cost: float | None = None
     """``link_cost`` of a message between two ranks of one node (NVLink); None: ``link_cost`` for every
     message. The simulator's cluster presets give both (``link_cost`` then prices the network)."""
-    relay: bool = True
+    relay: str = "auto"
     """Across nodes, send K/V that several ranks of another node need once to one of them, which forwards
     it to the others over the node's links (and sums their dK/dV on the way back): less network traffic,
-    the forwards in later rounds (:mod:`hf_fcp.plan.relay`). Only where ``node_link_cost`` is below
-    ``link_cost``."""
+    the forwards in later rounds (:mod:`hf_fcp.plan.relay`). ``"auto"``: where ``node_link_cost`` is
+    below ``link_cost`` and the planner's timeline finds it faster than the plain exchange; ``"always"``:
+    wherever a plan spans nodes; ``"never"``."""
     link_latency: float = 880.0
     """Fixed time of one message beside its bytes (link latency, NCCL set-up), in tokens of K/V moved
     (each ``link_cost``): ≈ 880 for 10 µs on H200 NVLink at 4 KiB of K and V per token (8 kv heads of 128,
@@ -132,8 +134,7 @@ class PlanSettings:
         check_number("link_latency", self.link_latency, low_open=False)
         check_int("node_size", self.node_size)
         check_number("node_link_cost", self.node_link_cost, low_open=False, optional=True)
-        if not isinstance(self.relay, bool):
-            raise ValueError(f"relay: got {self.relay!r}, expected True or False")
+        check_choice("relay", self.relay, RELAY)
         if self.kernel_cost is not None and not isinstance(self.kernel_cost, KernelCost):
             raise ValueError(f"kernel_cost: got {type(self.kernel_cost).__name__}, expected an "
                              f"hf_fcp.plan.cost.KernelCost or None")

@@ -52,8 +52,8 @@ class AttentionCase:
     sinks: bool = False
     """Every call adds seeded per-head sink logits (their gradient is compared too)."""
     node_size: int | None = None
-    """Ranks per node, with messages inside a node priced below those between nodes: the exchange is relayed
-    (:mod:`hf_fcp.plan.relay`) where a piece goes to two ranks of another node. None: the default settings."""
+    """Ranks per node, the exchange relayed (:mod:`hf_fcp.plan.relay`) where a piece goes to two ranks of
+    another node. None: the default settings."""
 
 
 def case_sinks(case: AttentionCase) -> torch.Tensor | None:
@@ -66,7 +66,7 @@ def case_sinks(case: AttentionCase) -> torch.Tensor | None:
 def plan_for(case: AttentionCase, world: int):
     """The plan every rank of a ``world``-rank group uses for ``case`` (head dim 16)."""
     layers = ((None, 1),) if case.window is None else ((None, 1), (case.window, 1))
-    nodes = {} if case.node_size is None else {"node_size": case.node_size, "node_link_cost": 1.0}
+    nodes = {} if case.node_size is None else {"node_size": case.node_size, "relay": "always"}
     return plan_batch(case.lens, world_size=1 if case.local else world, block_size=case.block, strategy=case.strategy,
                       rounds_per_stage=case.rounds_per_stage, kv_heads=case.heads[1], head_dim=16,
                       kv_dtype=WIRE[case.dtype], fusion=case.fusion, overlap=case.overlap, attention_layers=layers,
