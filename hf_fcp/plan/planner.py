@@ -124,8 +124,8 @@ def _fastest(placed: list[list[Span]], others: list[Option], build, kernel, sett
     lowest bound left is above the fastest plan found (none left could win), so an alternative is placed or
     planned only when its bound does not rule it out. Among plans within ``MARGIN`` of each other the
     earlier candidate (``placed``, then ``others`` in order) is kept. Models with sliding-window layers
-    keep ``placed`` (the timeline prices full attention only). A relayed plan (:mod:`.relay`) is kept only
-    if its placement's plain exchange is not faster."""
+    keep ``placed`` (the timeline prices full attention only). A candidate whose exchange is relayed
+    (:mod:`.relay`) is priced with its plain exchange too, and the faster of the two is its plan."""
     if any(w is not None for w, _ in settings.attention_layers):
         return replace(build(placed).plan, plan_ms=(time.perf_counter() - t0) * 1e3)
     heap = [(_bound(placed, kernel, settings), 0, placed, None)]
@@ -140,13 +140,15 @@ def _fastest(placed: list[list[Span]], others: list[Option], build, kernel, sett
                 heapq.heappush(heap, (max(key, _bound(spans, kernel, settings)), i, spans, None))
             continue
         staged, t, moved = _staged(build(spans), kernel)
+        never = replace(settings, relay="never")
+        if staged.relay_from and settings.relay == "auto" and _bound(spans, kernel, never) < min(
+                t, best_t * (1 + MARGIN)):  # relayed: its plain exchange where that is faster (and could count)
+            plain, t_plain, moved_plain = _staged(build(spans, never), kernel)
+            if t_plain < t:
+                staged, t, moved = plain, t_plain, moved_plain
         if t < best_t * (1 - MARGIN) or (i < best_i and t <= best_t * (1 + MARGIN)):
             # without its cached message array while the others are planned (at W=1024 a large one)
             best, best_t, best_i, restaged = replace(staged), t, i, moved
-    if best.relay_from and settings.relay == "auto":
-        plain, t, moved = _staged(build(best.rank_spans, replace(settings, relay="never")), kernel)
-        if t < best_t:
-            best, restaged = plain, moved
     return replace(_colour(best, kernel) if restaged else best, plan_ms=(time.perf_counter() - t0) * 1e3)
 
 
