@@ -116,6 +116,8 @@ def test_relays_only_across_nodes_with_cheaper_links_inside_them():
     assert not relays(PlanSettings(**{**NODES, "node_link_cost": 34.0}), 12)
     assert relays(PlanSettings(**{**NODES, "node_link_cost": None, "relay": "always"}), 12)
     assert not relays(PlanSettings(**{**NODES, "relay": "always"}), 4)
+    assert not relays(PlanSettings(**NODES, attention_layers=((None, 1), (512, 1))), 12)  # not priced: no relay
+    assert relays(PlanSettings(**{**NODES, "relay": "always"}, attention_layers=((None, 1), (512, 1))), 12)
     assert relayed([[(0, 0, 10)], [(0, 10, 20)]], 1) is None  # nodes of one rank: nothing to share
     default = plan_batch(LENS, world_size=12, block_size=1024)
     assert default.relay_from == 0 and default.fingerprint == plan_batch(LENS, world_size=12, block_size=1024,

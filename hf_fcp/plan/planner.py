@@ -140,12 +140,12 @@ def _fastest(placed: list[list[Span]], others: list[Option], build, kernel, sett
                 heapq.heappush(heap, (max(key, _bound(spans, kernel, settings)), i, spans, None))
             continue
         staged, t, moved = _staged(build(spans), kernel)
-        never = replace(settings, relay="never")
-        if staged.relay_from and settings.relay == "auto" and _bound(spans, kernel, never) < min(
-                t, best_t * (1 + MARGIN)):  # relayed: its plain exchange where that is faster (and could count)
-            plain, t_plain, moved_plain = _staged(build(spans, never), kernel)
-            if t_plain < t:
-                staged, t, moved = plain, t_plain, moved_plain
+        if staged.relay_from and settings.relay == "auto":  # relayed: its plain exchange where that is faster
+            never = replace(settings, relay="never")
+            if _bound(spans, kernel, never) < min(t, best_t * (1 + MARGIN)):  # (and could count)
+                plain, t_plain, moved_plain = _staged(build(spans, never), kernel)
+                if t_plain < t:
+                    staged, t, moved = plain, t_plain, moved_plain
         if t < best_t * (1 - MARGIN) or (i < best_i and t <= best_t * (1 + MARGIN)):
             # without its cached message array while the others are planned (at W=1024 a large one)
             best, best_t, best_i, restaged = replace(staged), t, i, moved

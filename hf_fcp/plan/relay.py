@@ -26,11 +26,14 @@ from .spans import ranges
 def relays(settings: PlanSettings, world: int) -> bool:
     """Whether plans under ``settings`` may relay (``PlanSettings.relay``): across more than one node, and —
     unless ``"always"`` — with messages inside a node priced cheaper than between nodes (``node_link_cost <
-    link_cost``; then the planner keeps a relayed plan only where it is faster)."""
+    link_cost``) and only full-attention layers (the timeline that keeps a relayed plan only where it is
+    faster prices no other)."""
     if settings.relay == "never" or world <= settings.node_size:
         return False
-    inside = settings.node_link_cost
-    return settings.relay == "always" or inside is not None and inside < settings.link_cost
+    if settings.relay == "always":
+        return True
+    inside, full = settings.node_link_cost, all(w is None for w, _ in settings.attention_layers)
+    return full and inside is not None and inside < settings.link_cost
 
 
 def relayed(spans, node_size: int):
