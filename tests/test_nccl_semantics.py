@@ -249,6 +249,8 @@ def _order_cases(world: int) -> list[tuple[Case, bool]]:
         (Case("ring_baseline_2layers", long, 8, strategy="ring", op="ring", layers=2), False),
         (Case("fcp_checkpointed_2layers", long, 8, layers=2), True),
         (Case("fcp_checkpointed_prefetch1", long, 4, layers=2, prefetch=1, rounds_per_stage=2), True),
+        (Case("relay_nodes_of_2_prefetch1", long, 4, node_size=2, prefetch=1, layers=2), False),
+        (Case("relay_checkpointed_rps2", long, 8, node_size=2, rounds_per_stage=2, layers=2), True),
     ]
 
 
