@@ -21,12 +21,9 @@ NODES = dict(node_size=4, node_link_cost=2.0, link_cost=34.0)  # the network 17x
 LENS = [40000, 9000, 700, 3000, 31, 12000, 5000]
 
 
-def _relayed_plan(lens=LENS, world=12, **settings):
-    """The relayed exchange of fcp's placement of ``lens`` (whether or not the planner would keep it)."""
-    plan = plan_batch(lens, world_size=world, block_size=1024, **{**NODES, **settings})
-    return planner._build(plan.seq_lens, plan.rank_spans, world_size=world, block_size=1024,
-                          tokens_per_rank=plan.tokens_per_rank, strategy="fcp",
-                          settings=replace(plan.settings, relay="always")).plan
+def _relayed_plan(lens=LENS, world=12):
+    """fcp's plan of ``lens`` with its exchange relayed (whether or not the timeline would keep it)."""
+    return plan_batch(lens, world_size=world, block_size=1024, **NODES, relay="always")
 
 
 def _network(plan, node=NODES["node_size"]):
